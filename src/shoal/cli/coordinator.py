@@ -1,0 +1,48 @@
+"""``shoal coordinator``: a standalone coordinator for workers on several machines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+__all__ = ["add_coordinator"]
+
+
+def add_coordinator(commands) -> None:
+    parser = commands.add_parser("coordinator", help="run a standalone coordinator")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (default: any free)")
+    parser.add_argument("--token", help="job token (default: a new random one, printed)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers to wait for before the first generation (default 1)")
+    parser.add_argument("--min-workers", type=int, default=1)
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    parser.set_defaults(handler=_coordinator)
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from shoal.config import ConfigError
+    from shoal.coordinator import Coordinator, Membership
+
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be at least 1, got {args.workers}")
+    if not 1 <= args.min_workers <= args.workers:
+        raise ConfigError("--min-workers", f"must be between 1 and --workers, got {args.min_workers}")
+    if not 0 <= args.port < 65536:
+        raise ConfigError("--port", f"must be a TCP port (0-65535), got {args.port}")
+    membership = Membership(expected_workers=args.workers, min_workers=args.min_workers,
+                            heartbeat_timeout=args.heartbeat_timeout)
+    coordinator = Coordinator(membership, host=args.host, port=args.port, token=args.token).start()
+    print(f"shoal coordinator: listening on {coordinator.url}", flush=True)
+    print(f"shoal coordinator: token {coordinator.token}", flush=True)
+    done = threading.Event()
+    membership.add_listener(lambda: membership.status in ("completed", "failed") and done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        coordinator.stop()
+    print(f"shoal coordinator: job {membership.status} {membership.reason}".rstrip(), file=sys.stderr)
+    return 0 if membership.status == "completed" else 1

@@ -1,0 +1,99 @@
+"""The ``shoal`` command: fills configuration and calls the library, nothing more.
+
+argparse because it is the standard library's parser: sub-commands, typed flags and help
+with no dependency. Every usage error is ONE line naming the flag, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shoal.config import ConfigError, KillSpec, TrainConfig
+from shoal.strategies import STRATEGIES
+from shoal.tasks import TASKS
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _kill(text: str) -> KillSpec:
+    try:
+        return KillSpec.parse(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--kill: ")) from None
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser("train", help="train a built-in task on N local workers",
+                                description="Train a built-in task on N local worker processes "
+                                "with an embedded coordinator.")
+    train.add_argument("--task", default="digits", help=f"one of: {', '.join(TASKS)} (default digits)")
+    train.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    train.add_argument("--min-workers", type=int, default=1,
+                       help="fail when fewer workers remain (default 1)")
+    train.add_argument("--strategy", default="allreduce",
+                       help=f"one of: {', '.join(STRATEGIES)} (default allreduce)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="epochs to train (default: the task's)")
+    length.add_argument("--steps", type=int, help="steps to train instead of epochs")
+    train.add_argument("--batch-size", type=int,
+                       help="GLOBAL batch size, constant when workers die (default: the task's)")
+    train.add_argument("--lr", type=float, help="learning rate (default: the task's)")
+    train.add_argument("--seed", type=int, default=0, help="data order and init seed (default 0)")
+    train.add_argument("--output", metavar="PATH", help="write results as JSON")
+    train.add_argument("--save-model", metavar="PATH", help="save the final state_dict (torch.save)")
+    train.add_argument("--sample-log", metavar="PATH",
+                       help="JSONL, one line per committed step with its sample indices")
+    train.add_argument("--kill", metavar="RANK@STEP", type=_kill, action="append", default=[],
+                       help="the worker launched as RANK SIGKILLs itself at STEP (repeatable)")
+    train.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                       help="seconds without heartbeat before a worker is declared dead (default 5)")
+    train.add_argument("--host", default="127.0.0.1",
+                       help="address the embedded coordinator binds (default 127.0.0.1)")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from shoal.launch import run_train
+
+    config = TrainConfig(
+        task=args.task, workers=args.workers, min_workers=args.min_workers, strategy=args.strategy,
+        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, output=args.output, save_model=args.save_model,
+        sample_log=args.sample_log, kills=args.kill, quiet=args.quiet,
+        heartbeat_timeout=args.heartbeat_timeout, host=args.host,
+    )
+    config.validate()
+    return run_train(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shoal", description="Elastic, fault-tolerant training for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(commands)
+    from shoal.cli.run import add_run
+    from shoal.cli.coordinator import add_coordinator
+
+    add_run(commands)
+    add_coordinator(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"shoal {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

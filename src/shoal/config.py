@@ -1,0 +1,145 @@
+"""Validated configuration for a training job.
+
+The CLI only fills a :class:`TrainConfig`; every check lives here so that the library API
+and the CLI refuse the same bad input with the same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["ConfigError", "KillSpec", "TrainConfig"]
+
+
+class ConfigError(ValueError):
+    """Bad user input. ``flag`` names the command-line flag (or API argument) to change."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+@dataclass(frozen=True, slots=True)
+class KillSpec:
+    """``--kill RANK@STEP``: the worker launched as ``rank`` SIGKILLs itself at ``step``.
+
+    ``rank`` is the worker's launch rank (its stable worker id), not its rank in the current
+    generation: ranks are re-numbered when members leave, and a fault plan must keep naming
+    the same process.
+    """
+
+    rank: int
+    step: int
+
+    @classmethod
+    def parse(cls, text: str) -> KillSpec:
+        rank, sep, step = text.partition("@")
+        if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
+            raise ConfigError("--kill", f"expected RANK@STEP such as 1@20, got {text!r}")
+        return cls(int(rank), int(step))
+
+    def __str__(self) -> str:
+        return f"{self.rank}@{self.step}"
+
+
+def _check_writable_file(flag: str, path: str | None) -> None:
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(parent):
+        raise ConfigError(flag, f"directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigError(flag, f"{path!r} is not writable")
+    if os.path.isdir(path):
+        raise ConfigError(flag, f"{path!r} is a directory, expected a file path")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Everything one ``shoal train`` job needs. Call :meth:`validate` before use."""
+
+    task: str = "digits"
+    workers: int = 2
+    """Worker processes to start."""
+    min_workers: int = 1
+    """The job fails when fewer workers than this remain."""
+    strategy: str = "allreduce"
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    """GLOBAL batch size: constant whatever the number of live workers (shares grow)."""
+    lr: float | None = None
+    seed: int = 0
+    output: str | None = None
+    save_model: str | None = None
+    sample_log: str | None = None
+    kills: list[KillSpec] = field(default_factory=list)
+    quiet: bool = False
+    heartbeat_interval: float = 0.25
+    heartbeat_timeout: float = 5.0
+    """A worker silent this long is declared dead; collectives time out after the same."""
+    host: str = "127.0.0.1"
+    """Address the embedded coordinator binds."""
+
+    def validate(self) -> TrainConfig:
+        """Check every field and fill task defaults; raises :class:`ConfigError`."""
+        from shoal.strategies import STRATEGIES
+        from shoal.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ConfigError("--task", f"unknown task {self.task!r} (choose from {', '.join(TASKS)})")
+        if self.strategy not in STRATEGIES:
+            choices = ", ".join(STRATEGIES)
+            raise ConfigError("--strategy", f"unknown strategy {self.strategy!r} (choose from {choices})")
+        if self.workers < 1:
+            raise ConfigError("--workers", f"must be at least 1, got {self.workers}")
+        if not 1 <= self.min_workers <= self.workers:
+            raise ConfigError(
+                "--min-workers", f"must be between 1 and --workers ({self.workers}), got {self.min_workers}"
+            )
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError("--steps", "give either --epochs or --steps, not both")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError("--epochs", f"must be at least 1, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError("--steps", f"must be at least 1, got {self.steps}")
+        defaults = TASKS[self.task].defaults
+        if self.epochs is None and self.steps is None:
+            self.epochs = defaults.epochs
+        if self.batch_size is None:
+            self.batch_size = defaults.batch_size
+        if self.lr is None:
+            self.lr = defaults.lr
+        if self.batch_size < self.workers:
+            raise ConfigError(
+                "--batch-size",
+                f"the global batch ({self.batch_size}) must be at least --workers ({self.workers})",
+            )
+        if not self.lr > 0:
+            raise ConfigError("--lr", f"must be positive, got {self.lr}")
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ConfigError(
+                "--heartbeat-timeout",
+                f"must exceed the heartbeat interval ({self.heartbeat_interval} s), got {self.heartbeat_timeout}",
+            )
+        for kill in self.kills:
+            if kill.rank >= self.workers:
+                raise ConfigError("--kill", f"rank {kill.rank} does not exist with --workers {self.workers}")
+        _check_writable_file("--output", self.output)
+        _check_writable_file("--save-model", self.save_model)
+        _check_writable_file("--sample-log", self.sample_log)
+        return self
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["kills"] = [str(k) for k in self.kills]
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        data["kills"] = [KillSpec.parse(k) for k in data["kills"]]
+        return cls(**data)

@@ -1,0 +1,328 @@
+"""Membership as a plain state machine: workers, heartbeats, generations, commits.
+
+The HTTP server (server.py) and the launcher drive it; it never touches tensors and never
+blocks, so every rule here is testable without a network. All methods are thread-safe.
+
+A *generation* is a fixed member list; a member's rank is its index in that list. A new
+generation is formed when a member dies (its process exited, or it missed heartbeats for
+``heartbeat_timeout``), when members report a failed collective and every member has since
+proven it is alive, or when new workers wait to join. Survivors find out through the
+long-poll on ``/generation`` or the reply to their next heartbeat.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["Generation", "Membership"]
+
+
+@dataclass(slots=True)
+class Generation:
+    number: int
+    members: list[int]
+    formed_at: float
+
+    def to_json(self) -> dict:
+        return {"number": self.number, "members": self.members, "formed_at": self.formed_at}
+
+
+@dataclass(slots=True)
+class _Worker:
+    worker_id: int
+    host: str
+    pid: int
+    last_seen: float
+    alive: bool = True
+    finished: bool = False
+    committed_step: int = -1
+    bytes_sent: int = 0
+    death_cause: str | None = None
+    died_at: float | None = None
+
+
+@dataclass(slots=True)
+class _StepRecord:
+    generation: int
+    committed_at: float
+    loss_parts: dict[int, float] = field(default_factory=dict)
+
+
+class Membership:
+    def __init__(
+        self,
+        *,
+        expected_workers: int,
+        min_workers: int,
+        max_workers: int | None = None,
+        heartbeat_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.expected_workers = expected_workers
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+        self.heartbeat_timeout = heartbeat_timeout
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._workers: dict[int, _Worker] = {}
+        self._generations: list[Generation] = []
+        self._failure_reported_at: float | None = None
+        self._steps: dict[int, _StepRecord] = {}
+        self._changes: list[dict] = []
+        self._kill_causes: dict[int, str] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self.status = "waiting"  # waiting -> running -> completed | failed
+        self.reason = ""
+        self.results: dict | None = None
+        self.started_at = clock()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """``callback`` runs (under the lock, must not block) whenever the generation or status changes."""
+        self._listeners.append(callback)
+
+    def join(self, worker_id: int | None, host: str, pid: int) -> int:
+        with self._lock:
+            if worker_id is None:
+                worker_id = max(self._workers, default=-1) + 1
+            existing = self._workers.get(worker_id)
+            if existing is not None and existing.alive:
+                raise ValueError(f"worker {worker_id} is already a live member")
+            self._workers[worker_id] = _Worker(worker_id, host, pid, last_seen=self._clock())
+            self._evaluate()
+            return worker_id
+
+    def heartbeat(self, worker_id: int, payload: dict) -> dict:
+        with self._lock:
+            worker = self._workers.get(worker_id)
+            if worker is None or not worker.alive:
+                # An evicted worker (it hung, or its link was cut) must not rejoin silently.
+                return {"evicted": True, "generation": self.current_number, "status": self.status}
+            worker.last_seen = self._clock()
+            worker.committed_step = payload.get("committed_step", worker.committed_step)
+            worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
+            self._record_commits(worker_id, payload.get("commits", ()))
+            self._evaluate()
+            return {"evicted": False, "generation": self.current_number, "status": self.status}
+
+    def report_failure(self, worker_id: int, generation: int, detail: str) -> None:
+        """A member saw a collective fail in ``generation``; the report also proves it is alive."""
+        with self._lock:
+            worker = self._workers.get(worker_id)
+            if worker is None or not worker.alive or generation != self.current_number:
+                return
+            worker.last_seen = self._clock()
+            if self._failure_reported_at is None:
+                self._failure_reported_at = worker.last_seen
+            self._evaluate()
+
+    def report_kill(self, worker_id: int, spec: str) -> None:
+        """A worker is about to SIGKILL itself for ``--kill``: remember why it will die."""
+        with self._lock:
+            self._kill_causes[worker_id] = f"--kill {spec}: SIGKILL"
+
+    def report_exit(self, worker_id: int, cause: str, at: float | None = None) -> None:
+        """The launcher saw the worker's process end."""
+        with self._lock:
+            worker = self._workers.get(worker_id)
+            if worker is None and self.current is None:
+                # It died before joining: stop waiting for it to form the first generation.
+                self.expected_workers -= 1
+                if self.expected_workers < self.min_workers:
+                    self._set_status("failed", f"worker {worker_id} exited before joining: {cause}")
+                self._evaluate()
+                return
+            if worker is None or not worker.alive:
+                return
+            if worker.finished:
+                worker.alive = False
+                return
+            self._mark_dead(worker, self._kill_causes.get(worker_id, cause), at or self._clock())
+            self._evaluate()
+
+    def finish(self, worker_id: int, payload: dict) -> None:
+        """A worker completed the last step; the leader's ``results`` end the job."""
+        with self._lock:
+            worker = self._workers.get(worker_id)
+            if worker is None:
+                return
+            worker.finished = True
+            worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
+            self._record_commits(worker_id, payload.get("commits", ()))
+            if payload.get("results") is not None:
+                self.results = payload["results"]
+            current = self.current
+            if current is not None and all(self._workers[m].finished for m in current.members):
+                self._set_status("completed", "")
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            if self.status not in ("completed", "failed"):
+                self._set_status("failed", reason)
+
+    def tick(self) -> None:
+        """Declare silent workers dead; call periodically."""
+        with self._lock:
+            self._evaluate()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    @property
+    def current(self) -> Generation | None:
+        return self._generations[-1] if self._generations else None
+
+    @property
+    def current_number(self) -> int:
+        return self._generations[-1].number if self._generations else 0
+
+    def generation_after(self, number: int) -> Generation | None:
+        with self._lock:
+            current = self.current
+            return current if current is not None and current.number > number else None
+
+    def committed_steps(self) -> list[tuple[int, Generation]]:
+        """(step, generation that committed it), one per step, in step order."""
+        with self._lock:
+            by_number = {g.number: g for g in self._generations}
+            return [(s, by_number[r.generation]) for s, r in sorted(self._steps.items())]
+
+    def commit_times(self) -> dict[int, float]:
+        with self._lock:
+            return {s: r.committed_at for s, r in self._steps.items()}
+
+    def first_formed_at(self) -> float | None:
+        with self._lock:
+            return self._generations[0].formed_at if self._generations else None
+
+    def step_losses(self) -> dict[int, float]:
+        """Global-batch loss of each step whose every share was reported."""
+        with self._lock:
+            sizes = {g.number: len(g.members) for g in self._generations}
+            return {
+                s: sum(r.loss_parts.values())
+                for s, r in sorted(self._steps.items())
+                if len(r.loss_parts) == sizes[r.generation]
+            }
+
+    def membership_changes(self) -> list[dict]:
+        with self._lock:
+            return [dict(change) for change in self._changes]
+
+    def bytes_sent(self) -> int:
+        with self._lock:
+            return sum(w.bytes_sent for w in self._workers.values())
+
+    def snapshot(self) -> dict:
+        """The JSON of ``GET /status``."""
+        with self._lock:
+            now = self._clock()
+            current = self.current
+            return {
+                "status": self.status,
+                "reason": self.reason,
+                "generation": self.current_number,
+                "members": current.members if current else [],
+                "step": max(self._steps, default=-1) + 1,
+                "workers": {
+                    str(w.worker_id): {
+                        "alive": w.alive,
+                        "finished": w.finished,
+                        "host": w.host,
+                        "pid": w.pid,
+                        "committed_step": w.committed_step,
+                        "heartbeat_age": round(now - w.last_seen, 3),
+                        "death_cause": w.death_cause,
+                    }
+                    for w in self._workers.values()
+                },
+                "membership_changes": len(self._changes),
+            }
+
+    # -- rules --------------------------------------------------------------------------------
+
+    def _record_commits(self, worker_id: int, commits) -> None:
+        # [step, generation, unix time, this rank's share of the global-batch loss]
+        for step, generation, committed_at, loss_part in commits:
+            record = self._steps.get(step)
+            if record is None or generation > record.generation:
+                record = self._steps[step] = _StepRecord(generation, committed_at)
+            if generation == record.generation:
+                record.committed_at = min(record.committed_at, committed_at)
+                record.loss_parts[worker_id] = loss_part
+                self._note_recovery(generation, committed_at)
+
+    def _note_recovery(self, generation: int, committed_at: float) -> None:
+        for change in self._changes:
+            if change["generation_after"] == generation and change["recovery_seconds"] is None:
+                change["recovery_seconds"] = round(committed_at - change["time"], 4)
+
+    def _mark_dead(self, worker: _Worker, cause: str, at: float) -> None:
+        worker.alive = False
+        worker.death_cause = cause
+        worker.died_at = at
+
+    def _evaluate(self) -> None:
+        if self.status in ("completed", "failed"):
+            return
+        now = self._clock()
+        for worker in self._workers.values():
+            if worker.alive and not worker.finished and now - worker.last_seen > self.heartbeat_timeout:
+                self._mark_dead(
+                    worker, f"no heartbeat for {self.heartbeat_timeout:g} s", worker.last_seen
+                )
+        current = self.current
+        if current is None:
+            if sum(w.alive for w in self._workers.values()) >= self.expected_workers:
+                self._form(cause="start", failed_at=now)
+            return
+        members = [self._workers[m] for m in current.members]
+        dead = [m for m in members if not m.alive and not m.finished]
+        waiting = [w for w in self._workers.values() if w.alive and w.worker_id not in current.members]
+        if dead:
+            cause = "; ".join(f"worker {m.worker_id}: {m.death_cause}" for m in dead)
+            self._form(cause=cause, failed_at=min(m.died_at for m in dead))
+        elif self._failure_reported_at is not None and all(
+            m.finished or m.last_seen >= self._failure_reported_at for m in members
+        ):
+            self._form(cause="collective failed; all members alive", failed_at=self._failure_reported_at)
+        elif waiting and (self.max_workers is None or len(current.members) < self.max_workers):
+            self._form(cause="workers joined", failed_at=now)
+
+    def _form(self, *, cause: str, failed_at: float) -> None:
+        previous = self.current
+        live = sorted(w.worker_id for w in self._workers.values() if w.alive and not w.finished)
+        if self.max_workers is not None:
+            keep = [m for m in (previous.members if previous else []) if m in live]
+            live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
+        self._failure_reported_at = None
+        if len(live) < self.min_workers:
+            self._set_status(
+                "failed",
+                f"only {len(live)} worker(s) remain, fewer than --min-workers {self.min_workers} ({cause})",
+            )
+            return
+        generation = Generation(self.current_number + 1, live, self._clock())
+        self._generations.append(generation)
+        if previous is not None:
+            self._changes.append(
+                {
+                    "time": failed_at,
+                    "cause": cause,
+                    "generation_before": previous.number,
+                    "generation_after": generation.number,
+                    "members_before": previous.members,
+                    "members_after": generation.members,
+                    "detection_seconds": round(generation.formed_at - failed_at, 4),
+                    "recovery_seconds": None,
+                }
+            )
+        self._set_status("running", "")
+
+    def _set_status(self, status: str, reason: str) -> None:
+        self.status, self.reason = status, reason
+        for callback in self._listeners:
+            callback()

@@ -1,0 +1,120 @@
+"""``shoal train``: an embedded coordinator, N local workers, progress, results."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from shoal.config import TrainConfig
+from shoal.coordinator import Coordinator, Membership
+from shoal.data import GlobalBatchSampler
+from shoal.launch.progress import Progress
+from shoal.launch.workers import WorkerGroup, describe_exit, python_command
+from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN, ENV_WORKER_ID
+from shoal.runtime.worker import ENV_CONFIG
+from shoal.tasks import TASKS
+from shoal.tracking import build_results, write_json, write_sample_log
+
+__all__ = ["run_train"]
+
+_POLL_SECONDS = 0.2
+_FINISH_GRACE_SECONDS = 30.0
+
+
+def run_train(config: TrainConfig) -> int:
+    """Run one training job to the end; returns the process exit code (0 ok, 1 failed)."""
+    started = time.time()
+    task = TASKS[config.task](config.seed)
+    sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
+    total_steps = config.steps or config.epochs * sampler.steps_per_epoch
+    membership = Membership(expected_workers=config.workers, min_workers=config.min_workers,
+                            heartbeat_timeout=config.heartbeat_timeout)
+    coordinator = Coordinator(membership, host=config.host).start()
+    progress = Progress(total_steps, quiet=config.quiet)
+    progress.message(f"shoal: coordinator listening on {coordinator.url}", always=True)
+    progress.message(f"shoal: training {config.task} with {config.workers} worker(s), "
+                     f"{total_steps} steps, global batch {config.batch_size}")
+
+    def on_exit(worker_id: int, returncode: int, when: float) -> None:
+        if returncode != 0:
+            membership.report_exit(worker_id, describe_exit(returncode), when)
+        else:
+            membership.report_exit(worker_id, "exited", when)
+
+    env = {**os.environ, ENV_COORDINATOR: coordinator.url, ENV_TOKEN: coordinator.token,
+           ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval)}
+    group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit,
+                        echo=lambda line: progress.message(line, always=True))
+    try:
+        for worker_id in range(config.workers):
+            group.spawn(worker_id, {ENV_WORKER_ID: str(worker_id)})
+        _watch(membership, group, progress, sampler)
+    except KeyboardInterrupt:
+        membership.fail("interrupted (Ctrl-C)")
+    finally:
+        group.stop_all()
+        progress.close()
+        coordinator.stop()
+    return _report(config, membership, sampler, task, time.time() - started, progress)
+
+
+def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
+           sampler: GlobalBatchSampler) -> None:
+    """Show progress until the job ends and every worker has exited."""
+    announced = 0
+    finished_since: float | None = None
+    while True:
+        snapshot = membership.snapshot()
+        for change in membership.membership_changes()[announced:]:
+            progress.message(f"shoal: generation {change['generation_before']} -> "
+                             f"{change['generation_after']}: {change['cause']}; members "
+                             f"{change['members_before']} -> {change['members_after']}",
+                             always=True)
+            announced += 1
+        losses = membership.step_losses()
+        times = membership.commit_times()
+        started = membership.first_formed_at()
+        step = snapshot["step"]
+        rate = (sum(len(sampler.global_indices(s)) for s in times) / (max(times.values()) - started)
+                if times and started and max(times.values()) > started else 0.0)
+        alive = sum(w["alive"] for w in snapshot["workers"].values())
+        progress.update(step=step, loss=losses[max(losses)] if losses else None,
+                        samples_per_second=rate, alive=alive, generation=snapshot["generation"])
+        if snapshot["status"] == "failed":
+            return
+        if not group.running():
+            return
+        if snapshot["status"] == "completed":
+            finished_since = finished_since or time.monotonic()
+            if time.monotonic() - finished_since > _FINISH_GRACE_SECONDS:
+                return
+        time.sleep(_POLL_SECONDS)
+
+
+def _report(config: TrainConfig, membership: Membership, sampler: GlobalBatchSampler, task,
+            wall_seconds: float, progress: Progress) -> int:
+    results = build_results(membership=membership, config=_config_json(config), sampler=sampler,
+                            wall_seconds=wall_seconds, units=task.samples_to_units())
+    if config.output:
+        write_json(config.output, results)
+    if config.sample_log:
+        write_sample_log(config.sample_log, membership, sampler)
+    if membership.status != "completed":
+        reason = membership.reason or "every worker exited before the job completed"
+        print(f"shoal train: failed: {reason}", file=sys.stderr)
+        return 1
+    if not config.quiet:
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["eval"].items())
+        loss = results["final_train_loss"]
+        print(f"shoal train: {config.task} done: {results['steps']} steps in "
+              f"{results['wall_time_seconds']:.1f} s, train loss {loss:.4f}, {metrics}, "
+              f"{len(results['membership_changes'])} membership change(s)", file=sys.stderr)
+    return 0
+
+
+def _config_json(config: TrainConfig) -> dict:
+    import json
+
+    return json.loads(config.to_json())

@@ -1,0 +1,108 @@
+"""Start and supervise local worker processes: prefixed output, exit causes, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["WorkerGroup", "WorkerProcess", "describe_exit"]
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+@dataclass(slots=True)
+class WorkerProcess:
+    worker_id: int
+    process: subprocess.Popen
+    exited_at: float | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+
+class WorkerGroup:
+    """Local workers of one job. ``on_exit(worker_id, returncode, when)`` runs as each ends."""
+
+    def __init__(self, command: Sequence[str], *, env: dict[str, str],
+                 on_exit: Callable[[int, int, float], None], echo: Callable[[str], None]):
+        self.command = list(command)
+        self.env = env
+        self.on_exit = on_exit
+        self.echo = echo
+        self.workers: dict[int, WorkerProcess] = {}
+        self._threads: list[threading.Thread] = []
+
+    def spawn(self, worker_id: int, extra_env: dict[str, str]) -> WorkerProcess:
+        process = subprocess.Popen(
+            self.command, env={**self.env, **extra_env}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+            start_new_session=True,  # a Ctrl-C reaches the launcher, which stops workers itself
+        )
+        worker = WorkerProcess(worker_id, process)
+        self.workers[worker_id] = worker
+        for target in (self._pump_output, self._wait):
+            thread = threading.Thread(target=target, args=(worker,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return worker
+
+    def _pump_output(self, worker: WorkerProcess) -> None:
+        for line in worker.process.stdout:
+            self.echo(f"[worker {worker.worker_id}] {line.rstrip()}")
+
+    def _wait(self, worker: WorkerProcess) -> None:
+        returncode = worker.process.wait()
+        worker.exited_at = time.time()
+        self.on_exit(worker.worker_id, returncode, worker.exited_at)
+
+    def running(self) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if w.process.poll() is None]
+
+    def wait_all(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for worker in self.workers.values():
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                worker.process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """SIGTERM every running worker, SIGKILL those still there after ``grace`` seconds."""
+        for worker in self.running():
+            _signal(worker.process, signal.SIGTERM)
+        if not self.wait_all(grace):
+            for worker in self.running():
+                _signal(worker.process, signal.SIGKILL)
+            self.wait_all(grace)
+        self.join_threads()
+
+    def join_threads(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+def _signal(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def python_command(module: str) -> list[str]:
+    return [sys.executable, "-u", "-m", module]

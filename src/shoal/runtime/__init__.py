@@ -1,0 +1,7 @@
+"""Inside a worker: membership, process groups, healing and the elastic training loop."""
+
+from shoal.runtime.context import Context, GenerationMoved, JobStopped
+from shoal.runtime.heal import HealReport
+from shoal.runtime.trainer import TrainResult, train
+
+__all__ = ["Context", "GenerationMoved", "HealReport", "JobStopped", "TrainResult", "train"]

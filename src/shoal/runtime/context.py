@@ -1,0 +1,219 @@
+"""A worker's view of the job: its identity, the current generation and its process group.
+
+The context joins the coordinator, heartbeats from a thread of its own, waits for each new
+generation and forms that generation's process group on a fresh ``PrefixStore`` of the
+coordinator's TCPStore, so nothing of a broken generation can leak into the next.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from shoal.coordinator.client import CoordinatorClient
+
+__all__ = ["Context", "JobStopped", "GenerationMoved"]
+
+ENV_COORDINATOR = "SHOAL_COORDINATOR"
+ENV_TOKEN = "SHOAL_TOKEN"
+ENV_WORKER_ID = "SHOAL_WORKER_ID"
+ENV_HEARTBEAT_INTERVAL = "SHOAL_HEARTBEAT_INTERVAL"
+
+
+class JobStopped(RuntimeError):
+    """The coordinator ended the job (it failed elsewhere, or this worker was evicted)."""
+
+
+class GenerationMoved(RuntimeError):
+    """The coordinator formed a newer generation: leave this one at the step boundary."""
+
+
+@dataclass(slots=True)
+class CommitRecord:
+    step: int
+    generation: int
+    committed_at: float
+    loss_part: float
+
+    def to_json(self) -> list:
+        return [self.step, self.generation, self.committed_at, self.loss_part]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+class Context:
+    """Membership of one worker. Without a coordinator it is a job of one (``local()``)."""
+
+    def __init__(self, url: str | None, token: str | None, worker_id: int | None,
+                 heartbeat_interval: float = 0.25):
+        self.url, self.token = url, token
+        self.worker_id = worker_id
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = 5.0
+        self.generation = 0
+        self.members: list[int] = []
+        self.rank = 0
+        self.world_size = 1
+        self.latest_generation = 0
+        self.evicted = False
+        self.committed_step = -1
+        self.bytes_sent = 0
+        self._commits: list[CommitRecord] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._client: CoordinatorClient | None = None
+        self._heartbeat_thread: threading.Thread | None = None
+        self._store: dist.Store | None = None
+
+    @classmethod
+    def from_env(cls) -> Context:
+        """Join the coordinator named in the environment (set by ``shoal train``/``shoal run``)."""
+        url = os.environ.get(ENV_COORDINATOR)
+        if not url:
+            return cls(None, None, 0)
+        worker_id = os.environ.get(ENV_WORKER_ID)
+        interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL, "0.25"))
+        return cls(url, os.environ.get(ENV_TOKEN, ""), int(worker_id) if worker_id else None, interval)
+
+    @property
+    def distributed(self) -> bool:
+        return self.url is not None
+
+    # -- joining and heartbeats ---------------------------------------------------------------
+
+    def join(self) -> None:
+        if not self.distributed:
+            self._store = dist.HashStore()
+            return
+        self._client = CoordinatorClient(self.url, self.token)
+        reply = self._client.post("/join", {"worker_id": self.worker_id, "host": socket.gethostname(),
+                                            "pid": os.getpid()})
+        self.worker_id = reply["worker_id"]
+        self.heartbeat_timeout = float(reply["heartbeat_timeout"])
+        self._store = dist.TCPStore(reply["store_host"], reply["store_port"], is_master=False,
+                                    timeout=timedelta(seconds=self.heartbeat_timeout * 4))
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="shoal-heartbeat",
+                                                  daemon=True)
+        self._heartbeat_thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        client = CoordinatorClient(self.url, self.token)
+        try:
+            while not self._stopping.wait(self.heartbeat_interval):
+                commits = self._drain_commits()
+                try:
+                    reply = client.post("/heartbeat", self._heartbeat_payload(commits))
+                except Exception:
+                    with self._lock:  # not delivered: send them with the next beat
+                        self._commits[:0] = commits
+                    continue
+                self.latest_generation = max(self.latest_generation, reply["generation"])
+                self.evicted = self.evicted or reply["evicted"]
+        finally:
+            client.close()
+
+    def _heartbeat_payload(self, commits: list[CommitRecord]) -> dict:
+        return {
+            "worker_id": self.worker_id,
+            "generation": self.generation,
+            "committed_step": self.committed_step,
+            "bytes_sent": self.bytes_sent,
+            "commits": [c.to_json() for c in commits],
+        }
+
+    def _drain_commits(self) -> list[CommitRecord]:
+        with self._lock:
+            commits, self._commits = self._commits, []
+        return commits
+
+    # -- generations ----------------------------------------------------------------------------
+
+    def enter_next_generation(self) -> None:
+        """Block until the coordinator has a generation newer than ours, then form its group."""
+        if not self.distributed:
+            if self.generation == 0:
+                self.generation, self.members = 1, [0]
+                self._init_process_group()
+            return
+        while True:
+            if self.evicted:
+                raise JobStopped(f"worker {self.worker_id} was evicted by the coordinator")
+            reply = self._client.get("/generation", after=self.generation, timeout=10)
+            if reply["status"] in ("completed", "failed"):
+                raise JobStopped(f"the job {reply['status']}: {reply['reason']}".rstrip(": "))
+            generation = reply["generation"]
+            if generation is None:
+                continue
+            if self.worker_id not in generation["members"]:
+                raise JobStopped(f"worker {self.worker_id} is not a member of generation "
+                                 f"{generation['number']}")
+            self.generation = generation["number"]
+            self.latest_generation = max(self.latest_generation, self.generation)
+            self.members = generation["members"]
+            self.rank = self.members.index(self.worker_id)
+            self.world_size = len(self.members)
+            self._init_process_group()
+            return
+
+    def _init_process_group(self) -> None:
+        store = dist.PrefixStore(f"generation/{self.generation}/", self._store)
+        dist.init_process_group(default_backend(), store=store, rank=self.rank,
+                                world_size=self.world_size,
+                                timeout=timedelta(seconds=self.heartbeat_timeout))
+
+    def leave_generation(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def check_generation(self) -> None:
+        """Raise :class:`GenerationMoved` when the coordinator has moved past our generation."""
+        if self.evicted:
+            raise JobStopped(f"worker {self.worker_id} was evicted by the coordinator")
+        if self.latest_generation > self.generation:
+            raise GenerationMoved(f"generation {self.latest_generation} formed")
+
+    def report_failure(self, detail: str) -> None:
+        if self.distributed:
+            self._client.post("/report", {"worker_id": self.worker_id, "generation": self.generation,
+                                          "kind": "failure", "detail": detail[:500]})
+
+    def report_kill(self, spec: str) -> None:
+        if self.distributed:
+            self._client.post("/report", {"worker_id": self.worker_id, "kind": "kill", "detail": spec})
+
+    # -- commits and the end --------------------------------------------------------------------
+
+    def record_commit(self, step: int, loss_part: float) -> None:
+        self.committed_step = step
+        with self._lock:
+            self._commits.append(CommitRecord(step, self.generation, time.time(), loss_part))
+
+    def finish(self, results: dict | None = None) -> None:
+        """Report the last commits (and, from the leader, the results), then stop heartbeating."""
+        self._stopping.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join()
+        if self.distributed:
+            payload = self._heartbeat_payload(self._drain_commits())
+            payload["results"] = results
+            self._client.post("/finish", payload)
+            self._client.close()
+        self.leave_generation()
+
+    def close(self) -> None:
+        """Stop heartbeating without reporting anything (the job is over or failed)."""
+        self._stopping.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join()
+        if self._client is not None:
+            self._client.close()
+        self.leave_generation()

@@ -1,0 +1,56 @@
+"""Entry point of one ``shoal train`` worker process (started by the launcher)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import torch
+
+from shoal._io import atomic_write
+from shoal.config import TrainConfig
+from shoal.runtime.context import Context, JobStopped
+from shoal.runtime.trainer import TrainResult, train
+from shoal.tasks import TASKS
+
+ENV_CONFIG = "SHOAL_CONFIG"
+
+
+def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
+    metrics = task.evaluate(result.model)
+    if config.save_model:
+        atomic_write(config.save_model, lambda f: torch.save(result.model.state_dict(), f))
+    return {
+        "eval": metrics,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "heals": [dataclasses.asdict(h) for h in result.heals],
+    }
+
+
+def main() -> int:
+    config = TrainConfig.from_json(os.environ[ENV_CONFIG])
+    # N workers share this machine's cores; oversubscribing them makes every worker slower.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
+    task = TASKS[config.task](config.seed)
+    model = task.build_model()
+    optimizer = task.build_optimizer(model, config.lr)
+    context = Context.from_env()
+    context.join()
+    try:
+        result = train(model, optimizer, task.train_dataset(), task.loss,
+                       global_batch_size=config.batch_size, epochs=config.epochs,
+                       steps=config.steps, seed=config.seed, strategy=config.strategy,
+                       context=context, kills=config.kills)
+    except JobStopped as stopped:
+        context.close()
+        print(f"worker {context.worker_id}: {stopped}", file=sys.stderr)
+        return 3
+    results = _leader_results(task, config, result) if result.is_leader else None
+    context.finish(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Built-in tasks, by name: the workloads of ``shoal train``, the tests and the benchmarks."""
+
+from shoal.tasks.ackley import AckleyTask
+from shoal.tasks.api import Task, TaskDefaults
+from shoal.tasks.charlm import CharLMTask
+from shoal.tasks.digits import DigitsTask
+from shoal.tasks.quadratic import QuadraticTask
+
+TASKS: dict[str, type[Task]] = {
+    task.name: task for task in (QuadraticTask, AckleyTask, DigitsTask, CharLMTask)
+}
+
+__all__ = ["TASKS", "Task", "TaskDefaults"]

@@ -1,0 +1,51 @@
+"""Minimise E[0.5 * ||w - x||^2] over noisy samples x = target + noise: tiny and fast."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from shoal.tasks.api import Task, TaskDefaults
+
+_DIM = 32
+_NUM_SAMPLES = 4096
+
+
+class VectorModel(nn.Module):
+    """A bare parameter vector, so that optimisation tasks are ordinary modules."""
+
+    def __init__(self, initial: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(initial.clone())
+
+
+class QuadraticTask(Task):
+    name = "quadratic"
+    defaults = TaskDefaults(epochs=2, batch_size=64, lr=0.1)
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        generator = torch.Generator().manual_seed(1234)  # the data is fixed; --seed drives order
+        self.target = torch.randn(_DIM, generator=generator)
+        noise = 0.5 * torch.randn(_NUM_SAMPLES, _DIM, generator=generator)
+        self.samples = self.target + noise
+
+    def build_model(self) -> nn.Module:
+        return VectorModel(torch.full((_DIM,), 3.0))
+
+    def build_optimizer(self, model, lr):
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def train_dataset(self):
+        return TensorDataset(self.samples)
+
+    def loss(self, model, batch):
+        (x,) = batch
+        return 0.5 * ((model.weight - x) ** 2).sum()
+
+    def evaluate(self, model):
+        with torch.no_grad():
+            distance = (model.weight - self.samples.mean(0)).norm().item()
+            loss = self.loss(model, (self.samples,)).item() / len(self.samples)
+        return {"eval_loss": loss, "distance_to_optimum": distance}
