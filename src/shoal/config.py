@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 
-__all__ = ["ConfigError", "KillSpec", "TrainConfig"]
+__all__ = ["ConfigError", "KillSpec", "RunConfig", "TrainConfig"]
 
 
 class ConfigError(ValueError):
@@ -46,15 +47,23 @@ class KillSpec:
 
 
 def _check_writable_file(flag: str, path: str | None) -> None:
+    """Refuse a path we could not write at the end of a run, before the run starts."""
     if path is None:
         return
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(parent):
-        raise ConfigError(flag, f"directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ConfigError(flag, f"{path!r} is not writable")
     if os.path.isdir(path):
         raise ConfigError(flag, f"{path!r} is a directory, expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(flag, f"directory {parent!r} does not exist")
+    # Probe for real (permission bits say little to root): results are written as a temporary
+    # file in the same directory, then renamed over ``path``.
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".shoal-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(flag, f"cannot write to {parent!r}: {error.strerror}") from None
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(flag, f"{path!r} is not writable")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -143,3 +152,29 @@ class TrainConfig:
         data = json.loads(text)
         data["kills"] = [KillSpec.parse(k) for k in data["kills"]]
         return cls(**data)
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """``shoal run``: a user script on ``nproc_per_node`` local processes."""
+
+    script: str
+    script_args: list[str] = field(default_factory=list)
+    nproc_per_node: int = 1
+    min_workers: int = 1
+    heartbeat_timeout: float = 5.0
+    host: str = "127.0.0.1"
+
+    def validate(self) -> RunConfig:
+        if not os.path.isfile(self.script):
+            raise ConfigError("script", f"{self.script!r} is not a file")
+        if self.nproc_per_node < 1:
+            raise ConfigError("--nproc-per-node", f"must be at least 1, got {self.nproc_per_node}")
+        if not 1 <= self.min_workers <= self.nproc_per_node:
+            raise ConfigError(
+                "--min-workers",
+                f"must be between 1 and --nproc-per-node ({self.nproc_per_node}), got {self.min_workers}",
+            )
+        if not self.heartbeat_timeout > 0:
+            raise ConfigError("--heartbeat-timeout", f"must be positive, got {self.heartbeat_timeout}")
+        return self

@@ -20,14 +20,10 @@ def add_run(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from shoal.config import ConfigError
-    from shoal.launch.script_job import RunConfig, run_script
+    from shoal.config import RunConfig
+    from shoal.launch.script_job import run_script
 
     config = RunConfig(script=args.script, script_args=args.script_args,
                        nproc_per_node=args.nproc_per_node, min_workers=args.min_workers,
                        heartbeat_timeout=args.heartbeat_timeout, host=args.host)
-    try:
-        config.validate()
-    except ConfigError:
-        raise
-    return run_script(config)
+    return run_script(config.validate())

@@ -9,8 +9,8 @@ import httpx
 __all__ = ["CoordinatorClient", "CoordinatorUnreachable"]
 
 
-class CoordinatorUnreachable(RuntimeError):
-    pass
+class CoordinatorUnreachable(ConnectionError):
+    """Not a RuntimeError: losing the coordinator is not a peer failure to retry."""
 
 
 class CoordinatorClient:

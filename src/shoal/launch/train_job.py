@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 
 from shoal.config import TrainConfig
@@ -33,7 +32,7 @@ def run_train(config: TrainConfig) -> int:
                             heartbeat_timeout=config.heartbeat_timeout)
     coordinator = Coordinator(membership, host=config.host).start()
     progress = Progress(total_steps, quiet=config.quiet)
-    progress.message(f"shoal: coordinator listening on {coordinator.url}", always=True)
+    progress.message(f"shoal: coordinator listening on {coordinator.url}")
     progress.message(f"shoal: training {config.task} with {config.workers} worker(s), "
                      f"{total_steps} steps, global batch {config.batch_size}")
 

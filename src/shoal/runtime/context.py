@@ -166,9 +166,12 @@ class Context:
 
     def _init_process_group(self) -> None:
         store = dist.PrefixStore(f"generation/{self.generation}/", self._store)
+        # Connecting gets longer than an operation: a member may still be leaving the old
+        # generation (stuck in a collective until it times out) when the others already connect.
+        timeout = timedelta(seconds=self.heartbeat_timeout)
         dist.init_process_group(default_backend(), store=store, rank=self.rank,
-                                world_size=self.world_size,
-                                timeout=timedelta(seconds=self.heartbeat_timeout))
+                                world_size=self.world_size, timeout=3 * timeout)
+        dist.distributed_c10d._set_pg_timeout(timeout)
 
     def leave_generation(self) -> None:
         if dist.is_initialized():

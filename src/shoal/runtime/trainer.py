@@ -114,30 +114,38 @@ class _Loop:
     def run(self, total_steps: int) -> None:
         failures, last_failure = 0, None
         while True:
-            self.context.enter_next_generation()
             try:
-                self._heal()
-                module = self.strategy.setup()
-                while self.position < total_steps:
-                    self.context.check_generation()
-                    self._step(module)
+                self._run_generation(total_steps)
                 return
             except GenerationMoved:
-                self._leave()
+                pass
             except JobStopped:
                 self._leave()
                 raise
             except RuntimeError as error:
-                # A peer died or the group broke mid-collective: report it, it also proves we live.
-                self.context.report_failure(f"{type(error).__name__}: {error}")
-                self._leave()
+                # A peer died or the group broke mid-collective: report it (which also proves
+                # this worker is alive) and let the coordinator form the next generation.
                 key = (self.position, tuple(self.context.members))
                 failures = failures + 1 if key == last_failure else 1
                 last_failure = key
                 if failures >= _MAX_FAILURES_WITHOUT_PROGRESS:
+                    self._leave()
                     raise
+                self.context.report_failure(f"{type(error).__name__}: {error}")
                 log.debug("generation %d broke at step %d: %s", self.context.generation,
                           self.position, error)
+            # Only here, with the failed frames released, can the old group really close: a
+            # live reference (say, to the DDP wrapper) would keep its sockets open and leave
+            # peers waiting in a collective until it times out.
+            self._leave()
+
+    def _run_generation(self, total_steps: int) -> None:
+        self.context.enter_next_generation()
+        self._heal()
+        module = self.strategy.setup()
+        while self.position < total_steps:
+            self.context.check_generation()
+            self._step(module)
 
     def _leave(self) -> None:
         self.strategy.teardown()

@@ -1,0 +1,57 @@
+"""Bad input: exit code 2 and ONE line that names the flag to change."""
+
+import pytest
+
+from shoal.cli.main import main
+from tests.conftest import shoal
+
+BAD_TRAIN_FLAGS = [
+    (["--task", "mnist"], "--task"),
+    (["--strategy", "gossip"], "--strategy"),
+    (["--workers", "0"], "--workers"),
+    (["--workers", "4", "--batch-size", "2"], "--batch-size"),
+    (["--output", "/nonexistent-dir/results.json"], "--output"),
+    (["--output", "/proc/version"], "--output"),
+    (["--save-model", "/nonexistent-dir/m.pt"], "--save-model"),
+    (["--sample-log", "/"], "--sample-log"),
+    (["--kill", "one@two"], "--kill"),
+    (["--kill", "5@3", "--workers", "2"], "--kill"),
+    (["--min-workers", "3", "--workers", "2"], "--min-workers"),
+    (["--epochs", "1", "--steps", "3"], "--steps"),
+    (["--workers", "two"], "--workers"),
+    (["--lr", "-1"], "--lr"),
+]
+
+
+def run_main(capsys, *args):
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args,flag", BAD_TRAIN_FLAGS)
+def test_bad_train_flags_exit_2_with_one_line(capsys, args, flag):
+    code, out, err = run_main(capsys, "train", *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert flag in lines[0]
+    assert out == ""
+
+
+def test_bad_run_flags_exit_2(capsys, tmp_path):
+    code, _, err = run_main(capsys, "run", "--nproc-per-node", "0", "examples/plain_ddp.py")
+    assert code == 2 and "--nproc-per-node" in err
+    code, _, err = run_main(capsys, "run", str(tmp_path / "missing.py"))
+    assert code == 2 and "missing.py" in err
+
+
+def test_the_real_command_exits_2_with_one_line():
+    result = shoal("train", "--task", "mnist", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "shoal train: error: --task: unknown task 'mnist' (choose from quadratic, ackley, digits, charlm)"
+    ]

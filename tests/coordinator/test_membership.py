@@ -1,0 +1,104 @@
+"""The membership rules, driven with a fake clock: no network, no sleeping."""
+
+import pytest
+
+from shoal.coordinator import Membership
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def started(workers=4, min_workers=1, timeout=5.0):
+    clock = Clock()
+    membership = Membership(expected_workers=workers, min_workers=min_workers,
+                            heartbeat_timeout=timeout, clock=clock)
+    for worker in range(workers):
+        membership.join(worker, "host", 100 + worker)
+    return membership, clock
+
+
+def test_first_generation_waits_for_every_expected_worker():
+    clock = Clock()
+    membership = Membership(expected_workers=2, min_workers=1, clock=clock)
+    membership.join(0, "h", 1)
+    assert membership.current is None
+    membership.join(1, "h", 2)
+    assert membership.current.members == [0, 1]
+    assert membership.status == "running"
+
+
+def test_dead_worker_forms_next_generation_of_survivors():
+    membership, clock = started()
+    clock.now += 1
+    membership.report_exit(2, "killed by SIGKILL")
+    assert membership.current.number == 2
+    assert membership.current.members == [0, 1, 3]
+    [change] = membership.membership_changes()
+    assert change["members_before"] == [0, 1, 2, 3] and change["members_after"] == [0, 1, 3]
+    assert "SIGKILL" in change["cause"]
+
+
+def test_recovery_is_measured_from_death_to_next_commit_of_new_generation():
+    membership, clock = started(workers=2)
+    membership.report_exit(1, "killed", at=clock.now)
+    membership.heartbeat(0, {"commits": [[7, 2, clock.now + 0.4, 0.5]]})
+    [change] = membership.membership_changes()
+    assert change["recovery_seconds"] == pytest.approx(0.4)
+
+
+def test_silent_worker_is_declared_dead_after_heartbeat_timeout():
+    membership, clock = started(workers=3, timeout=5.0)
+    clock.now += 4.0
+    for worker in (0, 1):
+        membership.heartbeat(worker, {})
+    membership.tick()
+    assert membership.current.number == 1
+    clock.now += 1.5
+    membership.tick()
+    assert membership.current.members == [0, 1]
+    assert membership.heartbeat(2, {})["evicted"] is True
+
+
+def test_failure_report_waits_until_every_member_proves_it_is_alive():
+    membership, clock = started(workers=3)
+    clock.now += 1
+    membership.report_failure(0, 1, "connection reset")
+    assert membership.current.number == 1  # 1 and 2 have not spoken since
+    membership.report_failure(1, 1, "connection reset")
+    membership.heartbeat(2, {})
+    assert membership.current.number == 2
+    assert membership.current.members == [0, 1, 2]
+
+
+def test_too_few_workers_fails_the_job_with_a_reason():
+    membership, _ = started(workers=3, min_workers=2)
+    membership.report_exit(0, "exited with code 1")
+    assert membership.status == "running"
+    membership.report_exit(1, "exited with code 1")
+    assert membership.status == "failed"
+    assert "--min-workers 2" in membership.reason
+
+
+def test_a_step_committed_again_by_a_later_generation_is_logged_once():
+    membership, clock = started(workers=2)
+    membership.heartbeat(0, {"commits": [[0, 1, clock.now, 0.1], [1, 1, clock.now, 0.1]]})
+    membership.report_exit(1, "killed")
+    membership.heartbeat(0, {"commits": [[1, 2, clock.now, 0.3]]})
+    steps = membership.committed_steps()
+    assert [(s, g.number) for s, g in steps] == [(0, 1), (1, 2)]
+    assert membership.step_losses() == {1: 0.3}  # step 0 lacks worker 1's share
+
+
+def test_newcomer_forms_a_generation_unless_at_max_workers():
+    membership, _ = started(workers=2)
+    membership.join(None, "h", 9)
+    assert membership.current.members == [0, 1, 2]
+    capped, _ = started(workers=2)
+    capped.max_workers = 2
+    capped.join(None, "h", 9)
+    assert capped.current.members == [0, 1]

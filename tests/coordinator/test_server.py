@@ -1,0 +1,48 @@
+"""The coordinator over real HTTP: the token is required, /status reports membership."""
+
+import httpx
+import pytest
+
+from shoal.coordinator import Coordinator, CoordinatorClient, Membership
+
+
+@pytest.fixture
+def coordinator():
+    server = Coordinator(Membership(expected_workers=2, min_workers=1), token="secret").start()
+    yield server
+    server.stop()
+
+
+def test_requests_without_the_token_are_refused(coordinator):
+    assert httpx.get(f"{coordinator.url}/status").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    response = httpx.post(f"{coordinator.url}/join", json={"worker_id": 0}, headers=wrong)
+    assert response.status_code == 401
+    assert coordinator.membership.snapshot()["workers"] == {}  # nothing changed
+
+
+def test_join_forms_a_generation_and_status_reports_it(coordinator):
+    client = CoordinatorClient(coordinator.url, "secret")
+    try:
+        first = client.post("/join", {"worker_id": 0, "host": "a", "pid": 1})
+        assert first["store_port"] == coordinator.store.port
+        assert client.get("/generation", after=0, timeout=0.2)["generation"] is None
+        client.post("/join", {"worker_id": 1, "host": "b", "pid": 2})
+        generation = client.get("/generation", after=0, timeout=5)["generation"]
+        assert generation["members"] == [0, 1]
+        status = client.get("/status")
+        assert status["generation"] == 1 and status["members"] == [0, 1]
+        assert set(status["workers"]) == {"0", "1"}
+        assert all(w["heartbeat_age"] >= 0 for w in status["workers"].values())
+    finally:
+        client.close()
+
+
+def test_a_second_live_worker_with_the_same_id_is_refused(coordinator):
+    client = CoordinatorClient(coordinator.url, "secret")
+    try:
+        client.post("/join", {"worker_id": 0, "host": "a", "pid": 1})
+        with pytest.raises(httpx.HTTPStatusError):
+            client.post("/join", {"worker_id": 0, "host": "a", "pid": 2})
+    finally:
+        client.close()

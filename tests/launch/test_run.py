@@ -1,0 +1,63 @@
+"""`shoal run`: unmodified torchrun scripts, elastic scripts, and failures that name the worker."""
+
+from __future__ import annotations
+
+from tests.conftest import REPO, shoal
+
+
+def test_plain_ddp_example_completes():
+    """(e) the torchrun-style gloo script runs unchanged."""
+    result = shoal("run", "--nproc-per-node", "2", str(REPO / "examples" / "plain_ddp.py"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[worker 0] epoch 1: loss" in result.stdout
+
+
+def test_torchrun_environment_is_complete(tmp_path):
+    script = tmp_path / "env.py"
+    script.write_text(
+        "import os\n"
+        "names = 'RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK MASTER_ADDR "
+        "MASTER_PORT TORCHELASTIC_RUN_ID'.split()\n"
+        "print(' '.join(f'{n}={os.environ[n]}' for n in names))\n"
+    )
+    result = shoal("run", "--nproc-per-node", "3", str(script))
+    assert result.returncode == 0, result.stderr
+    lines = sorted(line for line in result.stdout.splitlines() if "RANK=" in line)
+    assert len(lines) == 3
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"[worker {rank}] RANK={rank} LOCAL_RANK={rank} WORLD_SIZE=3 ")
+
+
+def test_a_failing_plain_script_fails_the_command_and_names_the_worker(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    sys.exit('rank 1 gives up')\n"
+        "time.sleep(120)\n"
+    )
+    result = shoal("run", "--nproc-per-node", "2", str(script), timeout=60)
+    assert result.returncode == 1
+    assert "[worker 1] rank 1 gives up" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        "shoal run: failed: worker 1 (rank 1) exited with code 1")
+
+
+def test_elastic_example_survives_a_killed_worker(tmp_path):
+    script = tmp_path / "elastic_kill.py"
+    script.write_text(
+        "import os, signal, runpy\n"
+        "import shoal.runtime.trainer as trainer\n"
+        "step = trainer._Loop._step\n"
+        "def dying_step(self, module):\n"
+        "    if os.environ['RANK'] == '1' and self.position == 10:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    step(self, module)\n"
+        "trainer._Loop._step = dying_step\n"
+        f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n"
+    )
+    result = shoal("run", "--nproc-per-node", "2", str(script), env={**__import__("os").environ,
+                                                                      "EPOCHS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "29 steps on 1 worker(s)" in result.stdout
+    assert "survived: worker 1 (rank 1) killed by SIGKILL" in result.stderr

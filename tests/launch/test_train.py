@@ -1,0 +1,112 @@
+"""`shoal train` end to end: real worker processes, real gloo groups, real SIGKILLs."""
+
+from __future__ import annotations
+
+import collections
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import load_json, load_jsonl, shoal
+
+FAITHFUL = ["--task", "digits", "--steps", "100", "--batch-size", "64", "--seed", "0", "--quiet"]
+
+
+def relative_difference(path_a, path_b) -> float:
+    a = torch.load(path_a, weights_only=True)
+    b = torch.load(path_b, weights_only=True)
+    assert a.keys() == b.keys()
+    scale = max(t.abs().max().item() for t in b.values())
+    return max((a[k] - b[k]).abs().max().item() for k in a) / scale
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One undisturbed 1-worker run; every other run is compared with it."""
+    root = tmp_path_factory.mktemp("runs")
+    model = root / "one.pt"
+    result = shoal("train", *FAITHFUL, "--workers", "1", "--save-model", str(model))
+    assert result.returncode == 0, result.stderr
+    return root, model
+
+
+def test_four_workers_equal_one_and_refuse_a_wrong_token(runs):
+    """(b) faithfulness, and (f) a request with a wrong token is refused mid-run, harmlessly."""
+    root, reference = runs
+    model = root / "four.pt"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli.main", "train", *FAITHFUL[:-1], "--workers", "4",
+         "--save-model", str(model)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        first = process.stderr.readline()
+        url = re.search(r"listening on (http://\S+)", first).group(1)
+        refused = [
+            httpx.get(f"{url}/status", headers={"Authorization": "Bearer wrong"}),
+            httpx.post(f"{url}/report", json={"worker_id": 0, "generation": 1, "kind": "failure"},
+                       headers={"Authorization": "Bearer wrong"}),
+            httpx.post(f"{url}/join", json={"worker_id": 1}),
+        ]
+        rest = process.stderr.read()
+    finally:
+        process.wait(timeout=240)
+    assert [r.status_code for r in refused] == [401, 401, 401]
+    assert process.returncode == 0, rest
+    assert "0 membership change(s)" in rest
+    assert relative_difference(model, reference) <= 1e-5
+
+
+def test_killed_workers_change_nothing_and_every_sample_counts_once(runs):
+    """(c) two SIGKILLs mid-run: same model as undisturbed; (d) exactly-once in the sample log."""
+    root, reference = runs
+    model, output, samples = root / "killed.pt", root / "killed.json", root / "samples.jsonl"
+    result = shoal("train", *FAITHFUL, "--workers", "4", "--kill", "1@20", "--kill", "3@57",
+                   "--save-model", str(model), "--output", str(output),
+                   "--sample-log", str(samples))
+    assert result.returncode == 0, result.stderr
+    assert relative_difference(model, reference) <= 1e-5
+
+    results = load_json(output)
+    changes = results["membership_changes"]
+    assert [c["members_after"] for c in changes] == [[0, 2, 3], [0, 2]]
+    assert ["--kill 1@20" in changes[0]["cause"], "--kill 3@57" in changes[1]["cause"]] == [True] * 2
+    for change in changes:
+        assert change["recovery_seconds"] is not None and change["recovery_seconds"] > 0
+    assert results["steps"] == 100 and results["status"] == "completed"
+    assert results["payload_bytes_sent"] > 0
+
+    log = load_jsonl(samples)
+    assert [line["step"] for line in log] == list(range(100))
+    assert {line["generation"] for line in log} == {1, 2, 3}
+    assert all(len(line["samples"]) == len(set(line["samples"])) for line in log)
+    by_epoch = collections.defaultdict(list)
+    for line in log:
+        by_epoch[line["epoch"]].extend(line["samples"])
+    complete_epochs = [e for e in by_epoch if e < max(by_epoch)]
+    assert complete_epochs == [0, 1, 2, 3]  # 23 steps an epoch: 100 steps = 4 epochs + 8 steps
+    for epoch in complete_epochs:
+        assert sorted(by_epoch[epoch]) == list(range(1437))  # every training index exactly once
+    assert len(set(by_epoch[4])) == len(by_epoch[4]) == 8 * 64  # the partial epoch repeats nothing
+
+
+def test_too_few_workers_fails_with_a_clear_message(tmp_path):
+    result = shoal("train", "--task", "quadratic", "--workers", "2", "--min-workers", "2",
+                   "--steps", "50", "--kill", "1@5", "--quiet", "--output", str(tmp_path / "r.json"))
+    assert result.returncode == 1
+    assert "fewer than --min-workers 2" in result.stderr.strip().splitlines()[-1]
+    assert load_json(tmp_path / "r.json")["status"] == "failed"
+
+
+def test_digits_reaches_97_percent(tmp_path):
+    """(a) the README's run: 4 workers, 10 epochs, global batch 64."""
+    output = tmp_path / "results.json"
+    result = shoal("train", "--task", "digits", "--workers", "4", "--epochs", "10",
+                   "--batch-size", "64", "--quiet", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    results = load_json(output)
+    assert results["eval"]["test_accuracy"] >= 0.97
+    assert results["epochs"] == 10
