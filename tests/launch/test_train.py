@@ -110,3 +110,14 @@ def test_digits_reaches_97_percent(tmp_path):
     results = load_json(output)
     assert results["eval"]["test_accuracy"] >= 0.97
     assert results["epochs"] == 10
+
+
+def test_charlm_reports_loss_perplexity_and_tokens_per_second(tmp_path):
+    output = tmp_path / "charlm.json"
+    result = shoal("train", "--task", "charlm", "--workers", "2", "--steps", "4", "--quiet",
+                   "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    results = load_json(output)
+    assert set(results["eval"]) == {"eval_loss", "perplexity"}
+    assert results["eval"]["perplexity"] < 256  # better than uniform over bytes
+    assert results["tokens_per_second"] == results["samples_per_second"] * 64 > 0

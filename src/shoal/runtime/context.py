@@ -47,7 +47,8 @@ class CommitRecord:
 
 
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    # gloo always serves CPU tensors (heal blobs, CPU models); NCCL serves CUDA ones.
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 class Context:
