@@ -25,8 +25,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class KillSpec:
-    """``--kill RANK@STEP``: the worker launched as ``rank`` SIGKILLs itself at ``step``.
+    """``--kill RANK@STEP`` (SIGKILL) or ``--hang RANK@STEP`` (SIGSTOP): a planned fault.
 
+    The worker launched as ``rank`` sends itself ``signal`` when it reaches ``step``.
     ``rank`` is the worker's launch rank (its stable worker id), not its rank in the current
     generation: ranks are re-numbered when members leave, and a fault plan must keep naming
     the same process.
@@ -34,13 +35,19 @@ class KillSpec:
 
     rank: int
     step: int
+    signal: str = "SIGKILL"
+
+    @property
+    def flag(self) -> str:
+        return "--hang" if self.signal == "SIGSTOP" else "--kill"
 
     @classmethod
-    def parse(cls, text: str) -> KillSpec:
+    def parse(cls, text: str, signal: str = "SIGKILL") -> KillSpec:
         rank, sep, step = text.partition("@")
         if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
-            raise ConfigError("--kill", f"expected RANK@STEP such as 1@20, got {text!r}")
-        return cls(int(rank), int(step))
+            flag = cls(0, 0, signal).flag
+            raise ConfigError(flag, f"expected RANK@STEP such as 1@20, got {text!r}")
+        return cls(int(rank), int(step), signal)
 
     def __str__(self) -> str:
         return f"{self.rank}@{self.step}"
@@ -86,6 +93,7 @@ class TrainConfig:
     save_model: str | None = None
     sample_log: str | None = None
     kills: list[KillSpec] = field(default_factory=list)
+    """Planned SIGKILLs (``--kill``) and SIGSTOPs (``--hang``)."""
     quiet: bool = False
     heartbeat_interval: float = 0.25
     heartbeat_timeout: float = 5.0
@@ -136,7 +144,7 @@ class TrainConfig:
             )
         for kill in self.kills:
             if kill.rank >= self.workers:
-                raise ConfigError("--kill", f"rank {kill.rank} does not exist with --workers {self.workers}")
+                raise ConfigError(kill.flag, f"rank {kill.rank} does not exist with --workers {self.workers}")
         _check_writable_file("--output", self.output)
         _check_writable_file("--save-model", self.save_model)
         _check_writable_file("--sample-log", self.sample_log)
@@ -144,13 +152,13 @@ class TrainConfig:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        data["kills"] = [str(k) for k in self.kills]
+        data["kills"] = [[str(k), k.signal] for k in self.kills]
         return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         data = json.loads(text)
-        data["kills"] = [KillSpec.parse(k) for k in data["kills"]]
+        data["kills"] = [KillSpec.parse(text, signal) for text, signal in data["kills"]]
         return cls(**data)
 
 

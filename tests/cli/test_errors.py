@@ -16,6 +16,8 @@ BAD_TRAIN_FLAGS = [
     (["--sample-log", "/"], "--sample-log"),
     (["--kill", "one@two"], "--kill"),
     (["--kill", "5@3", "--workers", "2"], "--kill"),
+    (["--hang", "1-3"], "--hang"),
+    (["--hang", "3@3", "--workers", "2"], "--hang"),
     (["--min-workers", "3", "--workers", "2"], "--min-workers"),
     (["--epochs", "1", "--steps", "3"], "--steps"),
     (["--workers", "two"], "--workers"),

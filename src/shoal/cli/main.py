@@ -21,11 +21,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _kill(text: str) -> KillSpec:
-    try:
-        return KillSpec.parse(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix("--kill: ")) from None
+def _fault(signal: str):
+    def parse(text: str) -> KillSpec:
+        try:
+            return KillSpec.parse(text, signal)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error).split(": ", 1)[1]) from None
+
+    parse.__name__ = "RANK@STEP"  # argparse names the type in its error message
+    return parse
 
 
 def _add_train(commands) -> None:
@@ -49,8 +53,10 @@ def _add_train(commands) -> None:
     train.add_argument("--save-model", metavar="PATH", help="save the final state_dict (torch.save)")
     train.add_argument("--sample-log", metavar="PATH",
                        help="JSONL, one line per committed step with its sample indices")
-    train.add_argument("--kill", metavar="RANK@STEP", type=_kill, action="append", default=[],
-                       help="the worker launched as RANK SIGKILLs itself at STEP (repeatable)")
+    train.add_argument("--kill", metavar="RANK@STEP", type=_fault("SIGKILL"), action="append",
+                       default=[], help="the worker launched as RANK SIGKILLs itself at STEP (repeatable)")
+    train.add_argument("--hang", metavar="RANK@STEP", type=_fault("SIGSTOP"), action="append",
+                       default=[], help="the worker launched as RANK SIGSTOPs itself at STEP (repeatable)")
     train.add_argument("--heartbeat-timeout", type=float, default=5.0,
                        help="seconds without heartbeat before a worker is declared dead (default 5)")
     train.add_argument("--host", default="127.0.0.1",
@@ -66,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
         task=args.task, workers=args.workers, min_workers=args.min_workers, strategy=args.strategy,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, output=args.output, save_model=args.save_model,
-        sample_log=args.sample_log, kills=args.kill, quiet=args.quiet,
+        sample_log=args.sample_log, kills=args.kill + args.hang, quiet=args.quiet,
         heartbeat_timeout=args.heartbeat_timeout, host=args.host,
     )
     config.validate()

@@ -123,7 +123,7 @@ class Membership:
     def report_kill(self, worker_id: int, spec: str) -> None:
         """A worker is about to SIGKILL itself for ``--kill``: remember why it will die."""
         with self._lock:
-            self._kill_causes[worker_id] = f"--kill {spec}: SIGKILL"
+            self._kill_causes[worker_id] = spec
 
     def report_exit(self, worker_id: int, cause: str, at: float | None = None) -> None:
         """The launcher saw the worker's process end."""
@@ -271,9 +271,9 @@ class Membership:
         now = self._clock()
         for worker in self._workers.values():
             if worker.alive and not worker.finished and now - worker.last_seen > self.heartbeat_timeout:
-                self._mark_dead(
-                    worker, f"no heartbeat for {self.heartbeat_timeout:g} s", worker.last_seen
-                )
+                silent = f"no heartbeat for {self.heartbeat_timeout:g} s"
+                planned = self._kill_causes.get(worker.worker_id)
+                self._mark_dead(worker, f"{planned}; {silent}" if planned else silent, worker.last_seen)
         current = self.current
         if current is None:
             if sum(w.alive for w in self._workers.values()) >= self.expected_workers:

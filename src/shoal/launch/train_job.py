@@ -19,7 +19,6 @@ from shoal.tracking import build_results, write_json, write_sample_log
 __all__ = ["run_train"]
 
 _POLL_SECONDS = 0.2
-_FINISH_GRACE_SECONDS = 30.0
 
 
 def run_train(config: TrainConfig) -> int:
@@ -63,7 +62,6 @@ def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
            sampler: GlobalBatchSampler) -> None:
     """Show progress until the job ends and every worker has exited."""
     announced = 0
-    finished_since: float | None = None
     while True:
         snapshot = membership.snapshot()
         for change in membership.membership_changes()[announced:]:
@@ -81,14 +79,10 @@ def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
         alive = sum(w["alive"] for w in snapshot["workers"].values())
         progress.update(step=step, loss=losses[max(losses)] if losses else None,
                         samples_per_second=rate, alive=alive, generation=snapshot["generation"])
-        if snapshot["status"] == "failed":
+        # Completed means every member reported its last commit (the leader after saving);
+        # what still runs is exiting, or an evicted worker still frozen: stop_all ends it.
+        if snapshot["status"] in ("completed", "failed") or not group.running():
             return
-        if not group.running():
-            return
-        if snapshot["status"] == "completed":
-            finished_since = finished_since or time.monotonic()
-            if time.monotonic() - finished_since > _FINISH_GRACE_SECONDS:
-                return
         time.sleep(_POLL_SECONDS)
 
 

@@ -86,6 +86,7 @@ class WorkerGroup:
         """SIGTERM every running worker, SIGKILL those still there after ``grace`` seconds."""
         for worker in self.running():
             _signal(worker.process, signal.SIGTERM)
+            _signal(worker.process, signal.SIGCONT)  # a stopped (hung) worker must see it too
         if not self.wait_all(grace):
             for worker in self.running():
                 _signal(worker.process, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""Fault injection for demos, tests and benchmarks (``--kill RANK@STEP``)."""
+"""Fault injection for demos, tests and benchmarks (``--kill``/``--hang RANK@STEP``)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ __all__ = ["maybe_kill"]
 
 
 def maybe_kill(context, step: int, kills: Sequence[KillSpec]) -> None:
-    """SIGKILL this process if a kill is planned for this worker at ``step``.
+    """Signal this process if a fault is planned for this worker at ``step``.
 
     The coordinator is told first so that the membership change names its cause; then the
-    process dies the hard way, with no chance to clean up, like a preempted machine.
+    process dies (SIGKILL) with no chance to clean up, like a preempted machine, or freezes
+    (SIGSTOP) with its heartbeat thread, like a hung one.
     """
     for kill in kills:
         if kill.rank == context.worker_id and kill.step == step:
-            context.report_kill(str(kill))
-            os.kill(os.getpid(), signal.SIGKILL)
+            context.report_kill(f"{kill.flag} {kill}: {kill.signal}")
+            os.kill(os.getpid(), signal.Signals[kill.signal])
