@@ -25,9 +25,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class KillSpec:
-    """``--kill RANK@STEP`` (SIGKILL) or ``--hang RANK@STEP`` (SIGSTOP): a planned fault.
+    """A planned fault: ``--kill`` (SIGKILL), ``--hang`` (SIGSTOP) or ``--fail`` (an exception).
 
-    The worker launched as ``rank`` sends itself ``signal`` when it reaches ``step``.
+    The worker launched as ``rank`` sends itself ``signal`` (or raises, for ``EXCEPTION``)
+    when it reaches ``step``.
     ``rank`` is the worker's launch rank (its stable worker id), not its rank in the current
     generation: ranks are re-numbered when members leave, and a fault plan must keep naming
     the same process.
@@ -39,7 +40,7 @@ class KillSpec:
 
     @property
     def flag(self) -> str:
-        return "--hang" if self.signal == "SIGSTOP" else "--kill"
+        return {"SIGSTOP": "--hang", "EXCEPTION": "--fail"}.get(self.signal, "--kill")
 
     @classmethod
     def parse(cls, text: str, signal: str = "SIGKILL") -> KillSpec:
@@ -93,7 +94,13 @@ class TrainConfig:
     save_model: str | None = None
     sample_log: str | None = None
     kills: list[KillSpec] = field(default_factory=list)
-    """Planned SIGKILLs (``--kill``) and SIGSTOPs (``--hang``)."""
+    """Planned faults: SIGKILLs (``--kill``), SIGSTOPs (``--hang``), exceptions (``--fail``)."""
+    restart: bool = False
+    """Restart a worker whose process died; it rejoins with live state from a peer."""
+    max_restarts: int = 3
+    """Restarts per worker at most."""
+    max_workers: int | None = None
+    """Members at most; extra joiners wait."""
     quiet: bool = False
     heartbeat_interval: float = 0.25
     heartbeat_timeout: float = 5.0
@@ -117,6 +124,12 @@ class TrainConfig:
             raise ConfigError(
                 "--min-workers", f"must be between 1 and --workers ({self.workers}), got {self.min_workers}"
             )
+        if self.max_workers is not None and self.max_workers < self.workers:
+            raise ConfigError(
+                "--max-workers", f"must be at least --workers ({self.workers}), got {self.max_workers}"
+            )
+        if self.max_restarts < 0:
+            raise ConfigError("--max-restarts", f"must be 0 or more, got {self.max_restarts}")
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("--steps", "give either --epochs or --steps, not both")
         if self.epochs is not None and self.epochs < 1:

@@ -57,6 +57,12 @@ def _add_train(commands) -> None:
                        default=[], help="the worker launched as RANK SIGKILLs itself at STEP (repeatable)")
     train.add_argument("--hang", metavar="RANK@STEP", type=_fault("SIGSTOP"), action="append",
                        default=[], help="the worker launched as RANK SIGSTOPs itself at STEP (repeatable)")
+    train.add_argument("--fail", metavar="RANK@STEP", type=_fault("EXCEPTION"), action="append",
+                       default=[], help="the worker launched as RANK raises an exception at STEP (repeatable)")
+    train.add_argument("--restart", action="store_true",
+                       help="restart a worker whose process died; it rejoins with a live peer's state")
+    train.add_argument("--max-restarts", type=int, default=3, help="restarts per worker (default 3)")
+    train.add_argument("--max-workers", type=int, help="members at most (default: no cap)")
     train.add_argument("--heartbeat-timeout", type=float, default=5.0,
                        help="seconds without heartbeat before a worker is declared dead (default 5)")
     train.add_argument("--host", default="127.0.0.1",
@@ -72,7 +78,8 @@ def _train(args: argparse.Namespace) -> int:
         task=args.task, workers=args.workers, min_workers=args.min_workers, strategy=args.strategy,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, output=args.output, save_model=args.save_model,
-        sample_log=args.sample_log, kills=args.kill + args.hang, quiet=args.quiet,
+        sample_log=args.sample_log, kills=args.kill + args.hang + args.fail, restart=args.restart,
+        max_restarts=args.max_restarts, max_workers=args.max_workers, quiet=args.quiet,
         heartbeat_timeout=args.heartbeat_timeout, host=args.host,
     )
     config.validate()

@@ -44,10 +44,9 @@ def run_script(config: RunConfig) -> int:
     coordinator = Coordinator(membership, host=config.host).start()
     failures: list[str] = []
     done = threading.Event()
-    stopping = threading.Event()  # exits we cause while shutting down are not failures
 
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
-        if stopping.is_set():
+        if group.stopping:  # exits we cause while shutting down are not failures
             return
         elastic = str(worker_id) in membership.snapshot()["workers"]
         if returncode != 0:
@@ -76,7 +75,6 @@ def run_script(config: RunConfig) -> int:
     except KeyboardInterrupt:
         failures.append("interrupted (Ctrl-C)")
     finally:
-        stopping.set()
         group.stop_all()
         coordinator.stop()
     return _verdict(membership, failures)

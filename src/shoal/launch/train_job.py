@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ def run_train(config: TrainConfig) -> int:
     sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
     total_steps = config.steps or config.epochs * sampler.steps_per_epoch
     membership = Membership(expected_workers=config.workers, min_workers=config.min_workers,
+                            max_workers=config.max_workers,
                             heartbeat_timeout=config.heartbeat_timeout)
     coordinator = Coordinator(membership, host=config.host).start()
     progress = Progress(total_steps, quiet=config.quiet)
@@ -35,11 +37,18 @@ def run_train(config: TrainConfig) -> int:
     progress.message(f"shoal: training {config.task} with {config.workers} worker(s), "
                      f"{total_steps} steps, global batch {config.batch_size}")
 
+    restarts = collections.Counter()
+
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
-        if returncode != 0:
-            membership.report_exit(worker_id, describe_exit(returncode), when)
-        else:
-            membership.report_exit(worker_id, "exited", when)
+        if group.stopping:
+            return
+        membership.report_exit(worker_id, describe_exit(returncode) if returncode else "exited", when)
+        if (returncode != 0 and config.restart and membership.status == "running"
+                and restarts[worker_id] < config.max_restarts):
+            restarts[worker_id] += 1
+            progress.message(f"shoal: restarting worker {worker_id} "
+                             f"({restarts[worker_id]} of {config.max_restarts})", always=True)
+            group.spawn(worker_id, {ENV_WORKER_ID: str(worker_id)})
 
     env = {**os.environ, ENV_COORDINATOR: coordinator.url, ENV_TOKEN: coordinator.token,
            ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval)}

@@ -44,7 +44,12 @@ class WorkerGroup:
         self.on_exit = on_exit
         self.echo = echo
         self.workers: dict[int, WorkerProcess] = {}
+        self.stopping = False
+        """Set once the launcher shuts workers down: their exits are not failures."""
         self._threads: list[threading.Thread] = []
+        # Held while a worker's exit is handled, so that a restart in ``on_exit`` and the
+        # exit look like one event to ``running()``.
+        self._lock = threading.RLock()
 
     def spawn(self, worker_id: int, extra_env: dict[str, str]) -> WorkerProcess:
         process = subprocess.Popen(
@@ -53,7 +58,8 @@ class WorkerGroup:
             start_new_session=True,  # a Ctrl-C reaches the launcher, which stops workers itself
         )
         worker = WorkerProcess(worker_id, process)
-        self.workers[worker_id] = worker
+        with self._lock:
+            self.workers[worker_id] = worker
         for target in (self._pump_output, self._wait):
             thread = threading.Thread(target=target, args=(worker,), daemon=True)
             thread.start()
@@ -66,15 +72,19 @@ class WorkerGroup:
 
     def _wait(self, worker: WorkerProcess) -> None:
         returncode = worker.process.wait()
-        worker.exited_at = time.time()
-        self.on_exit(worker.worker_id, returncode, worker.exited_at)
+        with self._lock:
+            worker.exited_at = time.time()
+            self.on_exit(worker.worker_id, returncode, worker.exited_at)
 
     def running(self) -> list[WorkerProcess]:
-        return [w for w in self.workers.values() if w.process.poll() is None]
+        with self._lock:
+            return [w for w in self.workers.values() if w.exited_at is None]
 
     def wait_all(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        for worker in self.workers.values():
+        with self._lock:
+            workers = list(self.workers.values())
+        for worker in workers:
             remaining = max(0.0, deadline - time.monotonic())
             try:
                 worker.process.wait(timeout=remaining)
@@ -84,6 +94,7 @@ class WorkerGroup:
 
     def stop_all(self, grace: float = 5.0) -> None:
         """SIGTERM every running worker, SIGKILL those still there after ``grace`` seconds."""
+        self.stopping = True
         for worker in self.running():
             _signal(worker.process, signal.SIGTERM)
             _signal(worker.process, signal.SIGCONT)  # a stopped (hung) worker must see it too

@@ -8,7 +8,11 @@ from collections.abc import Sequence
 
 from shoal.config import KillSpec
 
-__all__ = ["maybe_kill"]
+__all__ = ["InjectedFault", "maybe_kill"]
+
+
+class InjectedFault(Exception):
+    """Raised by ``--fail``: deliberately not a RuntimeError, so no retry swallows it."""
 
 
 def maybe_kill(context, step: int, kills: Sequence[KillSpec]) -> None:
@@ -21,4 +25,6 @@ def maybe_kill(context, step: int, kills: Sequence[KillSpec]) -> None:
     for kill in kills:
         if kill.rank == context.worker_id and kill.step == step:
             context.report_kill(f"{kill.flag} {kill}: {kill.signal}")
+            if kill.signal == "EXCEPTION":
+                raise InjectedFault(f"{kill.flag} {kill}")
             os.kill(os.getpid(), signal.Signals[kill.signal])

@@ -13,11 +13,18 @@ _NUM_SAMPLES = 4096
 
 
 class VectorModel(nn.Module):
-    """A bare parameter vector, so that optimisation tasks are ordinary modules."""
+    """A bare parameter vector, so that optimisation tasks are ordinary modules.
+
+    ``forward(points)`` is the displacement ``weight - points``: losses must go through
+    forward, which is where DDP hooks in.
+    """
 
     def __init__(self, initial: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(initial.clone())
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.weight - points
 
 
 class QuadraticTask(Task):
@@ -42,7 +49,7 @@ class QuadraticTask(Task):
 
     def loss(self, model, batch):
         (x,) = batch
-        return 0.5 * ((model.weight - x) ** 2).sum()
+        return 0.5 * (model(x) ** 2).sum()
 
     def evaluate(self, model):
         with torch.no_grad():
