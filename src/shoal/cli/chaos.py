@@ -1,0 +1,56 @@
+"""``shoal chaos``: seeded fault trials that check the promises, with a Markdown summary."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+
+__all__ = ["add_chaos"]
+
+
+def add_chaos(commands) -> None:
+    parser = commands.add_parser("chaos", help="randomized fault trials checked against the promises")
+    parser.add_argument("--trials", type=int, default=10, help="trials to run (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault plan (default 0)")
+    parser.add_argument("--task", default="quadratic", help="task to train (default quadratic)")
+    parser.add_argument("--workers", type=int, default=4, help="workers per trial (default 4)")
+    parser.add_argument("--steps", type=int, default=600, help="steps per trial (default 600)")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help="write the summary as Markdown (e.g. docs/RELIABILITY.md)")
+    parser.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    parser.set_defaults(handler=_chaos)
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from shoal.config import ConfigError, _check_writable_file
+    from shoal.reliability.chaos import ChaosSettings, render_markdown, run_chaos, summarize
+    from shoal.tasks import TASKS
+
+    if args.trials < 1:
+        raise ConfigError("--trials", f"must be at least 1, got {args.trials}")
+    if args.workers < 2:
+        raise ConfigError("--workers", f"must be at least 2 (a fault needs survivors), got {args.workers}")
+    if args.steps < 20:
+        raise ConfigError("--steps", f"must be at least 20, got {args.steps}")
+    if args.task not in TASKS:
+        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    _check_writable_file("--markdown", args.markdown)
+    _check_writable_file("--json", args.json)
+    settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task,
+                             workers=args.workers, steps=args.steps)
+    outcomes = run_chaos(settings, report=lambda line: print(line, flush=True))
+    summary = summarize(outcomes)
+    command = "shoal chaos " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["chaos"] else [])
+    when = f"{datetime.date.today().isoformat()}, {platform.machine()}, Python {platform.python_version()}"
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write("# Reliability\n\n" + render_markdown(summary, settings, command, when))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=2)
+    print(f"shoal chaos: {summary['passed']} of {summary['trials']} trials passed")
+    return 0 if summary["passed"] == summary["trials"] else 1

@@ -1,0 +1,218 @@
+"""``shoal chaos``: randomized, seeded fault trials, each checked against the promises.
+
+Every trial runs ``shoal train`` with planned faults and asserts: the run completes; the
+final model equals an undisturbed run's within 1e-5 relative; every sample counts exactly
+once per epoch (from the sample log); no process is left behind. Detection and recovery
+times come from the run's own results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shoal.reliability.checks import exactly_once_violations, leftover_processes, relative_difference
+from shoal.tasks import TASKS
+
+__all__ = ["ChaosSettings", "TrialPlan", "TrialOutcome", "plan_trials", "run_chaos"]
+
+KINDS = ("kill", "hang", "exception", "kill-rank0", "two-in-one-step", "kill-and-rejoin",
+         "killed-again-after-rejoin")
+_TOLERANCE = 1e-5
+
+
+@dataclass(kw_only=True, slots=True)
+class ChaosSettings:
+    trials: int = 10
+    seed: int = 0
+    task: str = "quadratic"
+    workers: int = 4
+    steps: int = 600
+    batch_size: int = 64
+    heartbeat_timeout: float = 2.0
+    trial_timeout: float = 300.0
+
+
+@dataclass(slots=True)
+class TrialPlan:
+    index: int
+    kind: str
+    faults: list[list[str]]  # [[flag, "RANK@STEP"], ...]
+    restart: bool = False
+
+    def flags(self) -> list[str]:
+        return [part for flag, spec in self.faults for part in (flag, spec)] + \
+            (["--restart"] if self.restart else [])
+
+
+@dataclass(slots=True)
+class TrialOutcome:
+    plan: TrialPlan
+    passed: bool
+    problems: list[str] = field(default_factory=list)
+    detection_seconds: list[float] = field(default_factory=list)
+    recovery_seconds: list[float] = field(default_factory=list)
+    rejoins: int = 0
+    seconds: float = 0.0
+
+
+def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
+    """The seeded fault plan: the same seed gives the same trials."""
+    rng = random.Random(settings.seed)
+    last = max(6, settings.steps * 2 // 3)
+    early = max(6, settings.steps // 4)  # leaves time for a restarted worker to rejoin
+    plans = []
+    for index in range(settings.trials):
+        kind = KINDS[index % len(KINDS)] if index < len(KINDS) else rng.choice(KINDS)
+        rank = rng.randrange(settings.workers)
+        step = rng.randrange(5, last)
+        other = (rank + 1 + rng.randrange(settings.workers - 1)) % settings.workers
+        faults, restart = {
+            "kill": ([["--kill", f"{rank}@{step}"]], False),
+            "hang": ([["--hang", f"{rank}@{step}"]], False),
+            "exception": ([["--fail", f"{rank}@{step}"]], False),
+            "kill-rank0": ([["--kill", f"0@{step}"]], False),
+            "two-in-one-step": ([["--kill", f"{rank}@{step}"], ["--kill", f"{other}@{step}"]], False),
+            "kill-and-rejoin": ([["--kill", f"{rank}@{rng.randrange(5, early)}"]], True),
+            "killed-again-after-rejoin": (
+                [["--kill", f"{rank}@{rng.randrange(5, early)}"], ["--kill", f"{rank}@{last}"]], True),
+        }[kind]
+        plans.append(TrialPlan(index, kind, faults, restart))
+    return plans
+
+
+def _train(settings: ChaosSettings, directory: Path, extra: list[str], marker: str):
+    command = [
+        sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
+        "--workers", str(settings.workers), "--steps", str(settings.steps),
+        "--batch-size", str(settings.batch_size), "--seed", str(settings.seed), "--quiet",
+        "--heartbeat-timeout", str(settings.heartbeat_timeout),
+        "--output", str(directory / "results.json"), "--sample-log", str(directory / "samples.jsonl"),
+        "--save-model", str(directory / "model.pt"), *extra,
+    ]
+    env = {**__import__("os").environ, "SHOAL_CHAOS_TRIAL": marker}
+    return subprocess.run(command, capture_output=True, text=True, env=env,
+                          timeout=settings.trial_timeout)
+
+
+def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: Path,
+               dataset_size: int) -> TrialOutcome:
+    directory = root / f"trial-{plan.index}"
+    directory.mkdir()
+    marker = uuid.uuid4().hex
+    started = time.monotonic()
+    outcome = TrialOutcome(plan, passed=False)
+    try:
+        result = _train(settings, directory, plan.flags(), marker)
+    except subprocess.TimeoutExpired:
+        outcome.problems.append(f"did not finish in {settings.trial_timeout:g} s")
+        result = None
+    outcome.seconds = time.monotonic() - started
+    if result is not None and result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        outcome.problems.append(f"exit code {result.returncode}: {tail[0]}")
+    if result is not None and result.returncode == 0:
+        difference = relative_difference(directory / "model.pt", reference)
+        if not difference <= _TOLERANCE:
+            outcome.problems.append(f"model differs from the undisturbed run by {difference:.2e}")
+        outcome.problems += exactly_once_violations(directory / "samples.jsonl",
+                                                    dataset_size=dataset_size, steps=settings.steps)
+        changes = json.loads((directory / "results.json").read_text())["membership_changes"]
+        outcome.detection_seconds = [c["detection_seconds"] for c in changes
+                                     if c["cause"] != "workers joined"]
+        outcome.recovery_seconds = [c["recovery_seconds"] for c in changes
+                                    if c["recovery_seconds"] is not None]
+        outcome.rejoins = sum(c["cause"] == "workers joined" for c in changes)
+        if not changes:
+            outcome.problems.append("no membership change recorded")
+    left = leftover_processes(marker)
+    if left:
+        outcome.problems.append(f"processes left behind: {left}")
+    outcome.passed = not outcome.problems
+    return outcome
+
+
+def run_chaos(settings: ChaosSettings, *, report=print) -> list[TrialOutcome]:
+    """Run the reference, then every planned trial; ``report`` gets one line per trial."""
+    dataset_size = len(TASKS[settings.task](settings.seed).train_dataset())
+    with tempfile.TemporaryDirectory(prefix="shoal-chaos-") as temporary:
+        root = Path(temporary)
+        (root / "reference").mkdir()
+        result = _train(settings, root / "reference", [], uuid.uuid4().hex)
+        if result.returncode != 0:
+            raise RuntimeError(f"the undisturbed reference run failed: {result.stderr[-500:]}")
+        outcomes = []
+        for plan in plan_trials(settings):
+            outcome = _run_trial(plan, settings, root / "reference" / "model.pt", root, dataset_size)
+            outcomes.append(outcome)
+            verdict = "pass" if outcome.passed else "FAIL: " + "; ".join(outcome.problems)
+            report(f"trial {plan.index:3d} {plan.kind:26s} {' '.join(plan.flags()):40s} "
+                   f"{outcome.seconds:5.1f} s  {verdict}")
+        return outcomes
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def summarize(outcomes: list[TrialOutcome]) -> dict:
+    by_kind: dict[str, dict] = {}
+    for kind in KINDS:
+        chosen = [o for o in outcomes if o.plan.kind == kind]
+        if not chosen:
+            continue
+        detection = [s for o in chosen for s in o.detection_seconds]
+        recovery = [s for o in chosen for s in o.recovery_seconds]
+        by_kind[kind] = {
+            "trials": len(chosen), "passed": sum(o.passed for o in chosen),
+            "rejoins": sum(o.rejoins for o in chosen),
+            "detection_p50": _percentile(detection, 50), "detection_p95": _percentile(detection, 95),
+            "recovery_p50": _percentile(recovery, 50), "recovery_p95": _percentile(recovery, 95),
+        }
+    return {"trials": len(outcomes), "passed": sum(o.passed for o in outcomes), "by_kind": by_kind,
+            "failures": [asdict(o) for o in outcomes if not o.passed]}
+
+
+def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: str) -> str:
+    def seconds(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    rows = [f"| {kind} | {s['trials']} | {s['passed']} | {s['rejoins']} | "
+            f"{seconds(s['detection_p50'])} | "
+            f"{seconds(s['detection_p95'])} | {seconds(s['recovery_p50'])} | "
+            f"{seconds(s['recovery_p95'])} |" for kind, s in summary["by_kind"].items()]
+    failures = "\n".join(f"- trial {f['plan']['index']} ({f['plan']['kind']}): "
+                         f"{'; '.join(f['problems'])}" for f in summary["failures"]) or "- none"
+    return f"""## Chaos suite
+
+{summary['passed']} of {summary['trials']} trials passed ({when}; task {settings.task}, \
+{settings.workers} workers, {settings.steps} steps, heartbeat timeout \
+{settings.heartbeat_timeout:g} s, seed {settings.seed}). Regenerate with:
+
+    {command}
+
+Each trial asserts: the run completes; the final model equals the undisturbed run's within
+1e-5 relative; every sample counts exactly once per epoch (sample log); no process is left.
+Detection is death to the next generation, recovery is death to the next committed step
+(seconds, from the run's results.json); a rejoin's recovery is from its join. "rejoins"
+counts restarted workers that were back in a generation before the run ended.
+
+| fault | trials | passed | rejoins | detection p50 | detection p95 | recovery p50 | recovery p95 |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+Failures:
+{failures}
+"""
