@@ -74,6 +74,18 @@ def _check_writable_file(flag: str, path: str | None) -> None:
         raise ConfigError(flag, f"{path!r} is not writable")
 
 
+def _split_address(flag: str, address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(flag, f"expected HOST:PORT such as 10.0.0.1:29400, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def coordinator_url(address: str) -> str:
+    host, port = _split_address("--coordinator", address)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """Everything one ``shoal train`` job needs. Call :meth:`validate` before use."""
@@ -107,6 +119,10 @@ class TrainConfig:
     """A worker silent this long is declared dead; collectives time out after the same."""
     host: str = "127.0.0.1"
     """Address the embedded coordinator binds."""
+    coordinator: str | None = None
+    """``HOST:PORT`` of a standalone coordinator to join instead of embedding one."""
+    token: str | None = None
+    """The job token of that coordinator."""
 
     def validate(self) -> TrainConfig:
         """Check every field and fill task defaults; raises :class:`ConfigError`."""
@@ -158,6 +174,14 @@ class TrainConfig:
         for kill in self.kills:
             if kill.rank >= self.workers:
                 raise ConfigError(kill.flag, f"rank {kill.rank} does not exist with --workers {self.workers}")
+        if self.coordinator is not None:
+            _split_address("--coordinator", self.coordinator)
+            if not self.token:
+                raise ConfigError("--token", "joining a standalone coordinator needs its job token")
+            for flag, value in (("--output", self.output), ("--sample-log", self.sample_log)):
+                if value:
+                    raise ConfigError(flag, "is written by the launcher that embeds the coordinator; "
+                                      "not available with --coordinator")
         _check_writable_file("--output", self.output)
         _check_writable_file("--save-model", self.save_model)
         _check_writable_file("--sample-log", self.sample_log)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+import time
 
 __all__ = ["add_coordinator"]
 
@@ -18,6 +19,9 @@ def add_coordinator(commands) -> None:
                         help="workers to wait for before the first generation (default 1)")
     parser.add_argument("--min-workers", type=int, default=1)
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    parser.add_argument("--linger", type=float, default=10.0,
+                        help="seconds to keep answering after the job ends, so that every "
+                        "launcher can read the outcome (default 10)")
     parser.set_defaults(handler=_coordinator)
 
 
@@ -40,6 +44,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     membership.add_listener(lambda: membership.status in ("completed", "failed") and done.set())
     try:
         done.wait()
+        time.sleep(args.linger)
     except KeyboardInterrupt:
         pass
     finally:

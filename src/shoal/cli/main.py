@@ -67,6 +67,9 @@ def _add_train(commands) -> None:
                        help="seconds without heartbeat before a worker is declared dead (default 5)")
     train.add_argument("--host", default="127.0.0.1",
                        help="address the embedded coordinator binds (default 127.0.0.1)")
+    train.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="join a standalone `shoal coordinator` instead of embedding one")
+    train.add_argument("--token", help="the job token printed by that coordinator")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=_train)
 
@@ -81,6 +84,7 @@ def _train(args: argparse.Namespace) -> int:
         sample_log=args.sample_log, kills=args.kill + args.hang + args.fail, restart=args.restart,
         max_restarts=args.max_restarts, max_workers=args.max_workers, quiet=args.quiet,
         heartbeat_timeout=args.heartbeat_timeout, host=args.host,
+        coordinator=args.coordinator, token=args.token,
     )
     config.validate()
     return run_train(config)

@@ -144,6 +144,14 @@ class Membership:
             self._mark_dead(worker, self._kill_causes.get(worker_id, cause), at or self._clock())
             self._evaluate()
 
+    def report_exit_of_process(self, host: str, pid: int, cause: str) -> None:
+        """A remote launcher saw one of its processes end; it knows the pid, not the id."""
+        with self._lock:
+            for worker in self._workers.values():
+                if worker.alive and worker.host == host and worker.pid == pid:
+                    self.report_exit(worker.worker_id, cause)
+                    return
+
     def finish(self, worker_id: int, payload: dict) -> None:
         """A worker completed the last step; the leader's ``results`` end the job."""
         with self._lock:

@@ -161,6 +161,10 @@ class Coordinator:
 
     async def _report(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if body.get("kind") == "exit":
+            self.membership.report_exit_of_process(str(body["host"]), int(body["pid"]),
+                                                   str(body.get("detail", "exited")))
+            return web.json_response({"ok": True})
         worker_id = int(body["worker_id"])
         if body.get("kind") == "kill":
             self.membership.report_kill(worker_id, str(body.get("detail", "")))

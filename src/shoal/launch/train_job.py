@@ -24,6 +24,10 @@ _POLL_SECONDS = 0.2
 
 def run_train(config: TrainConfig) -> int:
     """Run one training job to the end; returns the process exit code (0 ok, 1 failed)."""
+    if config.coordinator:
+        from shoal.launch.remote_job import run_remote
+
+        return run_remote(config)
     started = time.time()
     task = TASKS[config.task](config.seed)
     sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)

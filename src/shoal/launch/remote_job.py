@@ -1,0 +1,90 @@
+"""``shoal train --coordinator HOST:PORT``: this host's workers join a standalone coordinator.
+
+The coordinator (``shoal coordinator`` on some host) owns membership and the rendezvous
+store; this launcher only starts and supervises the local workers, tells the coordinator
+at once when one of them exits (it knows the pid; the coordinator maps it to the worker),
+and restarts them with ``--restart``. Worker ids are assigned by the coordinator.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import sys
+import time
+
+from shoal.config import TrainConfig, coordinator_url
+from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
+from shoal.launch.workers import WorkerGroup, describe_exit, python_command
+from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN
+from shoal.runtime.worker import ENV_CONFIG
+
+__all__ = ["run_remote"]
+
+_POLL_SECONDS = 0.5
+_EVICTED = 3  # a worker's exit code when the coordinator ended its membership
+
+
+def run_remote(config: TrainConfig) -> int:
+    url = coordinator_url(config.coordinator)
+    client = CoordinatorClient(url, config.token)
+    host = socket.gethostname()
+    restarts = collections.Counter()
+
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def on_exit(local_index: int, returncode: int, when: float) -> None:
+        if group.stopping:
+            return
+        process = group.workers[local_index].process
+        cause = describe_exit(returncode) if returncode else "exited"
+        try:
+            client.post("/report", {"kind": "exit", "host": host, "pid": process.pid, "detail": cause})
+        except Exception as error:  # the coordinator also notices the missing heartbeats
+            echo(f"shoal: could not report the exit of local worker {local_index}: {error}")
+        if returncode not in (0, _EVICTED) and config.restart and restarts[local_index] < config.max_restarts:
+            restarts[local_index] += 1
+            echo(f"shoal: restarting local worker {local_index}")
+            group.spawn(local_index, {})
+
+    env = {**os.environ, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
+           ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval)}
+    group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit, echo=echo)
+    try:
+        for local_index in range(config.workers):
+            group.spawn(local_index, {})
+        while group.running():
+            time.sleep(_POLL_SECONDS)
+        status = _final_status(url, config.token, group)
+    except KeyboardInterrupt:
+        status = {"status": "interrupted", "reason": "Ctrl-C"}
+    finally:
+        group.stop_all()
+        client.close()
+    codes = [w.returncode for w in group.workers.values()]
+    if status["status"] == "running" and codes and all(code == _EVICTED for code in codes):
+        echo("shoal train: this host's workers were evicted (cut off or hung); "
+             "the job goes on without them")
+        return _EVICTED
+    if status["status"] != "completed":
+        echo(f"shoal train: failed: the job is {status['status']} {status.get('reason', '')}".rstrip())
+        return 1
+    if not config.quiet:
+        echo(f"shoal train: the job completed (generation {status['generation']}, "
+             f"{status['step']} steps)")
+    return 0
+
+
+def _final_status(url: str, token: str, group: WorkerGroup) -> dict:
+    """The job's outcome from the coordinator; if it is already gone, from our own workers."""
+    client = CoordinatorClient(url, token, retry_seconds=5.0)
+    try:
+        return client.get("/status")
+    except CoordinatorUnreachable:
+        codes = [w.returncode for w in group.workers.values()]
+        return {"status": "completed" if codes and all(c == 0 for c in codes) else "unknown",
+                "reason": "(the coordinator had already stopped)", "generation": "?", "step": "?"}
+    finally:
+        client.close()
