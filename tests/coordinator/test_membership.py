@@ -102,3 +102,18 @@ def test_newcomer_forms_a_generation_unless_at_max_workers():
     capped.max_workers = 2
     capped.join(None, "h", 9)
     assert capped.current.members == [0, 1]
+
+
+def test_a_restarted_coordinator_adopts_the_running_generation():
+    clock = Clock()
+    membership = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=5.0, clock=clock)
+    reply = membership.heartbeat(1, {"generation": 4, "members": [0, 1, 2], "committed_step": 99})
+    assert reply == {"evicted": False, "generation": 4, "status": "running"}
+    assert membership.current.members == [0, 1, 2]
+    for _ in range(2):  # workers 0 and 1 keep beating; worker 2 never comes back
+        clock.now += 3
+        membership.heartbeat(0, {"generation": 4, "members": [0, 1, 2]})
+        membership.heartbeat(1, {"generation": 4, "members": [0, 1, 2]})
+    membership.tick()
+    assert membership.current.number == 5 and membership.current.members == [0, 1]
+    assert membership.heartbeat(7, {"generation": 4, "members": [0, 1, 2]})["evicted"] is True

