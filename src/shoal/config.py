@@ -37,6 +37,12 @@ class KillSpec:
     rank: int
     step: int
     signal: str = "SIGKILL"
+    phase: str = "step"
+    """Where in the step: ``step`` (its start), ``commit`` (after the gradients were
+    exchanged, before the update is applied) or ``heal`` (while state is being sent to a
+    member that lacks it, at the first heal from ``step`` on)."""
+
+    PHASES = ("step", "commit", "heal")
 
     @property
     def flag(self) -> str:
@@ -44,14 +50,17 @@ class KillSpec:
 
     @classmethod
     def parse(cls, text: str, signal: str = "SIGKILL") -> KillSpec:
-        rank, sep, step = text.partition("@")
-        if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
+        where, _, phase = text.partition(":")
+        rank, sep, step = where.partition("@")
+        phase = phase or "step"
+        if not sep or not rank.strip().isdigit() or not step.strip().isdigit() or \
+                phase not in cls.PHASES:
             flag = cls(0, 0, signal).flag
-            raise ConfigError(flag, f"expected RANK@STEP such as 1@20, got {text!r}")
-        return cls(int(rank), int(step), signal)
+            raise ConfigError(flag, f"expected RANK@STEP[:step|commit|heal] such as 1@20, got {text!r}")
+        return cls(int(rank), int(step), signal, phase)
 
     def __str__(self) -> str:
-        return f"{self.rank}@{self.step}"
+        return f"{self.rank}@{self.step}" + ("" if self.phase == "step" else f":{self.phase}")
 
 
 def _check_writable_file(flag: str, path: str | None) -> None:

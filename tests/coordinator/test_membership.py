@@ -51,15 +51,21 @@ def test_recovery_is_measured_from_death_to_next_commit_of_new_generation():
     assert change["recovery_seconds"] == pytest.approx(0.4)
 
 
+def advance(membership, clock, seconds, step=0.05):
+    """Let time pass with the coordinator ticking, as its server does."""
+    for _ in range(round(seconds / step)):
+        clock.now += step
+        membership.tick()
+
+
 def test_silent_worker_is_declared_dead_after_heartbeat_timeout():
     membership, clock = started(workers=3, timeout=5.0)
-    clock.now += 4.0
+    advance(membership, clock, 4.0)
     for worker in (0, 1):
         membership.heartbeat(worker, {})
     membership.tick()
     assert membership.current.number == 1
-    clock.now += 1.5
-    membership.tick()
+    advance(membership, clock, 1.5)
     assert membership.current.members == [0, 1]
     assert membership.heartbeat(2, {})["evicted"] is True
 
@@ -111,9 +117,27 @@ def test_a_restarted_coordinator_adopts_the_running_generation():
     assert reply == {"evicted": False, "generation": 4, "status": "running"}
     assert membership.current.members == [0, 1, 2]
     for _ in range(2):  # workers 0 and 1 keep beating; worker 2 never comes back
-        clock.now += 3
+        advance(membership, clock, 3)
         membership.heartbeat(0, {"generation": 4, "members": [0, 1, 2]})
         membership.heartbeat(1, {"generation": 4, "members": [0, 1, 2]})
     membership.tick()
     assert membership.current.number == 5 and membership.current.members == [0, 1]
     assert membership.heartbeat(7, {"generation": 4, "members": [0, 1, 2]})["evicted"] is True
+
+
+def test_below_min_workers_waits_for_an_expected_rejoin_instead_of_failing():
+    membership, _ = started(workers=2, min_workers=2)
+    membership.expect_rejoin(1)
+    membership.report_exit(1, "killed")
+    assert membership.status == "running" and membership.current.number == 1  # paused
+    membership.join(1, "host", 999)
+    assert membership.current.number == 2 and membership.current.members == [0, 1]
+
+
+def test_a_stalled_coordinator_does_not_declare_everyone_dead():
+    membership, clock = started(workers=2, timeout=2.0)
+    clock.now += 10  # the coordinator itself could not run for 10 s
+    membership.tick()
+    assert membership.status == "running" and membership.current.number == 1
+    advance(membership, clock, 2.5)  # but silence while it listens still counts
+    assert membership.status == "failed"

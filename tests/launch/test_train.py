@@ -146,3 +146,28 @@ def test_a_hung_worker_is_evicted_and_changes_nothing(runs):
     assert change["members_after"] == [0, 1, 3]
     assert change["cause"] == "worker 2: --hang 2@40: SIGSTOP; no heartbeat for 2 s"
     assert change["recovery_seconds"] is not None
+
+
+def test_nasty_timings_kill_during_heal_and_during_commit(tmp_path):
+    """A worker killed while sending state to a rejoining peer, and one killed after the
+    gradients were exchanged but before its update: the run still equals an undisturbed
+    one and counts every sample once. Quadratic: its numerics do not amplify rounding.
+    ``--min-workers 3`` with ``--restart`` makes the survivors wait for each rejoin, so the
+    heal (and the kill inside it) happens however slowly the restarted worker starts."""
+    task = ["--task", "quadratic", "--steps", "2000", "--batch-size", "64", "--quiet"]
+    model, output, samples = tmp_path / "m.pt", tmp_path / "r.json", tmp_path / "s.jsonl"
+    result = shoal("train", *task, "--workers", "3", "--min-workers", "3", "--restart",
+                   "--kill", "1@20",
+                   "--kill", "0@20:heal", "--kill", "2@1900:commit", "--save-model", str(model),
+                   "--output", str(output), "--sample-log", str(samples))
+    assert result.returncode == 0, result.stderr
+    causes = " | ".join(c["cause"] for c in load_json(output)["membership_changes"])
+    for planned in ("--kill 1@20: SIGKILL", "--kill 0@20:heal: SIGKILL", "--kill 2@1900:commit"):
+        assert planned in causes
+    assert "rejoined" in causes
+    reference = tmp_path / "reference.pt"
+    assert shoal("train", *task, "--workers", "1", "--save-model", str(reference)).returncode == 0
+    assert relative_difference(model, reference) <= 1e-5
+    from shoal.reliability.checks import exactly_once_violations
+
+    assert exactly_once_violations(samples, dataset_size=4096, steps=2000) == []

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["Generation", "Membership"]
 
+_STALL_SECONDS = 0.5
+
 
 @dataclass(slots=True)
 class Generation:
@@ -36,6 +38,8 @@ class _Worker:
     host: str
     pid: int
     last_seen: float
+    forgiven: float = 0.0
+    """Seconds of silence that fell while the coordinator itself could not listen."""
     alive: bool = True
     finished: bool = False
     committed_step: int = -1
@@ -73,11 +77,15 @@ class Membership:
         self._steps: dict[int, _StepRecord] = {}
         self._changes: list[dict] = []
         self._kill_causes: dict[int, str] = {}
+        self.fired_faults: set[str] = set()
+        self._rejoin_expected: set[int] = set()
+        """Planned faults that went off: a restarted worker must not fire them again."""
         self._listeners: list[Callable[[], None]] = []
         self.status = "waiting"  # waiting -> running -> completed | failed
         self.reason = ""
         self.results: dict | None = None
         self.started_at = clock()
+        self._last_evaluated = clock()
 
     # -- events -------------------------------------------------------------------------------
 
@@ -85,14 +93,27 @@ class Membership:
         """``callback`` runs (under the lock, must not block) whenever the generation or status changes."""
         self._listeners.append(callback)
 
+    def expect_rejoin(self, worker_id: int) -> None:
+        """The launcher is restarting this worker: count it toward ``min_workers`` meanwhile."""
+        with self._lock:
+            self._rejoin_expected.add(worker_id)
+
     def join(self, worker_id: int | None, host: str, pid: int) -> int:
         with self._lock:
+            self._rejoin_expected.discard(worker_id)
             if worker_id is None:
                 worker_id = max(self._workers, default=-1) + 1
             existing = self._workers.get(worker_id)
             if existing is not None and existing.alive:
                 raise ValueError(f"worker {worker_id} is already a live member")
             self._workers[worker_id] = _Worker(worker_id, host, pid, last_seen=self._clock())
+            current = self.current
+            if existing is not None and current is not None and worker_id in current.members \
+                    and self.status == "running":
+                # Back before a generation without it was formed (the job was paused for it):
+                # its old process's place in the current group is gone, so re-form.
+                self._form(cause=f"worker {worker_id}: {existing.death_cause}; rejoined",
+                           failed_at=existing.died_at or self._clock())
             self._evaluate()
             return worker_id
 
@@ -104,7 +125,7 @@ class Membership:
             if worker is None or not worker.alive:
                 # An evicted worker (it hung, or its link was cut) must not rejoin silently.
                 return {"evicted": True, "generation": self.current_number, "status": self.status}
-            worker.last_seen = self._clock()
+            worker.last_seen, worker.forgiven = self._clock(), 0.0
             worker.committed_step = payload.get("committed_step", worker.committed_step)
             worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
             self._record_commits(worker_id, payload.get("commits", ()))
@@ -139,7 +160,7 @@ class Membership:
             worker = self._workers.get(worker_id)
             if worker is None or not worker.alive or generation != self.current_number:
                 return
-            worker.last_seen = self._clock()
+            worker.last_seen, worker.forgiven = self._clock(), 0.0
             if self._failure_reported_at is None:
                 self._failure_reported_at = worker.last_seen
             self._evaluate()
@@ -148,6 +169,7 @@ class Membership:
         """A worker is about to SIGKILL itself for ``--kill``: remember why it will die."""
         with self._lock:
             self._kill_causes[worker_id] = spec
+            self.fired_faults.add(spec)
 
     def report_exit(self, worker_id: int, cause: str, at: float | None = None) -> None:
         """The launcher saw the worker's process end."""
@@ -301,8 +323,10 @@ class Membership:
         if self.status in ("completed", "failed"):
             return
         now = self._clock()
+        self._forgive_own_stall(now)
         for worker in self._workers.values():
-            if worker.alive and not worker.finished and now - worker.last_seen > self.heartbeat_timeout:
+            silence = now - worker.last_seen - worker.forgiven
+            if worker.alive and not worker.finished and silence > self.heartbeat_timeout:
                 silent = f"no heartbeat for {self.heartbeat_timeout:g} s"
                 planned = self._kill_causes.get(worker.worker_id)
                 self._mark_dead(worker, f"{planned}; {silent}" if planned else silent, worker.last_seen)
@@ -324,6 +348,19 @@ class Membership:
         elif waiting and (self.max_workers is None or len(current.members) < self.max_workers):
             self._form(cause="workers joined", failed_at=now)
 
+    def _forgive_own_stall(self, now: float) -> None:
+        """Silence while *we* could not listen is not the workers' fault.
+
+        Evaluations run at least every ``_STALL_SECONDS`` / 10 when the coordinator is
+        healthy. After a longer gap (an overloaded machine, a paused process) the heartbeats
+        sent meanwhile are still queued; without this, every worker would look dead at once.
+        """
+        gap = now - self._last_evaluated
+        self._last_evaluated = now
+        if gap > _STALL_SECONDS:
+            for worker in self._workers.values():
+                worker.forgiven += gap
+
     def _form(self, *, cause: str, failed_at: float) -> None:
         previous = self.current
         live = sorted(w.worker_id for w in self._workers.values() if w.alive and not w.finished)
@@ -331,6 +368,8 @@ class Membership:
             keep = [m for m in (previous.members if previous else []) if m in live]
             live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
         self._failure_reported_at = None
+        if len(live) < self.min_workers and len(live) + len(self._rejoin_expected) >= self.min_workers:
+            return  # pause: survivors wait in their long-poll until the restarted workers join
         if len(live) < self.min_workers:
             self._set_status(
                 "failed",

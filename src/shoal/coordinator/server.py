@@ -150,6 +150,7 @@ class Coordinator:
                     "status": status,
                     "reason": self.membership.reason,
                     "generation": generation.to_json() if generation else None,
+                    "fired_faults": sorted(self.membership.fired_faults),
                     "store_host": self.host,
                     "store_port": self.store.port,
                 })

@@ -46,9 +46,12 @@ def run_train(config: TrainConfig) -> int:
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
         if group.stopping:
             return
+        restart = (returncode != 0 and config.restart and membership.status == "running"
+                   and restarts[worker_id] < config.max_restarts)
+        if restart:
+            membership.expect_rejoin(worker_id)
         membership.report_exit(worker_id, describe_exit(returncode) if returncode else "exited", when)
-        if (returncode != 0 and config.restart and membership.status == "running"
-                and restarts[worker_id] < config.max_restarts):
+        if restart:
             restarts[worker_id] += 1
             progress.message(f"shoal: restarting worker {worker_id} "
                              f"({restarts[worker_id]} of {config.max_restarts})", always=True)

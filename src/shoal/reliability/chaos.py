@@ -25,7 +25,7 @@ from shoal.tasks import TASKS
 __all__ = ["ChaosSettings", "TrialPlan", "TrialOutcome", "plan_trials", "run_chaos"]
 
 KINDS = ("kill", "hang", "exception", "kill-rank0", "two-in-one-step", "kill-and-rejoin",
-         "killed-again-after-rejoin")
+         "killed-again-after-rejoin", "kill-during-commit", "kill-during-heal")
 _TOLERANCE = 1e-5
 
 
@@ -47,10 +47,13 @@ class TrialPlan:
     kind: str
     faults: list[list[str]]  # [[flag, "RANK@STEP"], ...]
     restart: bool = False
+    wait_for_rejoin: bool = False
+    """Survivors wait for the restarted worker (``--min-workers`` = all), so a heal happens."""
 
-    def flags(self) -> list[str]:
+    def flags(self, workers: int) -> list[str]:
         return [part for flag, spec in self.faults for part in (flag, spec)] + \
-            (["--restart"] if self.restart else [])
+            (["--restart"] if self.restart else []) + \
+            (["--min-workers", str(workers)] if self.wait_for_rejoin else [])
 
 
 @dataclass(slots=True)
@@ -84,8 +87,11 @@ def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
             "kill-and-rejoin": ([["--kill", f"{rank}@{rng.randrange(5, early)}"]], True),
             "killed-again-after-rejoin": (
                 [["--kill", f"{rank}@{rng.randrange(5, early)}"], ["--kill", f"{rank}@{last}"]], True),
+            "kill-during-commit": ([["--kill", f"{rank}@{step}:commit"]], False),
+            "kill-during-heal": (
+                [["--kill", f"{rank}@{step}"], ["--kill", f"{other}@{step}:heal"]], True),
         }[kind]
-        plans.append(TrialPlan(index, kind, faults, restart))
+        plans.append(TrialPlan(index, kind, faults, restart, wait_for_rejoin=kind == "kill-during-heal"))
     return plans
 
 
@@ -111,7 +117,7 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
     started = time.monotonic()
     outcome = TrialOutcome(plan, passed=False)
     try:
-        result = _train(settings, directory, plan.flags(), marker)
+        result = _train(settings, directory, plan.flags(settings.workers), marker)
     except subprocess.TimeoutExpired:
         outcome.problems.append(f"did not finish in {settings.trial_timeout:g} s")
         result = None
@@ -130,7 +136,8 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
                                      if c["cause"] != "workers joined"]
         outcome.recovery_seconds = [c["recovery_seconds"] for c in changes
                                     if c["recovery_seconds"] is not None]
-        outcome.rejoins = sum(c["cause"] == "workers joined" for c in changes)
+        outcome.rejoins = sum(c["cause"] == "workers joined" or c["cause"].endswith("rejoined")
+                              for c in changes)
         if not changes:
             outcome.problems.append("no membership change recorded")
     left = leftover_processes(marker)
@@ -154,7 +161,7 @@ def run_chaos(settings: ChaosSettings, *, report=print) -> list[TrialOutcome]:
             outcome = _run_trial(plan, settings, root / "reference" / "model.pt", root, dataset_size)
             outcomes.append(outcome)
             verdict = "pass" if outcome.passed else "FAIL: " + "; ".join(outcome.problems)
-            report(f"trial {plan.index:3d} {plan.kind:26s} {' '.join(plan.flags()):40s} "
+            report(f"trial {plan.index:3d} {plan.kind:26s} {' '.join(plan.flags(settings.workers)):58s} "
                    f"{outcome.seconds:5.1f} s  {verdict}")
         return outcomes
 

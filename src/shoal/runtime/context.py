@@ -68,6 +68,7 @@ class Context:
         self.evicted = False
         self.committed_step = -1
         self.bytes_sent = 0
+        self.fired_faults: set[str] = set()
         self._commits: list[CommitRecord] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -169,6 +170,7 @@ class Context:
                 raise JobStopped(f"worker {self.worker_id} is not a member of generation "
                                  f"{generation['number']}")
             self._connect_store(reply["store_host"], reply["store_port"])
+            self.fired_faults.update(reply.get("fired_faults", ()))
             self.generation = generation["number"]
             self.latest_generation = max(self.latest_generation, self.generation)
             self.members = generation["members"]

@@ -15,7 +15,7 @@ class InjectedFault(Exception):
     """Raised by ``--fail``: deliberately not a RuntimeError, so no retry swallows it."""
 
 
-def maybe_kill(context, step: int, kills: Sequence[KillSpec]) -> None:
+def maybe_kill(context, step: int, kills: Sequence[KillSpec], phase: str = "step") -> None:
     """Signal this process if a fault is planned for this worker at ``step``.
 
     The coordinator is told first so that the membership change names its cause; then the
@@ -23,8 +23,12 @@ def maybe_kill(context, step: int, kills: Sequence[KillSpec]) -> None:
     (SIGSTOP) with its heartbeat thread, like a hung one.
     """
     for kill in kills:
-        if kill.rank == context.worker_id and kill.step == step:
-            context.report_kill(f"{kill.flag} {kill}: {kill.signal}")
+        due = kill.step <= step if phase == "heal" else kill.step == step
+        description = f"{kill.flag} {kill}: {kill.signal}"
+        if kill.rank == context.worker_id and kill.phase == phase and due and \
+                description not in context.fired_faults:  # once, even across restarts
+            context.fired_faults.add(description)
+            context.report_kill(description)
             if kill.signal == "EXCEPTION":
                 raise InjectedFault(f"{kill.flag} {kill}")
             os.kill(os.getpid(), signal.Signals[kill.signal])

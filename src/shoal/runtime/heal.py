@@ -42,7 +42,7 @@ def _deserialize(blob: torch.Tensor) -> dict:
     return torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
 
 
-def heal(my_step: int, capture, restore) -> HealReport | None:
+def heal(my_step: int, capture, restore, before_transfer=lambda step: None) -> HealReport | None:
     """Agree on the most advanced state; ``capture()`` gives it, ``restore(state)`` loads it.
 
     Returns ``None`` when every member already holds the same committed step (nothing moved),
@@ -55,6 +55,7 @@ def heal(my_step: int, capture, restore) -> HealReport | None:
     high = max(steps)
     if high == min(steps):
         return None
+    before_transfer(high)  # fault injection: a member dying in the middle of a heal
     started = time.perf_counter()
     source = steps.index(high)
     rank = dist.get_rank()

@@ -152,7 +152,8 @@ class _Loop:
         self.context.leave_generation()
 
     def _heal(self) -> None:
-        report = heal(FRESH if self.fresh else self.position, self._capture, self._restore)
+        report = heal(FRESH if self.fresh else self.position, self._capture, self._restore,
+                      lambda step: maybe_kill(self.context, step, self.kills, "heal"))
         if report is not None:
             self.heals.append(report)
         self.fresh = False
@@ -185,6 +186,7 @@ class _Loop:
         else:  # more workers than samples left in the epoch: contribute zero gradients
             loss = sum(p.sum() for p in module.parameters()) * 0.0
         self.strategy.backward(loss)
+        maybe_kill(context, step, self.kills, "commit")
         self.strategy.step()
         self.position = step + 1
         context.bytes_sent = self.strategy.bytes_sent
