@@ -25,7 +25,8 @@ def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
         "eval": metrics,
         "steps": result.steps,
         "epochs": result.epochs,
-        "heals": [dataclasses.asdict(h) for h in result.heals],
+        "heals": [{**dataclasses.asdict(h), "megabytes_per_second": h.bytes / 1e6 / h.seconds}
+                  for h in result.heals if h.seconds > 0],
     }
 
 
