@@ -18,7 +18,7 @@ from tests.multihost.netns import Hosts, namespaces_available
 pytestmark = pytest.mark.skipif(namespaces_available() is not None,
                                 reason=namespaces_available() or "")
 
-STEPS = {"join": 600, "cut": 1500}  # the cut needs time: eviction, then the link's return
+STEPS = {"join": 300, "cut": 1500}  # the cut needs time: eviction, then the link's return
 TOKEN = "multihost-token"
 
 
@@ -44,7 +44,7 @@ def reference(tmp_path, steps: int):
 def start_job(hosts: Hosts, tmp_path, steps: int):
     coordinator = hosts.popen(0, [sys.executable, "-m", "shoal.cli.main", "coordinator",
                                   "--host", hosts.addresses[0], "--port", "0", "--token", TOKEN,
-                                  "--workers", "4", "--heartbeat-timeout", "2", "--linger", "1"],
+                                  "--workers", "4", "--heartbeat-timeout", "2", "--linger", "5"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     address = re.search(r"listening on http://(\S+)", coordinator.stdout.readline()).group(1)
     launchers = [

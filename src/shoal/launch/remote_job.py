@@ -64,7 +64,7 @@ def run_remote(config: TrainConfig) -> int:
         group.stop_all()
         client.close()
     codes = [w.returncode for w in group.workers.values()]
-    if status["status"] == "running" and codes and all(code == _EVICTED for code in codes):
+    if status["status"] != "completed" and codes and all(code == _EVICTED for code in codes):
         echo("shoal train: this host's workers were evicted (cut off or hung); "
              "the job goes on without them")
         return _EVICTED
