@@ -141,3 +141,10 @@ def test_a_stalled_coordinator_does_not_declare_everyone_dead():
     assert membership.status == "running" and membership.current.number == 1
     advance(membership, clock, 2.5)  # but silence while it listens still counts
     assert membership.status == "failed"
+
+
+def test_a_worker_that_finishes_while_the_coordinator_restarts_is_adopted():
+    membership = Membership(expected_workers=2, min_workers=1, clock=Clock())
+    for worker in (0, 1):
+        membership.finish(worker, {"generation": 3, "members": [0, 1], "results": None})
+    assert membership.status == "completed"

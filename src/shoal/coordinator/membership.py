@@ -201,6 +201,8 @@ class Membership:
     def finish(self, worker_id: int, payload: dict) -> None:
         """A worker completed the last step; the leader's ``results`` end the job."""
         with self._lock:
+            if worker_id not in self._workers:
+                self._adopt(worker_id, payload)  # it finished while we were restarting
             worker = self._workers.get(worker_id)
             if worker is None:
                 return
