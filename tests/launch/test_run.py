@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from tests.conftest import REPO, shoal
 
 
@@ -56,8 +58,7 @@ def test_elastic_example_survives_a_killed_worker(tmp_path):
         "trainer._Loop._step = dying_step\n"
         f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n"
     )
-    result = shoal("run", "--nproc-per-node", "2", str(script), env={**__import__("os").environ,
-                                                                      "EPOCHS": "1"})
+    result = shoal("run", "--nproc-per-node", "2", str(script), env={**os.environ, "EPOCHS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "29 steps on 1 worker(s)" in result.stdout
     assert "survived: worker 1 (rank 1) killed by SIGKILL" in result.stderr

@@ -9,19 +9,11 @@ import sys
 
 import httpx
 import pytest
-import torch
 
+from shoal.reliability.checks import relative_difference
 from tests.conftest import load_json, load_jsonl, shoal
 
 FAITHFUL = ["--task", "digits", "--steps", "100", "--batch-size", "64", "--seed", "0", "--quiet"]
-
-
-def relative_difference(path_a, path_b) -> float:
-    a = torch.load(path_a, weights_only=True)
-    b = torch.load(path_b, weights_only=True)
-    assert a.keys() == b.keys()
-    scale = max(t.abs().max().item() for t in b.values())
-    return max((a[k] - b[k]).abs().max().item() for k in a) / scale
 
 
 @pytest.fixture(scope="module")

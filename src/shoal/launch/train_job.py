@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import sys
 import time
@@ -124,6 +125,4 @@ def _report(config: TrainConfig, membership: Membership, sampler: GlobalBatchSam
 
 
 def _config_json(config: TrainConfig) -> dict:
-    import json
-
     return json.loads(config.to_json())

@@ -9,6 +9,7 @@ times come from the run's own results.json.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -104,7 +105,7 @@ def _train(settings: ChaosSettings, directory: Path, extra: list[str], marker: s
         "--output", str(directory / "results.json"), "--sample-log", str(directory / "samples.jsonl"),
         "--save-model", str(directory / "model.pt"), *extra,
     ]
-    env = {**__import__("os").environ, "SHOAL_CHAOS_TRIAL": marker}
+    env = {**os.environ, "SHOAL_CHAOS_TRIAL": marker}
     return subprocess.run(command, capture_output=True, text=True, env=env,
                           timeout=settings.trial_timeout)
 
