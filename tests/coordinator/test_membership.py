@@ -70,6 +70,28 @@ def test_silent_worker_is_declared_dead_after_heartbeat_timeout():
     assert membership.heartbeat(2, {})["evicted"] is True
 
 
+def test_workers_silenced_together_leave_in_one_generation():
+    """A cut-off host: its workers' last heartbeats differ by a fraction of an interval."""
+    membership, clock = started(workers=4, timeout=2.0)
+    clock.now += 0.1
+    membership.heartbeat(2, {})  # worker 3 fell silent 0.1 s before worker 2
+    for _ in range(60):  # 3 s of ticks, the survivors beating every 0.25 s
+        advance(membership, clock, 0.05)
+        if round(clock.now * 20) % 5 == 0:
+            for worker in (0, 1):
+                membership.heartbeat(worker, {})
+    assert [g.members for g in membership._generations] == [[0, 1, 2, 3], [0, 1]]
+    [change] = membership.membership_changes()
+    assert "worker 2" in change["cause"] and "worker 3" in change["cause"]
+
+
+def test_a_crash_does_not_wait_for_a_quiet_member():
+    membership, clock = started(workers=3, timeout=2.0)
+    advance(membership, clock, 1.5)  # nobody has beaten for 1.5 s: all quiet
+    membership.report_exit(1, "killed by SIGKILL")
+    assert membership.current.members == [0, 2]
+
+
 def test_failure_report_waits_until_every_member_proves_it_is_alive():
     membership, clock = started(workers=3)
     clock.now += 1

@@ -46,6 +46,8 @@ class _Worker:
     bytes_sent: int = 0
     death_cause: str | None = None
     died_at: float | None = None
+    declared_silent_at: float | None = None
+    """When the coordinator declared it dead for silence (None for any other death)."""
 
 
 @dataclass(slots=True)
@@ -332,6 +334,7 @@ class Membership:
                 silent = f"no heartbeat for {self.heartbeat_timeout:g} s"
                 planned = self._kill_causes.get(worker.worker_id)
                 self._mark_dead(worker, f"{planned}; {silent}" if planned else silent, worker.last_seen)
+                worker.declared_silent_at = now
         current = self.current
         if current is None:
             if sum(w.alive for w in self._workers.values()) >= self.expected_workers:
@@ -340,6 +343,8 @@ class Membership:
         members = [self._workers[m] for m in current.members]
         dead = [m for m in members if not m.alive and not m.finished]
         waiting = [w for w in self._workers.values() if w.alive and w.worker_id not in current.members]
+        if dead and self._awaiting_correlated_silence(members, dead, now):
+            return
         if dead:
             cause = "; ".join(f"worker {m.worker_id}: {m.death_cause}" for m in dead)
             self._form(cause=cause, failed_at=min(m.died_at for m in dead))
@@ -349,6 +354,24 @@ class Membership:
             self._form(cause="collective failed; all members alive", failed_at=self._failure_reported_at)
         elif waiting and (self.max_workers is None or len(current.members) < self.max_workers):
             self._form(cause="workers joined", failed_at=now)
+
+    def _awaiting_correlated_silence(self, members: list[_Worker], dead: list[_Worker],
+                                     now: float) -> bool:
+        """Hold the re-form briefly while other members have gone quiet too.
+
+        A host that drops off the network silences all its workers at once, but their last
+        heartbeats differ by up to one interval, so they cross the timeout one by one.
+        Re-forming at the first would build a generation that includes the others, which
+        then fails to connect and costs another re-form. Members silent for more than half
+        the timeout when a silent member is declared dead are waited for, at most half the
+        timeout; crashes (reported exits) never wait.
+        """
+        grace = self.heartbeat_timeout / 2
+        declared = [m.declared_silent_at for m in dead if m.declared_silent_at is not None]
+        if not declared or now - max(declared) >= grace:
+            return False
+        return any(m.alive and not m.finished and now - m.last_seen - m.forgiven > grace
+                   for m in members)
 
     def _forgive_own_stall(self, now: float) -> None:
         """Silence while *we* could not listen is not the workers' fault.
