@@ -187,10 +187,6 @@ class TrainConfig:
             _split_address("--coordinator", self.coordinator)
             if not self.token:
                 raise ConfigError("--token", "joining a standalone coordinator needs its job token")
-            for flag, value in (("--output", self.output), ("--sample-log", self.sample_log)):
-                if value:
-                    raise ConfigError(flag, "is written by the launcher that embeds the coordinator; "
-                                      "not available with --coordinator")
         _check_writable_file("--output", self.output)
         _check_writable_file("--save-model", self.save_model)
         _check_writable_file("--sample-log", self.sample_log)

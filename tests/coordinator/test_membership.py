@@ -136,7 +136,8 @@ def test_a_restarted_coordinator_adopts_the_running_generation():
     clock = Clock()
     membership = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=5.0, clock=clock)
     reply = membership.heartbeat(1, {"generation": 4, "members": [0, 1, 2], "committed_step": 99})
-    assert reply == {"evicted": False, "generation": 4, "status": "running"}
+    assert reply == {"evicted": False, "generation": 4, "status": "running",
+                     "incarnation": membership.incarnation}
     assert membership.current.members == [0, 1, 2]
     for _ in range(2):  # workers 0 and 1 keep beating; worker 2 never comes back
         advance(membership, clock, 3)
@@ -145,6 +146,25 @@ def test_a_restarted_coordinator_adopts_the_running_generation():
     membership.tick()
     assert membership.current.number == 5 and membership.current.members == [0, 1]
     assert membership.heartbeat(7, {"generation": 4, "members": [0, 1, 2]})["evicted"] is True
+
+
+def test_a_restarted_coordinator_rebuilds_the_ledger_from_resent_histories():
+    """Steps committed before the restart, in generations it never formed, are recovered."""
+    clock = Clock()
+    membership = Membership(expected_workers=2, min_workers=1, clock=clock)
+    assert Membership(expected_workers=2, min_workers=1).incarnation != membership.incarnation
+    history = {"generation": 3, "members": [0, 2],
+               "commits": [[0, 1, clock.now, 0.1], [1, 2, clock.now, 0.2], [1, 3, clock.now, 0.3],
+                           [2, 3, clock.now, 0.4]],
+               "generations": {"1": [0, 1, 2], "2": [0, 1], "3": [0, 2]}}
+    membership.heartbeat(0, history)
+    membership.heartbeat(0, history)  # sent twice: nothing counts twice
+    record = membership.record()
+    assert [(s.step, s.generation, s.members) for s in record.steps] == [
+        (0, 1, [0, 1, 2]), (1, 3, [0, 2]), (2, 3, [0, 2])]
+    assert record.losses == {}  # worker 2's shares are still missing
+    membership.heartbeat(2, {**history, "commits": [[1, 3, clock.now, 0.5], [2, 3, clock.now, 0.6]]})
+    assert membership.record().losses == pytest.approx({1: 0.8, 2: 1.0})
 
 
 def test_below_min_workers_waits_for_an_expected_rejoin_instead_of_failing():

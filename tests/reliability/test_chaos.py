@@ -1,12 +1,17 @@
 """The chaos suite, short and seeded: every fault kind once, each checked against the promises."""
 
-from shoal.reliability.chaos import KINDS, ChaosSettings, plan_trials, run_chaos, summarize
+import pytest
+
+from shoal.network import namespaces_available
+from shoal.reliability.chaos import CLUSTER_KINDS, KINDS, ChaosSettings, plan_trials, run_chaos, summarize
 
 
 def test_the_plan_is_seeded_and_covers_every_kind():
     settings = ChaosSettings(trials=len(KINDS), seed=5, steps=120)
     plans = plan_trials(settings)
     assert [p.kind for p in plans] == list(KINDS)
+    with_cluster = ChaosSettings(trials=len(KINDS) + 2, seed=5, steps=120, cluster=True)
+    assert [p.kind for p in plan_trials(with_cluster)][len(KINDS):] == list(CLUSTER_KINDS)
     assert [p.faults for p in plans] == [p.faults for p in plan_trials(settings)]
     assert plans[0].faults != plan_trials(ChaosSettings(trials=1, seed=6, steps=120))[0].faults
 
@@ -18,3 +23,16 @@ def test_short_chaos_run_keeps_every_promise():
     assert summary["failures"] == []
     assert summary["passed"] == 4
     assert all(o.recovery_seconds for o in outcomes)  # every trial recorded its recovery
+
+
+@pytest.mark.skipif(namespaces_available() is not None, reason=namespaces_available() or "")
+def test_link_cut_and_coordinator_restart_trials_keep_every_promise():
+    """Three namespace hosts: a host's link cut mid-run, the coordinator SIGKILLed and
+    restarted on its address. Both runs complete, equal the undisturbed run, log every
+    sample once, and leave no process."""
+    settings = ChaosSettings(trials=len(KINDS) + 2, seed=2, steps=300, workers=4, cluster=True)
+    plans = [p for p in plan_trials(settings) if p.kind in CLUSTER_KINDS]
+    cut, restart = run_chaos(settings, plans=plans, report=lambda line: None)
+    assert summarize([cut, restart])["failures"] == []
+    assert cut.detection_seconds and cut.recovery_seconds  # the cut-off host was evicted
+    assert restart.outage_steps > 0  # the workers kept training while the coordinator was down

@@ -27,6 +27,7 @@ def add_chaos(commands) -> None:
 
 def _chaos(args: argparse.Namespace) -> int:
     from shoal.config import ConfigError, _check_writable_file
+    from shoal.network import namespaces_available
     from shoal.reliability.chaos import ChaosSettings, render_markdown, run_chaos, summarize
     from shoal.tasks import TASKS
 
@@ -40,8 +41,11 @@ def _chaos(args: argparse.Namespace) -> int:
         raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
     _check_writable_file("--markdown", args.markdown)
     _check_writable_file("--json", args.json)
+    unavailable = namespaces_available()
+    if unavailable is not None:
+        print(f"shoal chaos: no link-cut or coordinator-restart trials: {unavailable}", file=sys.stderr)
     settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task,
-                             workers=args.workers, steps=args.steps)
+                             workers=args.workers, steps=args.steps, cluster=unavailable is None)
     outcomes = run_chaos(settings, report=lambda line: print(line, flush=True))
     summary = summarize(outcomes)
     command = "shoal chaos " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["chaos"] else [])

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from shoal.coordinator.record import CommittedStep, JobRecord
 
 __all__ = ["Generation", "Membership"]
 
@@ -75,6 +78,10 @@ class Membership:
         self._lock = threading.RLock()
         self._workers: dict[int, _Worker] = {}
         self._generations: list[Generation] = []
+        self._past_generations: dict[int, Generation] = {}
+        """Generations formed before a coordinator restart, learned from workers' histories."""
+        self.incarnation = uuid.uuid4().hex
+        """Tells workers that a restarted coordinator needs their whole commit history."""
         self._failure_reported_at: float | None = None
         self._steps: dict[int, _StepRecord] = {}
         self._changes: list[dict] = []
@@ -126,13 +133,15 @@ class Membership:
             worker = self._workers.get(worker_id)
             if worker is None or not worker.alive:
                 # An evicted worker (it hung, or its link was cut) must not rejoin silently.
-                return {"evicted": True, "generation": self.current_number, "status": self.status}
+                return {"evicted": True, "generation": self.current_number, "status": self.status,
+                        "incarnation": self.incarnation}
             worker.last_seen, worker.forgiven = self._clock(), 0.0
             worker.committed_step = payload.get("committed_step", worker.committed_step)
             worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
-            self._record_commits(worker_id, payload.get("commits", ()))
+            self._record_history(worker_id, payload)
             self._evaluate()
-            return {"evicted": False, "generation": self.current_number, "status": self.status}
+            return {"evicted": False, "generation": self.current_number, "status": self.status,
+                    "incarnation": self.incarnation}
 
     def _adopt(self, worker_id: int, payload: dict) -> None:
         """A heartbeat from a worker we never saw: we are a restarted coordinator.
@@ -210,7 +219,7 @@ class Membership:
                 return
             worker.finished = True
             worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
-            self._record_commits(worker_id, payload.get("commits", ()))
+            self._record_history(worker_id, payload)
             if payload.get("results") is not None:
                 self.results = payload["results"]
             current = self.current
@@ -242,37 +251,53 @@ class Membership:
             current = self.current
             return current if current is not None and current.number > number else None
 
+    def _generations_by_number(self) -> dict[int, Generation]:
+        return {**self._past_generations, **{g.number: g for g in self._generations}}
+
     def committed_steps(self) -> list[tuple[int, Generation]]:
         """(step, generation that committed it), one per step, in step order."""
         with self._lock:
-            by_number = {g.number: g for g in self._generations}
+            by_number = self._generations_by_number()
             return [(s, by_number[r.generation]) for s, r in sorted(self._steps.items())]
 
-    def commit_times(self) -> dict[int, float]:
-        with self._lock:
-            return {s: r.committed_at for s, r in self._steps.items()}
+    def step_losses(self) -> dict[int, float]:
+        """Global-batch loss of each step whose every share was reported."""
+        return self.record().losses
 
     def first_formed_at(self) -> float | None:
         with self._lock:
             return self._generations[0].formed_at if self._generations else None
 
-    def step_losses(self) -> dict[int, float]:
-        """Global-batch loss of each step whose every share was reported."""
+    def latest(self) -> tuple[float | None, float | None]:
+        """(the loss of the last step whose every share was reported, its commit time)."""
         with self._lock:
-            sizes = {g.number: len(g.members) for g in self._generations}
-            return {
-                s: sum(r.loss_parts.values())
-                for s, r in sorted(self._steps.items())
-                if len(r.loss_parts) == sizes[r.generation]
-            }
+            by_number = self._generations_by_number()
+            for step in sorted(self._steps, reverse=True)[:8]:
+                record = self._steps[step]
+                if len(record.loss_parts) == len(by_number[record.generation].members):
+                    return sum(record.loss_parts.values()), record.committed_at
+            return None, None
+
+    def record(self) -> JobRecord:
+        """A copy of what the job has committed so far (results.json, the sample log)."""
+        with self._lock:
+            by_number = self._generations_by_number()
+            steps = []
+            for step, record in sorted(self._steps.items()):
+                generation = by_number[record.generation]
+                complete = len(record.loss_parts) == len(generation.members)
+                steps.append(CommittedStep(step, generation.number, list(generation.members),
+                                           record.committed_at,
+                                           sum(record.loss_parts.values()) if complete else None))
+            return JobRecord(
+                status=self.status, reason=self.reason,
+                first_formed_at=self.first_formed_at(),
+                bytes_sent=sum(w.bytes_sent for w in self._workers.values()),
+                steps=steps, membership_changes=self.membership_changes(), results=self.results)
 
     def membership_changes(self) -> list[dict]:
         with self._lock:
             return [dict(change) for change in self._changes]
-
-    def bytes_sent(self) -> int:
-        with self._lock:
-            return sum(w.bytes_sent for w in self._workers.values())
 
     def snapshot(self) -> dict:
         """The JSON of ``GET /status``."""
@@ -301,6 +326,15 @@ class Membership:
             }
 
     # -- rules --------------------------------------------------------------------------------
+
+    def _record_history(self, worker_id: int, payload: dict) -> None:
+        # A whole history (after a coordinator restart) names the generations it refers to.
+        for number, members in payload.get("generations", {}).items():
+            number = int(number)
+            if number not in self._past_generations and number not in (
+                    g.number for g in self._generations):
+                self._past_generations[number] = Generation(number, [int(m) for m in members], 0.0)
+        self._record_commits(worker_id, payload.get("commits", ()))
 
     def _record_commits(self, worker_id: int, commits) -> None:
         # [step, generation, unix time, this rank's share of the global-batch loss]

@@ -90,6 +90,7 @@ class Coordinator:
             web.post("/report", self._report),
             web.post("/finish", self._finish),
             web.get("/status", self._status),
+            web.get("/record", self._record),
         ])
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -132,6 +133,7 @@ class Coordinator:
             "store_host": self.host,
             "store_port": self.store.port,
             "heartbeat_timeout": self.membership.heartbeat_timeout,
+            "incarnation": self.membership.incarnation,
         })
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
@@ -183,3 +185,6 @@ class Coordinator:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.membership.snapshot())
+
+    async def _record(self, request: web.Request) -> web.Response:
+        return web.json_response(self.membership.record().to_json())

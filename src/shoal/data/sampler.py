@@ -46,6 +46,11 @@ class GlobalBatchSampler:
         start = (step % self.steps_per_epoch) * self.global_batch_size
         return self.permutation(self.epoch_of(step))[start : start + self.global_batch_size]
 
+    def samples_in_first(self, steps: int) -> int:
+        """How many samples steps 0 .. ``steps`` - 1 use (an epoch's last batch may be short)."""
+        epochs, rest = divmod(steps, self.steps_per_epoch)
+        return epochs * self.dataset_size + min(rest * self.global_batch_size, self.dataset_size)
+
     def local_indices(self, step: int, rank: int, world_size: int) -> torch.Tensor:
         """This rank's contiguous share of the global batch (shares differ by at most one)."""
         return torch.tensor_split(self.global_indices(step), world_size)[rank]

@@ -3,12 +3,16 @@
 The coordinator (``shoal coordinator`` on some host) owns membership and the rendezvous
 store; this launcher only starts and supervises the local workers, tells the coordinator
 at once when one of them exits (it knows the pid; the coordinator maps it to the worker),
-and restarts them with ``--restart``. Worker ids are assigned by the coordinator.
+and restarts them with ``--restart``. Worker ids are assigned by the coordinator. At the
+end it writes ``--output`` and ``--sample-log`` from the coordinator's record of the job,
+so any launcher of the job can write them (the coordinator must still be answering: it
+lingers after the end for that).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import socket
 import sys
@@ -16,6 +20,8 @@ import time
 
 from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
+from shoal.coordinator.record import JobRecord
+from shoal.data import GlobalBatchSampler
 from shoal.launch.workers import WorkerGroup, describe_exit, python_command
 from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN
 from shoal.runtime.worker import ENV_CONFIG
@@ -27,6 +33,7 @@ _EVICTED = 3  # a worker's exit code when the coordinator ended its membership
 
 
 def run_remote(config: TrainConfig) -> int:
+    started = time.time()
     url = coordinator_url(config.coordinator)
     client = CoordinatorClient(url, config.token)
     host = socket.gethostname()
@@ -71,10 +78,37 @@ def run_remote(config: TrainConfig) -> int:
     if status["status"] != "completed":
         echo(f"shoal train: failed: the job is {status['status']} {status.get('reason', '')}".rstrip())
         return 1
+    if (config.output or config.sample_log) and not _write_record(url, config, time.time() - started):
+        return 1
     if not config.quiet:
         echo(f"shoal train: the job completed (generation {status['generation']}, "
              f"{status['step']} steps)")
     return 0
+
+
+def _write_record(url: str, config: TrainConfig, wall_seconds: float) -> bool:
+    """Write --output and --sample-log from the coordinator's record; False if it is gone."""
+    from shoal.tasks import TASKS
+    from shoal.tracking import build_results, write_json, write_sample_log
+
+    client = CoordinatorClient(url, config.token, retry_seconds=5.0)
+    try:
+        record = JobRecord.from_json(client.get("/record"))
+    except CoordinatorUnreachable as error:
+        print(f"shoal train: cannot write --output/--sample-log: {error} (keep the coordinator "
+              "up a little after the end: shoal coordinator --linger)", file=sys.stderr)
+        return False
+    finally:
+        client.close()
+    task = TASKS[config.task](config.seed)
+    sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
+    if config.output:
+        write_json(config.output, build_results(record=record, config=json.loads(config.to_json()),
+                                                sampler=sampler, wall_seconds=wall_seconds,
+                                                units=task.samples_to_units()))
+    if config.sample_log:
+        write_sample_log(config.sample_log, record, sampler)
+    return True
 
 
 def _final_status(url: str, token: str, group: WorkerGroup) -> dict:

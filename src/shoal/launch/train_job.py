@@ -87,14 +87,13 @@ def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
                              f"{change['members_before']} -> {change['members_after']}",
                              always=True)
             announced += 1
-        losses = membership.step_losses()
-        times = membership.commit_times()
+        loss, committed_at = membership.latest()
         started = membership.first_formed_at()
         step = snapshot["step"]
-        rate = (sum(len(sampler.global_indices(s)) for s in times) / (max(times.values()) - started)
-                if times and started and max(times.values()) > started else 0.0)
+        rate = (sampler.samples_in_first(step) / (committed_at - started)
+                if committed_at and started and committed_at > started else 0.0)
         alive = sum(w["alive"] for w in snapshot["workers"].values())
-        progress.update(step=step, loss=losses[max(losses)] if losses else None,
+        progress.update(step=step, loss=loss,
                         samples_per_second=rate, alive=alive, generation=snapshot["generation"])
         # Completed means every member reported its last commit (the leader after saving);
         # what still runs is exiting, or an evicted worker still frozen: stop_all ends it.
@@ -105,12 +104,13 @@ def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
 
 def _report(config: TrainConfig, membership: Membership, sampler: GlobalBatchSampler, task,
             wall_seconds: float, progress: Progress) -> int:
-    results = build_results(membership=membership, config=_config_json(config), sampler=sampler,
+    record = membership.record()
+    results = build_results(record=record, config=_config_json(config), sampler=sampler,
                             wall_seconds=wall_seconds, units=task.samples_to_units())
     if config.output:
         write_json(config.output, results)
     if config.sample_log:
-        write_sample_log(config.sample_log, membership, sampler)
+        write_sample_log(config.sample_log, record, sampler)
     if membership.status != "completed":
         reason = membership.reason or "every worker exited before the job completed"
         print(f"shoal train: failed: {reason}", file=sys.stderr)

@@ -3,7 +3,8 @@
 Every trial runs ``shoal train`` with planned faults and asserts: the run completes; the
 final model equals an undisturbed run's within 1e-5 relative; every sample counts exactly
 once per epoch (from the sample log); no process is left behind. Detection and recovery
-times come from the run's own results.json.
+times come from the run's own results.json. Link cuts and coordinator restarts need
+several hosts (network namespaces, root): they run when those can be built.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shoal.reliability.checks import exactly_once_violations, leftover_processes, relative_difference
+from shoal.reliability.cluster import run_cluster_trial
 from shoal.tasks import TASKS
 
-__all__ = ["ChaosSettings", "TrialPlan", "TrialOutcome", "plan_trials", "run_chaos"]
+__all__ = ["CLUSTER_KINDS", "KINDS", "ChaosSettings", "TrialPlan", "TrialOutcome", "plan_trials",
+           "run_chaos"]
 
 KINDS = ("kill", "hang", "exception", "kill-rank0", "two-in-one-step", "kill-and-rejoin",
          "killed-again-after-rejoin", "kill-during-commit", "kill-during-heal")
+CLUSTER_KINDS = ("link-cut", "coordinator-restart")
+"""Kinds that run on several namespace hosts (``ChaosSettings.cluster``)."""
 _TOLERANCE = 1e-5
 
 
@@ -40,6 +45,12 @@ class ChaosSettings:
     batch_size: int = 64
     heartbeat_timeout: float = 2.0
     trial_timeout: float = 300.0
+    cluster: bool = False
+    """Include link cuts and coordinator restarts (needs root for network namespaces)."""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return KINDS + (CLUSTER_KINDS if self.cluster else ())
 
 
 @dataclass(slots=True)
@@ -50,6 +61,16 @@ class TrialPlan:
     restart: bool = False
     wait_for_rejoin: bool = False
     """Survivors wait for the restarted worker (``--min-workers`` = all), so a heal happens."""
+    event: dict | None = None
+    """A cluster fault: ``{"step", "host"}`` for a link cut, ``{"step", "outage"}`` (seconds)
+    for a coordinator restart."""
+
+    def describe(self, workers: int) -> str:
+        if self.kind == "link-cut":
+            return f"cut host {self.event['host']}'s link at step {self.event['step']}"
+        if self.kind == "coordinator-restart":
+            return f"coordinator down {self.event['outage']:g} s at step {self.event['step']}"
+        return " ".join(self.flags(workers))
 
     def flags(self, workers: int) -> list[str]:
         return [part for flag, spec in self.faults for part in (flag, spec)] + \
@@ -65,6 +86,8 @@ class TrialOutcome:
     detection_seconds: list[float] = field(default_factory=list)
     recovery_seconds: list[float] = field(default_factory=list)
     rejoins: int = 0
+    outage_steps: int | None = None
+    """Steps committed while the coordinator was down (coordinator restarts)."""
     seconds: float = 0.0
 
 
@@ -74,8 +97,9 @@ def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
     last = max(6, settings.steps * 2 // 3)
     early = max(6, settings.steps // 4)  # leaves time for a restarted worker to rejoin
     plans = []
+    kinds = settings.kinds
     for index in range(settings.trials):
-        kind = KINDS[index % len(KINDS)] if index < len(KINDS) else rng.choice(KINDS)
+        kind = kinds[index] if index < len(kinds) else rng.choice(kinds)
         rank = rng.randrange(settings.workers)
         step = rng.randrange(5, last)
         other = (rank + 1 + rng.randrange(settings.workers - 1)) % settings.workers
@@ -91,8 +115,12 @@ def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
             "kill-during-commit": ([["--kill", f"{rank}@{step}:commit"]], False),
             "kill-during-heal": (
                 [["--kill", f"{rank}@{step}"], ["--kill", f"{other}@{step}:heal"]], True),
-        }[kind]
-        plans.append(TrialPlan(index, kind, faults, restart, wait_for_rejoin=kind == "kill-during-heal"))
+        }.get(kind, ([], False))
+        event = {"link-cut": lambda: {"step": step, "host": rng.choice((1, 2))},
+                 "coordinator-restart": lambda: {"step": step, "outage": round(rng.uniform(0.2, 3.0), 1)},
+                 }.get(kind, lambda: None)()
+        plans.append(TrialPlan(index, kind, faults, restart, wait_for_rejoin=kind == "kill-during-heal",
+                               event=event))
     return plans
 
 
@@ -117,30 +145,18 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
     marker = uuid.uuid4().hex
     started = time.monotonic()
     outcome = TrialOutcome(plan, passed=False)
-    try:
-        result = _train(settings, directory, plan.flags(settings.workers), marker)
-    except subprocess.TimeoutExpired:
-        outcome.problems.append(f"did not finish in {settings.trial_timeout:g} s")
-        result = None
+    if plan.kind in CLUSTER_KINDS:
+        run = run_cluster_trial(plan.kind, plan.event, settings, directory,
+                                {**os.environ, "SHOAL_CHAOS_TRIAL": marker})
+        outcome.problems += run.problems
+        files = run.directory if not run.problems else None
+        if files is not None and run.outage is not None:
+            outcome.outage_steps = _steps_committed_between(files / "samples.jsonl", *run.outage)
+    else:
+        files = _run_local_trial(plan, settings, directory, marker, outcome)
     outcome.seconds = time.monotonic() - started
-    if result is not None and result.returncode != 0:
-        tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        outcome.problems.append(f"exit code {result.returncode}: {tail[0]}")
-    if result is not None and result.returncode == 0:
-        difference = relative_difference(directory / "model.pt", reference)
-        if not difference <= _TOLERANCE:
-            outcome.problems.append(f"model differs from the undisturbed run by {difference:.2e}")
-        outcome.problems += exactly_once_violations(directory / "samples.jsonl",
-                                                    dataset_size=dataset_size, steps=settings.steps)
-        changes = json.loads((directory / "results.json").read_text())["membership_changes"]
-        outcome.detection_seconds = [c["detection_seconds"] for c in changes
-                                     if c["cause"] != "workers joined"]
-        outcome.recovery_seconds = [c["recovery_seconds"] for c in changes
-                                    if c["recovery_seconds"] is not None]
-        outcome.rejoins = sum(c["cause"] == "workers joined" or c["cause"].endswith("rejoined")
-                              for c in changes)
-        if not changes:
-            outcome.problems.append("no membership change recorded")
+    if files is not None:
+        _check_files(files, plan, settings, reference, dataset_size, outcome)
     left = leftover_processes(marker)
     if left:
         outcome.problems.append(f"processes left behind: {left}")
@@ -148,8 +164,50 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
     return outcome
 
 
-def run_chaos(settings: ChaosSettings, *, report=print) -> list[TrialOutcome]:
-    """Run the reference, then every planned trial; ``report`` gets one line per trial."""
+def _run_local_trial(plan: TrialPlan, settings: ChaosSettings, directory: Path, marker: str,
+                     outcome: TrialOutcome) -> Path | None:
+    """``shoal train`` with the planned faults; the directory of its files if it completed."""
+    try:
+        result = _train(settings, directory, plan.flags(settings.workers), marker)
+    except subprocess.TimeoutExpired:
+        outcome.problems.append(f"did not finish in {settings.trial_timeout:g} s")
+        return None
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        outcome.problems.append(f"exit code {result.returncode}: {tail[0]}")
+        return None
+    return directory
+
+
+def _steps_committed_between(sample_log: Path, start: float, end: float) -> int:
+    lines = (json.loads(line) for line in sample_log.read_text().splitlines() if line)
+    return sum(start <= line["committed_at"] <= end for line in lines)
+
+
+def _check_files(files: Path, plan: TrialPlan, settings: ChaosSettings, reference: Path,
+                 dataset_size: int, outcome: TrialOutcome) -> None:
+    """The promises, from what the run wrote: the model, the sample log, results.json."""
+    difference = relative_difference(files / "model.pt", reference)
+    if not difference <= _TOLERANCE:
+        outcome.problems.append(f"model differs from the undisturbed run by {difference:.2e}")
+    outcome.problems += exactly_once_violations(files / "samples.jsonl",
+                                                dataset_size=dataset_size, steps=settings.steps)
+    changes = json.loads((files / "results.json").read_text())["membership_changes"]
+    outcome.detection_seconds = [c["detection_seconds"] for c in changes
+                                 if c["cause"] != "workers joined"]
+    outcome.recovery_seconds = [c["recovery_seconds"] for c in changes
+                                if c["recovery_seconds"] is not None]
+    outcome.rejoins = sum(c["cause"] == "workers joined" or c["cause"].endswith("rejoined")
+                          for c in changes)
+    # A coordinator restart changes no membership: the workers train on through it.
+    if not changes and plan.kind != "coordinator-restart":
+        outcome.problems.append("no membership change recorded")
+
+
+def run_chaos(settings: ChaosSettings, *, report=print,
+              plans: list[TrialPlan] | None = None) -> list[TrialOutcome]:
+    """Run the reference, then every planned trial (or just ``plans``); ``report`` gets one
+    line per trial."""
     dataset_size = len(TASKS[settings.task](settings.seed).train_dataset())
     with tempfile.TemporaryDirectory(prefix="shoal-chaos-") as temporary:
         root = Path(temporary)
@@ -158,11 +216,11 @@ def run_chaos(settings: ChaosSettings, *, report=print) -> list[TrialOutcome]:
         if result.returncode != 0:
             raise RuntimeError(f"the undisturbed reference run failed: {result.stderr[-500:]}")
         outcomes = []
-        for plan in plan_trials(settings):
+        for plan in plans if plans is not None else plan_trials(settings):
             outcome = _run_trial(plan, settings, root / "reference" / "model.pt", root, dataset_size)
             outcomes.append(outcome)
             verdict = "pass" if outcome.passed else "FAIL: " + "; ".join(outcome.problems)
-            report(f"trial {plan.index:3d} {plan.kind:26s} {' '.join(plan.flags(settings.workers)):58s} "
+            report(f"trial {plan.index:3d} {plan.kind:26s} {plan.describe(settings.workers):58s} "
                    f"{outcome.seconds:5.1f} s  {verdict}")
         return outcomes
 
@@ -177,7 +235,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def summarize(outcomes: list[TrialOutcome]) -> dict:
     by_kind: dict[str, dict] = {}
-    for kind in KINDS:
+    for kind in KINDS + CLUSTER_KINDS:
         chosen = [o for o in outcomes if o.plan.kind == kind]
         if not chosen:
             continue
@@ -189,6 +247,10 @@ def summarize(outcomes: list[TrialOutcome]) -> dict:
             "detection_p50": _percentile(detection, 50), "detection_p95": _percentile(detection, 95),
             "recovery_p50": _percentile(recovery, 50), "recovery_p95": _percentile(recovery, 95),
         }
+        outages = [o.outage_steps for o in chosen if o.outage_steps is not None]
+        if outages:
+            by_kind[kind]["outage_steps_min"] = min(outages)
+            by_kind[kind]["outage_steps_median"] = statistics.median(outages)
     return {"trials": len(outcomes), "passed": sum(o.passed for o in outcomes), "by_kind": by_kind,
             "failures": [asdict(o) for o in outcomes if not o.passed]}
 
@@ -201,6 +263,16 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
             f"{seconds(s['detection_p50'])} | "
             f"{seconds(s['detection_p95'])} | {seconds(s['recovery_p50'])} | "
             f"{seconds(s['recovery_p95'])} |" for kind, s in summary["by_kind"].items()]
+    restarts = summary["by_kind"].get("coordinator-restart")
+    outage = ("" if restarts is None or "outage_steps_min" not in restarts else
+              f"\nWhile the coordinator was down (0.2-3 s) the workers kept training: "
+              f"{restarts['outage_steps_median']:g} steps (median; at least "
+              f"{restarts['outage_steps_min']}) were committed during each outage.\n")
+    cluster = ("Link cuts and coordinator restarts run on three network-namespace hosts "
+               "(`shoal coordinator` on one, half the workers on each of the others).\n"
+               if settings.cluster else
+               "Link cuts and coordinator restarts were not run (they need root for "
+               "network namespaces).\n")
     failures = "\n".join(f"- trial {f['plan']['index']} ({f['plan']['kind']}): "
                          f"{'; '.join(f['problems'])}" for f in summary["failures"]) or "- none"
     return f"""## Chaos suite
@@ -216,11 +288,11 @@ Each trial asserts: the run completes; the final model equals the undisturbed ru
 Detection is death to the next generation, recovery is death to the next committed step
 (seconds, from the run's results.json); a rejoin's recovery is from its join. "rejoins"
 counts restarted workers that were back in a generation before the run ended.
-
+{cluster}
 | fault | trials | passed | rejoins | detection p50 | detection p95 | recovery p50 | recovery p95 |
 | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
-
+{outage}
 Failures:
 {failures}
 """

@@ -70,6 +70,10 @@ class Context:
         self.bytes_sent = 0
         self.fired_faults: set[str] = set()
         self._commits: list[CommitRecord] = []
+        self._history: list[CommitRecord] = []
+        """Every commit of this worker: a restarted coordinator rebuilds its ledger from them."""
+        self._generation_members: dict[int, list[int]] = {}
+        self._incarnation: str | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._client: CoordinatorClient | None = None
@@ -101,6 +105,7 @@ class Context:
         reply = self._client.post("/join", {"worker_id": self.worker_id, "host": socket.gethostname(),
                                             "pid": os.getpid()})
         self.worker_id = reply["worker_id"]
+        self._incarnation = reply.get("incarnation")
         self.heartbeat_timeout = float(reply["heartbeat_timeout"])
         self._connect_store(reply["store_host"], reply["store_port"])
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="shoal-heartbeat",
@@ -127,8 +132,18 @@ class Context:
                     continue
                 self.latest_generation = max(self.latest_generation, reply["generation"])
                 self.evicted = self.evicted or reply["evicted"]
+                self._note_incarnation(reply.get("incarnation"))
         finally:
             client.close()
+
+    def _note_incarnation(self, incarnation: str | None) -> None:
+        """A new coordinator (it restarted) lost the ledger: send it our whole history."""
+        if incarnation is None or incarnation == self._incarnation:
+            return
+        if self._incarnation is not None:
+            with self._lock:
+                self._commits = list(self._history)
+        self._incarnation = incarnation
 
     def _heartbeat_payload(self, commits: list[CommitRecord]) -> dict:
         return {
@@ -141,6 +156,8 @@ class Context:
             "committed_step": self.committed_step,
             "bytes_sent": self.bytes_sent,
             "commits": [c.to_json() for c in commits],
+            # the members of each generation named, in case the coordinator never formed it
+            "generations": {str(g): self._generation_members[g] for g in {c.generation for c in commits}},
         }
 
     def _drain_commits(self) -> list[CommitRecord]:
@@ -174,6 +191,7 @@ class Context:
             self.generation = generation["number"]
             self.latest_generation = max(self.latest_generation, self.generation)
             self.members = generation["members"]
+            self._generation_members[self.generation] = self.members
             self.rank = self.members.index(self.worker_id)
             self.world_size = len(self.members)
             self._init_process_group()
@@ -212,8 +230,10 @@ class Context:
 
     def record_commit(self, step: int, loss_part: float) -> None:
         self.committed_step = step
+        record = CommitRecord(step, self.generation, time.time(), loss_part)
         with self._lock:
-            self._commits.append(CommitRecord(step, self.generation, time.time(), loss_part))
+            self._commits.append(record)
+            self._history.append(record)
 
     def finish(self, results: dict | None = None) -> None:
         """Report the last commits (and, from the leader, the results), then stop heartbeating."""
@@ -221,7 +241,9 @@ class Context:
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join()
         if self.distributed:
-            payload = self._heartbeat_payload(self._drain_commits())
+            # The whole history: the coordinator may have restarted since our last heartbeat.
+            self._drain_commits()
+            payload = self._heartbeat_payload(list(self._history))
             payload["results"] = results
             self._client.post("/finish", payload)
             self._client.close()

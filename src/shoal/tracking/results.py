@@ -11,7 +11,7 @@ import json
 import statistics
 
 from shoal._io import atomic_write
-from shoal.coordinator.membership import Membership
+from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
 
 __all__ = ["build_results", "write_json", "write_sample_log"]
@@ -19,31 +19,29 @@ __all__ = ["build_results", "write_json", "write_sample_log"]
 _FINAL_LOSS_STEPS = 10
 
 
-def build_results(*, membership: Membership, config: dict, sampler: GlobalBatchSampler,
+def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSampler,
                   wall_seconds: float, units: tuple[str, int]) -> dict:
-    committed = membership.committed_steps()
-    losses = membership.step_losses()
-    results = membership.results or {}
-    samples = sum(len(sampler.global_indices(step)) for step, _ in committed)
-    commit_times = membership.commit_times()
-    started = membership.first_formed_at()
-    train_seconds = max(commit_times.values()) - started if commit_times and started else 0.0
-    last_losses = list(losses.values())[-_FINAL_LOSS_STEPS:]
+    results = record.results or {}
+    samples = sum(len(sampler.global_indices(s.step)) for s in record.steps)
+    last_commit = max((s.committed_at for s in record.steps), default=None)
+    started = record.first_formed_at
+    train_seconds = last_commit - started if last_commit and started else 0.0
+    last_losses = list(record.losses.values())[-_FINAL_LOSS_STEPS:]
     unit, per_sample = units
     output = {
         "task": config["task"],
-        "status": membership.status,
-        "reason": membership.reason,
+        "status": record.status,
+        "reason": record.reason,
         "config": config,
-        "steps": len(committed),
-        "epochs": len(committed) / sampler.steps_per_epoch,
+        "steps": len(record.steps),
+        "epochs": len(record.steps) / sampler.steps_per_epoch,
         "final_train_loss": statistics.fmean(last_losses) if last_losses else None,
         "eval": results.get("eval", {}),
         "wall_time_seconds": round(wall_seconds, 3),
         "train_seconds": round(train_seconds, 3),
         "samples_per_second": samples / train_seconds if train_seconds else 0.0,
-        "payload_bytes_sent": membership.bytes_sent(),
-        "membership_changes": membership.membership_changes(),
+        "payload_bytes_sent": record.bytes_sent,
+        "membership_changes": record.membership_changes,
         "heals": results.get("heals", []),
     }
     if unit != "samples":
@@ -55,15 +53,17 @@ def write_json(path: str, data: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode() + b"\n"))
 
 
-def write_sample_log(path: str, membership: Membership, sampler: GlobalBatchSampler) -> None:
-    """One JSON line per committed step: epoch, step, generation, members, samples."""
+def write_sample_log(path: str, record: JobRecord, sampler: GlobalBatchSampler) -> None:
+    """One JSON line per committed step: epoch, step, generation, members, samples, and the
+    (unix) time its first member committed it."""
     lines = []
-    for step, generation in membership.committed_steps():
+    for committed in record.steps:
         lines.append(json.dumps({
-            "epoch": sampler.epoch_of(step),
-            "step": step,
-            "generation": generation.number,
-            "members": generation.members,
-            "samples": sampler.global_indices(step).tolist(),
+            "epoch": sampler.epoch_of(committed.step),
+            "step": committed.step,
+            "generation": committed.generation,
+            "members": committed.members,
+            "samples": sampler.global_indices(committed.step).tolist(),
+            "committed_at": round(committed.committed_at, 4),
         }))
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode() if lines else b""))

@@ -1,7 +1,7 @@
 """Several "hosts" on one machine: network namespaces joined by veth pairs and a bridge.
 
 The bridge lives in a namespace of its own (the "switch"), so nothing is added to the
-machine's own network; every address is inside namespaces the test created.
+machine's own network; every address is inside namespaces created here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import uuid
+
+__all__ = ["Hosts", "namespaces_available"]
 
 
 def namespaces_available() -> str | None:

@@ -1,0 +1,171 @@
+"""Chaos trials that need several hosts: a cut network link and a coordinator restart.
+
+The job runs the way users run it across machines: ``shoal coordinator`` on host 0 and
+``shoal train --coordinator`` on hosts 1 and 2, each with half of the workers, every host a
+network namespace on this machine (root only). Each launcher is asked for results.json, the
+sample log and the model; the launcher that saw the job complete writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.network import Hosts
+
+__all__ = ["ClusterRun", "run_cluster_trial"]
+
+_TOKEN = "shoal-chaos"
+_EVICTED = 3  # a remote launcher's exit code when the coordinator evicted its host
+# Polls the coordinator from inside host 0's namespace (the harness cannot reach it).
+_WATCH = """
+import sys, time, httpx
+with httpx.Client(headers={"Authorization": "Bearer " + sys.argv[2]}, timeout=2) as client:
+    while True:
+        try:
+            print(client.get(sys.argv[1]).text, flush=True)
+        except httpx.HTTPError:
+            print("{}", flush=True)
+        time.sleep(0.05)
+"""
+
+
+@dataclass(slots=True)
+class ClusterRun:
+    """What a cluster trial left: exit codes, the files of the launcher that completed."""
+
+    codes: dict[str, int | None] = field(default_factory=dict)
+    stderr: dict[str, str] = field(default_factory=dict)
+    directory: Path | None = None
+    """Where the completing launcher wrote results.json, samples.jsonl and model.pt."""
+    problems: list[str] = field(default_factory=list)
+    outage: tuple[float, float] | None = None
+    """(killed, answering again), unix times, for a coordinator restart."""
+
+
+class _StatusWatcher:
+    """The coordinator's latest ``/status``, kept fresh by a poller inside host 0."""
+
+    def __init__(self, hosts: Hosts, address: str, env: dict):
+        self._process = hosts.popen(0, [sys.executable, "-c", _WATCH, f"http://{address}/status", _TOKEN],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.latest: dict = {}
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            with self._changed:
+                self.latest = json.loads(line)
+                self._changed.notify_all()
+
+    def wait(self, condition, timeout: float) -> dict:
+        with self._changed:
+            if not self._changed.wait_for(lambda: condition(self.latest), timeout=timeout):
+                raise TimeoutError(f"the coordinator's status never got there (last: {self.latest})")
+            return self.latest
+
+    def close(self) -> None:
+        self._process.kill()
+        self._process.wait()
+
+
+def _start_coordinator(hosts: Hosts, settings, port: int, env: dict) -> tuple[subprocess.Popen, str]:
+    process = hosts.popen(0, [sys.executable, "-m", "shoal.cli.main", "coordinator", "--host",
+                              hosts.addresses[0], "--port", str(port), "--token", _TOKEN,
+                              "--workers", str(settings.workers),
+                              "--heartbeat-timeout", str(settings.heartbeat_timeout), "--linger", "10"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    found = re.search(r"listening on http://(\S+)", process.stdout.readline())
+    if found is None:
+        process.kill()
+        raise RuntimeError(f"the coordinator did not start: {process.stderr.read()[-500:]}")
+    return process, found.group(1)
+
+
+def _start_launcher(hosts: Hosts, index: int, workers: int, settings, address: str,
+                    directory: Path, env: dict) -> subprocess.Popen:
+    directory.mkdir()
+    command = [sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
+               "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
+               "--seed", str(settings.seed), "--workers", str(workers), "--quiet",
+               "--coordinator", address, "--token", _TOKEN,
+               "--heartbeat-timeout", str(settings.heartbeat_timeout),
+               "--output", str(directory / "results.json"),
+               "--sample-log", str(directory / "samples.jsonl"),
+               "--save-model", str(directory / "model.pt")]
+    return hosts.popen(index, command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                       env=env)
+
+
+def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: dict) -> ClusterRun:
+    """Run one ``link-cut`` or ``coordinator-restart`` trial; ``event`` says where and when."""
+    run = ClusterRun()
+    hosts = Hosts(3)
+    watcher = None
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        processes["coordinator"], address = _start_coordinator(hosts, settings, 0, env)
+        shares = {1: (settings.workers + 1) // 2, 2: settings.workers // 2}
+        for index, workers in shares.items():
+            processes[f"host {index}"] = _start_launcher(hosts, index, workers, settings, address,
+                                                         directory / f"host-{index}", env)
+        watcher = _StatusWatcher(hosts, address, env)
+        deadline = settings.trial_timeout / 2
+        before = watcher.wait(lambda s: s.get("step", -1) >= event["step"], deadline)
+        if kind == "link-cut":
+            hosts.cut(event["host"])
+            survivors = settings.workers - shares[event["host"]]
+            watcher.wait(lambda s: s.get("generation", 0) > before["generation"]
+                         and len(s.get("members", [])) == survivors, deadline)
+            hosts.reconnect(event["host"])
+        else:
+            processes["coordinator"].send_signal(signal.SIGKILL)
+            processes["coordinator"].wait()
+            killed = time.time()
+            time.sleep(event["outage"])  # the fault itself: how long the coordinator stays down
+            port = int(address.rsplit(":", 1)[1])
+            processes["coordinator"], _ = _start_coordinator(hosts, settings, port, env)
+            run.outage = (killed, time.time())
+        for name, process in processes.items():
+            run.codes[name] = process.wait(timeout=settings.trial_timeout)
+    except (TimeoutError, subprocess.TimeoutExpired, RuntimeError) as error:
+        run.problems.append(str(error))
+    finally:
+        if watcher is not None:
+            watcher.close()
+        for name, process in processes.items():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            run.codes.setdefault(name, process.returncode)
+            run.stderr[name] = process.stderr.read()
+        hosts.close()
+    _judge_exits(run, kind, event, directory)
+    return run
+
+
+def _judge_exits(run: ClusterRun, kind: str, event: dict, directory: Path) -> None:
+    cut = f"host {event['host']}" if kind == "link-cut" else None
+    for name, code in run.codes.items():
+        if name == cut:
+            if code not in (0, _EVICTED) or (code == _EVICTED and "evicted" not in run.stderr[name]):
+                run.problems.append(f"the cut-off {name} exited {code}, not 3 (evicted) or 0")
+        elif code != 0:
+            tail = run.stderr[name].strip().splitlines()[-1:] or ["(no output)"]
+            run.problems.append(f"{name} exited {code}: {tail[0]}")
+    completed = [directory / f"host-{i}" for i in (1, 2) if run.codes.get(f"host {i}") == 0]
+    models = [d for d in (directory / "host-1", directory / "host-2") if (d / "model.pt").exists()]
+    if len(models) != 1:
+        run.problems.append(f"{len(models)} launchers' workers saved the model, not 1")
+    if completed:
+        run.directory = completed[0]
+        if models and models[0] != run.directory:
+            (run.directory / "model.pt").symlink_to(models[0] / "model.pt")
