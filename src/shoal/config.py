@@ -96,6 +96,64 @@ def coordinator_url(address: str) -> str:
 
 
 @dataclass(kw_only=True, slots=True)
+class StrategyOptions:
+    """How the chosen strategy talks (``--compress``, ``--sync-every``, ...)."""
+
+    compress: str = "none"
+    """Compressor of the all-reduce (allreduce, hierarchical) or of the averaged update
+    (localsgd, diloco): none, fp16, int8, onebit, powersgd."""
+    powersgd_rank: int = 4
+    sync_every: int = 50
+    """localsgd/diloco: local steps between synchronisations (H)."""
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    """diloco's outer Nesterov SGD (the paper's defaults)."""
+    workers_per_host: int | None = None
+    """hierarchical: group consecutive worker ids into emulated hosts of this many workers
+    (default: workers that share a launcher, i.e. a machine, form a host)."""
+
+    def validate(self, strategy: str) -> StrategyOptions:
+        from shoal.compression import COMPRESSORS
+
+        if self.compress not in COMPRESSORS:
+            raise ConfigError("--compress", f"unknown compressor {self.compress!r} "
+                              f"(choose from {', '.join(COMPRESSORS)})")
+        if self.powersgd_rank < 1:
+            raise ConfigError("--powersgd-rank", f"must be at least 1, got {self.powersgd_rank}")
+        if self.sync_every < 1:
+            raise ConfigError("--sync-every", f"must be at least 1, got {self.sync_every}")
+        if not self.outer_lr > 0:
+            raise ConfigError("--outer-lr", f"must be positive, got {self.outer_lr}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError("--outer-momentum", f"must be in [0, 1), got {self.outer_momentum}")
+        if self.workers_per_host is not None and self.workers_per_host < 1:
+            raise ConfigError("--workers-per-host", f"must be at least 1, got {self.workers_per_host}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Slowdown:
+    """``--slowdown RANK=FACTOR``: the worker launched as RANK computes FACTOR times slower."""
+
+    rank: int
+    factor: float
+
+    @classmethod
+    def parse(cls, text: str) -> Slowdown:
+        rank, separator, factor = text.partition("=")
+        try:
+            parsed = cls(int(rank), float(factor))
+        except ValueError:
+            parsed = None
+        if not separator or parsed is None or parsed.rank < 0 or not parsed.factor >= 1:
+            raise ConfigError("--slowdown", f"expected RANK=FACTOR with FACTOR >= 1 (e.g. 1=3), got {text!r}")
+        return parsed
+
+    def __str__(self) -> str:
+        return f"{self.rank}={self.factor:g}"
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """Everything one ``shoal train`` job needs. Call :meth:`validate` before use."""
 
@@ -105,6 +163,7 @@ class TrainConfig:
     min_workers: int = 1
     """The job fails when fewer workers than this remain."""
     strategy: str = "allreduce"
+    options: StrategyOptions = field(default_factory=StrategyOptions)
     epochs: int | None = None
     steps: int | None = None
     batch_size: int | None = None
@@ -116,6 +175,8 @@ class TrainConfig:
     sample_log: str | None = None
     kills: list[KillSpec] = field(default_factory=list)
     """Planned faults: SIGKILLs (``--kill``), SIGSTOPs (``--hang``), exceptions (``--fail``)."""
+    slowdowns: list[Slowdown] = field(default_factory=list)
+    """Stragglers: the worker holding a rank sleeps so that each step takes FACTOR times longer."""
     restart: bool = False
     """Restart a worker whose process died; it rejoins with live state from a peer."""
     max_restarts: int = 3
@@ -143,6 +204,7 @@ class TrainConfig:
         if self.strategy not in STRATEGIES:
             choices = ", ".join(STRATEGIES)
             raise ConfigError("--strategy", f"unknown strategy {self.strategy!r} (choose from {choices})")
+        self.options.validate(self.strategy)
         if self.workers < 1:
             raise ConfigError("--workers", f"must be at least 1, got {self.workers}")
         if not 1 <= self.min_workers <= self.workers:
@@ -183,6 +245,9 @@ class TrainConfig:
         for kill in self.kills:
             if kill.rank >= self.workers:
                 raise ConfigError(kill.flag, f"rank {kill.rank} does not exist with --workers {self.workers}")
+        for slowdown in self.slowdowns:
+            if slowdown.rank >= self.workers:
+                raise ConfigError("--slowdown", f"rank {slowdown.rank} does not exist with --workers {self.workers}")
         if self.coordinator is not None:
             _split_address("--coordinator", self.coordinator)
             if not self.token:
@@ -195,12 +260,15 @@ class TrainConfig:
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["kills"] = [[str(k), k.signal] for k in self.kills]
+        data["slowdowns"] = [str(s) for s in self.slowdowns]
         return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         data = json.loads(text)
         data["kills"] = [KillSpec.parse(text, signal) for text, signal in data["kills"]]
+        data["slowdowns"] = [Slowdown.parse(text) for text in data.get("slowdowns", [])]
+        data["options"] = StrategyOptions(**data.get("options", {}))
         return cls(**data)
 
 

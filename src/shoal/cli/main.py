@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shoal.config import ConfigError, KillSpec, TrainConfig
+from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions, TrainConfig
 from shoal.strategies import STRATEGIES
 from shoal.tasks import TASKS
 
@@ -32,6 +32,16 @@ def _fault(signal: str):
     return parse
 
 
+def _slowdown(text: str) -> Slowdown:
+    try:
+        return Slowdown.parse(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).split(": ", 1)[1]) from None
+
+
+_slowdown.__name__ = "RANK=FACTOR"
+
+
 def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train a built-in task on N local workers",
                                 description="Train a built-in task on N local worker processes "
@@ -42,6 +52,18 @@ def _add_train(commands) -> None:
                        help="fail when fewer workers remain (default 1)")
     train.add_argument("--strategy", default="allreduce",
                        help=f"one of: {', '.join(STRATEGIES)} (default allreduce)")
+    talk = train.add_argument_group("how workers talk (see docs/STRATEGIES.md)")
+    talk.add_argument("--compress", default="none",
+                      help="none, fp16, int8, onebit or powersgd (default none)")
+    talk.add_argument("--powersgd-rank", type=int, default=4, help="PowerSGD's rank r (default 4)")
+    talk.add_argument("--sync-every", type=int, default=50, metavar="H",
+                      help="localsgd/diloco: local steps between synchronisations (default 50)")
+    talk.add_argument("--outer-lr", type=float, default=0.7, help="diloco's outer learning rate (default 0.7)")
+    talk.add_argument("--outer-momentum", type=float, default=0.9,
+                      help="diloco's outer Nesterov momentum (default 0.9)")
+    talk.add_argument("--workers-per-host", type=int, metavar="K",
+                      help="hierarchical: emulate hosts of K consecutive workers "
+                      "(default: the workers of one launcher form a host)")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="epochs to train (default: the task's)")
     length.add_argument("--steps", type=int, help="steps to train instead of epochs")
@@ -59,6 +81,8 @@ def _add_train(commands) -> None:
                        default=[], help="the worker launched as RANK SIGSTOPs itself at STEP (repeatable)")
     train.add_argument("--fail", metavar="RANK@STEP", type=_fault("EXCEPTION"), action="append",
                        default=[], help="the worker launched as RANK raises an exception at STEP (repeatable)")
+    train.add_argument("--slowdown", metavar="RANK=FACTOR", type=_slowdown, action="append", default=[],
+                       help="the worker launched as RANK computes FACTOR times slower (repeatable)")
     train.add_argument("--restart", action="store_true",
                        help="restart a worker whose process died; it rejoins with a live peer's state")
     train.add_argument("--max-restarts", type=int, default=3, help="restarts per worker (default 3)")
@@ -79,6 +103,11 @@ def _train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         task=args.task, workers=args.workers, min_workers=args.min_workers, strategy=args.strategy,
+        options=StrategyOptions(compress=args.compress, powersgd_rank=args.powersgd_rank,
+                                sync_every=args.sync_every, outer_lr=args.outer_lr,
+                                outer_momentum=args.outer_momentum,
+                                workers_per_host=args.workers_per_host),
+        slowdowns=args.slowdown,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, output=args.output, save_model=args.save_model,
         sample_log=args.sample_log, kills=args.kill + args.hang + args.fail, restart=args.restart,

@@ -24,6 +24,7 @@ from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
 from shoal.launch.workers import WorkerGroup, describe_exit, python_command
 from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN
+from shoal.runtime.trainer import ENV_LAUNCHER_ID
 from shoal.runtime.worker import ENV_CONFIG
 
 __all__ = ["run_remote"]
@@ -57,7 +58,8 @@ def run_remote(config: TrainConfig) -> int:
             group.spawn(local_index, {})
 
     env = {**os.environ, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
-           ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval)}
+           ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),
+           ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
     group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit, echo=echo)
     try:
         for local_index in range(config.workers):

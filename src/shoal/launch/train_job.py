@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import socket
 import sys
 import time
 
@@ -14,6 +15,7 @@ from shoal.data import GlobalBatchSampler
 from shoal.launch.progress import Progress
 from shoal.launch.workers import WorkerGroup, describe_exit, python_command
 from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN, ENV_WORKER_ID
+from shoal.runtime.trainer import ENV_LAUNCHER_ID
 from shoal.runtime.worker import ENV_CONFIG
 from shoal.tasks import TASKS
 from shoal.tracking import build_results, write_json, write_sample_log
@@ -59,7 +61,8 @@ def run_train(config: TrainConfig) -> int:
             group.spawn(worker_id, {ENV_WORKER_ID: str(worker_id)})
 
     env = {**os.environ, ENV_COORDINATOR: coordinator.url, ENV_TOKEN: coordinator.token,
-           ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval)}
+           ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),
+           ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
     group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit,
                         echo=lambda line: progress.message(line, always=True))
     try:
@@ -114,6 +117,10 @@ def _report(config: TrainConfig, membership: Membership, sampler: GlobalBatchSam
     if membership.status != "completed":
         reason = membership.reason or "every worker exited before the job completed"
         print(f"shoal train: failed: {reason}", file=sys.stderr)
+        return 1
+    if results["replicas_agree"] is False:
+        print("shoal train: failed: the members ended with different parameters (a bug: "
+              "please report it with the command line)", file=sys.stderr)
         return 1
     if not config.quiet:
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["eval"].items())

@@ -1,17 +1,23 @@
 """The elastic training loop: shoal owns the step boundary so it can redo and re-split a step.
 
 One step, as data flows: the sampler gives this rank its share of global batch ``s``; the
-loss (a SUM over the share, divided by the global batch size) is back-propagated; the
-strategy communicates; the optimizer steps and ``s`` is committed. When anything in that
-fails because a peer is gone, the worker reports it, drops the generation's process group,
-waits for the next generation, heals from the most advanced member, and redoes the first
-step that is not committed everywhere, re-split over the new members.
+loss (a SUM over the share, divided as the strategy says) is back-propagated; the strategy
+communicates; the optimizer steps, and ``s`` is committed, at once (synchronous strategies)
+or with the rest of its round (local SGD, DiLoCo). When anything in that fails because a
+peer is gone, the worker reports it, drops the generation's process group, returns to its
+last commit, waits for the next generation, heals from the most advanced member, and redoes
+the first step that is not committed everywhere, re-split over the new members.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import math
+import os
+import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from shoal.config import KillSpec
+from shoal.config import KillSpec, Slowdown, StrategyOptions
 from shoal.data import GlobalBatchSampler, fetch
 from shoal.runtime.context import Context, GenerationMoved, JobStopped
 from shoal.runtime.faults import maybe_kill
@@ -35,6 +41,9 @@ _MAX_FAILURES_WITHOUT_PROGRESS = 5
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
+ENV_LAUNCHER_ID = "SHOAL_LAUNCHER_ID"
+"""Set by launchers: workers started by one launcher share a host (hierarchical strategies)."""
+
 
 @dataclass(slots=True)
 class TrainResult:
@@ -47,6 +56,9 @@ class TrainResult:
     generation: int
     heals: list[HealReport] = field(default_factory=list)
     bytes_sent: int = 0
+    replicas_agree: bool | None = True
+    """Every member ended with bit-identical parameters (checked once, at the end; None if a
+    member left before it could be checked)."""
 
     @property
     def is_leader(self) -> bool:
@@ -65,15 +77,18 @@ def train(
     steps: int | None = None,
     seed: int = 0,
     strategy: str = "allreduce",
+    options: StrategyOptions | None = None,
     context: Context | None = None,
     kills: Sequence[KillSpec] = (),
+    slowdowns: Sequence[Slowdown] = (),
 ) -> TrainResult:
     """Train ``model`` elastically; survive workers that die.
 
     ``loss_fn(model, batch)`` must return the SUM of per-sample losses of ``batch`` (shoal
     divides by the global batch size). It may be called again for the same step after a
     failure, with a different share of the batch. Under ``shoal run`` the job's coordinator is
-    found from the environment; run plainly, this trains in one process.
+    found from the environment; run plainly, this trains in one process. ``options`` tune the
+    strategy (compression, ``sync_every``, ...); ``kills`` and ``slowdowns`` inject faults.
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
@@ -85,29 +100,58 @@ def train(
     if context is None:
         context = Context.from_env()
         context.join()
-    loop = _Loop(model, optimizer, dataset, loss_fn, sampler, STRATEGIES[strategy](model, optimizer),
-                 context, kills)
+    options = (options or StrategyOptions()).validate(strategy)
+    loop = _Loop(model, optimizer, dataset, loss_fn, sampler,
+                 STRATEGIES[strategy](model, optimizer, options), context, kills, slowdowns)
     try:
         loop.run(total_steps)
+        agree = _replicas_agree(model)
     except BaseException:
         if owns_context:
             context.close()
         raise
+    if agree is False and context.rank == 0:
+        log.error("the members of generation %d ended with different parameters", context.generation)
     result = TrainResult(model, loop.position, loop.position / sampler.steps_per_epoch, context.rank,
                          context.world_size, context.generation, loop.heals,
-                         loop.strategy.bytes_sent)
+                         loop.strategy.bytes_sent, agree)
     if owns_context:
         context.finish()
     return result
 
 
+def _replicas_agree(model: nn.Module) -> bool | None:
+    """Do all members hold the same parameters, bit for bit? (A digest, all-gathered.)
+
+    None when it could not be checked: a member left after the last commit.
+    """
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], dtype=torch.int64)
+    everyone = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+    try:
+        torch.distributed.all_gather(everyone, mine)
+    except RuntimeError as error:
+        log.warning("could not compare the final parameters of the members: %s", error)
+        return None
+    return all(int(d) == int(mine) for d in everyone)
+
+
 class _Loop:
     def __init__(self, model, optimizer, dataset, loss_fn, sampler, strategy: Strategy,
-                 context: Context, kills):
+                 context: Context, kills, slowdowns):
         self.model, self.optimizer, self.dataset, self.loss_fn = model, optimizer, dataset, loss_fn
         self.sampler, self.strategy, self.context, self.kills = sampler, strategy, context, kills
+        self.slowdown = max((s.factor for s in slowdowns if s.rank == context.worker_id), default=1.0)
         self.position = 0
-        """Committed steps: the data position, and the next step to run."""
+        """Committed steps: the data position."""
+        self.next_step = 0
+        """The next step to run: ahead of ``position`` inside an uncommitted round."""
+        self._pending: list[tuple[int, float]] = []
+        """(step, loss share) of the tentative steps of the current round."""
+        self._committed_state: dict | None = None
+        """Round-based strategies: a copy of everything at the last commit, to return to."""
         self.fresh = True
         self.heals: list[HealReport] = []
 
@@ -141,11 +185,27 @@ class _Loop:
 
     def _run_generation(self, total_steps: int) -> None:
         self.context.enter_next_generation()
+        self._return_to_commit()
         self._heal()
-        module = self.strategy.setup()
-        while self.position < total_steps:
+        module = self.strategy.setup(self._host_key())
+        if not self.strategy.commits_every_step:
+            self._committed_state = copy.deepcopy(self._capture(local=True))
+        while self.next_step < total_steps:
             self.context.check_generation()
-            self._step(module)
+            self._step(module, total_steps)
+
+    def _return_to_commit(self) -> None:
+        """Undo whatever the broken generation did after the last commit."""
+        self.strategy.rollback()
+        if self.next_step != self.position:  # a round broke: back to its start
+            self._restore(self._committed_state)
+        self._pending.clear()
+
+    def _host_key(self) -> str:
+        per_host = self.strategy.options.workers_per_host
+        if per_host:
+            return f"emulated-host-{self.context.worker_id // per_host}"
+        return os.environ.get(ENV_LAUNCHER_ID) or socket.gethostname()
 
     def _leave(self) -> None:
         self.strategy.teardown()
@@ -158,37 +218,62 @@ class _Loop:
             self.heals.append(report)
         self.fresh = False
 
-    def _capture(self) -> dict:
-        return {
+    def _capture(self, local: bool = False) -> dict:
+        """The committed state: what a heal ships to a peer (``local`` adds this worker's own
+        strategy state, which only a rollback restores)."""
+        state = {
             "position": self.position,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(),
             "rng_cpu": torch.get_rng_state(),
         }
+        if local:
+            state["strategy_local"] = self.strategy.local_state_dict()
+        return state
 
     def _restore(self, state: dict) -> None:
-        self.position = int(state["position"])
+        self.position = self.next_step = int(state["position"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
+        if "strategy_local" in state:
+            self.strategy.load_local_state_dict(state["strategy_local"])
         torch.set_rng_state(state["rng_cpu"])
         self.context.committed_step = self.position - 1
 
-    def _step(self, module: nn.Module) -> None:
-        step, context = self.position, self.context
+    def _step(self, module: nn.Module, total_steps: int) -> None:
+        step, context = self.next_step, self.context
         maybe_kill(context, step, self.kills)
         self.optimizer.zero_grad(set_to_none=True)
         global_size = len(self.sampler.global_indices(step))
         local = self.sampler.local_indices(step, context.rank, context.world_size)
+        started = time.perf_counter()
         if len(local):
-            loss = self.loss_fn(module, fetch(self.dataset, local)) / global_size
+            total = self.loss_fn(module, fetch(self.dataset, local))
         else:  # more workers than samples left in the epoch: contribute zero gradients
-            loss = sum(p.sum() for p in module.parameters()) * 0.0
-        self.strategy.backward(loss)
+            total = sum(p.sum() for p in module.parameters()) * 0.0
+        self._straggle(time.perf_counter() - started)
+        self.strategy.backward(total / self.strategy.loss_divisor(len(local), global_size))
         maybe_kill(context, step, self.kills, "commit")
-        self.strategy.step()
-        self.position = step + 1
+        committed = self.strategy.step(step, last=step + 1 == total_steps)
+        self.next_step = step + 1
+        loss_part = total.item() / global_size
+        self._pending.append((step, loss_part if math.isfinite(loss_part) else float("nan")))
         context.bytes_sent = self.strategy.bytes_sent
-        loss_part = loss.item()
-        context.record_commit(step, loss_part if math.isfinite(loss_part) else float("nan"))
+        if committed:
+            self._commit()
+
+    def _commit(self) -> None:
+        for step, loss_part in self._pending:
+            self.context.record_commit(step, loss_part)
+        self._pending.clear()
+        self.position = self.next_step
+        if not self.strategy.commits_every_step:
+            self._committed_state = copy.deepcopy(self._capture(local=True))
+
+    def _straggle(self, forward_seconds: float) -> None:
+        """``--slowdown``: stretch this step's compute (forward and backward, about three
+        forwards) by the factor. Sleeping is the fault being emulated, not a wait."""
+        if self.slowdown > 1:
+            time.sleep((self.slowdown - 1) * 3 * forward_seconds)

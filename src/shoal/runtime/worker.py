@@ -25,6 +25,7 @@ def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
         "eval": metrics,
         "steps": result.steps,
         "epochs": result.epochs,
+        "replicas_agree": result.replicas_agree,
         "heals": [{**dataclasses.asdict(h), "megabytes_per_second": h.bytes / 1e6 / h.seconds}
                   for h in result.heals if h.seconds > 0],
     }
@@ -43,7 +44,8 @@ def main() -> int:
         result = train(model, optimizer, task.train_dataset(), task.loss,
                        global_batch_size=config.batch_size, epochs=config.epochs,
                        steps=config.steps, seed=config.seed, strategy=config.strategy,
-                       context=context, kills=config.kills)
+                       options=config.options, context=context, kills=config.kills,
+                       slowdowns=config.slowdowns)
     except JobStopped as stopped:
         context.close()
         print(f"worker {context.worker_id}: {stopped}", file=sys.stderr)

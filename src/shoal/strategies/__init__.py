@@ -1,6 +1,11 @@
 """Strategies by name: ``--strategy`` choices come from this registry."""
 
-from shoal.strategies import allreduce as _allreduce  # noqa: F401  (registers itself)
+from shoal.strategies import (  # noqa: F401  (each registers itself)
+    allreduce as _allreduce,
+    diloco as _diloco,
+    hierarchical as _hierarchical,
+    localsgd as _localsgd,
+)
 from shoal.strategies.api import STRATEGIES, Strategy, register
 
 __all__ = ["STRATEGIES", "Strategy", "register"]

@@ -13,6 +13,12 @@ from shoal.strategies.api import Strategy, register
 __all__ = ["AllReduce"]
 
 
+def _done(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    future = torch.futures.Future()
+    future.set_result(tensor)
+    return future
+
+
 def _sum_hook(strategy: "AllReduce", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """All-reduce a gradient bucket as a SUM (DDP's default divides by the world size).
 
@@ -20,35 +26,44 @@ def _sum_hook(strategy: "AllReduce", bucket: dist.GradBucket) -> torch.futures.F
     is exactly the gradient one worker would get for the whole batch, however the batch is
     split; averaging would be wrong when shares are uneven.
     """
-    buffer = bucket.buffer()
-    strategy.bytes_sent += buffer.numel() * buffer.element_size()
-    work = dist.all_reduce(buffer, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+    return strategy.reduce_bucket(bucket.buffer(), bucket.index())
 
 
-@register
-class AllReduce(Strategy):
-    name = "allreduce"
+class _DataParallel(Strategy):
+    """DDP with a SUM comm hook; subclasses decide how a bucket is summed."""
 
-    def __init__(self, model, optimizer):
-        super().__init__(model, optimizer)
+    def __init__(self, model, optimizer, options=None):
+        super().__init__(model, optimizer, options)
         self._ddp: DistributedDataParallel | None = None
 
-    def setup(self):
+    def setup(self, host_key):
         device_ids = [torch.cuda.current_device()] if next(self.model.parameters()).is_cuda else None
         # Buckets are rebuilt per generation anyway: the old DDP object is dropped with its group.
         self._ddp = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=False)
         self._ddp.register_comm_hook(self, _sum_hook)
         return self._ddp
 
+    def reduce_bucket(self, buffer: torch.Tensor, index: int) -> torch.futures.Future[torch.Tensor]:
+        if self.options.compress == "none":  # overlap with the rest of the backward pass
+            self.count(buffer)
+            return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
+        return _done(self.compressor.sum(buffer, f"bucket{index}"))
+
     def backward(self, loss):
         loss.backward()
 
-    def step(self):
+    def step(self, step, last):
         self.optimizer.step()
+        self.compressor.commit()
+        return True
 
     def teardown(self):
         # The reducer holds the process group; it must be gone before the group is destroyed,
         # or peers keep a half-open connection to a generation that no longer exists.
         self._ddp = None
         gc.collect()
+
+
+@register
+class AllReduce(_DataParallel):
+    name = "allreduce"

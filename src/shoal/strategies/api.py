@@ -1,4 +1,20 @@
-"""The strategy interface: how workers agree on an update, and where that update commits."""
+"""The strategy interface: how workers agree on an update, and where that update commits.
+
+A strategy lives for one generation: ``setup`` runs after the process group of a new
+generation is formed and the state healed, ``teardown`` when that generation breaks.
+
+Each strategy has a defined *commit point*. Synchronous ones (allreduce, hierarchical)
+commit every step. Round-based ones (localsgd, diloco) take local steps and commit the
+whole round when its synchronisation succeeds; if a member dies inside a round, the
+survivors go back to the state of the last commit and redo the round with the batch
+re-split, so every sample still counts exactly once and nothing half-agreed survives.
+
+``state_dict`` is the shared strategy state that a newcomer copies from a live peer with
+the model (outer parameters and momentum, for example). ``local_state_dict`` is this
+worker's own (error-feedback residuals): a rollback restores it, but a heal never copies it,
+because a residual is what *this* worker still owes the sum. A peer's copy would add that
+peer's debt twice; a newcomer starts owing nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +23,63 @@ import abc
 import torch
 from torch import nn
 
+from shoal.compression import COMPRESSORS
+from shoal.config import StrategyOptions
+
 __all__ = ["STRATEGIES", "Strategy", "register"]
 
 
 class Strategy(abc.ABC):
-    """One algorithm for turning local gradients into a shared update.
-
-    A strategy lives for one generation: ``setup`` runs after the process group of a new
-    generation is formed and the state healed, ``teardown`` when that generation breaks. Its
-    ``state_dict`` is the part of its state a newcomer must copy from a live peer (for
-    example error-feedback buffers or outer momentum), shipped with the model during a heal.
-    """
+    """One algorithm for turning local gradients into a shared update."""
 
     name: str = ""
+    commits_every_step: bool = True
+    """False: steps are tentative until ``step`` reports a synchronisation (a round)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 options: StrategyOptions | None = None):
         self.model = model
         self.optimizer = optimizer
-        self.bytes_sent = 0
+        self.options = options or StrategyOptions()
+        self.compressor = COMPRESSORS[self.options.compress](powersgd_rank=self.options.powersgd_rank)
+        self._bytes_uncompressed = 0
+
+    @property
+    def bytes_sent(self) -> int:
         """Payload bytes this worker handed to collectives, over the whole run."""
+        return self.compressor.bytes_sent + self._bytes_uncompressed
+
+    def count(self, tensor: torch.Tensor) -> None:
+        """Count a payload sent outside the compressor."""
+        self._bytes_uncompressed += tensor.numel() * tensor.element_size()
+
+    def loss_divisor(self, local_samples: int, global_samples: int) -> int:
+        """What this worker's SUM of losses is divided by before ``backward``.
+
+        Synchronous strategies divide by the global batch, so that gradients summed over
+        workers are exactly the one-worker gradient however the batch is split.
+        """
+        return global_samples
 
     @abc.abstractmethod
-    def setup(self) -> nn.Module:
-        """Prepare for the current generation; return the module the loss must be computed with."""
+    def setup(self, host_key: str) -> nn.Module:
+        """Prepare for the current generation; return the module the loss must be computed with.
+
+        ``host_key`` is the same for workers on one host (hierarchical strategies use it).
+        """
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate this worker's share of the loss and communicate."""
 
     @abc.abstractmethod
-    def step(self) -> None:
-        """Apply the agreed update: after this returns, the step is committed on this worker."""
+    def step(self, step: int, last: bool) -> bool:
+        """Apply this step's update. True when the step (and any earlier tentative ones) is
+        committed; ``last`` is the run's final step, which always commits."""
+
+    def rollback(self) -> None:
+        """Forget what the failed step or round did to the strategy's own state."""
+        self.compressor.rollback()
 
     @abc.abstractmethod
     def teardown(self) -> None:
@@ -48,6 +90,12 @@ class Strategy(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def local_state_dict(self) -> dict:
+        return {"compressor": self.compressor.state_dict()}
+
+    def load_local_state_dict(self, state: dict) -> None:
+        self.compressor.load_state_dict(state.get("compressor", {}))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

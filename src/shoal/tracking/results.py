@@ -43,6 +43,7 @@ def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSample
         "payload_bytes_sent": record.bytes_sent,
         "membership_changes": record.membership_changes,
         "heals": results.get("heals", []),
+        "replicas_agree": results.get("replicas_agree"),
     }
     if unit != "samples":
         output[f"{unit}_per_second"] = output["samples_per_second"] * per_sample

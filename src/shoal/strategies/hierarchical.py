@@ -1,0 +1,58 @@
+"""``hierarchical``: sum within each host, all-reduce among host leaders, broadcast back.
+
+Numerically an all-reduce (the same SUM), but only one worker per host crosses the slow
+network between hosts, carrying the host's partial sum; ``--compress`` applies to that
+inter-host exchange only, since links inside a host are fast. Hosts are the workers of one
+launcher (one machine), or emulated with ``--workers-per-host``.
+"""
+
+# No ``from __future__ import annotations``: DDP checks the comm hook's annotations at runtime.
+
+import torch
+import torch.distributed as dist
+
+from shoal.strategies.allreduce import _DataParallel, _done
+from shoal.strategies.api import register
+
+__all__ = ["Hierarchical"]
+
+
+@register
+class Hierarchical(_DataParallel):
+    name = "hierarchical"
+
+    def __init__(self, model, optimizer, options=None):
+        super().__init__(model, optimizer, options)
+        self._host_group = None
+        self._leader_group = None
+        self._leader = 0
+        self._is_leader = False
+
+    def setup(self, host_key):
+        keys = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, host_key)
+        hosts: dict[str, list[int]] = {}
+        for rank, key in enumerate(keys):
+            hosts.setdefault(key, []).append(rank)
+        me = dist.get_rank()
+        # Every rank must create every group, in the same order.
+        for ranks in hosts.values():
+            group = dist.new_group(ranks)
+            if me in ranks:
+                self._host_group, self._leader = group, ranks[0]
+        leaders = dist.new_group([ranks[0] for ranks in hosts.values()])
+        self._is_leader = me == self._leader
+        self._leader_group = leaders if self._is_leader else None
+        return super().setup(host_key)
+
+    def reduce_bucket(self, buffer: torch.Tensor, index: int):
+        self.count(buffer)  # to the host leader (sent by members; the leader sends it back)
+        dist.reduce(buffer, dst=self._leader, group=self._host_group)
+        if self._is_leader:
+            buffer.copy_(self.compressor.sum(buffer, f"bucket{index}", group=self._leader_group))
+        dist.broadcast(buffer, src=self._leader, group=self._host_group)
+        return _done(buffer)
+
+    def teardown(self):
+        self._host_group = self._leader_group = None
+        super().teardown()
