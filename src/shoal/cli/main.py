@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shoal", description="Elastic, fault-tolerant training for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(commands)
+    from shoal.cli.bench import add_bench
     from shoal.cli.chaos import add_chaos
     from shoal.cli.coordinator import add_coordinator
     from shoal.cli.run import add_run
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run(commands)
     add_coordinator(commands)
     add_chaos(commands)
+    add_bench(commands)
     return parser
 
 

@@ -293,6 +293,7 @@ class Membership:
                 status=self.status, reason=self.reason,
                 first_formed_at=self.first_formed_at(),
                 bytes_sent=sum(w.bytes_sent for w in self._workers.values()),
+                bytes_by_worker={str(w.worker_id): w.bytes_sent for w in self._workers.values()},
                 steps=steps, membership_changes=self.membership_changes(), results=self.results)
 
     def membership_changes(self) -> list[dict]:

@@ -29,6 +29,8 @@ class JobRecord:
     reason: str
     first_formed_at: float | None
     bytes_sent: int
+    bytes_by_worker: dict[str, int] = field(default_factory=dict)
+    """Payload bytes each worker (id) reported, as of its last heartbeat or finish."""
     steps: list[CommittedStep] = field(default_factory=list)
     membership_changes: list[dict] = field(default_factory=list)
     results: dict | None = None

@@ -6,6 +6,7 @@ machine's own network; every address is inside namespaces created here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +31,11 @@ def namespaces_available() -> str | None:
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def _ip_netns_tc(namespace: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", namespace, "tc", *args], check=True, capture_output=True,
+                   text=True)
 
 
 class Hosts:
@@ -78,6 +84,23 @@ class Hosts:
 
     def reconnect(self, index: int) -> None:
         _ip("-n", self.switch, "link", "set", f"port{index}", "up")
+
+    def limit(self, index: int, mbit: float) -> None:
+        """Limit host ``index``'s link to ``mbit`` Mbit/s each way (a token bucket, ``tbf``).
+
+        Egress is shaped on the host's eth0, ingress on its switch port (whose egress it is).
+        The bucket holds a few milliseconds of traffic, as a WAN link's buffer would.
+        """
+        burst = max(16_000, int(mbit * 1e6 / 8 * 0.004))
+        for namespace, device in ((self.names[index], "eth0"), (self.switch, f"port{index}")):
+            _ip_netns_tc(namespace, "qdisc", "replace", "dev", device, "root", "tbf", "rate",
+                         f"{mbit}mbit", "burst", str(burst), "latency", "200ms")
+
+    def tx_bytes(self, index: int) -> int:
+        """Bytes host ``index`` has sent on eth0 (the kernel's counter)."""
+        result = subprocess.run(["ip", "-n", self.names[index], "-s", "-j", "link", "show", "eth0"],
+                                check=True, capture_output=True, text=True)
+        return int(json.loads(result.stdout)[0]["stats64"]["tx"]["bytes"])
 
     def close(self) -> None:
         for process in self._processes:

@@ -38,9 +38,12 @@ def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSample
         "final_train_loss": statistics.fmean(last_losses) if last_losses else None,
         "eval": results.get("eval", {}),
         "wall_time_seconds": round(wall_seconds, 3),
+        "started_at": started,
         "train_seconds": round(train_seconds, 3),
         "samples_per_second": samples / train_seconds if train_seconds else 0.0,
         "payload_bytes_sent": record.bytes_sent,
+        "payload_bytes_per_step": record.bytes_sent / len(record.steps) if record.steps else 0.0,
+        "payload_bytes_by_worker": record.bytes_by_worker,
         "membership_changes": record.membership_changes,
         "heals": results.get("heals", []),
         "replicas_agree": results.get("replicas_agree"),
@@ -55,8 +58,9 @@ def write_json(path: str, data: dict) -> None:
 
 
 def write_sample_log(path: str, record: JobRecord, sampler: GlobalBatchSampler) -> None:
-    """One JSON line per committed step: epoch, step, generation, members, samples, and the
-    (unix) time its first member committed it."""
+    """One JSON line per committed step: epoch, step, generation, members, samples, the
+    (unix) time its first member committed it, and its global-batch loss (null if a share
+    was never reported)."""
     lines = []
     for committed in record.steps:
         lines.append(json.dumps({
@@ -66,5 +70,6 @@ def write_sample_log(path: str, record: JobRecord, sampler: GlobalBatchSampler) 
             "members": committed.members,
             "samples": sampler.global_indices(committed.step).tolist(),
             "committed_at": round(committed.committed_at, 4),
+            "loss": committed.loss,
         }))
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode() if lines else b""))

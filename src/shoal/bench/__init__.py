@@ -1,0 +1,1 @@
+"""Benchmarks: runs made side by side in one invocation, reported as ratios."""

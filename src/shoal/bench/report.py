@@ -1,0 +1,75 @@
+"""Benchmark output: Markdown tables and PNG plots (matplotlib, the ``bench`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["plot_curves", "wan_markdown"]
+
+
+def _kilobytes(value: float) -> str:
+    return f"{value / 1e3:,.1f}"
+
+
+def wan_markdown(settings, runs, *, command: str, when: str, plot: str | None) -> str:
+    reference = next((r for r in runs if r.label == "allreduce" and r.error is None), None)
+    rows = []
+    for run in runs:
+        if run.error:
+            rows.append(f"| {run.label} | failed: {run.error} |||||||||")
+            continue
+        fewer = (f"{reference.payload_bytes_per_step / run.payload_bytes_per_step:.1f}x"
+                 if reference and run.payload_bytes_per_step else "-")
+        to_target = "not reached" if run.seconds_to_target is None else f"{run.seconds_to_target:.1f}"
+        sooner = (f"{reference.seconds_to_target / run.seconds_to_target:.1f}x"
+                  if reference and reference.seconds_to_target and run.seconds_to_target else "-")
+        eval_loss = run.eval.get("eval_loss", run.eval.get("loss"))
+        rows.append(
+            f"| {run.label} | {_kilobytes(run.payload_bytes_per_step)} | {fewer} | "
+            f"{_kilobytes(run.wire_bytes_per_step)} | {run.steps} | {run.train_seconds:.1f} | "
+            f"{run.final_train_loss:.3f} | {eval_loss:.3f} | {to_target} | {sooner} |")
+    figure = f"\n![loss against wall time]({plot})\n" if plot else ""
+    return f"""## Slow network: strategies side by side
+
+{settings.task}, {settings.hosts} hosts (network namespaces) with one worker each, every link
+limited to {settings.mbit:g} Mbit/s each way with `tbf`; {settings.steps} steps, seed
+{settings.seed}; target: smoothed training loss (mean of 10 steps) <= {settings.target_loss:g}.
+{when}. Regenerate with:
+
+    {command}
+
+Payload is what each worker handed to collectives per step (counted by shoal); wire is what
+each worker host's interface sent per step (the kernel's counter: every protocol, headers
+and heartbeats included). All-gather based compressors (int8, onebit) send their payload
+to each of the other N-1 workers, a ring all-reduce about 2(N-1)/N times it, so the wire
+ratio differs from the payload ratio. Eval loss is the task's held-out loss at the end.
+
+| run | payload kB/step | fewer than fp32 | wire kB/step | steps | train s | final train loss | eval loss | s to target | sooner than allreduce |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+{figure}"""
+
+
+def plot_curves(runs, path: str | Path, *, title: str) -> bool:
+    """Loss against wall time, one line per run. False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        if run.curve:
+            seconds, losses = zip(*run.curve)
+            axes.plot(seconds, losses, label=run.label)
+    axes.set_xlabel("wall time (s)")
+    axes.set_ylabel("training loss (mean of 10 steps)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

@@ -1,0 +1,151 @@
+"""``shoal bench wan``: every strategy over an emulated slow network, side by side.
+
+Hosts are network namespaces (root only): host 0 runs ``shoal coordinator``, hosts 1..N one
+worker each, and every worker host's link is limited with ``tbf`` (both ways) to the given
+rate. The same task, seed and global batch is trained once per strategy, one after the
+other in one invocation. Each run reports the payload bytes shoal counted and the bytes the
+hosts' interfaces really sent (the kernel's counters), the loss curve against wall time,
+and when the smoothed training loss first reached the target.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shoal.network import Hosts
+
+__all__ = ["DEFAULT_RUNS", "WanRun", "WanSettings", "run_wan"]
+
+_TOKEN = "shoal-bench"
+_SMOOTHING = 10  # steps in the running mean of the training loss
+
+DEFAULT_RUNS = (
+    ("allreduce", ()),
+    ("allreduce fp16", ("--compress", "fp16")),
+    ("allreduce int8", ("--compress", "int8")),
+    ("allreduce onebit", ("--compress", "onebit")),
+    ("allreduce powersgd r4", ("--compress", "powersgd", "--powersgd-rank", "4")),
+    ("localsgd H=50", ("--strategy", "localsgd", "--sync-every", "50")),
+    ("diloco H=50", ("--strategy", "diloco", "--sync-every", "50")),
+)
+
+
+@dataclass(kw_only=True, slots=True)
+class WanSettings:
+    task: str = "charlm"
+    hosts: int = 4
+    mbit: float = 50.0
+    steps: int = 150
+    batch_size: int | None = None
+    seed: int = 0
+    target_loss: float = 2.5
+    heartbeat_timeout: float = 20.0
+    """Generous: a collective over a slow link must not look like a hang."""
+    runs: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RUNS
+
+
+@dataclass(slots=True)
+class WanRun:
+    label: str
+    flags: list[str]
+    steps: int = 0
+    train_seconds: float = 0.0
+    payload_bytes_per_step: float = 0.0
+    """Counted by shoal, per worker."""
+    wire_bytes_per_step: float = 0.0
+    """Sent by the worker hosts' interfaces (all traffic), per worker."""
+    final_train_loss: float | None = None
+    eval: dict = field(default_factory=dict)
+    seconds_to_target: float | None = None
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds since the start, smoothed training loss) per committed step."""
+    error: str | None = None
+
+
+def _curve(sample_log: Path, started: float) -> list[tuple[float, float]]:
+    lines = [json.loads(line) for line in sample_log.read_text().splitlines() if line]
+    losses = [line["loss"] for line in lines]
+    curve = []
+    for index, line in enumerate(lines):
+        window = [x for x in losses[max(0, index - _SMOOTHING + 1): index + 1] if x is not None]
+        if window:
+            curve.append((line["committed_at"] - started, statistics.fmean(window)))
+    return curve
+
+
+def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) -> WanRun:
+    run = WanRun(label, flags)
+    directory = root / re.sub(r"\W+", "-", label)
+    directory.mkdir()
+    hosts = Hosts(settings.hosts + 1)
+    processes = []
+    try:
+        for index in range(1, settings.hosts + 1):
+            hosts.limit(index, settings.mbit)
+        coordinator = hosts.popen(0, [sys.executable, "-m", "shoal.cli.main", "coordinator",
+                                      "--host", hosts.addresses[0], "--token", _TOKEN,
+                                      "--workers", str(settings.hosts), "--linger", "10",
+                                      "--heartbeat-timeout", str(settings.heartbeat_timeout)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        processes.append(coordinator)
+        address = re.search(r"listening on http://(\S+)", coordinator.stdout.readline()).group(1)
+        before = [hosts.tx_bytes(i) for i in range(1, settings.hosts + 1)]
+        batch = ["--batch-size", str(settings.batch_size)] if settings.batch_size else []
+        for index in range(1, settings.hosts + 1):
+            files = (["--output", str(directory / "results.json"),
+                      "--sample-log", str(directory / "samples.jsonl")] if index == 1 else [])
+            processes.append(hosts.popen(index, [
+                sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
+                "--steps", str(settings.steps), "--seed", str(settings.seed), *batch,
+                "--workers", "1", "--quiet", "--coordinator", address, "--token", _TOKEN,
+                "--heartbeat-timeout", str(settings.heartbeat_timeout), *files, *flags],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        codes = [p.wait(timeout=3600) for p in processes[1:]]
+        sent = sum(hosts.tx_bytes(i) - b for i, b in zip(range(1, settings.hosts + 1), before))
+        if any(codes):
+            run.error = f"launcher exit codes {codes}: {processes[1].stderr.read()[-300:]}"
+            return run
+        results = json.loads((directory / "results.json").read_text())
+        run.steps = results["steps"]
+        run.train_seconds = results["train_seconds"]
+        run.payload_bytes_per_step = results["payload_bytes_per_step"] / settings.hosts
+        run.wire_bytes_per_step = sent / max(run.steps, 1) / settings.hosts
+        run.final_train_loss = results["final_train_loss"]
+        run.eval = results["eval"]
+        run.curve = _curve(directory / "samples.jsonl", results["started_at"])
+        reached = [t for t, loss in run.curve if loss <= settings.target_loss]
+        run.seconds_to_target = reached[0] if reached else None
+        return run
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        hosts.close()
+
+
+def run_wan(settings: WanSettings, *, report=print) -> list[WanRun]:
+    """Train once per configured run, one after the other; ``report`` gets a line per run."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-wan-") as temporary:
+        for label, flags in settings.runs:
+            started = time.monotonic()
+            run = _run_one(settings, label, list(flags), Path(temporary))
+            runs.append(run)
+            outcome = run.error or (f"{run.train_seconds:.1f} s, payload {run.payload_bytes_per_step / 1e6:.3f} "
+                                    f"MB/step, wire {run.wire_bytes_per_step / 1e6:.3f} MB/step, "
+                                    f"loss {run.final_train_loss:.3f}")
+            report(f"{label:24s} {outcome} ({time.monotonic() - started:.0f} s in all)")
+    return runs
+
+
+def to_json(settings: WanSettings, runs: list[WanRun]) -> dict:
+    return {"settings": asdict(settings), "runs": [asdict(run) for run in runs]}

@@ -1,0 +1,89 @@
+"""``shoal bench``: benchmarks that write JSON, Markdown and PNG (docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+
+__all__ = ["add_bench"]
+
+
+def add_bench(commands) -> None:
+    parser = commands.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
+    kinds = parser.add_subparsers(dest="benchmark", required=True, parser_class=type(parser))
+    wan = kinds.add_parser("wan", help="every strategy over emulated slow links (root)")
+    wan.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    wan.add_argument("--hosts", type=int, default=4, help="worker hosts, one worker each (default 4)")
+    wan.add_argument("--mbit", type=float, default=50.0, help="link rate in Mbit/s (default 50)")
+    wan.add_argument("--steps", type=int, default=150, help="steps per run (default 150)")
+    wan.add_argument("--target-loss", type=float, default=2.5,
+                     help="smoothed training loss to reach (default 2.5)")
+    wan.add_argument("--only", action="append", default=[], metavar="LABEL",
+                     help="run only these (repeatable), e.g. 'allreduce' 'diloco H=50'")
+    wan.add_argument("--json", metavar="PATH", help="write every run as JSON")
+    wan.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    wan.add_argument("--plot", metavar="PATH", help="write loss against wall time as PNG")
+    wan.set_defaults(handler=_wan)
+
+
+def _wan(args: argparse.Namespace) -> int:
+    from shoal.bench.report import plot_curves, wan_markdown
+    from shoal.bench.wan import DEFAULT_RUNS, WanSettings, run_wan, to_json
+    from shoal.config import ConfigError, _check_writable_file
+    from shoal.network import namespaces_available
+    from shoal.tasks import TASKS
+
+    if args.task not in TASKS:
+        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    if args.hosts < 2:
+        raise ConfigError("--hosts", f"must be at least 2, got {args.hosts}")
+    if not args.mbit > 0:
+        raise ConfigError("--mbit", f"must be positive, got {args.mbit}")
+    if args.steps < 1:
+        raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
+    labels = [label for label, _ in DEFAULT_RUNS]
+    unknown = [label for label in args.only if label not in labels]
+    if unknown:
+        raise ConfigError("--only", f"unknown run {unknown[0]!r} (choose from {', '.join(labels)})")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        _check_writable_file(flag, path)
+    unavailable = namespaces_available()
+    if unavailable is not None:
+        print(f"shoal bench wan: cannot emulate hosts: {unavailable}", file=sys.stderr)
+        return 2
+    runs = tuple(r for r in DEFAULT_RUNS if not args.only or r[0] in args.only)
+    settings = WanSettings(task=args.task, hosts=args.hosts, mbit=args.mbit, steps=args.steps,
+                           target_loss=args.target_loss, runs=runs)
+    results = run_wan(settings, report=lambda line: print(line, flush=True))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(to_json(settings, results), handle, indent=2)
+    plotted = bool(args.plot) and plot_curves(
+        results, args.plot, title=f"{args.task}, {args.hosts} hosts at {args.mbit:g} Mbit/s")
+    if args.plot and not plotted:
+        print("shoal bench wan: no plot: matplotlib is not installed (pip install 'shoal[bench]')",
+              file=sys.stderr)
+    if args.markdown:
+        command = "shoal bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [])
+        when = (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} "
+                f"({_cores()} cores), torch {_torch_version()}")
+        with open(args.markdown, "w") as handle:
+            handle.write(wan_markdown(settings, results, command=command, when=when,
+                                      plot=args.plot if plotted else None))
+    return 1 if any(r.error for r in results) else 0
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
