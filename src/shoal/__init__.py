@@ -4,7 +4,8 @@ The library API is one call: :func:`train` runs an ordinary model, optimizer, da
 loss function on every worker of the job and keeps going when workers die.
 """
 
-from shoal.config import ConfigError, KillSpec, TrainConfig
+from shoal.compression import COMPRESSORS, Compressor
+from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions, TrainConfig
 from shoal.runtime import Context, HealReport, JobStopped, TrainResult, train
 from shoal.strategies import STRATEGIES, Strategy
 from shoal.tasks import TASKS, Task
@@ -12,14 +13,18 @@ from shoal.tasks import TASKS, Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMPRESSORS",
     "STRATEGIES",
     "TASKS",
+    "Compressor",
     "ConfigError",
     "Context",
     "HealReport",
     "JobStopped",
     "KillSpec",
+    "Slowdown",
     "Strategy",
+    "StrategyOptions",
     "Task",
     "TrainConfig",
     "TrainResult",

@@ -22,6 +22,23 @@ BAD_TRAIN_FLAGS = [
     (["--epochs", "1", "--steps", "3"], "--steps"),
     (["--workers", "two"], "--workers"),
     (["--lr", "-1"], "--lr"),
+    (["--compress", "zip"], "--compress"),
+    (["--powersgd-rank", "0"], "--powersgd-rank"),
+    (["--sync-every", "0"], "--sync-every"),
+    (["--outer-lr", "0"], "--outer-lr"),
+    (["--outer-momentum", "1"], "--outer-momentum"),
+    (["--workers-per-host", "0"], "--workers-per-host"),
+    (["--slowdown", "1x3"], "--slowdown"),
+    (["--slowdown", "1=0.5"], "--slowdown"),
+    (["--slowdown", "4=2", "--workers", "2"], "--slowdown"),
+]
+
+BAD_BENCH_FLAGS = [
+    (["wan", "--task", "mnist"], "--task"),
+    (["wan", "--hosts", "1"], "--hosts"),
+    (["wan", "--mbit", "0"], "--mbit"),
+    (["wan", "--only", "gossip"], "--only"),
+    (["wan", "--plot", "/nonexistent-dir/p.png"], "--plot"),
 ]
 
 
@@ -42,6 +59,14 @@ def test_bad_train_flags_exit_2_with_one_line(capsys, args, flag):
     assert len(lines) == 1, err
     assert flag in lines[0]
     assert out == ""
+
+
+@pytest.mark.parametrize("args,flag", BAD_BENCH_FLAGS)
+def test_bad_bench_flags_exit_2_with_one_line(capsys, args, flag):
+    code, out, err = run_main(capsys, "bench", *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], err
 
 
 def test_bad_run_flags_exit_2(capsys, tmp_path):

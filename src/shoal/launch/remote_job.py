@@ -114,13 +114,21 @@ def _write_record(url: str, config: TrainConfig, wall_seconds: float) -> bool:
 
 
 def _final_status(url: str, token: str, group: WorkerGroup) -> dict:
-    """The job's outcome from the coordinator; if it is already gone, from our own workers."""
+    """The job's outcome from the coordinator; if it is already gone, from our own workers.
+
+    Workers that exited 0 committed the last step, but the job completes only when every
+    member has (the leader evaluates and saves first): wait for the others.
+    """
     client = CoordinatorClient(url, token, retry_seconds=5.0)
+    codes = [w.returncode for w in group.workers.values()]
     try:
-        return client.get("/status")
+        while True:
+            status = client.get("/status")
+            if status["status"] in ("completed", "failed") or not codes or any(codes):
+                return status
+            time.sleep(_POLL_SECONDS)
     except CoordinatorUnreachable:
         # A worker exits 0 only after it committed the last step: the training completed.
-        codes = [w.returncode for w in group.workers.values()]
         return {"status": "completed" if 0 in codes else "unknown",
                 "reason": "(the coordinator had already stopped)", "generation": "?", "step": "?"}
     finally:

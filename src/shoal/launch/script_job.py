@@ -11,6 +11,7 @@ survives failures down to ``--min-workers``.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import uuid
@@ -19,6 +20,7 @@ from shoal.config import RunConfig
 from shoal.coordinator import Coordinator, Membership
 from shoal.launch.workers import WorkerGroup, describe_exit
 from shoal.runtime.context import ENV_COORDINATOR, ENV_TOKEN, ENV_WORKER_ID
+from shoal.runtime.trainer import ENV_LAUNCHER_ID
 
 __all__ = ["run_script", "torchrun_env"]
 
@@ -59,7 +61,8 @@ def run_script(config: RunConfig) -> int:
         if not group.running():
             done.set()
 
-    base_env = {**os.environ, ENV_COORDINATOR: coordinator.url, ENV_TOKEN: coordinator.token}
+    base_env = {**os.environ, ENV_COORDINATOR: coordinator.url, ENV_TOKEN: coordinator.token,
+                ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
     if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         base_env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
     group = WorkerGroup([sys.executable, "-u", config.script, *config.script_args], env=base_env,
