@@ -71,3 +71,14 @@ def test_diloco_heals_a_newcomer_with_the_outer_momentum(tmp_path):
     assert results["replicas_agree"] is True
     size = len(TASKS["quadratic"](0).train_dataset())
     assert exactly_once_violations(log, dataset_size=size, steps=90) == []
+
+
+def test_a_slow_member_is_waited_for_not_timed_out(tmp_path):
+    """Worker 1 computes 30x slower: each round it arrives seconds after the other, far past
+    the 1 s heartbeat (and collective) timeout. It is alive, so nobody is evicted: the sync
+    waits on the members' liveness, not on a collective's timeout."""
+    _, results = train(tmp_path, "straggler", "--task", "digits", "--steps", "40", "--quiet",
+                       "--workers", "2", "--strategy", "localsgd", "--sync-every", "20",
+                       "--slowdown", "1=30", "--heartbeat-timeout", "1")
+    assert results["membership_changes"] == []
+    assert results["steps"] == 40 and results["replicas_agree"] is True

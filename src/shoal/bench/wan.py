@@ -11,6 +11,7 @@ and when the smoothed training loss first reached the target.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -86,6 +87,8 @@ def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) ->
     directory = root / re.sub(r"\W+", "-", label)
     directory.mkdir()
     hosts = Hosts(settings.hosts + 1)
+    # The emulated hosts share this machine's cores: one launcher per host must not take all.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // settings.hosts))}
     processes = []
     try:
         for index in range(1, settings.hosts + 1):
@@ -107,7 +110,7 @@ def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) ->
                 "--steps", str(settings.steps), "--seed", str(settings.seed), *batch,
                 "--workers", "1", "--quiet", "--coordinator", address, "--token", _TOKEN,
                 "--heartbeat-timeout", str(settings.heartbeat_timeout), *files, *flags],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
         codes = [p.wait(timeout=3600) for p in processes[1:]]
         sent = sum(hosts.tx_bytes(i) - b for i, b in zip(range(1, settings.hosts + 1), before))
         if any(codes):

@@ -26,11 +26,11 @@ class OneBit(Compressor):
         flat = tensor.reshape(-1)
         scale = flat.abs().mean().float().reshape(1)
         positive = F.pad((flat >= 0).to(torch.uint8), (0, (-flat.numel()) % 8))
-        packed = (positive.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+        packed = (positive.reshape(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
         return [packed, scale]
 
     def _decode(self, encoded, like):
         packed, scale = encoded
-        bits = (packed.unsqueeze(1) & _BIT_WEIGHTS).ne(0).reshape(-1)[: like.numel()]
+        bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)).ne(0).reshape(-1)[: like.numel()]
         signs = bits.to(like.dtype) * 2 - 1
         return (signs * scale.to(like.dtype)).reshape(like.shape)

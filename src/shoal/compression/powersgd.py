@@ -34,10 +34,10 @@ class PowerSGD(Compressor):
             dist.all_reduce(total, group=group)
             return total
         corrected = tensor + self._residual(key, tensor)
-        matrix = torch.zeros(rows * columns, dtype=tensor.dtype)
+        matrix = torch.zeros(rows * columns, dtype=tensor.dtype, device=tensor.device)
         matrix[: tensor.numel()] = corrected.reshape(-1)
         matrix = matrix.reshape(rows, columns)
-        query = self._query(key, columns, rank)
+        query = self._query(key, columns, rank).to(tensor.device)
         p = matrix @ query
         self._all_reduce(p, group)
         p = torch.linalg.qr(p).Q

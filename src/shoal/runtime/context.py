@@ -80,6 +80,8 @@ class Context:
         self._heartbeat_thread: threading.Thread | None = None
         self._store: dist.Store | None = None
         self._store_address: tuple[str, int] | None = None
+        self.generation_store: dist.Store | None = None
+        """This generation's own namespace of the coordinator's store."""
 
     @classmethod
     def from_env(cls) -> Context:
@@ -198,7 +200,7 @@ class Context:
             return
 
     def _init_process_group(self) -> None:
-        store = dist.PrefixStore(f"generation/{self.generation}/", self._store)
+        store = self.generation_store = dist.PrefixStore(f"generation/{self.generation}/", self._store)
         # Connecting gets longer than an operation: a member may still be leaving the old
         # generation (stuck in a collective until it times out) when the others already connect.
         timeout = timedelta(seconds=self.heartbeat_timeout)
@@ -216,6 +218,20 @@ class Context:
             raise JobStopped(f"worker {self.worker_id} was evicted by the coordinator")
         if self.latest_generation > self.generation:
             raise GenerationMoved(f"generation {self.latest_generation} formed")
+
+    def await_members(self, tag: str, poll_seconds: float = 0.01) -> None:
+        """Wait until every member has reached ``tag``, however long their work takes, but
+        leave (``GenerationMoved``/``JobStopped``) as soon as the coordinator gives up on one.
+
+        A collective that waits for a slow peer's long local work would hit its timeout (the
+        heartbeat timeout) although the peer is alive; this wait is bounded by liveness instead.
+        """
+        store = self.generation_store
+        store.set(f"shoal/ready/{tag}/{self.rank}", b"1")
+        keys = [f"shoal/ready/{tag}/{rank}" for rank in range(self.world_size)]
+        while not store.check(keys):
+            self.check_generation()
+            time.sleep(poll_seconds)
 
     def report_failure(self, detail: str) -> None:
         if self.distributed:

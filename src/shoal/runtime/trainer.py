@@ -101,8 +101,10 @@ def train(
         context = Context.from_env()
         context.join()
     options = (options or StrategyOptions()).validate(strategy)
-    loop = _Loop(model, optimizer, dataset, loss_fn, sampler,
-                 STRATEGIES[strategy](model, optimizer, options), context, kills, slowdowns)
+    chosen = STRATEGIES[strategy](model, optimizer, options)
+    if context.distributed:
+        chosen.await_members = context.await_members
+    loop = _Loop(model, optimizer, dataset, loss_fn, sampler, chosen, context, kills, slowdowns)
     try:
         loop.run(total_steps)
         agree = _replicas_agree(model)

@@ -33,8 +33,12 @@ def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
 
 def main() -> int:
     config = TrainConfig.from_json(os.environ[ENV_CONFIG])
-    # N workers share this machine's cores; oversubscribing them makes every worker slower.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
+    # N workers share this machine's cores; oversubscribing them makes every worker slower
+    # (OpenMP threads spin). OMP_NUM_THREADS, when set, wins, as under torchrun: several
+    # launchers on one machine (emulated hosts) each see every core.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(int(threads) if threads and threads.isdigit() and int(threads) > 0
+                          else max(1, (os.cpu_count() or 1) // config.workers))
     task = TASKS[config.task](config.seed)
     model = task.build_model()
     optimizer = task.build_optimizer(model, config.lr)

@@ -19,6 +19,7 @@ peer's debt twice; a newcomer starts owing nothing.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ class Strategy(abc.ABC):
         self.options = options or StrategyOptions()
         self.compressor = COMPRESSORS[self.options.compress](powersgd_rank=self.options.powersgd_rank)
         self._bytes_uncompressed = 0
+        self.await_members: Callable[[str], None] = lambda tag: None
+        """Set by the loop: wait until every member reached ``tag`` while they stay alive
+        (before a collective that follows long local work, so it is not timed out)."""
 
     @property
     def bytes_sent(self) -> int:

@@ -50,6 +50,9 @@ class LocalSGD(Strategy):
         self.optimizer.step()
         if (step + 1) % self.options.sync_every and not last:
             return False
+        # Members finish a round of H local steps at different times; the all-reduce's
+        # timeout must only cover the exchange, not a slow peer's round.
+        self.await_members(f"sync-{step}")
         self._synchronise()
         return True
 
