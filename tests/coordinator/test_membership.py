@@ -176,6 +176,44 @@ def test_below_min_workers_waits_for_an_expected_rejoin_instead_of_failing():
     assert membership.current.number == 2 and membership.current.members == [0, 1]
 
 
+def test_with_restarts_a_late_restart_announcement_still_pauses_the_job():
+    """Worker 2 went quiet before it died: the silence verdict came before the launcher's
+    exit report. The launcher's "restarting it" a moment later must still pause the job."""
+    clock = Clock()
+    membership = Membership(expected_workers=3, min_workers=3, heartbeat_timeout=2.0,
+                            restarts=True, clock=clock)
+    for worker in range(3):
+        membership.join(worker, "host", 100 + worker)
+    def beat(seconds):  # workers 0 and 1 beat, worker 2 is silent
+        for _ in range(round(seconds / 0.05)):
+            advance(membership, clock, 0.05)
+            for worker in (0, 1):
+                membership.heartbeat(worker, {})
+
+    beat(2.5)
+    assert not membership._workers[2].alive and membership.status == "running"
+    membership.expect_rejoin(2)  # the launcher saw the process end and restarts it
+    membership.report_exit(2, "killed by SIGKILL")
+    beat(5.0)
+    assert membership.status == "running"  # paused, waiting for the rejoin
+    membership.join(2, "host", 200)
+    assert membership.current.members == [0, 1, 2]
+
+
+def test_with_restarts_the_job_fails_if_no_restart_is_announced():
+    clock = Clock()
+    membership = Membership(expected_workers=2, min_workers=2, heartbeat_timeout=2.0,
+                            restarts=True, clock=clock)
+    for worker in range(2):
+        membership.join(worker, "host", 100 + worker)
+    membership.report_exit(1, "killed by SIGKILL")
+    assert membership.status == "running"
+    for _ in range(50):
+        advance(membership, clock, 0.05)
+        membership.heartbeat(0, {})
+    assert membership.status == "failed" and "--min-workers" in membership.reason
+
+
 def test_a_stalled_coordinator_does_not_declare_everyone_dead():
     membership, clock = started(workers=2, timeout=2.0)
     clock.now += 10  # the coordinator itself could not run for 10 s

@@ -68,12 +68,16 @@ class Membership:
         min_workers: int,
         max_workers: int | None = None,
         heartbeat_timeout: float = 5.0,
+        restarts: bool = False,
         clock: Callable[[], float] = time.time,
     ):
         self.expected_workers = expected_workers
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.heartbeat_timeout = heartbeat_timeout
+        self.restarts = restarts
+        """The launcher restarts dead workers: below ``min_workers``, wait for it to say so."""
+        self._below_minimum_since: float | None = None
         self._clock = clock
         self._lock = threading.RLock()
         self._workers: dict[int, _Worker] = {}
@@ -430,12 +434,15 @@ class Membership:
         self._failure_reported_at = None
         if len(live) < self.min_workers and len(live) + len(self._rejoin_expected) >= self.min_workers:
             return  # pause: survivors wait in their long-poll until the restarted workers join
+        if len(live) < self.min_workers and self._may_still_announce_a_restart():
+            return
         if len(live) < self.min_workers:
             self._set_status(
                 "failed",
                 f"only {len(live)} worker(s) remain, fewer than --min-workers {self.min_workers} ({cause})",
             )
             return
+        self._below_minimum_since = None
         generation = Generation(self.current_number + 1, live, self._clock())
         self._generations.append(generation)
         if previous is not None:
@@ -452,6 +459,20 @@ class Membership:
                 }
             )
         self._set_status("running", "")
+
+    def _may_still_announce_a_restart(self) -> bool:
+        """With restarts, give the launcher one heartbeat timeout to announce one.
+
+        A worker that stalls before it dies is declared dead by silence before its process
+        exits, so the launcher's "restarting it" can trail the verdict; failing the job in
+        between would throw away a run that was about to pause for the rejoin.
+        """
+        if not self.restarts:
+            return False
+        now = self._clock()
+        if self._below_minimum_since is None:
+            self._below_minimum_since = now
+        return now - self._below_minimum_since < self.heartbeat_timeout
 
     def _set_status(self, status: str, reason: str) -> None:
         self.status, self.reason = status, reason

@@ -37,7 +37,7 @@ def run_train(config: TrainConfig) -> int:
     total_steps = config.steps or config.epochs * sampler.steps_per_epoch
     membership = Membership(expected_workers=config.workers, min_workers=config.min_workers,
                             max_workers=config.max_workers,
-                            heartbeat_timeout=config.heartbeat_timeout)
+                            heartbeat_timeout=config.heartbeat_timeout, restarts=config.restart)
     coordinator = Coordinator(membership, host=config.host).start()
     progress = Progress(total_steps, quiet=config.quiet)
     progress.message(f"shoal: coordinator listening on {coordinator.url}")
