@@ -61,17 +61,24 @@ def run_remote(config: TrainConfig) -> int:
            ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),
            ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
     group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit, echo=echo)
+    record = None
+    watcher = CoordinatorClient(url, config.token, retry_seconds=1.0)
     try:
         for local_index in range(config.workers):
             group.spawn(local_index, {})
         while group.running():
             time.sleep(_POLL_SECONDS)
+            if (config.output or config.sample_log) and record is None:
+                # Fetch the record the moment the job completes: our workers may take a
+                # while to exit, and the coordinator lingers only so long after the end.
+                record = _record_once_completed(watcher)
         status = _final_status(url, config.token, group)
     except KeyboardInterrupt:
         status = {"status": "interrupted", "reason": "Ctrl-C"}
     finally:
         group.stop_all()
         client.close()
+        watcher.close()
     codes = [w.returncode for w in group.workers.values()]
     if status["status"] != "completed" and codes and all(code == _EVICTED for code in codes):
         echo("shoal train: this host's workers were evicted (cut off or hung); "
@@ -80,7 +87,8 @@ def run_remote(config: TrainConfig) -> int:
     if status["status"] != "completed":
         echo(f"shoal train: failed: the job is {status['status']} {status.get('reason', '')}".rstrip())
         return 1
-    if (config.output or config.sample_log) and not _write_record(url, config, time.time() - started):
+    if (config.output or config.sample_log) and not _write_record(url, config, record,
+                                                                   time.time() - started):
         return 1
     if not config.quiet:
         echo(f"shoal train: the job completed (generation {status['generation']}, "
@@ -88,20 +96,30 @@ def run_remote(config: TrainConfig) -> int:
     return 0
 
 
-def _write_record(url: str, config: TrainConfig, wall_seconds: float) -> bool:
+def _record_once_completed(client: CoordinatorClient) -> JobRecord | None:
+    try:
+        if client.get("/status")["status"] == "completed":
+            return JobRecord.from_json(client.get("/record"))
+    except CoordinatorUnreachable:
+        pass  # it may be restarting: ask again on the next poll
+    return None
+
+
+def _write_record(url: str, config: TrainConfig, record: JobRecord | None, wall_seconds: float) -> bool:
     """Write --output and --sample-log from the coordinator's record; False if it is gone."""
     from shoal.tasks import TASKS
     from shoal.tracking import build_results, write_json, write_sample_log
 
-    client = CoordinatorClient(url, config.token, retry_seconds=5.0)
-    try:
-        record = JobRecord.from_json(client.get("/record"))
-    except CoordinatorUnreachable as error:
-        print(f"shoal train: cannot write --output/--sample-log: {error} (keep the coordinator "
-              "up a little after the end: shoal coordinator --linger)", file=sys.stderr)
-        return False
-    finally:
-        client.close()
+    if record is None:
+        client = CoordinatorClient(url, config.token, retry_seconds=5.0)
+        try:
+            record = JobRecord.from_json(client.get("/record"))
+        except CoordinatorUnreachable as error:
+            print(f"shoal train: cannot write --output/--sample-log: {error} (keep the coordinator "
+                  "up a little after the end: shoal coordinator --linger)", file=sys.stderr)
+            return False
+        finally:
+            client.close()
     task = TASKS[config.task](config.seed)
     sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
     if config.output:
