@@ -51,10 +51,10 @@ def test_elastic_example_survives_a_killed_worker(tmp_path):
         "import os, signal, runpy\n"
         "import shoal.runtime.trainer as trainer\n"
         "step = trainer._Loop._step\n"
-        "def dying_step(self, module):\n"
+        "def dying_step(self, *args):\n"
         "    if os.environ['RANK'] == '1' and self.position == 10:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    step(self, module)\n"
+        "    step(self, *args)\n"
         "trainer._Loop._step = dying_step\n"
         f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n"
     )
