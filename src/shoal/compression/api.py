@@ -51,11 +51,6 @@ class Compressor(abc.ABC):
     def rollback(self) -> None:
         self._pending.clear()
 
-    def residual_norm(self) -> float:
-        """The size of what is still owed to the next steps (PowerSGD's queries excluded)."""
-        return sum(float(r.norm()) ** 2 for k, r in self._residuals.items()
-                   if not k.endswith("/query")) ** 0.5
-
     def state_dict(self) -> dict:
         return {"residuals": dict(self._residuals)}
 

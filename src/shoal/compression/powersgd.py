@@ -29,9 +29,8 @@ class PowerSGD(Compressor):
         columns = math.ceil(tensor.numel() / rows)
         rank = min(self.powersgd_rank, rows, columns)
         if (rows + columns) * rank >= tensor.numel():  # too small to gain: send it whole
-            self.bytes_sent += tensor.numel() * tensor.element_size()
             total = tensor.clone()
-            dist.all_reduce(total, group=group)
+            self._all_reduce(total, group)
             return total
         corrected = tensor + self._residual(key, tensor)
         matrix = torch.zeros(rows * columns, dtype=tensor.dtype, device=tensor.device)
