@@ -108,6 +108,8 @@ class StrategyOptions:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     """diloco's outer Nesterov SGD (the paper's defaults)."""
+    max_staleness: int = 8
+    """async: drop a gradient computed on parameters more than this many updates old."""
     workers_per_host: int | None = None
     """hierarchical: group consecutive worker ids into emulated hosts of this many workers
     (default: workers that share a launcher, i.e. a machine, form a host)."""
@@ -126,6 +128,11 @@ class StrategyOptions:
             raise ConfigError("--outer-lr", f"must be positive, got {self.outer_lr}")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError("--outer-momentum", f"must be in [0, 1), got {self.outer_momentum}")
+        if self.max_staleness < 0:
+            raise ConfigError("--max-staleness", f"must be at least 0, got {self.max_staleness}")
+        if strategy == "async" and self.compress != "none":
+            raise ConfigError("--compress", "async pushes whole gradients; use --compress none "
+                              "with --strategy async")
         if self.workers_per_host is not None and self.workers_per_host < 1:
             raise ConfigError("--workers-per-host", f"must be at least 1, got {self.workers_per_host}")
         return self

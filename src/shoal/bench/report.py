@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_curves", "wan_markdown"]
+__all__ = ["plot_curves", "straggler_markdown", "wan_markdown"]
 
 
 def _kilobytes(value: float) -> str:
@@ -46,6 +46,35 @@ ratio differs from the payload ratio. Eval loss is the task's held-out loss at t
 
 | run | payload kB/step | fewer than fp32 | wire kB/step | steps | train s | final train loss | eval loss | s to target | sooner than allreduce |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+{figure}"""
+
+
+def straggler_markdown(settings, runs, *, command: str, when: str, plot: str | None) -> str:
+    reference = next((r for r in runs if r.label == "allreduce" and r.error is None), None)
+    rows = []
+    for run in runs:
+        if run.error:
+            rows.append(f"| {run.label} | failed: {run.error} ||||||")
+            continue
+        to_target = "not reached" if run.seconds_to_target is None else f"{run.seconds_to_target:.1f}"
+        sooner = (f"{reference.seconds_to_target / run.seconds_to_target:.2f}x"
+                  if reference and reference.seconds_to_target and run.seconds_to_target else "-")
+        eval_loss = run.eval.get("eval_loss", run.eval.get("loss"))
+        rows.append(f"| {run.label} | {run.steps} | {run.train_seconds:.1f} | {run.final_train_loss:.3f} | "
+                    f"{eval_loss:.3f} | {to_target} | {sooner} |")
+    figure = f"\n![loss against wall time, one straggler]({plot})\n" if plot else ""
+    return f"""## One slow worker: async against allreduce
+
+{settings.task}, {settings.workers} local workers, worker 1 computing {settings.factor:g}x slower
+(`--slowdown 1={settings.factor:g}`); {settings.steps} steps of the same global batch, seed
+{settings.seed}; target: smoothed training loss (mean of 10 steps) <= {settings.target_loss:g}.
+{when}. Regenerate with:
+
+    {command}
+
+| run | steps | train s | final train loss | eval loss | s to target | sooner than allreduce |
+| --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 {figure}"""
 

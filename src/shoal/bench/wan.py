@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shoal.network import Hosts
 
-__all__ = ["DEFAULT_RUNS", "WanRun", "WanSettings", "run_wan"]
+__all__ = ["DEFAULT_RUNS", "WanRun", "WanSettings", "loss_curve", "run_wan"]
 
 _TOKEN = "shoal-bench"
 _SMOOTHING = 10  # steps in the running mean of the training loss
@@ -71,7 +71,7 @@ class WanRun:
     error: str | None = None
 
 
-def _curve(sample_log: Path, started: float) -> list[tuple[float, float]]:
+def loss_curve(sample_log: Path, started: float) -> list[tuple[float, float]]:
     lines = [json.loads(line) for line in sample_log.read_text().splitlines() if line]
     losses = [line["loss"] for line in lines]
     curve = []
@@ -123,7 +123,7 @@ def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) ->
         run.wire_bytes_per_step = sent / max(run.steps, 1) / settings.hosts
         run.final_train_loss = results["final_train_loss"]
         run.eval = results["eval"]
-        run.curve = _curve(directory / "samples.jsonl", results["started_at"])
+        run.curve = loss_curve(directory / "samples.jsonl", results["started_at"])
         reached = [t for t, loss in run.curve if loss <= settings.target_loss]
         run.seconds_to_target = reached[0] if reached else None
         return run

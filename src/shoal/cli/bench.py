@@ -28,10 +28,22 @@ def add_bench(commands) -> None:
     wan.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     wan.add_argument("--plot", metavar="PATH", help="write loss against wall time as PNG")
     wan.set_defaults(handler=_wan)
+    straggler = kinds.add_parser("straggler", help="async against allreduce with one slow worker")
+    straggler.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    straggler.add_argument("--workers", type=int, default=4, help="local workers (default 4)")
+    straggler.add_argument("--factor", type=float, default=3.0,
+                           help="how many times slower worker 1 computes (default 3)")
+    straggler.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
+    straggler.add_argument("--target-loss", type=float, default=2.6,
+                           help="smoothed training loss to reach (default 2.6)")
+    straggler.add_argument("--json", metavar="PATH", help="write both runs as JSON")
+    straggler.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    straggler.add_argument("--plot", metavar="PATH", help="write loss against wall time as PNG")
+    straggler.set_defaults(handler=_straggler)
 
 
 def _wan(args: argparse.Namespace) -> int:
-    from shoal.bench.report import plot_curves, wan_markdown
+    from shoal.bench.report import wan_markdown
     from shoal.bench.wan import DEFAULT_RUNS, WanSettings, run_wan, to_json
     from shoal.config import ConfigError, _check_writable_file
     from shoal.network import namespaces_available
@@ -59,22 +71,52 @@ def _wan(args: argparse.Namespace) -> int:
     settings = WanSettings(task=args.task, hosts=args.hosts, mbit=args.mbit, steps=args.steps,
                            target_loss=args.target_loss, runs=runs)
     results = run_wan(settings, report=lambda line: print(line, flush=True))
+    _write_outputs(args, "wan", to_json(settings, results), results, wan_markdown, settings,
+                   title=f"{args.task}, {args.hosts} hosts at {args.mbit:g} Mbit/s")
+    return 1 if any(r.error for r in results) else 0
+
+
+def _straggler(args: argparse.Namespace) -> int:
+    from shoal.bench.report import straggler_markdown
+    from shoal.bench.straggler import StragglerSettings, run_straggler, to_json
+    from shoal.config import ConfigError, _check_writable_file
+    from shoal.tasks import TASKS
+
+    if args.task not in TASKS:
+        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    if args.workers < 2:
+        raise ConfigError("--workers", f"must be at least 2 (one of them is slow), got {args.workers}")
+    if not args.factor >= 1:
+        raise ConfigError("--factor", f"must be at least 1, got {args.factor}")
+    if args.steps < 1:
+        raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        _check_writable_file(flag, path)
+    settings = StragglerSettings(task=args.task, workers=args.workers, factor=args.factor,
+                                 steps=args.steps, target_loss=args.target_loss)
+    results = run_straggler(settings, report=lambda line: print(line, flush=True))
+    _write_outputs(args, "straggler", to_json(settings, results), results, straggler_markdown, settings,
+                   title=f"{args.task}, {args.workers} workers, worker 1 {args.factor:g}x slower")
+    return 1 if any(r.error for r in results) else 0
+
+
+def _write_outputs(args, name: str, data: dict, results, markdown, settings, *, title: str) -> None:
+    from shoal.bench.report import plot_curves
+
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(to_json(settings, results), handle, indent=2)
-    plotted = bool(args.plot) and plot_curves(
-        results, args.plot, title=f"{args.task}, {args.hosts} hosts at {args.mbit:g} Mbit/s")
+            json.dump(data, handle, indent=2)
+    plotted = bool(args.plot) and plot_curves(results, args.plot, title=title)
     if args.plot and not plotted:
-        print("shoal bench wan: no plot: matplotlib is not installed (pip install 'shoal[bench]')",
+        print(f"shoal bench {name}: no plot: matplotlib is not installed (pip install 'shoal[bench]')",
               file=sys.stderr)
     if args.markdown:
         command = "shoal bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [])
         when = (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} "
                 f"({_cores()} cores), torch {_torch_version()}")
         with open(args.markdown, "w") as handle:
-            handle.write(wan_markdown(settings, results, command=command, when=when,
-                                      plot=args.plot if plotted else None))
-    return 1 if any(r.error for r in results) else 0
+            handle.write(markdown(settings, results, command=command, when=when,
+                                  plot=args.plot if plotted else None))
 
 
 def _cores() -> int:

@@ -61,6 +61,8 @@ def _add_train(commands) -> None:
     talk.add_argument("--outer-lr", type=float, default=0.7, help="diloco's outer learning rate (default 0.7)")
     talk.add_argument("--outer-momentum", type=float, default=0.9,
                       help="diloco's outer Nesterov momentum (default 0.9)")
+    talk.add_argument("--max-staleness", type=int, default=8, metavar="K",
+                      help="async: drop gradients more than K updates old (default 8)")
     talk.add_argument("--workers-per-host", type=int, metavar="K",
                       help="hierarchical: emulate hosts of K consecutive workers "
                       "(default: the workers of one launcher form a host)")
@@ -105,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
         task=args.task, workers=args.workers, min_workers=args.min_workers, strategy=args.strategy,
         options=StrategyOptions(compress=args.compress, powersgd_rank=args.powersgd_rank,
                                 sync_every=args.sync_every, outer_lr=args.outer_lr,
-                                outer_momentum=args.outer_momentum,
+                                outer_momentum=args.outer_momentum, max_staleness=args.max_staleness,
                                 workers_per_host=args.workers_per_host),
         slowdowns=args.slowdown,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

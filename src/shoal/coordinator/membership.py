@@ -58,6 +58,17 @@ class _StepRecord:
     generation: int
     committed_at: float
     loss_parts: dict[int, float] = field(default_factory=dict)
+    """Each member's share of the step's loss, by worker id."""
+    whole_loss: float | None = None
+    """The step's whole loss, when one report carries it (async)."""
+
+    def loss(self, generation: Generation) -> float | None:
+        """The global-batch loss, once every member of ``generation`` reported its share."""
+        if self.whole_loss is not None:
+            return self.whole_loss
+        if len(self.loss_parts) == len(generation.members):
+            return sum(self.loss_parts.values())
+        return None
 
 
 class Membership:
@@ -266,7 +277,10 @@ class Membership:
 
     def step_losses(self) -> dict[int, float]:
         """Global-batch loss of each step whose every share was reported."""
-        return self.record().losses
+        with self._lock:
+            by_number = self._generations_by_number()
+            losses = {s: r.loss(by_number[r.generation]) for s, r in sorted(self._steps.items())}
+            return {s: loss for s, loss in losses.items() if loss is not None}
 
     def first_formed_at(self) -> float | None:
         with self._lock:
@@ -278,8 +292,9 @@ class Membership:
             by_number = self._generations_by_number()
             for step in sorted(self._steps, reverse=True)[:8]:
                 record = self._steps[step]
-                if len(record.loss_parts) == len(by_number[record.generation].members):
-                    return sum(record.loss_parts.values()), record.committed_at
+                loss = record.loss(by_number[record.generation])
+                if loss is not None:
+                    return loss, record.committed_at
             return None, None
 
     def record(self) -> JobRecord:
@@ -289,10 +304,8 @@ class Membership:
             steps = []
             for step, record in sorted(self._steps.items()):
                 generation = by_number[record.generation]
-                complete = len(record.loss_parts) == len(generation.members)
                 steps.append(CommittedStep(step, generation.number, list(generation.members),
-                                           record.committed_at,
-                                           sum(record.loss_parts.values()) if complete else None))
+                                           record.committed_at, record.loss(generation)))
             return JobRecord(
                 status=self.status, reason=self.reason,
                 first_formed_at=self.first_formed_at(),
@@ -334,22 +347,25 @@ class Membership:
 
     def _record_history(self, worker_id: int, payload: dict) -> None:
         # A whole history (after a coordinator restart) names the generations it refers to.
+        known = self._generations_by_number()
         for number, members in payload.get("generations", {}).items():
-            number = int(number)
-            if number not in self._past_generations and number not in (
-                    g.number for g in self._generations):
-                self._past_generations[number] = Generation(number, [int(m) for m in members], 0.0)
+            if int(number) not in known:
+                self._past_generations[int(number)] = Generation(int(number), [int(m) for m in members], 0.0)
         self._record_commits(worker_id, payload.get("commits", ()))
 
     def _record_commits(self, worker_id: int, commits) -> None:
-        # [step, generation, unix time, this rank's share of the global-batch loss]
-        for step, generation, committed_at, loss_part in commits:
+        # [step, generation, unix time, this rank's share of the global-batch loss(, whole)]:
+        # with ``whole`` the loss is the step's own (async's server finished it alone).
+        for step, generation, committed_at, loss_part, *whole in commits:
             record = self._steps.get(step)
             if record is None or generation > record.generation:
                 record = self._steps[step] = _StepRecord(generation, committed_at)
             if generation == record.generation:
                 record.committed_at = min(record.committed_at, committed_at)
-                record.loss_parts[worker_id] = loss_part
+                if whole and whole[0]:
+                    record.whole_loss = loss_part
+                else:
+                    record.loss_parts[worker_id] = loss_part
                 self._note_recovery(generation, committed_at)
 
     def _note_recovery(self, generation: int, committed_at: float) -> None:

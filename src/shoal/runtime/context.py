@@ -41,9 +41,12 @@ class CommitRecord:
     generation: int
     committed_at: float
     loss_part: float
+    whole: bool = False
+    """``loss_part`` is the step's whole loss (async: the server finished the step alone)."""
 
     def to_json(self) -> list:
-        return [self.step, self.generation, self.committed_at, self.loss_part]
+        record = [self.step, self.generation, self.committed_at, self.loss_part]
+        return record + [True] if self.whole else record
 
 
 def default_backend() -> str:
@@ -159,7 +162,8 @@ class Context:
             "bytes_sent": self.bytes_sent,
             "commits": [c.to_json() for c in commits],
             # the members of each generation named, in case the coordinator never formed it
-            "generations": {str(g): self._generation_members[g] for g in {c.generation for c in commits}},
+            "generations": {str(g): self._generation_members[g] for g in {c.generation for c in commits}
+                            if g in self._generation_members},
         }
 
     def _drain_commits(self) -> list[CommitRecord]:
@@ -208,6 +212,14 @@ class Context:
                                 world_size=self.world_size, timeout=3 * timeout)
         dist.distributed_c10d._set_pg_timeout(timeout)
 
+    def reachable_host(self) -> str:
+        """This machine's address on the route to the coordinator: where peers reach us."""
+        if self._store_address is None:
+            return "127.0.0.1"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((self._store_address[0], 9))  # UDP: picks the route, sends nothing
+            return probe.getsockname()[0]
+
     def leave_generation(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -244,9 +256,13 @@ class Context:
 
     # -- commits and the end --------------------------------------------------------------------
 
-    def record_commit(self, step: int, loss_part: float) -> None:
+    def record_commit(self, step: int, loss_part: float, *, generation: int | None = None,
+                      committed_at: float | None = None, whole: bool = False) -> None:
+        """Report a committed step: this member's share of its loss (``whole``: all of it),
+        by default committed now in the current generation."""
         self.committed_step = step
-        record = CommitRecord(step, self.generation, time.time(), loss_part)
+        record = CommitRecord(step, self.generation if generation is None else generation,
+                              time.time() if committed_at is None else committed_at, loss_part, whole)
         with self._lock:
             self._commits.append(record)
             self._history.append(record)

@@ -15,7 +15,8 @@ class InjectedFault(Exception):
     """Raised by ``--fail``: deliberately not a RuntimeError, so no retry swallows it."""
 
 
-def maybe_kill(context, step: int, kills: Sequence[KillSpec], phase: str = "step") -> None:
+def maybe_kill(context, step: int, kills: Sequence[KillSpec], phase: str = "step",
+               reached: bool = False) -> None:
     """Signal this process if a fault is planned for this worker at ``step``.
 
     The coordinator is told first so that the membership change names its cause; then the
@@ -23,7 +24,8 @@ def maybe_kill(context, step: int, kills: Sequence[KillSpec], phase: str = "step
     (SIGSTOP) with its heartbeat thread, like a hung one.
     """
     for kill in kills:
-        due = kill.step <= step if phase == "heal" else kill.step == step
+        # ``reached``: at the first step at or past it (a worker of async skips steps).
+        due = kill.step <= step if phase == "heal" or reached else kill.step == step
         description = f"{kill.flag} {kill}: {kill.signal}"
         if kill.rank == context.worker_id and kill.phase == phase and due and \
                 description not in context.fired_faults:  # once, even across restarts

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["HealReport", "heal"]
+__all__ = ["HealReport", "deserialize", "heal", "serialize"]
 
 FRESH = -1
 """The committed step a worker reports before it holds any state of the job."""
@@ -32,13 +32,13 @@ class HealReport:
     seconds: float
 
 
-def _serialize(state: dict) -> torch.Tensor:
+def serialize(state: dict) -> torch.Tensor:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)
 
 
-def _deserialize(blob: torch.Tensor) -> dict:
+def deserialize(blob: torch.Tensor) -> dict:
     return torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
 
 
@@ -59,7 +59,7 @@ def heal(my_step: int, capture, restore, before_transfer=lambda step: None) -> H
     started = time.perf_counter()
     source = steps.index(high)
     rank = dist.get_rank()
-    blob = _serialize(capture()) if rank == source else None
+    blob = serialize(capture()) if rank == source else None
     size = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
     dist.broadcast(size, src=source)
     if blob is None:
@@ -67,5 +67,5 @@ def heal(my_step: int, capture, restore, before_transfer=lambda step: None) -> H
     dist.broadcast(blob, src=source)
     received = my_step != high
     if received:
-        restore(_deserialize(blob))
+        restore(deserialize(blob))
     return HealReport(source, high, received, int(size), time.perf_counter() - started)

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from shoal.config import KillSpec, Slowdown, StrategyOptions
 from shoal.data import GlobalBatchSampler, fetch
+from shoal.runtime.async_worker import run_async
 from shoal.runtime.context import Context, GenerationMoved, JobStopped
 from shoal.runtime.faults import maybe_kill
 from shoal.runtime.heal import FRESH, HealReport, heal
@@ -192,6 +193,9 @@ class _Loop:
         module = self.strategy.setup(self._host_key())
         if not self.strategy.commits_every_step:
             self._committed_state = copy.deepcopy(self._capture(local=True))
+        if self.strategy.drives_steps:
+            run_async(self, module, total_steps)
+            return
         while self.next_step < total_steps:
             self.context.check_generation()
             self._step(module, total_steps)
@@ -199,7 +203,10 @@ class _Loop:
     def _return_to_commit(self) -> None:
         """Undo whatever the broken generation did after the last commit."""
         self.strategy.rollback()
-        if self.next_step != self.position:  # a round broke: back to its start
+        # A round broke (back to its start), or a strategy that drives its own steps may
+        # have moved the state anywhere since its commit.
+        moved = self.next_step != self.position or self.strategy.drives_steps
+        if moved and self._committed_state is not None:
             self._restore(self._committed_state)
         self._pending.clear()
 

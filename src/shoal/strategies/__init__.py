@@ -2,6 +2,7 @@
 
 from shoal.strategies import (  # noqa: F401  (each registers itself)
     allreduce as _allreduce,
+    asyncsgd as _asyncsgd,
     diloco as _diloco,
     hierarchical as _hierarchical,
     localsgd as _localsgd,

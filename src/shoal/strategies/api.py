@@ -36,6 +36,8 @@ class Strategy(abc.ABC):
     name: str = ""
     commits_every_step: bool = True
     """False: steps are tentative until ``step`` reports a synchronisation (a round)."""
+    drives_steps: bool = False
+    """True: the strategy runs the generation's steps itself (async), not ``backward``/``step``."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  options: StrategyOptions | None = None):
@@ -55,7 +57,10 @@ class Strategy(abc.ABC):
 
     def count(self, tensor: torch.Tensor) -> None:
         """Count a payload sent outside the compressor."""
-        self._bytes_uncompressed += tensor.numel() * tensor.element_size()
+        self.count_bytes(tensor.numel() * tensor.element_size())
+
+    def count_bytes(self, size: int) -> None:
+        self._bytes_uncompressed += size
 
     def loss_divisor(self, local_samples: int, global_samples: int) -> int:
         """What this worker's SUM of losses is divided by before ``backward``.

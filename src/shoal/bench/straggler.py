@@ -1,0 +1,89 @@
+"""``shoal bench straggler``: async against allreduce when one worker is slow.
+
+Both runs train the same task, seed and global batch on local workers with one of them
+made FACTOR times slower (``--slowdown``), one run after the other in one invocation.
+allreduce waits for the slow worker at every step; async hands it fewer units and scales
+or drops its stale gradients. Reported: wall time, the loss curve against wall time, and
+when the smoothed training loss first reached the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shoal.bench.wan import WanRun, loss_curve
+
+__all__ = ["DEFAULT_RUNS", "StragglerSettings", "run_straggler"]
+
+DEFAULT_RUNS = (
+    ("allreduce", ("--strategy", "allreduce")),
+    ("async", ("--strategy", "async")),
+)
+
+
+@dataclass(kw_only=True, slots=True)
+class StragglerSettings:
+    task: str = "charlm"
+    workers: int = 4
+    factor: float = 3.0
+    """How many times slower the straggler (worker 1) computes."""
+    steps: int = 200
+    batch_size: int | None = None
+    seed: int = 0
+    target_loss: float = 2.6
+    runs: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RUNS
+
+
+def _run_one(settings: StragglerSettings, label: str, flags: list[str], root: Path) -> WanRun:
+    run = WanRun(label, flags)
+    output, log = root / f"{label}.json", root / f"{label}.jsonl"
+    batch = ["--batch-size", str(settings.batch_size)] if settings.batch_size else []
+    # The workers share this machine's cores: one thread each, so none takes them all.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
+               "--workers", str(settings.workers), "--steps", str(settings.steps), *batch,
+               "--seed", str(settings.seed), "--slowdown", f"1={settings.factor:g}", "--quiet",
+               "--output", str(output), "--sample-log", str(log), *flags]
+    finished = subprocess.run(command, capture_output=True, text=True, env=env)
+    if finished.returncode != 0:
+        run.error = f"exit code {finished.returncode}: {finished.stderr.strip()[-300:]}"
+        return run
+    results = json.loads(output.read_text())
+    run.steps = results["steps"]
+    run.train_seconds = results["train_seconds"]
+    run.payload_bytes_per_step = results["payload_bytes_per_step"] / settings.workers
+    run.final_train_loss = results["final_train_loss"]
+    run.eval = results["eval"]
+    run.curve = loss_curve(log, results["started_at"])
+    reached = [t for t, loss in run.curve if loss <= settings.target_loss]
+    run.seconds_to_target = reached[0] if reached else None
+    return run
+
+
+def run_straggler(settings: StragglerSettings, *, report=print) -> list[WanRun]:
+    """Train once per configured run, one after the other; ``report`` gets a line per run."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-straggler-") as temporary:
+        for label, flags in settings.runs:
+            started = time.monotonic()
+            run = _run_one(settings, label, list(flags), Path(temporary))
+            runs.append(run)
+            outcome = run.error or (f"{run.train_seconds:.1f} s, loss {run.final_train_loss:.3f}, "
+                                    f"target at {_seconds(run.seconds_to_target)}")
+            report(f"{label:10s} {outcome} ({time.monotonic() - started:.0f} s in all)")
+    return runs
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
+def to_json(settings: StragglerSettings, runs: list[WanRun]) -> dict:
+    return {"settings": asdict(settings), "runs": [asdict(run) for run in runs]}

@@ -1,0 +1,128 @@
+"""The worker's side of ``--strategy async``: ask for a unit, compute, push, repeat.
+
+The loop (``runtime.trainer._Loop``) has formed the generation, returned to the last
+commit and healed; this runs the generation's units until the server says the run is done
+(then every member takes the server's final state) or the generation breaks (then the
+loop's usual recovery takes over). See ``strategies.asyncsgd`` for the protocol and the
+commit point.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from shoal.data import fetch
+from shoal.runtime.faults import maybe_kill
+from shoal.runtime.heal import deserialize, heal, serialize
+from shoal.strategies.asyncsgd import DONE, SERVER, WAIT, Answer, AsyncSGD, ParameterServer, ServerLink
+
+__all__ = ["run_async"]
+
+
+def run_async(loop, replica: nn.Module, total_steps: int) -> None:
+    strategy: AsyncSGD = loop.strategy
+    context = loop.context
+    world = dist.get_world_size()
+    store = context.generation_store
+    if dist.get_rank() == SERVER:
+        server = strategy.server = ParameterServer(
+            strategy, total_steps * strategy.book.shares, context.generation,
+            snapshot=lambda: _commit_on_server(loop, alone=world == 1),
+            timeout=context.heartbeat_timeout)
+        store.set("shoal/parameter-server", server.start(context.reachable_host(), world - 1))
+        ask = _LocalLink(server, context).exchange
+    else:
+        address = store.get("shoal/parameter-server").decode()
+        strategy.link = ServerLink(strategy, address, timeout=context.heartbeat_timeout)
+        ask = strategy.link.exchange
+    answer = ask(WAIT, 0, 0, 0.0, None)
+    while answer.unit != DONE:
+        context.check_generation()
+        if answer.snapshot is not None:
+            _adopt(loop, deserialize(answer.snapshot))
+        if answer.unit == WAIT:
+            answer = ask(WAIT, 0, 0, 0.0, None)
+            continue
+        samples, loss_part, gradient = _compute(loop, replica, answer)
+        answer = ask(answer.unit, answer.version, samples, loss_part, gradient)
+        context.bytes_sent = strategy.bytes_sent
+    if strategy.server is not None:
+        strategy.server.wait_finished()
+    strategy.teardown()
+    _finish(loop, total_steps)
+
+
+class _LocalLink:
+    """The worker in the server's own process: no messages, a condition to wait on."""
+
+    def __init__(self, server: ParameterServer, context):
+        self.server, self.context = server, context
+
+    def exchange(self, unit, version, samples, loss_part, gradient) -> Answer:
+        answer = self.server.exchange(unit, version, samples, loss_part, gradient,
+                                      holder=False, may_defer=True)
+        while answer is None:
+            with self.server.changed:
+                self.server.changed.wait(0.05)
+            self.context.check_generation()
+            answer = self.server.exchange(WAIT, 0, 0, 0.0, None, holder=False, may_defer=True)
+        return answer
+
+
+def _compute(loop, replica: nn.Module, answer: Answer) -> tuple[int, float, torch.Tensor]:
+    """This unit's mean gradient at the server's parameters (and its share of the step's loss)."""
+    step, share = divmod(answer.unit, answer.shares)
+    maybe_kill(loop.context, step, loop.kills, reached=True)
+    vector_to_parameters(answer.parameters, replica.parameters())
+    replica.zero_grad(set_to_none=True)
+    indices = loop.sampler.local_indices(step, share, answer.shares)
+    started = time.perf_counter()
+    if len(indices):
+        total = loop.loss_fn(replica, fetch(loop.dataset, indices))
+    else:
+        total = sum(p.sum() for p in replica.parameters()) * 0.0
+    loop._straggle(time.perf_counter() - started)
+    (total / max(len(indices), 1)).backward()
+    gradient = parameters_to_vector(
+        p.grad if p.grad is not None else torch.zeros_like(p) for p in replica.parameters())
+    return len(indices), total.item() / len(loop.sampler.global_indices(step)), gradient
+
+
+def _commit_on_server(loop, alone: bool) -> torch.Tensor:
+    """The server's snapshot: its committed state from now on, and the blob a holder adopts."""
+    loop.position = loop.strategy.version
+    loop._committed_state = copy.deepcopy(loop._capture())
+    if alone:  # no peer to hold it: this is as durable as the job gets
+        _report_finished(loop)
+    return serialize(loop._committed_state)
+
+
+def _adopt(loop, state: dict) -> None:
+    """A holder takes the server's snapshot as its committed state and reports its steps."""
+    loop._restore(state)
+    loop._committed_state = state
+    _report_finished(loop)
+
+
+def _report_finished(loop) -> None:
+    strategy: AsyncSGD = loop.strategy
+    for step, loss, generation, finished_at in strategy.book.ledger:
+        if step not in strategy.reported:
+            loop.context.record_commit(step, loss, generation=generation, committed_at=finished_at,
+                                       whole=True)
+            strategy.reported.add(step)
+
+
+def _finish(loop, total_steps: int) -> None:
+    """Every member takes the server's final state, and reports what it has not yet."""
+    report = heal(loop.position, loop._capture, loop._restore)
+    if report is not None:
+        loop.heals.append(report)
+    _report_finished(loop)
+    loop.position = loop.next_step = total_steps

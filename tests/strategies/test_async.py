@@ -1,0 +1,62 @@
+"""``--strategy async``: the unit book, and the promises through a crash of a worker and of
+the parameter server itself, with real processes and SIGKILLs."""
+
+from __future__ import annotations
+
+import json
+
+from shoal.reliability.checks import exactly_once_violations
+from shoal.strategies.asyncsgd import UnitBook
+from shoal.tasks import TASKS
+from tests.strategies.test_strategies import train
+
+DIGITS = ["--task", "digits", "--steps", "40", "--batch-size", "64", "--seed", "0", "--quiet",
+          "--workers", "3", "--strategy", "async"]
+
+
+def test_the_book_finishes_a_step_when_its_last_unit_is_applied_in_any_order():
+    book = UnitBook()
+    book.shares = 3
+    for unit, loss in [(1, 0.1), (3, 0.5), (0, 0.2)]:
+        book.apply(unit, loss, generation=1)
+    assert book.prefix == 2 and book.beyond == {3}
+    assert [entry[:3] for entry in book.ledger] == []  # step 0 still lacks unit 2
+    book.apply(2, 0.3, generation=2)
+    assert book.prefix == 4 and book.beyond == set()
+    assert [(s, round(loss, 6), g) for s, loss, g, _ in book.ledger] == [(0, 0.6, 2)]
+    copy = UnitBook()
+    copy.load_state_dict(book.state_dict())
+    assert (copy.shares, copy.prefix, copy.beyond, copy.partial) == (3, 4, set(), {1: [1, 0.5]})
+    assert copy.ledger == book.ledger
+    assert not copy.is_applied(4) and copy.is_applied(3)
+
+
+def test_async_survives_a_worker_and_the_server_being_killed(tmp_path):
+    """Worker 1 dies at step 8, then worker 0, the server, at step 20: the survivor takes
+    the newest snapshot held outside the server and serves on. Every sample counts once, the
+    members end equal, and the model learned."""
+    log = tmp_path / "samples.jsonl"
+    _, results = train(tmp_path, "async", *DIGITS, "--workers", "4", "--kill", "1@8",
+                       "--kill", "0@20", "--sample-log", str(log))
+    changes = results["membership_changes"]
+    assert ["--kill 1@8" in changes[0]["cause"], "--kill 0@20" in changes[1]["cause"]] == [True] * 2
+    assert results["replicas_agree"] is True
+    size = len(TASKS["digits"](0).train_dataset())
+    assert exactly_once_violations(log, dataset_size=size, steps=40) == []
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert None not in losses
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert results["eval"]["test_accuracy"] > 0.5
+
+
+def test_a_slow_worker_does_not_hold_the_others_back(tmp_path):
+    """Worker 1 computes 20x slower than the others. Its stale gradients are scaled down or
+    dropped, nobody is declared dead, and the others do most of the units."""
+    log = tmp_path / "samples.jsonl"
+    _, results = train(tmp_path, "slow", *DIGITS, "--slowdown", "1=20", "--heartbeat-timeout", "1",
+                       "--sample-log", str(log))
+    assert results["membership_changes"] == []
+    size = len(TASKS["digits"](0).train_dataset())
+    assert exactly_once_violations(log, dataset_size=size, steps=40) == []
+    pushed = results["payload_bytes_by_worker"]
+    assert pushed["1"] * 3 < pushed["2"]  # the slow worker did far fewer units
