@@ -9,7 +9,6 @@ commit point.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -19,8 +18,9 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from shoal.data import fetch
 from shoal.runtime.faults import maybe_kill
-from shoal.runtime.heal import deserialize, heal, serialize
-from shoal.strategies.asyncsgd import DONE, SERVER, WAIT, Answer, AsyncSGD, ParameterServer, ServerLink
+from shoal.runtime.heal import FRESH, deserialize, heal, serialize
+from shoal.strategies.asyncsgd import (DONE, SERVER, WAIT, Answer, AsyncSGD, ParameterServer,
+                                      ServerLink, UnitBook)
 
 __all__ = ["run_async"]
 
@@ -95,24 +95,29 @@ def _compute(loop, replica: nn.Module, answer: Answer) -> tuple[int, float, torc
 
 
 def _commit_on_server(loop, alone: bool) -> torch.Tensor:
-    """The server's snapshot: its committed state from now on, and the blob a holder adopts."""
+    """The server's snapshot: its committed state from now on, and the blob a holder adopts.
+    Kept serialised: the blob is a copy already, and a restore is rare."""
     loop.position = loop.strategy.version
-    loop._committed_state = copy.deepcopy(loop._capture())
+    blob = serialize(loop._capture())
+    loop._committed_state = blob
     if alone:  # no peer to hold it: this is as durable as the job gets
-        _report_finished(loop)
-    return serialize(loop._committed_state)
+        _report_finished(loop, loop.strategy.book.ledger)
+    return blob
 
 
 def _adopt(loop, state: dict) -> None:
-    """A holder takes the server's snapshot as its committed state and reports its steps."""
-    loop._restore(state)
+    """A holder keeps the server's snapshot as its committed state (loaded only if a
+    generation breaks: ``_Loop._return_to_commit``) and reports the steps it finished."""
     loop._committed_state = state
-    _report_finished(loop)
+    loop.position = int(state["position"])
+    book = UnitBook()
+    book.load_state_dict(state["strategy"]["book"])
+    _report_finished(loop, book.ledger)
 
 
-def _report_finished(loop) -> None:
+def _report_finished(loop, ledger) -> None:
     strategy: AsyncSGD = loop.strategy
-    for step, loss, generation, finished_at in strategy.book.ledger:
+    for step, loss, generation, finished_at in ledger:
         if step not in strategy.reported:
             loop.context.record_commit(step, loss, generation=generation, committed_at=finished_at,
                                        whole=True)
@@ -121,8 +126,9 @@ def _report_finished(loop) -> None:
 
 def _finish(loop, total_steps: int) -> None:
     """Every member takes the server's final state, and reports what it has not yet."""
-    report = heal(loop.position, loop._capture, loop._restore)
+    mine = loop.position if dist.get_rank() == SERVER else FRESH  # the server's is the final one
+    report = heal(mine, loop._capture, loop._restore)
     if report is not None:
         loop.heals.append(report)
-    _report_finished(loop)
+    _report_finished(loop, loop.strategy.book.ledger)
     loop.position = loop.next_step = total_steps

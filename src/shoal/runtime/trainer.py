@@ -30,7 +30,7 @@ from shoal.data import GlobalBatchSampler, fetch
 from shoal.runtime.async_worker import run_async
 from shoal.runtime.context import Context, GenerationMoved, JobStopped
 from shoal.runtime.faults import maybe_kill
-from shoal.runtime.heal import FRESH, HealReport, heal
+from shoal.runtime.heal import FRESH, HealReport, deserialize, heal
 from shoal.strategies import STRATEGIES, Strategy
 
 __all__ = ["TrainResult", "train"]
@@ -153,7 +153,7 @@ class _Loop:
         """The next step to run: ahead of ``position`` inside an uncommitted round."""
         self._pending: list[tuple[int, float]] = []
         """(step, loss share) of the tentative steps of the current round."""
-        self._committed_state: dict | None = None
+        self._committed_state: dict | torch.Tensor | None = None
         """Round-based strategies: a copy of everything at the last commit, to return to."""
         self.fresh = True
         self.heals: list[HealReport] = []
@@ -207,7 +207,10 @@ class _Loop:
         # have moved the state anywhere since its commit.
         moved = self.next_step != self.position or self.strategy.drives_steps
         if moved and self._committed_state is not None:
-            self._restore(self._committed_state)
+            state = self._committed_state
+            if isinstance(state, torch.Tensor):  # kept serialised (async's server)
+                state = deserialize(state)
+            self._restore(state)
         self._pending.clear()
 
     def _host_key(self) -> str:

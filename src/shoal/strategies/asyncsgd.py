@@ -9,7 +9,7 @@ updates applied since (Zhang et al., 2016, "Staleness-aware async-SGD"), or drop
 it is more than ``--max-staleness`` versions old and hands the unit out again. A slow
 worker slows only its own units.
 
-Commit point. Every ``shares`` applied updates the server takes a snapshot (model,
+Commit point. Every ``SNAPSHOT_STEPS * shares`` applied updates the server takes a snapshot (model,
 optimizer, which units are applied, the loss of every step they finished) and attaches it
 to its next answer to a remote worker. That worker, the *holder*, adopts the snapshot as
 its committed state and reports the finished steps to the coordinator, so a step is
@@ -43,6 +43,9 @@ DONE, WAIT = -1, -2
 """Answers instead of a unit: the run is over / nothing to hand out yet, ask again."""
 SERVER = 0
 """The rank that serves: rank 0 of every generation."""
+SNAPSHOT_STEPS = 4
+"""A snapshot every this many global batches' worth of updates: what a failure may cost
+again, against the time a snapshot takes (a serialised model and optimizer)."""
 _HEADER = struct.Struct("<qqqqdq")
 """unit, version, samples (to the server) or snapshot bytes (from it), shares, loss share,
 bytes that follow (float32 gradient or parameters, then the snapshot)."""
@@ -204,10 +207,12 @@ class ParameterServer:
             heapq.heappush(self._again, unit)
             return
         if samples:  # an empty unit (the end of an epoch split too finely) changes nothing
-            self._step(gradient, 1.0 / max(1, staleness))
+            # The learning rate is the one for a whole global batch; a unit is 1/shares of
+            # it, and a gradient staler than the shares in flight are counts for less still.
+            self._step(gradient, 1.0 / max(self.book.shares, staleness))
             strategy.version += 1
         self.book.apply(unit, loss_part, self.generation)
-        if self.finished or (samples and strategy.version % self.book.shares == 0):
+        if self.finished or (samples and strategy.version % (self.book.shares * SNAPSHOT_STEPS) == 0):
             self._snapshot = self.take_snapshot()
         self.changed.notify_all()
 
