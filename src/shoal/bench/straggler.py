@@ -45,8 +45,8 @@ def _run_one(settings: StragglerSettings, label: str, flags: list[str], root: Pa
     run = WanRun(label, flags)
     output, log = root / f"{label}.json", root / f"{label}.jsonl"
     batch = ["--batch-size", str(settings.batch_size)] if settings.batch_size else []
-    # The workers share this machine's cores: one thread each, so none takes them all.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The workers share this machine's cores: none may take them all.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // settings.workers))}
     command = [sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
                "--workers", str(settings.workers), "--steps", str(settings.steps), *batch,
                "--seed", str(settings.seed), "--slowdown", f"1={settings.factor:g}", "--quiet",
