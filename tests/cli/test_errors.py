@@ -31,6 +31,8 @@ BAD_TRAIN_FLAGS = [
     (["--slowdown", "1x3"], "--slowdown"),
     (["--slowdown", "1=0.5"], "--slowdown"),
     (["--slowdown", "4=2", "--workers", "2"], "--slowdown"),
+    (["--max-staleness", "-1"], "--max-staleness"),
+    (["--strategy", "async", "--compress", "int8"], "--compress"),
 ]
 
 BAD_BENCH_FLAGS = [
@@ -39,6 +41,10 @@ BAD_BENCH_FLAGS = [
     (["wan", "--mbit", "0"], "--mbit"),
     (["wan", "--only", "gossip"], "--only"),
     (["wan", "--plot", "/nonexistent-dir/p.png"], "--plot"),
+    (["straggler", "--workers", "1"], "--workers"),
+    (["straggler", "--factor", "0.5"], "--factor"),
+    (["straggler", "--task", "mnist"], "--task"),
+    (["straggler", "--markdown", "/nonexistent-dir/s.md"], "--markdown"),
 ]
 
 

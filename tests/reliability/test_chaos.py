@@ -27,9 +27,11 @@ def test_short_chaos_run_keeps_every_promise():
 
 @pytest.mark.skipif(namespaces_available() is not None, reason=namespaces_available() or "")
 def test_link_cut_and_coordinator_restart_trials_keep_every_promise():
-    """Three namespace hosts: a host's link cut mid-run, the coordinator SIGKILLed and
-    restarted on its address. Both runs complete, equal the undisturbed run, log every
-    sample once, and leave no process."""
+    """Three namespace hosts, as users run across machines: `shoal coordinator` on one,
+    `shoal train --coordinator` with two workers on each of the others, which write
+    results.json and the sample log from the coordinator's record. A host's link is cut
+    mid-run; the coordinator is SIGKILLed and restarted on its address. Both runs complete,
+    equal the undisturbed run, log every sample once, and leave no process."""
     settings = ChaosSettings(trials=len(KINDS) + 2, seed=2, steps=300, workers=4, cluster=True)
     plans = [p for p in plan_trials(settings) if p.kind in CLUSTER_KINDS]
     cut, restart = run_chaos(settings, plans=plans, report=lambda line: None)
