@@ -89,6 +89,8 @@ class TrialOutcome:
     outage_steps: int | None = None
     """Steps committed while the coordinator was down (coordinator restarts)."""
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    """Oddities that did not fail the trial (a slow exit), with where to read more."""
 
 
 def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
@@ -149,6 +151,10 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
         run = run_cluster_trial(plan.kind, plan.event, settings, directory,
                                 {**os.environ, "SHOAL_CHAOS_TRIAL": marker})
         outcome.problems += run.problems
+        if run.notes:  # keep the launchers' stderr (stacks included) past the temporary root
+            saved = Path(tempfile.gettempdir()) / f"shoal-chaos-{marker[:8]}-trial-{plan.index}.txt"
+            saved.write_text("\n".join(f"==== {name}\n{text}" for name, text in run.stderr.items()))
+            outcome.notes += [f"{note} (saved in {saved})" for note in run.notes]
         files = run.directory if not run.problems else None
         if files is not None and run.outage is not None:
             outcome.outage_steps = _steps_committed_between(files / "samples.jsonl", *run.outage)
@@ -220,6 +226,7 @@ def run_chaos(settings: ChaosSettings, *, report=print,
             outcome = _run_trial(plan, settings, root / "reference" / "model.pt", root, dataset_size)
             outcomes.append(outcome)
             verdict = "pass" if outcome.passed else "FAIL: " + "; ".join(outcome.problems)
+            verdict += "".join(f"; note: {note}" for note in outcome.notes)
             report(f"trial {plan.index:3d} {plan.kind:26s} {plan.describe(settings.workers):58s} "
                    f"{outcome.seconds:5.1f} s  {verdict}")
         return outcomes
@@ -252,7 +259,8 @@ def summarize(outcomes: list[TrialOutcome]) -> dict:
             by_kind[kind]["outage_steps_min"] = min(outages)
             by_kind[kind]["outage_steps_median"] = statistics.median(outages)
     return {"trials": len(outcomes), "passed": sum(o.passed for o in outcomes), "by_kind": by_kind,
-            "failures": [asdict(o) for o in outcomes if not o.passed]}
+            "failures": [asdict(o) for o in outcomes if not o.passed],
+            "notes": [f"trial {o.plan.index} ({o.plan.kind}): {note}" for o in outcomes for note in o.notes]}
 
 
 def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: str) -> str:
@@ -275,6 +283,7 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
                "network namespaces).\n")
     failures = "\n".join(f"- trial {f['plan']['index']} ({f['plan']['kind']}): "
                          f"{'; '.join(f['problems'])}" for f in summary["failures"]) or "- none"
+    notes = "\n".join(f"- {note}" for note in summary["notes"]) or "- none"
     return f"""## Chaos suite
 
 {summary['passed']} of {summary['trials']} trials passed ({when}; task {settings.task}, \
@@ -295,4 +304,7 @@ counts restarted workers that were back in a generation before the run ended.
 {outage}
 Failures:
 {failures}
+
+Notes (slow exits of passing trials, with their workers' stacks):
+{notes}
 """

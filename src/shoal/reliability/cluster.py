@@ -18,12 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from shoal.network import Hosts
 
 __all__ = ["ClusterRun", "run_cluster_trial"]
 
 _TOKEN = "shoal-chaos"
 _EVICTED = 3  # a remote launcher's exit code when the coordinator evicted its host
+_SLOW_EXIT_SECONDS = 15.0
+"""How long after the job ended a launcher may take to exit before its stacks are read."""
 # Polls the coordinator from inside host 0's namespace (the harness cannot reach it).
 _WATCH = """
 import sys, time, httpx
@@ -48,6 +52,8 @@ class ClusterRun:
     problems: list[str] = field(default_factory=list)
     outage: tuple[float, float] | None = None
     """(killed, answering again), unix times, for a coordinator restart."""
+    notes: list[str] = field(default_factory=list)
+    """Oddities that are not failures (a slow exit), for the report."""
 
 
 class _StatusWatcher:
@@ -134,8 +140,11 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
             port = int(address.rsplit(":", 1)[1])
             processes["coordinator"], _ = _start_coordinator(hosts, settings, port, env)
             run.outage = (killed, time.time())
-        for name, process in processes.items():
-            run.codes[name] = process.wait(timeout=settings.trial_timeout)
+        watcher.wait(lambda s: s.get("status") in ("completed", "failed"), settings.trial_timeout)
+        for name, process in processes.items():  # the launchers; the coordinator lingers
+            if name != "coordinator":
+                run.codes[name] = _wait_reading_stacks(run, name, process, settings.trial_timeout)
+        run.codes["coordinator"] = processes["coordinator"].wait(timeout=settings.trial_timeout)
     except (TimeoutError, subprocess.TimeoutExpired, RuntimeError) as error:
         run.problems.append(str(error))
     finally:
@@ -150,6 +159,23 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
         hosts.close()
     _judge_exits(run, kind, event, directory)
     return run
+
+
+def _wait_reading_stacks(run: ClusterRun, name: str, process: subprocess.Popen, timeout: float) -> int:
+    """Wait for a process that should exit now that the job has ended. One still running
+    after a while has its workers print their stacks (SIGUSR1) into its stderr, and the
+    run notes it: a slow exit is a bug to read, even when the trial passes."""
+    try:
+        return process.wait(timeout=_SLOW_EXIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+               if "shoal.runtime.worker" in " ".join(child.cmdline())]
+    for worker in workers:
+        worker.send_signal(signal.SIGUSR1)
+    run.notes.append(f"{name} was still running {_SLOW_EXIT_SECONDS:g} s after the job ended; "
+                     f"its workers' stacks (pids {[w.pid for w in workers]}) are in its stderr")
+    return process.wait(timeout=timeout)
 
 
 def _judge_exits(run: ClusterRun, kind: str, event: dict, directory: Path) -> None:

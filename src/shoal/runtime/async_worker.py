@@ -38,6 +38,9 @@ def run_async(loop, replica: nn.Module, total_steps: int) -> None:
         store.set("shoal/parameter-server", server.start(context.reachable_host(), world - 1))
         ask = _LocalLink(server, context).exchange
     else:
+        while not store.check(["shoal/parameter-server"]):  # unless the server is gone first
+            context.check_generation()
+            time.sleep(0.01)
         address = store.get("shoal/parameter-server").decode()
         strategy.link = ServerLink(strategy, address, timeout=context.heartbeat_timeout)
         ask = strategy.link.exchange

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import os
+import signal
 import sys
 
 import torch
@@ -32,6 +34,8 @@ def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
 
 
 def main() -> int:
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how a stuck worker is read.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     config = TrainConfig.from_json(os.environ[ENV_CONFIG])
     # N workers share this machine's cores; oversubscribing them makes every worker slower
     # (OpenMP threads spin). OMP_NUM_THREADS, when set, wins, as under torchrun: several

@@ -283,9 +283,19 @@ class ParameterServer:
         connections: dict[socket.socket, bytearray] = {}
         waiting: dict[socket.socket, float] = {}
         """A request with nothing to hand out yet -> when to answer it WAIT at the latest."""
-        told_done = 0
+        finished = 0
+
+        def deliver(connection: socket.socket, answer: Answer) -> None:
+            nonlocal finished
+            self._send(connection, answer)
+            if answer.unit == DONE:  # that worker is finished: its closing is no failure
+                selector.unregister(connection)
+                del connections[connection]
+                connection.close()
+                finished += 1
+
         try:
-            while told_done < workers and not self._stopping.is_set():
+            while finished < workers and not self._stopping.is_set():
                 for key, _ in selector.select(timeout=0.01):
                     if key.fileobj is self._listener:
                         connection, _ = self._listener.accept()
@@ -293,18 +303,20 @@ class ParameterServer:
                         connections[connection] = bytearray()
                         selector.register(connection, selectors.EVENT_READ)
                         continue
-                    connection = key.fileobj
-                    request = self._read(connection, connections[connection])
-                    if request is not None:
-                        waiting[connection] = time.monotonic() + self.timeout / 4
-                        answer = self.exchange(*request, holder=True, may_defer=True)
-                        if answer is not None:
-                            told_done += self._send(connection, answer, waiting)
+                    request = self._read(key.fileobj, connections[key.fileobj])
+                    if request is None:
+                        continue
+                    answer = self.exchange(*request, holder=True, may_defer=True)
+                    if answer is None:
+                        waiting[key.fileobj] = time.monotonic() + self.timeout / 4
+                    else:
+                        deliver(key.fileobj, answer)
                 for connection, deadline in list(waiting.items()):
                     answer = self.exchange(WAIT, 0, 0, 0.0, None, holder=True,
                                            may_defer=time.monotonic() < deadline)
                     if answer is not None:
-                        told_done += self._send(connection, answer, waiting)
+                        del waiting[connection]
+                        deliver(connection, answer)
         except BaseException as error:  # noqa: BLE001  (raised in the worker thread instead)
             with self.changed:
                 self.error = error
@@ -333,16 +345,13 @@ class ParameterServer:
         del buffer[:_HEADER.size + size]
         return unit, version, samples, loss_part, gradient
 
-    def _send(self, connection: socket.socket, answer: Answer, waiting: dict) -> int:
-        """Answer a request; 1 if that told the worker the run is over."""
-        del waiting[connection]
+    def _send(self, connection: socket.socket, answer: Answer) -> None:
         body = [t.numpy().tobytes() for t in (answer.parameters, answer.snapshot) if t is not None]
         snapshot_bytes = answer.snapshot.numel() if answer.snapshot is not None else 0
         header = _HEADER.pack(answer.unit, answer.version, snapshot_bytes, answer.shares, 0.0,
                               sum(len(b) for b in body))
         connection.sendall(header + b"".join(body))
         self.strategy.count_bytes(len(header) + sum(len(b) for b in body))
-        return int(answer.unit == DONE)
 
 
 class ServerLink:
