@@ -121,10 +121,10 @@ def _adopt(loop, state: dict) -> None:
 def _report_finished(loop, ledger) -> None:
     strategy: AsyncSGD = loop.strategy
     for step, loss, generation, finished_at in ledger:
-        if step not in strategy.reported:
+        if (step, generation) not in strategy.reported:  # a step redone later is news again
             loop.context.record_commit(step, loss, generation=generation, committed_at=finished_at,
                                        whole=True)
-            strategy.reported.add(step)
+            strategy.reported.add((step, generation))
 
 
 def _finish(loop, total_steps: int) -> None:

@@ -37,7 +37,8 @@ from torch.nn.utils import parameters_to_vector
 
 from shoal.strategies.api import Strategy, register
 
-__all__ = ["DONE", "WAIT", "Answer", "AsyncSGD", "ParameterServer", "ServerLink", "UnitBook"]
+__all__ = ["DONE", "SERVER", "SNAPSHOT_STEPS", "WAIT", "Answer", "AsyncSGD", "ParameterServer", "ServerLink",
+           "UnitBook"]
 
 DONE, WAIT = -1, -2
 """Answers instead of a unit: the run is over / nothing to hand out yet, ask again."""
@@ -113,8 +114,8 @@ class AsyncSGD(Strategy):
         self.link: ServerLink | None = None
         self.dropped = 0
         """Gradients this process's server dropped as too stale, over the run."""
-        self.reported: set[int] = set()
-        """Finished steps this process has reported to the coordinator."""
+        self.reported: set[tuple[int, int]] = set()
+        """(step, generation) of the finished steps this process has reported."""
 
     def state_dict(self):
         return {"version": self.version, "book": self.book.state_dict()}
