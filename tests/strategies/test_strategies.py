@@ -39,8 +39,9 @@ def test_hierarchical_equals_allreduce(tmp_path):
 def test_local_sgd_synchronising_every_step_equals_allreduce(tmp_path):
     """With SGD (momentum included) and equal shares, averaging the members' one-step updates
     is the all-reduce step."""
-    reference, _ = train(tmp_path, "allreduce", *QUADRATIC)
-    model, _ = train(tmp_path, "localsgd", *QUADRATIC, "--strategy", "localsgd", "--sync-every", "1")
+    two = [*QUADRATIC, "--workers", "2"]
+    reference, _ = train(tmp_path, "allreduce", *two)
+    model, _ = train(tmp_path, "localsgd", *two, "--strategy", "localsgd", "--sync-every", "1")
     assert relative_difference(model, reference) <= 1e-5
 
 

@@ -2,6 +2,15 @@
 
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.membership import Generation, Membership
-from shoal.coordinator.server import Coordinator
 
 __all__ = ["Coordinator", "CoordinatorClient", "CoordinatorUnreachable", "Generation", "Membership"]
+
+
+def __getattr__(name: str):
+    # The server (aiohttp, half a second to import) only where one runs: every worker
+    # imports this package for the client, and N workers start at once on shared cores.
+    if name == "Coordinator":
+        from shoal.coordinator.server import Coordinator
+
+        return Coordinator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

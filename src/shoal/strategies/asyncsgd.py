@@ -112,8 +112,6 @@ class AsyncSGD(Strategy):
         """Updates applied to the model this state belongs to."""
         self.server: ParameterServer | None = None
         self.link: ServerLink | None = None
-        self.dropped = 0
-        """Gradients this process's server dropped as too stale, over the run."""
         self.reported: set[tuple[int, int]] = set()
         """(step, generation) of the finished steps this process has reported."""
 
@@ -204,7 +202,6 @@ class ParameterServer:
         strategy = self.strategy
         staleness = strategy.version - version
         if staleness > strategy.options.max_staleness:
-            strategy.dropped += 1
             heapq.heappush(self._again, unit)
             return
         if samples:  # an empty unit (the end of an epoch split too finely) changes nothing
