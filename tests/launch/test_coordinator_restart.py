@@ -17,7 +17,7 @@ from shoal.reliability.checks import relative_difference
 from tests.conftest import shoal
 
 TOKEN = "restart-token"
-TASK = ["--task", "quadratic", "--steps", "1500", "--batch-size", "64", "--seed", "0"]
+TASK = ["--task", "quadratic", "--steps", "600", "--batch-size", "64", "--seed", "0"]
 
 
 def coordinator(port: int) -> tuple[subprocess.Popen, int]:
@@ -43,7 +43,7 @@ def test_training_survives_a_coordinator_restart(tmp_path):
     launcher = subprocess.Popen(
         [sys.executable, "-m", "shoal.cli.main", "train", *TASK, "--workers", "3", "--quiet",
          "--coordinator", f"127.0.0.1:{port}", "--token", TOKEN, "--heartbeat-timeout", "2",
-         "--kill", "1@1200", "--save-model", str(tmp_path / "model.pt")],
+         "--kill", "1@500", "--save-model", str(tmp_path / "model.pt")],
         stderr=subprocess.PIPE, text=True)
     second = None
     try:
