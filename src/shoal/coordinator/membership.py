@@ -290,7 +290,9 @@ class Membership:
         """(the loss of the last step whose every share was reported, its commit time)."""
         with self._lock:
             by_number = self._generations_by_number()
-            for step in sorted(self._steps, reverse=True)[:8]:
+            # Members report by heartbeat, so the newest steps lack some shares: look further
+            # back (all shares of a step have come once every member reported past it).
+            for step in sorted(self._steps, reverse=True):
                 record = self._steps[step]
                 loss = record.loss(by_number[record.generation])
                 if loss is not None:
