@@ -71,6 +71,13 @@ class _StepRecord:
         return None
 
 
+def _committer(record: _StepRecord, by_number: dict[int, Generation]) -> Generation:
+    """The generation that committed a step. One this coordinator never heard of (it
+    restarted, and an async holder reported a step an earlier server finished) has no
+    known members."""
+    return by_number.get(record.generation) or Generation(record.generation, [], 0.0)
+
+
 class Membership:
     def __init__(
         self,
@@ -273,13 +280,13 @@ class Membership:
         """(step, generation that committed it), one per step, in step order."""
         with self._lock:
             by_number = self._generations_by_number()
-            return [(s, by_number[r.generation]) for s, r in sorted(self._steps.items())]
+            return [(s, _committer(r, by_number)) for s, r in sorted(self._steps.items())]
 
     def step_losses(self) -> dict[int, float]:
         """Global-batch loss of each step whose every share was reported."""
         with self._lock:
             by_number = self._generations_by_number()
-            losses = {s: r.loss(by_number[r.generation]) for s, r in sorted(self._steps.items())}
+            losses = {s: r.loss(_committer(r, by_number)) for s, r in sorted(self._steps.items())}
             return {s: loss for s, loss in losses.items() if loss is not None}
 
     def first_formed_at(self) -> float | None:
@@ -294,7 +301,7 @@ class Membership:
             # back (all shares of a step have come once every member reported past it).
             for step in sorted(self._steps, reverse=True):
                 record = self._steps[step]
-                loss = record.loss(by_number[record.generation])
+                loss = record.loss(_committer(record, by_number))
                 if loss is not None:
                     return loss, record.committed_at
             return None, None
@@ -305,7 +312,7 @@ class Membership:
             by_number = self._generations_by_number()
             steps = []
             for step, record in sorted(self._steps.items()):
-                generation = by_number[record.generation]
+                generation = _committer(record, by_number)
                 steps.append(CommittedStep(step, generation.number, list(generation.members),
                                            record.committed_at, record.loss(generation)))
             return JobRecord(
