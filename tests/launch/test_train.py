@@ -146,15 +146,15 @@ def test_nasty_timings_kill_during_heal_and_during_commit(tmp_path):
     one and counts every sample once. Quadratic: its numerics do not amplify rounding.
     ``--min-workers 3`` with ``--restart`` makes the survivors wait for each rejoin, so the
     heal (and the kill inside it) happens however slowly the restarted worker starts."""
-    task = ["--task", "quadratic", "--steps", "1200", "--batch-size", "64", "--quiet"]
+    task = ["--task", "quadratic", "--steps", "300", "--batch-size", "64", "--quiet"]
     model, output, samples = tmp_path / "m.pt", tmp_path / "r.json", tmp_path / "s.jsonl"
     result = shoal("train", *task, "--workers", "3", "--min-workers", "3", "--restart",
                    "--kill", "1@20",
-                   "--kill", "0@20:heal", "--kill", "2@1100:commit", "--save-model", str(model),
+                   "--kill", "0@20:heal", "--kill", "2@200:commit", "--save-model", str(model),
                    "--output", str(output), "--sample-log", str(samples))
     assert result.returncode == 0, result.stderr
     causes = " | ".join(c["cause"] for c in load_json(output)["membership_changes"])
-    for planned in ("--kill 1@20: SIGKILL", "--kill 0@20:heal: SIGKILL", "--kill 2@1100:commit"):
+    for planned in ("--kill 1@20: SIGKILL", "--kill 0@20:heal: SIGKILL", "--kill 2@200:commit"):
         assert planned in causes
     assert "rejoined" in causes
     reference = tmp_path / "reference.pt"
@@ -162,4 +162,4 @@ def test_nasty_timings_kill_during_heal_and_during_commit(tmp_path):
     assert relative_difference(model, reference) <= 1e-5
     from shoal.reliability.checks import exactly_once_violations
 
-    assert exactly_once_violations(samples, dataset_size=4096, steps=1200) == []
+    assert exactly_once_violations(samples, dataset_size=4096, steps=300) == []
