@@ -11,8 +11,27 @@ def _kilobytes(value: float) -> str:
     return f"{value / 1e3:,.1f}"
 
 
+def _reference(runs):
+    """The allreduce run, which the others are compared with (None if it failed)."""
+    return next((r for r in runs if r.label == "allreduce" and r.error is None), None)
+
+
+def _to_target(run) -> str:
+    return "not reached" if run.seconds_to_target is None else f"{run.seconds_to_target:.1f}"
+
+
+def _sooner(reference, run, digits: int) -> str:
+    if reference and reference.seconds_to_target and run.seconds_to_target:
+        return f"{reference.seconds_to_target / run.seconds_to_target:.{digits}f}x"
+    return "-"
+
+
+def _eval_loss(run) -> float:
+    return run.eval.get("eval_loss", run.eval.get("loss"))
+
+
 def wan_markdown(settings, runs, *, command: str, when: str, plot: str | None) -> str:
-    reference = next((r for r in runs if r.label == "allreduce" and r.error is None), None)
+    reference = _reference(runs)
     rows = []
     for run in runs:
         if run.error:
@@ -20,14 +39,11 @@ def wan_markdown(settings, runs, *, command: str, when: str, plot: str | None) -
             continue
         fewer = (f"{reference.payload_bytes_per_step / run.payload_bytes_per_step:.1f}x"
                  if reference and run.payload_bytes_per_step else "-")
-        to_target = "not reached" if run.seconds_to_target is None else f"{run.seconds_to_target:.1f}"
-        sooner = (f"{reference.seconds_to_target / run.seconds_to_target:.1f}x"
-                  if reference and reference.seconds_to_target and run.seconds_to_target else "-")
-        eval_loss = run.eval.get("eval_loss", run.eval.get("loss"))
         rows.append(
             f"| {run.label} | {_kilobytes(run.payload_bytes_per_step)} | {fewer} | "
             f"{_kilobytes(run.wire_bytes_per_step)} | {run.steps} | {run.train_seconds:.1f} | "
-            f"{run.final_train_loss:.3f} | {eval_loss:.3f} | {to_target} | {sooner} |")
+            f"{run.final_train_loss:.3f} | {_eval_loss(run):.3f} | {_to_target(run)} | "
+            f"{_sooner(reference, run, 1)} |")
     figure = f"\n![loss against wall time]({plot})\n" if plot else ""
     return f"""## Slow network: strategies side by side
 
@@ -51,18 +67,14 @@ ratio differs from the payload ratio. Eval loss is the task's held-out loss at t
 
 
 def straggler_markdown(settings, runs, *, command: str, when: str, plot: str | None) -> str:
-    reference = next((r for r in runs if r.label == "allreduce" and r.error is None), None)
+    reference = _reference(runs)
     rows = []
     for run in runs:
         if run.error:
             rows.append(f"| {run.label} | failed: {run.error} ||||||")
             continue
-        to_target = "not reached" if run.seconds_to_target is None else f"{run.seconds_to_target:.1f}"
-        sooner = (f"{reference.seconds_to_target / run.seconds_to_target:.2f}x"
-                  if reference and reference.seconds_to_target and run.seconds_to_target else "-")
-        eval_loss = run.eval.get("eval_loss", run.eval.get("loss"))
         rows.append(f"| {run.label} | {run.steps} | {run.train_seconds:.1f} | {run.final_train_loss:.3f} | "
-                    f"{eval_loss:.3f} | {to_target} | {sooner} |")
+                    f"{_eval_loss(run):.3f} | {_to_target(run)} | {_sooner(reference, run, 2)} |")
     figure = f"\n![loss against wall time, one straggler]({plot})\n" if plot else ""
     return f"""## One slow worker: async against allreduce
 

@@ -9,7 +9,6 @@ when the smoothed training loss first reached the target.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shoal.bench.wan import WanRun, loss_curve
+from shoal.bench.wan import WanRun, read_results
 
 __all__ = ["DEFAULT_RUNS", "StragglerSettings", "run_straggler"]
 
@@ -55,15 +54,7 @@ def _run_one(settings: StragglerSettings, label: str, flags: list[str], root: Pa
     if finished.returncode != 0:
         run.error = f"exit code {finished.returncode}: {finished.stderr.strip()[-300:]}"
         return run
-    results = json.loads(output.read_text())
-    run.steps = results["steps"]
-    run.train_seconds = results["train_seconds"]
-    run.payload_bytes_per_step = results["payload_bytes_per_step"] / settings.workers
-    run.final_train_loss = results["final_train_loss"]
-    run.eval = results["eval"]
-    run.curve = loss_curve(log, results["started_at"])
-    reached = [t for t, loss in run.curve if loss <= settings.target_loss]
-    run.seconds_to_target = reached[0] if reached else None
+    read_results(run, output, log, workers=settings.workers, target_loss=settings.target_loss)
     return run
 
 

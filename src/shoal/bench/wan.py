@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shoal.network import Hosts
 
-__all__ = ["DEFAULT_RUNS", "WanRun", "WanSettings", "loss_curve", "run_wan"]
+__all__ = ["DEFAULT_RUNS", "WanRun", "WanSettings", "loss_curve", "read_results", "run_wan"]
 
 _TOKEN = "shoal-bench"
 _SMOOTHING = 10  # steps in the running mean of the training loss
@@ -82,6 +82,20 @@ def loss_curve(sample_log: Path, started: float) -> list[tuple[float, float]]:
     return curve
 
 
+def read_results(run: WanRun, output: Path, sample_log: Path, *, workers: int,
+                 target_loss: float) -> None:
+    """Fill ``run`` from a finished job's results.json and sample log (payload per worker)."""
+    results = json.loads(output.read_text())
+    run.steps = results["steps"]
+    run.train_seconds = results["train_seconds"]
+    run.payload_bytes_per_step = results["payload_bytes_per_step"] / workers
+    run.final_train_loss = results["final_train_loss"]
+    run.eval = results["eval"]
+    run.curve = loss_curve(sample_log, results["started_at"])
+    reached = [t for t, loss in run.curve if loss <= target_loss]
+    run.seconds_to_target = reached[0] if reached else None
+
+
 def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) -> WanRun:
     run = WanRun(label, flags)
     directory = root / re.sub(r"\W+", "-", label)
@@ -116,16 +130,9 @@ def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) ->
         if any(codes):
             run.error = f"launcher exit codes {codes}: {processes[1].stderr.read()[-300:]}"
             return run
-        results = json.loads((directory / "results.json").read_text())
-        run.steps = results["steps"]
-        run.train_seconds = results["train_seconds"]
-        run.payload_bytes_per_step = results["payload_bytes_per_step"] / settings.hosts
+        read_results(run, directory / "results.json", directory / "samples.jsonl",
+                     workers=settings.hosts, target_loss=settings.target_loss)
         run.wire_bytes_per_step = sent / max(run.steps, 1) / settings.hosts
-        run.final_train_loss = results["final_train_loss"]
-        run.eval = results["eval"]
-        run.curve = loss_curve(directory / "samples.jsonl", results["started_at"])
-        reached = [t for t, loss in run.curve if loss <= settings.target_loss]
-        run.seconds_to_target = reached[0] if reached else None
         return run
     finally:
         for process in processes:
