@@ -45,7 +45,7 @@ def add_bench(commands) -> None:
 def _wan(args: argparse.Namespace) -> int:
     from shoal.bench.report import wan_markdown
     from shoal.bench.wan import DEFAULT_RUNS, WanSettings, run_wan, to_json
-    from shoal.config import ConfigError, _check_writable_file
+    from shoal.config import ConfigError
     from shoal.network import namespaces_available
     from shoal.tasks import TASKS
 
@@ -61,8 +61,7 @@ def _wan(args: argparse.Namespace) -> int:
     unknown = [label for label in args.only if label not in labels]
     if unknown:
         raise ConfigError("--only", f"unknown run {unknown[0]!r} (choose from {', '.join(labels)})")
-    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
-        _check_writable_file(flag, path)
+    _check_outputs(args)
     unavailable = namespaces_available()
     if unavailable is not None:
         print(f"shoal bench wan: cannot emulate hosts: {unavailable}", file=sys.stderr)
@@ -79,7 +78,7 @@ def _wan(args: argparse.Namespace) -> int:
 def _straggler(args: argparse.Namespace) -> int:
     from shoal.bench.report import straggler_markdown
     from shoal.bench.straggler import StragglerSettings, run_straggler, to_json
-    from shoal.config import ConfigError, _check_writable_file
+    from shoal.config import ConfigError
     from shoal.tasks import TASKS
 
     if args.task not in TASKS:
@@ -90,14 +89,21 @@ def _straggler(args: argparse.Namespace) -> int:
         raise ConfigError("--factor", f"must be at least 1, got {args.factor}")
     if args.steps < 1:
         raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
-    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
-        _check_writable_file(flag, path)
+    _check_outputs(args)
     settings = StragglerSettings(task=args.task, workers=args.workers, factor=args.factor,
                                  steps=args.steps, target_loss=args.target_loss)
     results = run_straggler(settings, report=lambda line: print(line, flush=True))
     _write_outputs(args, "straggler", to_json(settings, results), results, straggler_markdown, settings,
                    title=f"{args.task}, {args.workers} workers, worker 1 {args.factor:g}x slower")
     return 1 if any(r.error for r in results) else 0
+
+
+def _check_outputs(args) -> None:
+    """Refuse unwritable output paths before any run starts."""
+    from shoal.config import _check_writable_file
+
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        _check_writable_file(flag, path)
 
 
 def _write_outputs(args, name: str, data: dict, results, markdown, settings, *, title: str) -> None:

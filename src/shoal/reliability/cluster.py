@@ -169,12 +169,20 @@ def _wait_reading_stacks(run: ClusterRun, name: str, process: subprocess.Popen, 
         return process.wait(timeout=_SLOW_EXIT_SECONDS)
     except subprocess.TimeoutExpired:
         pass
-    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
-               if "shoal.runtime.worker" in " ".join(child.cmdline())]
-    for worker in workers:
-        worker.send_signal(signal.SIGUSR1)
+    signalled = []
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:  # it exited just now
+        children = []
+    for child in children:
+        try:  # any of them may be exiting as we look
+            if "shoal.runtime.worker" in " ".join(child.cmdline()):
+                child.send_signal(signal.SIGUSR1)
+                signalled.append(child.pid)
+        except psutil.Error:
+            continue
     run.notes.append(f"{name} was still running {_SLOW_EXIT_SECONDS:g} s after the job ended; "
-                     f"its workers' stacks (pids {[w.pid for w in workers]}) are in its stderr")
+                     f"its workers' stacks (pids {signalled}) are in its stderr")
     return process.wait(timeout=timeout)
 
 
