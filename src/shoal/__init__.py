@@ -4,9 +4,10 @@ The library API is one call: :func:`train` runs an ordinary model, optimizer, da
 loss function on every worker of the job and keeps going when workers die.
 """
 
+from shoal.checkpoint import CheckpointError, Checkpointing
 from shoal.compression import COMPRESSORS, Compressor
 from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions, TrainConfig
-from shoal.runtime import Context, HealReport, JobStopped, TrainResult, train
+from shoal.runtime import Context, HealReport, JobStopped, Preempted, TrainResult, train
 from shoal.strategies import STRATEGIES, Strategy
 from shoal.tasks import TASKS, Task
 
@@ -16,12 +17,15 @@ __all__ = [
     "COMPRESSORS",
     "STRATEGIES",
     "TASKS",
+    "CheckpointError",
+    "Checkpointing",
     "Compressor",
     "ConfigError",
     "Context",
     "HealReport",
     "JobStopped",
     "KillSpec",
+    "Preempted",
     "Slowdown",
     "Strategy",
     "StrategyOptions",

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-__all__ = ["ConfigError", "KillSpec", "RunConfig", "TrainConfig"]
+__all__ = ["ConfigError", "KillSpec", "RunConfig", "TrainConfig", "check_writable_file"]
 
 
 class ConfigError(ValueError):
@@ -63,7 +63,7 @@ class KillSpec:
         return f"{self.rank}@{self.step}" + ("" if self.phase == "step" else f":{self.phase}")
 
 
-def _check_writable_file(flag: str, path: str | None) -> None:
+def check_writable_file(flag: str, path: str | None) -> None:
     """Refuse a path we could not write at the end of a run, before the run starts."""
     if path is None:
         return
@@ -110,6 +110,10 @@ class StrategyOptions:
     """diloco's outer Nesterov SGD (the paper's defaults)."""
     max_staleness: int = 8
     """async: drop a gradient computed on parameters more than this many updates old."""
+    warmup_steps: int = 0
+    """The first steps are exchanged uncompressed, and localsgd/diloco all-reduce gradients
+    every step until then (post-local SGD, Lin et al. 2020): compressors and local steps cost
+    most quality early in training."""
     workers_per_host: int | None = None
     """hierarchical: group consecutive worker ids into emulated hosts of this many workers
     (default: workers that share a launcher, i.e. a machine, form a host)."""
@@ -128,6 +132,10 @@ class StrategyOptions:
             raise ConfigError("--outer-lr", f"must be positive, got {self.outer_lr}")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError("--outer-momentum", f"must be in [0, 1), got {self.outer_momentum}")
+        if self.warmup_steps < 0:
+            raise ConfigError("--warmup-steps", f"must be 0 or more, got {self.warmup_steps}")
+        if strategy == "async" and self.warmup_steps:
+            raise ConfigError("--warmup-steps", "async has no warm-up; leave --warmup-steps at 0")
         if self.max_staleness < 0:
             raise ConfigError("--max-staleness", f"must be at least 0, got {self.max_staleness}")
         if strategy == "async" and self.compress != "none":
@@ -200,6 +208,14 @@ class TrainConfig:
     """``HOST:PORT`` of a standalone coordinator to join instead of embedding one."""
     token: str | None = None
     """The job token of that coordinator."""
+    checkpoint_dir: str | None = None
+    """Save the committed state here (``--checkpoint-every`` steps, at the end, on SIGTERM)."""
+    checkpoint_every: int = 100
+    checkpoint_keep: int = 3
+    """Newest checkpoints kept."""
+    resume: str | None = None
+    """Resume from this checkpoint directory (its newest good checkpoint); checkpoints go on
+    being written there unless ``checkpoint_dir`` says otherwise."""
 
     def validate(self) -> TrainConfig:
         """Check every field and fill task defaults; raises :class:`ConfigError`."""
@@ -259,10 +275,34 @@ class TrainConfig:
             _split_address("--coordinator", self.coordinator)
             if not self.token:
                 raise ConfigError("--token", "joining a standalone coordinator needs its job token")
-        _check_writable_file("--output", self.output)
-        _check_writable_file("--save-model", self.save_model)
-        _check_writable_file("--sample-log", self.sample_log)
+        self._validate_checkpoints()
+        check_writable_file("--output", self.output)
+        check_writable_file("--save-model", self.save_model)
+        check_writable_file("--sample-log", self.sample_log)
         return self
+
+    def _validate_checkpoints(self) -> None:
+        if self.checkpoint_every < 1:
+            raise ConfigError("--checkpoint-every", f"must be at least 1, got {self.checkpoint_every}")
+        if self.checkpoint_keep < 1:
+            raise ConfigError("--checkpoint-keep", f"must be at least 1, got {self.checkpoint_keep}")
+        if self.resume is not None:
+            if not os.path.isdir(self.resume):
+                raise ConfigError("--resume", f"{self.resume!r} is not a directory")
+            if self.checkpoint_dir is None:
+                self.checkpoint_dir = self.resume
+        if self.checkpoint_dir is None:
+            return
+        if self.strategy == "async":
+            raise ConfigError("--checkpoint-dir", "checkpoints are not supported with --strategy async yet")
+        if os.path.exists(self.checkpoint_dir) and not os.path.isdir(self.checkpoint_dir):
+            raise ConfigError("--checkpoint-dir", f"{self.checkpoint_dir!r} is not a directory")
+        try:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+        except OSError as error:
+            raise ConfigError("--checkpoint-dir", f"cannot create {self.checkpoint_dir!r}: "
+                              f"{error.strerror}") from None
+        check_writable_file("--checkpoint-dir", os.path.join(self.checkpoint_dir, "metrics.json"))
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

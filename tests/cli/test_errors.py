@@ -33,6 +33,13 @@ BAD_TRAIN_FLAGS = [
     (["--slowdown", "4=2", "--workers", "2"], "--slowdown"),
     (["--max-staleness", "-1"], "--max-staleness"),
     (["--strategy", "async", "--compress", "int8"], "--compress"),
+    (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--strategy", "async", "--warmup-steps", "5"], "--warmup-steps"),
+    (["--checkpoint-dir", "/proc/version"], "--checkpoint-dir"),
+    (["--checkpoint-dir", "/tmp", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--checkpoint-dir", "/tmp", "--checkpoint-keep", "0"], "--checkpoint-keep"),
+    (["--checkpoint-dir", "/tmp", "--strategy", "async"], "--checkpoint-dir"),
+    (["--resume", "/nonexistent-dir"], "--resume"),
 ]
 
 BAD_BENCH_FLAGS = [
@@ -73,6 +80,14 @@ def test_bad_bench_flags_exit_2_with_one_line(capsys, args, flag):
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], err
+
+
+def test_resuming_from_a_directory_without_checkpoints_exits_2(capsys, tmp_path):
+    code, _, err = run_main(capsys, "train", "--resume", str(tmp_path))
+    assert code == 2 and err.strip().splitlines() == [
+        f"shoal train: error: --resume: no usable checkpoint in {str(tmp_path)!r}"]
+    code, _, err = run_main(capsys, "export", str(tmp_path), "--out", "/nonexistent-dir/m.safetensors")
+    assert code == 2 and "--out" in err
 
 
 def test_bad_run_flags_exit_2(capsys, tmp_path):

@@ -46,3 +46,31 @@ def test_train_refuses_bad_arguments():
             assert message in str(error)
         else:
             raise AssertionError("expected ValueError")
+
+
+def test_a_script_checkpoints_and_resumes_through_the_api(monkeypatch, tmp_path):
+    """What `shoal run` scripts use: train 20 steps with checkpoints, then a new process
+    (here: a new model and optimizer) resumes and ends bit-identical to 30 steps in one go."""
+    monkeypatch.delenv("SHOAL_COORDINATOR", raising=False)
+    task = TASKS["digits"](seed=0)
+
+    def run(steps, **kwargs):
+        torch.manual_seed(0)
+        model = task.build_model()
+        optimizer = task.build_optimizer(model, lr=0.05)
+        return shoal.train(model, optimizer, task.train_dataset(), task.loss, global_batch_size=64,
+                           steps=steps, seed=0, task="digits", **kwargs)
+
+    first = run(20, checkpoint=shoal.Checkpointing(directory=str(tmp_path), every=8))
+    assert [c["step"] for c in first.checkpoints] == [8, 16, 20]
+    resumed = run(30, resume=tmp_path)
+    assert resumed.resumed_from == 20 and resumed.steps == 30
+    whole = run(30)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    try:
+        run(30, resume=tmp_path, strategy="localsgd")
+    except shoal.CheckpointError as error:
+        assert "resume with --strategy allreduce" in str(error)
+    else:
+        raise AssertionError("expected CheckpointError")

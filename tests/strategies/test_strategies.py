@@ -38,11 +38,16 @@ def test_hierarchical_equals_allreduce(tmp_path):
 
 def test_local_sgd_synchronising_every_step_equals_allreduce(tmp_path):
     """With SGD (momentum included) and equal shares, averaging the members' one-step updates
-    is the all-reduce step."""
+    is the all-reduce step. And a warm-up over the whole run is the all-reduce itself: DiLoCo
+    with a compressor then neither compresses nor takes a local step."""
     two = [*QUADRATIC, "--workers", "2"]
-    reference, _ = train(tmp_path, "allreduce", *two)
+    reference, plain = train(tmp_path, "allreduce", *two)
     model, _ = train(tmp_path, "localsgd", *two, "--strategy", "localsgd", "--sync-every", "1")
     assert relative_difference(model, reference) <= 1e-5
+    warm, results = train(tmp_path, "warm", *two, "--strategy", "diloco", "--compress", "onebit",
+                          "--warmup-steps", "90")
+    assert relative_difference(warm, reference) <= 1e-5
+    assert results["payload_bytes_per_step"] == plain["payload_bytes_per_step"]
 
 
 @pytest.mark.parametrize("strategy", [

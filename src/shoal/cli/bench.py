@@ -100,10 +100,10 @@ def _straggler(args: argparse.Namespace) -> int:
 
 def _check_outputs(args) -> None:
     """Refuse unwritable output paths before any run starts."""
-    from shoal.config import _check_writable_file
+    from shoal.config import check_writable_file
 
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
-        _check_writable_file(flag, path)
+        check_writable_file(flag, path)
 
 
 def _write_outputs(args, name: str, data: dict, results, markdown, settings, *, title: str) -> None:

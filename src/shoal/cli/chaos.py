@@ -26,7 +26,7 @@ def add_chaos(commands) -> None:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from shoal.config import ConfigError, _check_writable_file
+    from shoal.config import ConfigError, check_writable_file
     from shoal.network import namespaces_available
     from shoal.reliability.chaos import ChaosSettings, render_markdown, run_chaos, summarize
     from shoal.tasks import TASKS
@@ -39,8 +39,8 @@ def _chaos(args: argparse.Namespace) -> int:
         raise ConfigError("--steps", f"must be at least 20, got {args.steps}")
     if args.task not in TASKS:
         raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
-    _check_writable_file("--markdown", args.markdown)
-    _check_writable_file("--json", args.json)
+    check_writable_file("--markdown", args.markdown)
+    check_writable_file("--json", args.json)
     unavailable = namespaces_available()
     if unavailable is not None:
         print(f"shoal chaos: no link-cut or coordinator-restart trials: {unavailable}", file=sys.stderr)

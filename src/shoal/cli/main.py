@@ -61,6 +61,9 @@ def _add_train(commands) -> None:
     talk.add_argument("--outer-lr", type=float, default=0.7, help="diloco's outer learning rate (default 0.7)")
     talk.add_argument("--outer-momentum", type=float, default=0.9,
                       help="diloco's outer Nesterov momentum (default 0.9)")
+    talk.add_argument("--warmup-steps", type=int, default=0, metavar="W",
+                      help="the first W steps uncompressed, and for localsgd/diloco synchronous "
+                      "(default 0)")
     talk.add_argument("--max-staleness", type=int, default=8, metavar="K",
                       help="async: drop gradients more than K updates old (default 8)")
     talk.add_argument("--workers-per-host", type=int, metavar="K",
@@ -96,6 +99,16 @@ def _add_train(commands) -> None:
     train.add_argument("--coordinator", metavar="HOST:PORT",
                        help="join a standalone `shoal coordinator` instead of embedding one")
     train.add_argument("--token", help="the job token printed by that coordinator")
+    durable = train.add_argument_group("checkpoints (see docs/CHECKPOINTS.md)")
+    durable.add_argument("--checkpoint-dir", metavar="DIR",
+                         help="save the committed state in DIR every --checkpoint-every steps, "
+                         "at the end and on SIGTERM")
+    durable.add_argument("--checkpoint-every", type=int, default=100, metavar="S",
+                         help="steps between checkpoints (default 100)")
+    durable.add_argument("--checkpoint-keep", type=int, default=3, metavar="K",
+                         help="newest checkpoints kept (default 3)")
+    durable.add_argument("--resume", metavar="DIR",
+                         help="resume from DIR's newest good checkpoint (and go on saving there)")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=_train)
 
@@ -108,6 +121,7 @@ def _train(args: argparse.Namespace) -> int:
         options=StrategyOptions(compress=args.compress, powersgd_rank=args.powersgd_rank,
                                 sync_every=args.sync_every, outer_lr=args.outer_lr,
                                 outer_momentum=args.outer_momentum, max_staleness=args.max_staleness,
+                                warmup_steps=args.warmup_steps,
                                 workers_per_host=args.workers_per_host),
         slowdowns=args.slowdown,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -115,7 +129,9 @@ def _train(args: argparse.Namespace) -> int:
         sample_log=args.sample_log, kills=args.kill + args.hang + args.fail, restart=args.restart,
         max_restarts=args.max_restarts, max_workers=args.max_workers, quiet=args.quiet,
         heartbeat_timeout=args.heartbeat_timeout, host=args.host,
-        coordinator=args.coordinator, token=args.token,
+        coordinator=args.coordinator, token=args.token, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
+        resume=args.resume,
     )
     config.validate()
     return run_train(config)
@@ -128,12 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     from shoal.cli.bench import add_bench
     from shoal.cli.chaos import add_chaos
     from shoal.cli.coordinator import add_coordinator
+    from shoal.cli.export import add_export
     from shoal.cli.run import add_run
 
     add_run(commands)
     add_coordinator(commands)
     add_chaos(commands)
     add_bench(commands)
+    add_export(commands)
     return parser
 
 

@@ -5,24 +5,29 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
 import socket
 import sys
 import time
 
+from shoal.checkpoint import CheckpointStore
 from shoal.config import TrainConfig
 from shoal.coordinator import Coordinator, Membership
 from shoal.data import GlobalBatchSampler
+from shoal.launch.durable import MetricsFile, Resumption, choose_resume
 from shoal.launch.progress import Progress
 from shoal.launch.workers import WorkerGroup, describe_exit, python_command
 from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.trainer import ENV_LAUNCHER_ID
-from shoal.runtime.worker import ENV_CONFIG
+from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
 from shoal.tasks import TASKS
 from shoal.tracking import build_results, write_json, write_sample_log
 
 __all__ = ["run_train"]
 
 _POLL_SECONDS = 0.2
+_PREEMPTION_GRACE_SECONDS = 60.0
+"""After SIGTERM, how long workers may take to reach a step boundary and save."""
 
 
 def run_train(config: TrainConfig) -> int:
@@ -35,6 +40,15 @@ def run_train(config: TrainConfig) -> int:
     task = TASKS[config.task](config.seed)
     sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
     total_steps = config.steps or config.epochs * sampler.steps_per_epoch
+    resumption = None
+    if config.resume:
+        resumption = choose_resume(config, task, warn=lambda line: print(f"shoal train: warning: {line}",
+                                                                          file=sys.stderr))
+        config.resume = str(resumption.checkpoint.path)  # every worker loads this one
+    metrics = None
+    if config.checkpoint_dir:
+        CheckpointStore(config.checkpoint_dir).remove_partial()  # left by a job that was killed
+        metrics = MetricsFile(config.checkpoint_dir, resumption.earlier_steps if resumption else [])
     membership = Membership(expected_workers=config.workers, min_workers=config.min_workers,
                             max_workers=config.max_workers,
                             heartbeat_timeout=config.heartbeat_timeout, restarts=config.restart)
@@ -43,11 +57,16 @@ def run_train(config: TrainConfig) -> int:
     progress.message(f"shoal: coordinator listening on {coordinator.url}")
     progress.message(f"shoal: training {config.task} with {config.workers} worker(s), "
                      f"{total_steps} steps, global batch {config.batch_size}")
+    if resumption:
+        progress.message(f"shoal: resuming from {resumption.checkpoint.path} (step "
+                         f"{resumption.checkpoint.step}; {resumption.steps_redone} committed "
+                         f"step(s) after it are redone)", always=True)
 
     restarts = collections.Counter()
+    preemption = _Preemption()
 
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
-        if group.stopping:
+        if group.stopping or preemption.deadline is not None:
             return
         restart = (returncode != 0 and config.restart and membership.status == "running"
                    and restarts[worker_id] < config.max_restarts)
@@ -65,24 +84,50 @@ def run_train(config: TrainConfig) -> int:
            ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
     group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit,
                         echo=lambda line: progress.message(line, always=True))
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preemption.notice(group))
     try:
         for worker_id in range(config.workers):
             group.spawn(worker_id, {ENV_WORKER_ID: str(worker_id)})
-        _watch(membership, group, progress, sampler)
+        _watch(membership, group, progress, sampler, metrics, preemption)
     except KeyboardInterrupt:
         membership.fail("interrupted (Ctrl-C)")
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         group.stop_all()
+        if preemption.deadline is not None and membership.status not in ("completed", "failed"):
+            membership.fail("preempted (SIGTERM)" + (f"; go on with --resume {config.checkpoint_dir}"
+                                                     if config.checkpoint_dir else ""))
         progress.close()
         coordinator.stop()
-    return _report(config, membership, sampler, task, time.time() - started, progress)
+    if metrics is not None:
+        metrics.update(membership.record, force=True)
+    code = _report(config, membership, sampler, task, time.time() - started, progress, resumption)
+    return EXIT_PREEMPTED if preemption.deadline is not None and code else code
+
+
+class _Preemption:
+    """SIGTERM to the launcher (a preemption notice): pass it on to the workers, whose leader
+    saves a checkpoint at its next step boundary; kill what is left after a grace period."""
+
+    def __init__(self):
+        self.deadline: float | None = None
+
+    def notice(self, group: WorkerGroup) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + _PREEMPTION_GRACE_SECONDS
+            group.signal_all(signal.SIGTERM)
+
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
-           sampler: GlobalBatchSampler) -> None:
-    """Show progress until the job ends and every worker has exited."""
+           sampler: GlobalBatchSampler, metrics: MetricsFile | None, preemption: _Preemption) -> None:
+    """Show progress (and keep metrics.json current) until the job ends and every worker has exited."""
     announced = 0
     while True:
+        if metrics is not None:
+            metrics.update(membership.record)
         snapshot = membership.snapshot()
         for change in membership.membership_changes()[announced:]:
             progress.message(f"shoal: generation {change['generation_before']} -> "
@@ -100,19 +145,23 @@ def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
                         samples_per_second=rate, alive=alive, generation=snapshot["generation"])
         # Completed means every member reported its last commit (the leader after saving);
         # what still runs is exiting, or an evicted worker still frozen: stop_all ends it.
-        if snapshot["status"] in ("completed", "failed") or not group.running():
+        if snapshot["status"] in ("completed", "failed") or not group.running() or preemption.overdue():
             return
         time.sleep(_POLL_SECONDS)
 
 
 def _report(config: TrainConfig, membership: Membership, sampler: GlobalBatchSampler, task,
-            wall_seconds: float, progress: Progress) -> int:
+            wall_seconds: float, progress: Progress, resumption: Resumption | None) -> int:
     record = membership.record()
     results = build_results(record=record, config=_config_json(config), sampler=sampler,
-                            wall_seconds=wall_seconds, units=task.samples_to_units())
+                            wall_seconds=wall_seconds, units=task.samples_to_units(),
+                            earlier_steps=resumption.earlier_steps if resumption else [])
+    results["resumed"] = resumption.to_json() if resumption else None
     if config.output:
         write_json(config.output, results)
     if config.sample_log:
+        if resumption:
+            record.steps = resumption.earlier_steps + record.steps
         write_sample_log(config.sample_log, record, sampler)
     if membership.status != "completed":
         reason = membership.reason or "every worker exited before the job completed"

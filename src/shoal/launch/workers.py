@@ -92,6 +92,10 @@ class WorkerGroup:
                 return False
         return True
 
+    def signal_all(self, signum: int) -> None:
+        for worker in self.running():
+            _signal(worker.process, signum)
+
     def stop_all(self, grace: float = 5.0) -> None:
         """SIGTERM every running worker, SIGKILL those still there after ``grace`` seconds."""
         self.stopping = True

@@ -2,6 +2,6 @@
 
 from shoal.runtime.context import Context, GenerationMoved, JobStopped
 from shoal.runtime.heal import HealReport
-from shoal.runtime.trainer import TrainResult, train
+from shoal.runtime.trainer import Preempted, TrainResult, train
 
-__all__ = ["Context", "GenerationMoved", "HealReport", "JobStopped", "TrainResult", "train"]
+__all__ = ["Context", "GenerationMoved", "HealReport", "JobStopped", "Preempted", "TrainResult", "train"]

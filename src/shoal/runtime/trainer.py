@@ -16,7 +16,9 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from shoal.checkpoint import (AsyncSaver, Checkpoint, CheckpointError, Checkpointing, CheckpointStore,
+                              check_resumable, job_identity)
 from shoal.config import KillSpec, Slowdown, StrategyOptions
 from shoal.data import GlobalBatchSampler, fetch
 from shoal.runtime.async_worker import run_async
@@ -33,7 +37,7 @@ from shoal.runtime.faults import maybe_kill
 from shoal.runtime.heal import FRESH, HealReport, deserialize, heal
 from shoal.strategies import STRATEGIES, Strategy
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["Preempted", "TrainResult", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,11 @@ LossFn = Callable[[nn.Module, object], torch.Tensor]
 
 ENV_LAUNCHER_ID = "SHOAL_LAUNCHER_ID"
 """Set by launchers: workers started by one launcher share a host (hierarchical strategies)."""
+
+
+class Preempted(JobStopped):
+    """SIGTERM (a preemption notice): the leader saved a checkpoint (if asked to) and every
+    worker stopped at a step boundary."""
 
 
 @dataclass(slots=True)
@@ -60,6 +69,10 @@ class TrainResult:
     replicas_agree: bool | None = True
     """Every member ended with bit-identical parameters (checked once, at the end; None if a
     member left before it could be checked)."""
+    resumed_from: int | None = None
+    """The step of the checkpoint this run resumed from."""
+    checkpoints: list[dict] = field(default_factory=list)
+    """The checkpoints this worker wrote: step, bytes, write and blocked seconds."""
 
     @property
     def is_leader(self) -> bool:
@@ -82,6 +95,9 @@ def train(
     context: Context | None = None,
     kills: Sequence[KillSpec] = (),
     slowdowns: Sequence[Slowdown] = (),
+    checkpoint: Checkpointing | None = None,
+    resume: str | os.PathLike | None = None,
+    task: str | None = None,
 ) -> TrainResult:
     """Train ``model`` elastically; survive workers that die.
 
@@ -90,6 +106,11 @@ def train(
     failure, with a different share of the batch. Under ``shoal run`` the job's coordinator is
     found from the environment; run plainly, this trains in one process. ``options`` tune the
     strategy (compression, ``sync_every``, ...); ``kills`` and ``slowdowns`` inject faults.
+
+    ``checkpoint`` makes the leader save the committed state every so many steps, at the end
+    and on SIGTERM; ``resume`` (a checkpoint directory, or a job's checkpoint root: its
+    newest good checkpoint) starts from a saved state. ``task`` names the workload in the
+    checkpoint, so that resuming another one is refused.
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
@@ -105,9 +126,22 @@ def train(
     chosen = STRATEGIES[strategy](model, optimizer, options)
     if context.distributed:
         chosen.await_members = context.await_members
-    loop = _Loop(model, optimizer, dataset, loss_fn, sampler, chosen, context, kills, slowdowns)
+    identity = job_identity(model, task=task, global_batch_size=global_batch_size, seed=seed,
+                            strategy=strategy)
+    saver = None
+    if checkpoint is not None:
+        if chosen.drives_steps:
+            raise ValueError(f"checkpoints are not supported with strategy {strategy!r} yet")
+        saver = AsyncSaver(CheckpointStore(checkpoint.directory, checkpoint.keep), identity,
+                           background=checkpoint.background)
+    loop = _Loop(model, optimizer, dataset, loss_fn, sampler, chosen, context, kills, slowdowns,
+                 saver, checkpoint.every if checkpoint else 0)
     try:
-        loop.run(total_steps)
+        with _PreemptionNotice(enabled=saver is not None) as notice:
+            loop.preemption = notice
+            if resume is not None:
+                loop.resume(_open_resume(resume, identity))
+            loop.run(total_steps)
         agree = _replicas_agree(model)
     except BaseException:
         if owns_context:
@@ -117,10 +151,49 @@ def train(
         log.error("the members of generation %d ended with different parameters", context.generation)
     result = TrainResult(model, loop.position, loop.position / sampler.steps_per_epoch, context.rank,
                          context.world_size, context.generation, loop.heals,
-                         loop.strategy.bytes_sent, agree)
+                         loop.strategy.bytes_sent, agree, loop.resumed_from,
+                         saver.saved if saver else [])
     if owns_context:
         context.finish()
     return result
+
+
+def _open_resume(path: str | os.PathLike, identity: dict) -> tuple[Checkpoint, dict]:
+    """The checkpoint at ``path`` (one checkpoint's directory, or the newest good one of a
+    checkpoint root) and its verified state; refuses one of another job."""
+    if Checkpoint.is_checkpoint(path):
+        checkpoint = Checkpoint.open(path)
+        state = checkpoint.load_state()
+    else:
+        found = CheckpointStore(path).latest_good()
+        if found is None:
+            raise CheckpointError(f"{path}: holds no checkpoint that passes its checksums")
+        checkpoint, state = found
+    check_resumable(checkpoint.meta, identity, str(checkpoint.path))
+    return checkpoint, state
+
+
+class _PreemptionNotice:
+    """With checkpoints, SIGTERM sets a flag that the loop reads at the next step boundary
+    (a handler that acted at once could interrupt the optimizer half-way through an update).
+    Without them there is nothing to save, and SIGTERM keeps its default: stop at once."""
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> _PreemptionNotice:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
 
 
 def _replicas_agree(model: nn.Module) -> bool | None:
@@ -143,7 +216,7 @@ def _replicas_agree(model: nn.Module) -> bool | None:
 
 class _Loop:
     def __init__(self, model, optimizer, dataset, loss_fn, sampler, strategy: Strategy,
-                 context: Context, kills, slowdowns):
+                 context: Context, kills, slowdowns, saver: AsyncSaver | None, checkpoint_every: int):
         self.model, self.optimizer, self.dataset, self.loss_fn = model, optimizer, dataset, loss_fn
         self.sampler, self.strategy, self.context, self.kills = sampler, strategy, context, kills
         self.slowdown = max((s.factor for s in slowdowns if s.rank == context.worker_id), default=1.0)
@@ -157,12 +230,28 @@ class _Loop:
         """Round-based strategies: a copy of everything at the last commit, to return to."""
         self.fresh = True
         self.heals: list[HealReport] = []
+        self.saver, self.checkpoint_every = saver, checkpoint_every
+        self.total_steps = 0
+        self.resumed_from: int | None = None
+        self.preemption = _PreemptionNotice()
+
+    def resume(self, found: tuple[Checkpoint, dict]) -> None:
+        """Start from a checkpoint: as if this worker had committed its step (the heal then
+        finds every member equal, or brings a member without it up to date)."""
+        checkpoint, state = found
+        self._restore(state)
+        self.resumed_from = checkpoint.step
+        self.fresh = False
+        log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
 
     def run(self, total_steps: int) -> None:
+        self.total_steps = total_steps
         failures, last_failure = 0, None
         while True:
             try:
                 self._run_generation(total_steps)
+                if self.saver is not None:
+                    self.saver.wait()
                 return
             except GenerationMoved:
                 pass
@@ -170,6 +259,9 @@ class _Loop:
                 self._leave()
                 raise
             except RuntimeError as error:
+                if self.preemption.received:  # the peers are stopping too: no new generation
+                    self._leave()
+                    self._stop_for_preemption()
                 # A peer died or the group broke mid-collective: report it (which also proves
                 # this worker is alive) and let the coordinator form the next generation.
                 key = (self.position, tuple(self.context.members))
@@ -197,8 +289,19 @@ class _Loop:
             run_async(self, module, total_steps)
             return
         while self.next_step < total_steps:
+            if self.preemption.received:
+                self._stop_for_preemption()
             self.context.check_generation()
             self._step(module, total_steps)
+
+    def _stop_for_preemption(self) -> None:
+        """Save the last committed state (the leader) and stop this worker."""
+        self._return_to_commit()
+        if self.saver is not None and self.context.rank == 0:
+            if self.saver.last_saved_step != self.position:
+                self.saver.save(self.position, self._capture())
+            self.saver.wait()
+        raise Preempted(f"worker {self.context.worker_id} stopped by SIGTERM at step {self.position}")
 
     def _return_to_commit(self) -> None:
         """Undo whatever the broken generation did after the last commit."""
@@ -257,6 +360,7 @@ class _Loop:
     def _step(self, module: nn.Module, total_steps: int) -> None:
         step, context = self.next_step, self.context
         maybe_kill(context, step, self.kills)
+        self.strategy.begin_step(step)
         self.optimizer.zero_grad(set_to_none=True)
         global_size = len(self.sampler.global_indices(step))
         local = self.sampler.local_indices(step, context.rank, context.world_size)
@@ -280,9 +384,16 @@ class _Loop:
         for step, loss_part in self._pending:
             self.context.record_commit(step, loss_part)
         self._pending.clear()
-        self.position = self.next_step
+        before, self.position = self.position, self.next_step
         if not self.strategy.commits_every_step:
             self._committed_state = copy.deepcopy(self._capture(local=True))
+        if self.saver is not None and self.context.rank == 0 and self._checkpoint_due(before):
+            self.saver.save(self.position, self._capture())
+
+    def _checkpoint_due(self, before: int) -> bool:
+        """Did this commit cross a multiple of the interval (or finish the run)?"""
+        every = self.checkpoint_every
+        return self.position // every > before // every or self.position == self.total_steps
 
     def _straggle(self, forward_seconds: float) -> None:
         """``--slowdown``: stretch this step's compute (forward and backward, about three

@@ -11,12 +11,15 @@ import sys
 import torch
 
 from shoal._io import atomic_write
+from shoal.checkpoint import Checkpointing
 from shoal.config import TrainConfig
 from shoal.runtime.context import Context, JobStopped
-from shoal.runtime.trainer import TrainResult, train
+from shoal.runtime.trainer import Preempted, TrainResult, train
 from shoal.tasks import TASKS
 
 ENV_CONFIG = "SHOAL_CONFIG"
+EXIT_PREEMPTED = 128 + signal.SIGTERM
+"""A worker stopped by SIGTERM at a step boundary (after the leader's checkpoint)."""
 
 
 def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
@@ -28,6 +31,8 @@ def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
         "steps": result.steps,
         "epochs": result.epochs,
         "replicas_agree": result.replicas_agree,
+        "resumed_from": result.resumed_from,
+        "checkpoints": result.checkpoints,
         "heals": [{**dataclasses.asdict(h), "megabytes_per_second": h.bytes / 1e6 / h.seconds}
                   for h in result.heals if h.seconds > 0],
     }
@@ -48,12 +53,21 @@ def main() -> int:
     optimizer = task.build_optimizer(model, config.lr)
     context = Context.from_env()
     context.join()
+    checkpoint = None
+    if config.checkpoint_dir:
+        checkpoint = Checkpointing(directory=config.checkpoint_dir, every=config.checkpoint_every,
+                                   keep=config.checkpoint_keep)
     try:
         result = train(model, optimizer, task.train_dataset(), task.loss,
                        global_batch_size=config.batch_size, epochs=config.epochs,
                        steps=config.steps, seed=config.seed, strategy=config.strategy,
                        options=config.options, context=context, kills=config.kills,
-                       slowdowns=config.slowdowns)
+                       slowdowns=config.slowdowns, checkpoint=checkpoint, resume=config.resume,
+                       task=config.task)
+    except Preempted as stopped:
+        context.close()
+        print(f"worker {context.worker_id}: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except JobStopped as stopped:
         context.close()
         print(f"worker {context.worker_id}: {stopped}", file=sys.stderr)

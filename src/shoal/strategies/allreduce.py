@@ -44,7 +44,7 @@ class _DataParallel(Strategy):
         return self._ddp
 
     def reduce_bucket(self, buffer: torch.Tensor, index: int) -> torch.futures.Future[torch.Tensor]:
-        if self.options.compress == "none":  # overlap with the rest of the backward pass
+        if self.options.compress == "none" or self.warming_up:  # overlaps the rest of backward
             self.count(buffer)
             return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
         return _done(self.compressor.sum(buffer, f"bucket{index}"))

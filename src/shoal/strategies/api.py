@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from shoal.compression import COMPRESSORS
+from shoal.compression import COMPRESSORS, Compressor
 from shoal.config import StrategyOptions
 
 __all__ = ["STRATEGIES", "Strategy", "register"]
@@ -45,6 +45,9 @@ class Strategy(abc.ABC):
         self.optimizer = optimizer
         self.options = options or StrategyOptions()
         self.compressor = COMPRESSORS[self.options.compress](powersgd_rank=self.options.powersgd_rank)
+        self._uncompressed = COMPRESSORS["none"]()
+        self.warming_up = False
+        """True during the first ``--warmup-steps`` steps: exchange uncompressed, every step."""
         self._bytes_uncompressed = 0
         self.await_members: Callable[[str], None] = lambda tag: None
         """Set by the loop: wait until every member reached ``tag`` while they stay alive
@@ -53,7 +56,16 @@ class Strategy(abc.ABC):
     @property
     def bytes_sent(self) -> int:
         """Payload bytes this worker handed to collectives, over the whole run."""
-        return self.compressor.bytes_sent + self._bytes_uncompressed
+        return self.compressor.bytes_sent + self._uncompressed.bytes_sent + self._bytes_uncompressed
+
+    @property
+    def exchange(self) -> Compressor:
+        """The compressor of the current step: none while warming up."""
+        return self._uncompressed if self.warming_up else self.compressor
+
+    def begin_step(self, step: int) -> None:
+        """Called before each step's forward pass, with its number."""
+        self.warming_up = step < self.options.warmup_steps
 
     def count(self, tensor: torch.Tensor) -> None:
         """Count a payload sent outside the compressor."""

@@ -49,7 +49,7 @@ class Hierarchical(_DataParallel):
         self.count(buffer)  # to the host leader (sent by members; the leader sends it back)
         dist.reduce(buffer, dst=self._leader, group=self._host_group)
         if self._is_leader:
-            buffer.copy_(self.compressor.sum(buffer, f"bucket{index}", group=self._leader_group))
+            buffer.copy_(self.exchange.sum(buffer, f"bucket{index}", group=self._leader_group))
         dist.broadcast(buffer, src=self._leader, group=self._host_group)
         return _done(buffer)
 

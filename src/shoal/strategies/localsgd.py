@@ -9,11 +9,16 @@ step, and the deltas are small numbers that compress better than the parameters.
 The round is the commit point. If a member dies inside it, the survivors return to the
 parameters, optimizer state and data position of the last synchronisation and redo the
 round with the batch re-split (see ``Strategy``).
+
+During ``--warmup-steps`` the members all-reduce gradients every step, exactly as the
+``allreduce`` strategy does, and every step commits: local steps cost most early in
+training, when the members' models would drift apart fastest (post-local SGD).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from shoal.strategies.api import Strategy, register
@@ -34,6 +39,8 @@ class LocalSGD(Strategy):
         self._round_samples = 0
 
     def loss_divisor(self, local_samples, global_samples):
+        if self.warming_up:
+            return global_samples  # summed over members: the gradient of the global batch
         self._samples += local_samples
         self._round_samples += global_samples
         return max(local_samples, 1)  # a local step follows this worker's own mean gradient
@@ -45,8 +52,21 @@ class LocalSGD(Strategy):
 
     def backward(self, loss):
         loss.backward()
+        if self.warming_up:
+            self._all_reduce_gradients()
+
+    def _all_reduce_gradients(self) -> None:
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        flat = parameters_to_vector([p.grad for p in parameters])
+        self.count(flat)
+        dist.all_reduce(flat)
+        vector_to_parameters(flat, [p.grad for p in parameters])
 
     def step(self, step, last):
+        if self.warming_up:  # identical members after every step: the round starts here
+            self.optimizer.step()
+            self._anchor = parameters_to_vector(self.model.parameters()).detach().clone()
+            return True
         self.optimizer.step()
         if (step + 1) % self.options.sync_every and not last:
             return False

@@ -11,7 +11,7 @@ import json
 import statistics
 
 from shoal._io import atomic_write
-from shoal.coordinator.record import JobRecord
+from shoal.coordinator.record import CommittedStep, JobRecord
 from shoal.data import GlobalBatchSampler
 
 __all__ = ["build_results", "write_json", "write_sample_log"]
@@ -20,21 +20,26 @@ _FINAL_LOSS_STEPS = 10
 
 
 def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSampler,
-                  wall_seconds: float, units: tuple[str, int]) -> dict:
+                  wall_seconds: float, units: tuple[str, int],
+                  earlier_steps: list[CommittedStep] = ()) -> dict:
+    """``earlier_steps``: those a resumed job's checkpoint holds. They count in the steps and
+    the losses; the rates and times are this run's own."""
     results = record.results or {}
     samples = sum(len(sampler.global_indices(s.step)) for s in record.steps)
     last_commit = max((s.committed_at for s in record.steps), default=None)
     started = record.first_formed_at
     train_seconds = last_commit - started if last_commit and started else 0.0
-    last_losses = list(record.losses.values())[-_FINAL_LOSS_STEPS:]
+    steps = len(earlier_steps) + len(record.steps)
+    losses = [s.loss for s in [*earlier_steps, *record.steps] if s.loss is not None]
+    last_losses = losses[-_FINAL_LOSS_STEPS:]
     unit, per_sample = units
     output = {
         "task": config["task"],
         "status": record.status,
         "reason": record.reason,
         "config": config,
-        "steps": len(record.steps),
-        "epochs": len(record.steps) / sampler.steps_per_epoch,
+        "steps": steps,
+        "epochs": steps / sampler.steps_per_epoch,
         "final_train_loss": statistics.fmean(last_losses) if last_losses else None,
         "eval": results.get("eval", {}),
         "wall_time_seconds": round(wall_seconds, 3),
@@ -47,6 +52,7 @@ def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSample
         "membership_changes": record.membership_changes,
         "heals": results.get("heals", []),
         "replicas_agree": results.get("replicas_agree"),
+        "checkpoints": results.get("checkpoints", []),
     }
     if unit != "samples":
         output[f"{unit}_per_second"] = output["samples_per_second"] * per_sample
