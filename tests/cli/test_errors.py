@@ -52,6 +52,9 @@ BAD_BENCH_FLAGS = [
     (["straggler", "--factor", "0.5"], "--factor"),
     (["straggler", "--task", "mnist"], "--task"),
     (["straggler", "--markdown", "/nonexistent-dir/s.md"], "--markdown"),
+    (["checkpoint", "--every", "0"], "--every"),
+    (["checkpoint", "--steps", "10", "--every", "20"], "--every"),
+    (["checkpoint", "--json", "/nonexistent-dir/c.json"], "--json"),
 ]
 
 

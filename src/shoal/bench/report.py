@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_curves", "straggler_markdown", "wan_markdown"]
+__all__ = ["checkpoint_markdown", "plot_curves", "straggler_markdown", "wan_markdown"]
 
 
 def _kilobytes(value: float) -> str:
@@ -89,6 +89,38 @@ def straggler_markdown(settings, runs, *, command: str, when: str, plot: str | N
 | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 {figure}"""
+
+
+def checkpoint_markdown(settings, pairs, *, command: str, when: str, plot: str | None) -> str:
+    from shoal.bench.checkpoint import summary
+
+    rows = []
+    for index, pair in enumerate(pairs, 1):
+        if pair.error:
+            rows.append(f"| {index} | failed: {pair.error} |||")
+            continue
+        rows.append(f"| {index} | {pair.plain_step_seconds * 1e3:.1f} | "
+                    f"{pair.checkpointed_step_seconds * 1e3:.1f} | {pair.ratio:.3f} |")
+    total = summary(pairs)
+    overall = (f"Median step-time ratio **{total['median_step_time_ratio']:.3f}**; each checkpoint "
+               f"{total['checkpoint_megabytes']:.1f} MB, written at a median "
+               f"{total['write_megabytes_per_second']:.0f} MB/s by the writer thread; the training "
+               f"thread waited a median {total['blocked_milliseconds']:.1f} ms per save "
+               f"({total['saves']} saves)." if total else "No pair finished.")
+    return f"""## Checkpoint cost
+
+{settings.task}, {settings.workers} local workers, {settings.steps} steps; a checkpoint every
+{settings.every} steps (and at the end), written in the background, against no checkpoints;
+{settings.pairs} pairs alternating plain and checkpointed. {when}. Regenerate with:
+
+    {command}
+
+| pair | ms/step plain | ms/step checkpointed | ratio |
+| --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+{overall}
+"""
 
 
 def plot_curves(runs, path: str | Path, *, title: str) -> bool:

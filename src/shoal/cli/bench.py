@@ -40,6 +40,16 @@ def add_bench(commands) -> None:
     straggler.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     straggler.add_argument("--plot", metavar="PATH", help="write loss against wall time as PNG")
     straggler.set_defaults(handler=_straggler)
+    checkpoint = kinds.add_parser("checkpoint", help="step-time cost and write throughput of checkpoints")
+    checkpoint.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    checkpoint.add_argument("--workers", type=int, default=2, help="local workers (default 2)")
+    checkpoint.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
+    checkpoint.add_argument("--every", type=int, default=50, help="steps between checkpoints (default 50)")
+    checkpoint.add_argument("--pairs", type=int, default=5,
+                            help="runs without and with checkpoints, alternating (default 5 pairs)")
+    checkpoint.add_argument("--json", metavar="PATH", help="write every pair as JSON")
+    checkpoint.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    checkpoint.set_defaults(handler=_checkpoint)
 
 
 def _wan(args: argparse.Namespace) -> int:
@@ -98,11 +108,35 @@ def _straggler(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
+def _checkpoint(args: argparse.Namespace) -> int:
+    from shoal.bench.checkpoint import CheckpointSettings, run_checkpoint_bench, to_json
+    from shoal.bench.report import checkpoint_markdown
+    from shoal.config import ConfigError
+    from shoal.tasks import TASKS
+
+    if args.task not in TASKS:
+        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    for flag, value in (("--workers", args.workers), ("--steps", args.steps), ("--every", args.every),
+                        ("--pairs", args.pairs)):
+        if value < 1:
+            raise ConfigError(flag, f"must be at least 1, got {value}")
+    if args.every > args.steps:
+        raise ConfigError("--every", f"must be at most --steps ({args.steps}), got {args.every}")
+    _check_outputs(args)
+    settings = CheckpointSettings(task=args.task, workers=args.workers, steps=args.steps,
+                                  every=args.every, pairs=args.pairs)
+    pairs = run_checkpoint_bench(settings, report=lambda line: print(line, flush=True))
+    _write_outputs(args, "checkpoint", to_json(settings, pairs), pairs, checkpoint_markdown, settings,
+                   title="")
+    return 1 if any(p.error for p in pairs) else 0
+
+
 def _check_outputs(args) -> None:
     """Refuse unwritable output paths before any run starts."""
     from shoal.config import check_writable_file
 
-    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                       ("--plot", getattr(args, "plot", None))):
         check_writable_file(flag, path)
 
 
@@ -112,8 +146,9 @@ def _write_outputs(args, name: str, data: dict, results, markdown, settings, *, 
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(data, handle, indent=2)
-    plotted = bool(args.plot) and plot_curves(results, args.plot, title=title)
-    if args.plot and not plotted:
+    plot = getattr(args, "plot", None)
+    plotted = bool(plot) and plot_curves(results, plot, title=title)
+    if plot and not plotted:
         print(f"shoal bench {name}: no plot: matplotlib is not installed (pip install 'shoal[bench]')",
               file=sys.stderr)
     if args.markdown:
@@ -122,7 +157,7 @@ def _write_outputs(args, name: str, data: dict, results, markdown, settings, *, 
                 f"({_cores()} cores), torch {_torch_version()}")
         with open(args.markdown, "w") as handle:
             handle.write(markdown(settings, results, command=command, when=when,
-                                  plot=args.plot if plotted else None))
+                                  plot=plot if plotted else None))
 
 
 def _cores() -> int:
