@@ -114,6 +114,8 @@ class StrategyOptions:
     """The first steps are exchanged uncompressed, and localsgd/diloco all-reduce gradients
     every step until then (post-local SGD, Lin et al. 2020): compressors and local steps cost
     most quality early in training."""
+    zero_replicas: int = 1
+    """zero: members holding each shard. Only 1 so far: a crash goes back to the last checkpoint."""
     workers_per_host: int | None = None
     """hierarchical: group consecutive worker ids into emulated hosts of this many workers
     (default: workers that share a launcher, i.e. a machine, form a host)."""
@@ -132,6 +134,12 @@ class StrategyOptions:
             raise ConfigError("--outer-lr", f"must be positive, got {self.outer_lr}")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError("--outer-momentum", f"must be in [0, 1), got {self.outer_momentum}")
+        if self.zero_replicas != 1:
+            raise ConfigError("--zero-replicas", "only 1 is implemented so far (each shard on one "
+                              "member; a crash goes back to the last checkpoint)")
+        if strategy == "zero" and self.compress != "none":
+            raise ConfigError("--compress", "zero's collectives are FSDP's own; use --compress none "
+                              "with --strategy zero")
         if self.warmup_steps < 0:
             raise ConfigError("--warmup-steps", f"must be 0 or more, got {self.warmup_steps}")
         if strategy == "async" and self.warmup_steps:

@@ -17,21 +17,27 @@ __all__ = ["export_model"]
 
 def export_model(source: str | os.PathLike, out: str | os.PathLike, warn=print) -> Checkpoint:
     """Write the model of ``source`` (a checkpoint, or the newest good one of a checkpoint
-    directory) to ``out``; returns the checkpoint exported."""
+    directory; whole or sharded) to ``out``; returns the checkpoint exported."""
     from safetensors.torch import save
 
     from shoal._io import atomic_write
 
     if Checkpoint.is_checkpoint(source):
         checkpoint = Checkpoint.open(source)
-        state = checkpoint.load_state()
+        checkpoint.verify()
     else:
-        found = CheckpointStore(source).latest_good(warn=warn)
+        found = CheckpointStore(source).latest_good(load=False, warn=warn)
         if found is None:
             raise CheckpointError(f"{source}: holds no checkpoint that passes its checksums")
-        checkpoint, state = found
+        checkpoint = found[0]
+    if checkpoint.meta.get("sharded"):
+        from shoal.checkpoint.sharded import full_model_state
+
+        model = full_model_state(checkpoint)
+    else:
+        model = checkpoint.load_state()["model"]
     # clone: safetensors refuses tensors that share storage (tied weights, views)
-    tensors = {name: tensor.detach().contiguous().clone() for name, tensor in state["model"].items()}
+    tensors = {name: tensor.detach().contiguous().clone() for name, tensor in model.items()}
     metadata = {"step": str(checkpoint.step), "task": str(checkpoint.meta.get("task")),
                 "source": str(Path(checkpoint.path).resolve())}
     atomic_write(str(out), lambda handle: handle.write(save(tensors, metadata=metadata)))

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Checkpoint", "CheckpointError", "CheckpointStore", "FORMAT_VERSION"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointStore", "FORMAT_VERSION", "describe_file",
+           "fsync_directory", "write_meta"]
 
 log = logging.getLogger(__name__)
 
@@ -99,24 +100,31 @@ class CheckpointStore:
     def save(self, step: int, state: dict, meta: dict) -> Checkpoint:
         """Write the checkpoint of ``step`` atomically; returns it once it is durable."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step-{step:09d}"
-        temporary = self.root / f"{_TEMPORARY_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
-        temporary.mkdir()
+        temporary = self.temporary_directory(step)
         try:
             files = {STATE_FILE: _write_durably(temporary / STATE_FILE, lambda f: torch.save(state, f))}
-            meta = {**meta, "format": FORMAT_VERSION, "step": step, "saved_at": time.time(),
-                    "files": files}
-            _write_durably(temporary / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-            _fsync_directory(temporary)
-            if final.exists():  # the same step saved again (a resumed job): the new copy wins
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-            _fsync_directory(self.root)
+            meta = write_meta(temporary, {**meta, "step": step, "files": files})
+            fsync_directory(temporary)
+            return self.publish(temporary, step, meta)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
+
+    def temporary_directory(self, step: int) -> Path:
+        """A new directory to write the checkpoint of ``step`` in, invisible to readers."""
+        path = self.root / f"{_TEMPORARY_PREFIX}step-{step:09d}-{os.getpid()}-{time.monotonic_ns()}"
+        path.mkdir()
+        return path
+
+    def publish(self, temporary: Path, step: int, meta: dict | None = None) -> Checkpoint:
+        """Rename a complete, fsynced temporary directory into place; prune old checkpoints."""
+        final = self.root / f"step-{step:09d}"
+        if final.exists():  # the same step saved again (a resumed job): the new copy wins
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        fsync_directory(self.root)
         self._prune()
-        return Checkpoint(final, meta)
+        return Checkpoint(final, meta) if meta is not None else Checkpoint.open(final)
 
     def checkpoints(self, warn: Callable[[str], None] = log.warning) -> list[Checkpoint]:
         """Complete checkpoints, newest first. Their files are not verified yet."""
@@ -160,6 +168,20 @@ class CheckpointStore:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def write_meta(directory: Path, meta: dict) -> dict:
+    """Write ``meta.json`` (with the format version and the time) durably; returns it."""
+    meta = {**meta, "format": FORMAT_VERSION, "saved_at": time.time()}
+    _write_durably(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return meta
+
+
+def describe_file(path: Path) -> dict:
+    """Size and SHA-256 of a file already written, after an fsync of it."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def _write_durably(path: Path, write) -> dict:
     """Write, fsync and describe one file (its size and SHA-256, hashed as it is written)."""
     with open(path, "wb") as raw:
@@ -196,7 +218,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

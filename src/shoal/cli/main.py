@@ -64,6 +64,9 @@ def _add_train(commands) -> None:
     talk.add_argument("--warmup-steps", type=int, default=0, metavar="W",
                       help="the first W steps uncompressed, and for localsgd/diloco synchronous "
                       "(default 0)")
+    talk.add_argument("--zero-replicas", type=int, default=1, metavar="R",
+                      help="zero: members holding each shard (only 1 so far; a crash goes back "
+                      "to the last checkpoint)")
     talk.add_argument("--max-staleness", type=int, default=8, metavar="K",
                       help="async: drop gradients more than K updates old (default 8)")
     talk.add_argument("--workers-per-host", type=int, metavar="K",
@@ -121,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
         options=StrategyOptions(compress=args.compress, powersgd_rank=args.powersgd_rank,
                                 sync_every=args.sync_every, outer_lr=args.outer_lr,
                                 outer_momentum=args.outer_momentum, max_staleness=args.max_staleness,
-                                warmup_steps=args.warmup_steps,
+                                warmup_steps=args.warmup_steps, zero_replicas=args.zero_replicas,
                                 workers_per_host=args.workers_per_host),
         slowdowns=args.slowdown,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -106,6 +106,8 @@ class Membership:
         """Tells workers that a restarted coordinator needs their whole commit history."""
         self._failure_reported_at: float | None = None
         self._steps: dict[int, _StepRecord] = {}
+        self._redone: set[int] = set()
+        """Steps committed again by a later generation (zero goes back to its checkpoint)."""
         self._changes: list[dict] = []
         self._kill_causes: dict[int, str] = {}
         self.fired_faults: set[str] = set()
@@ -320,7 +322,8 @@ class Membership:
                 first_formed_at=self.first_formed_at(),
                 bytes_sent=sum(w.bytes_sent for w in self._workers.values()),
                 bytes_by_worker={str(w.worker_id): w.bytes_sent for w in self._workers.values()},
-                steps=steps, membership_changes=self.membership_changes(), results=self.results)
+                steps=steps, membership_changes=self.membership_changes(), results=self.results,
+                steps_redone=len(self._redone))
 
     def membership_changes(self) -> list[dict]:
         with self._lock:
@@ -367,6 +370,8 @@ class Membership:
         # with ``whole`` the loss is the step's own (async's server finished it alone).
         for step, generation, committed_at, loss_part, *whole in commits:
             record = self._steps.get(step)
+            if record is not None and generation > record.generation:
+                self._redone.add(step)
             if record is None or generation > record.generation:
                 record = self._steps[step] = _StepRecord(generation, committed_at)
             if generation == record.generation:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from shoal.checkpoint import CheckpointStore
@@ -45,6 +46,11 @@ def run_train(config: TrainConfig) -> int:
         resumption = choose_resume(config, task, warn=lambda line: print(f"shoal train: warning: {line}",
                                                                           file=sys.stderr))
         config.resume = str(resumption.checkpoint.path)  # every worker loads this one
+    scratch = None
+    if config.strategy == "zero" and not config.checkpoint_dir:
+        # zero's shards exist once: the checkpoint is what survivors of a crash go back to.
+        scratch = tempfile.TemporaryDirectory(prefix="shoal-zero-")
+        config.checkpoint_dir = scratch.name
     metrics = None
     if config.checkpoint_dir:
         CheckpointStore(config.checkpoint_dir).remove_partial()  # left by a job that was killed
@@ -96,12 +102,14 @@ def run_train(config: TrainConfig) -> int:
         group.stop_all()
         if preemption.deadline is not None and membership.status not in ("completed", "failed"):
             membership.fail("preempted (SIGTERM)" + (f"; go on with --resume {config.checkpoint_dir}"
-                                                     if config.checkpoint_dir else ""))
+                                                     if config.checkpoint_dir and not scratch else ""))
         progress.close()
         coordinator.stop()
     if metrics is not None:
         metrics.update(membership.record, force=True)
     code = _report(config, membership, sampler, task, time.time() - started, progress, resumption)
+    if scratch is not None:
+        scratch.cleanup()
     return EXIT_PREEMPTED if preemption.deadline is not None and code else code
 
 

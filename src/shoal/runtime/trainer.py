@@ -73,6 +73,8 @@ class TrainResult:
     """The step of the checkpoint this run resumed from."""
     checkpoints: list[dict] = field(default_factory=list)
     """The checkpoints this worker wrote: step, bytes, write and blocked seconds."""
+    state_bytes: dict[str, int] = field(default_factory=dict)
+    """This worker's parameters, gradients and optimizer state, in bytes (its shards under zero)."""
 
     @property
     def is_leader(self) -> bool:
@@ -129,6 +131,9 @@ def train(
     identity = job_identity(model, task=task, global_batch_size=global_batch_size, seed=seed,
                             strategy=strategy)
     saver = None
+    if chosen.sharded and checkpoint is None:
+        raise ValueError("strategy 'zero' needs checkpoint=: after a member dies, the last "
+                         "checkpoint is what the others go back to")
     if checkpoint is not None:
         if chosen.drives_steps:
             raise ValueError(f"checkpoints are not supported with strategy {strategy!r} yet")
@@ -142,7 +147,12 @@ def train(
             if resume is not None:
                 loop.resume(_open_resume(resume, identity))
             loop.run(total_steps)
-        agree = _replicas_agree(model)
+        state_bytes = chosen.state_bytes()
+        if chosen.sharded:  # no replicas to compare; the leader gets the whole model
+            whole = chosen.full_state_dict()
+            model, agree = (chosen.plain_model(whole) if context.rank == 0 else chosen.model), None
+        else:
+            agree = _replicas_agree(model)
     except BaseException:
         if owns_context:
             context.close()
@@ -152,7 +162,7 @@ def train(
     result = TrainResult(model, loop.position, loop.position / sampler.steps_per_epoch, context.rank,
                          context.world_size, context.generation, loop.heals,
                          loop.strategy.bytes_sent, agree, loop.resumed_from,
-                         saver.saved if saver else [])
+                         saver.saved if saver else [], state_bytes)
     if owns_context:
         context.finish()
     return result
@@ -233,16 +243,21 @@ class _Loop:
         self.saver, self.checkpoint_every = saver, checkpoint_every
         self.total_steps = 0
         self.resumed_from: int | None = None
+        self._resume_path: str | None = None
         self.preemption = _PreemptionNotice()
 
     def resume(self, found: tuple[Checkpoint, dict]) -> None:
         """Start from a checkpoint: as if this worker had committed its step (the heal then
-        finds every member equal, or brings a member without it up to date)."""
+        finds every member equal, or brings a member without it up to date). A sharded
+        checkpoint is loaded once the generation's shards exist."""
         checkpoint, state = found
-        self._restore(state)
         self.resumed_from = checkpoint.step
-        self.fresh = False
         log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
+        if self.strategy.sharded:
+            self._resume_path = str(checkpoint.path)
+            return
+        self._restore(state)
+        self.fresh = False
 
     def run(self, total_steps: int) -> None:
         self.total_steps = total_steps
@@ -280,9 +295,13 @@ class _Loop:
 
     def _run_generation(self, total_steps: int) -> None:
         self.context.enter_next_generation()
-        self._return_to_commit()
-        self._heal()
-        module = self.strategy.setup(self._host_key())
+        if self.strategy.sharded:
+            module = self.strategy.setup(self._host_key())
+            self._restart_from_checkpoint()
+        else:
+            self._return_to_commit()
+            self._heal()
+            module = self.strategy.setup(self._host_key())
         if not self.strategy.commits_every_step:
             self._committed_state = copy.deepcopy(self._capture(local=True))
         if self.strategy.drives_steps:
@@ -295,9 +314,11 @@ class _Loop:
             self._step(module, total_steps)
 
     def _stop_for_preemption(self) -> None:
-        """Save the last committed state (the leader) and stop this worker."""
+        """Save the last committed state (the leader) and stop this worker. (Under zero a save
+        takes every member at the same step, which a signal cannot promise: the last periodic
+        checkpoint stands.)"""
         self._return_to_commit()
-        if self.saver is not None and self.context.rank == 0:
+        if self.saver is not None and self.context.rank == 0 and not self.strategy.sharded:
             if self.saver.last_saved_step != self.position:
                 self.saver.save(self.position, self._capture())
             self.saver.wait()
@@ -315,6 +336,33 @@ class _Loop:
                 state = deserialize(state)
             self._restore(state)
         self._pending.clear()
+
+    def _restart_from_checkpoint(self) -> None:
+        """zero: every member loads the newest checkpoint into this generation's shards (the
+        dead member's shards exist nowhere else); a new job checkpoints its starting state."""
+        from shoal.checkpoint.sharded import agreed_checkpoint, load_sharded
+
+        checkpoint = agreed_checkpoint(self.saver.store, also=self._resume_path)
+        if checkpoint is None:
+            self._save_sharded()
+            return
+        extras = load_sharded(checkpoint, self.strategy.model, self.strategy.optimizer)
+        self.position = self.next_step = int(extras["position"])
+        self.strategy.load_state_dict(extras["strategy"])
+        torch.set_rng_state(extras["rng_cpu"])
+        self.context.committed_step = self.position - 1
+        self._pending.clear()
+
+    def _save_sharded(self) -> None:
+        from shoal.checkpoint.sharded import save_sharded
+
+        started = time.perf_counter()
+        extras = {"position": self.position, "strategy": self.strategy.state_dict(),
+                  "rng_cpu": torch.get_rng_state()}
+        save_sharded(self.saver.store, self.position, self.strategy.model, self.strategy.optimizer,
+                     extras, self.saver.meta)
+        seconds = time.perf_counter() - started
+        self.saver.saved.append({"step": self.position, "write_seconds": seconds, "blocked_seconds": seconds})
 
     def _host_key(self) -> str:
         per_host = self.strategy.options.workers_per_host
@@ -387,8 +435,11 @@ class _Loop:
         before, self.position = self.position, self.next_step
         if not self.strategy.commits_every_step:
             self._committed_state = copy.deepcopy(self._capture(local=True))
-        if self.saver is not None and self.context.rank == 0 and self._checkpoint_due(before):
-            self.saver.save(self.position, self._capture())
+        if self.saver is not None and self._checkpoint_due(before):
+            if self.strategy.sharded:  # every member writes its shards
+                self._save_sharded()
+            elif self.context.rank == 0:
+                self.saver.save(self.position, self._capture())
 
     def _checkpoint_due(self, before: int) -> bool:
         """Did this commit cross a multiple of the interval (or finish the run)?"""

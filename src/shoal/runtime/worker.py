@@ -32,6 +32,7 @@ def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
         "epochs": result.epochs,
         "replicas_agree": result.replicas_agree,
         "resumed_from": result.resumed_from,
+        "state_bytes": result.state_bytes,
         "checkpoints": result.checkpoints,
         "heals": [{**dataclasses.asdict(h), "megabytes_per_second": h.bytes / 1e6 / h.seconds}
                   for h in result.heals if h.seconds > 0],

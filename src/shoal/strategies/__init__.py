@@ -6,6 +6,7 @@ from shoal.strategies import (  # noqa: F401  (each registers itself)
     diloco as _diloco,
     hierarchical as _hierarchical,
     localsgd as _localsgd,
+    zero as _zero,
 )
 from shoal.strategies.api import STRATEGIES, Strategy, register
 

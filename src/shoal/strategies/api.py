@@ -38,6 +38,9 @@ class Strategy(abc.ABC):
     """False: steps are tentative until ``step`` reports a synchronisation (a round)."""
     drives_steps: bool = False
     """True: the strategy runs the generation's steps itself (async), not ``backward``/``step``."""
+    sharded: bool = False
+    """True: each member holds only shards of the state (zero); its commit across membership
+    changes is the last checkpoint, and ``self.model`` is rebuilt for each generation."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  options: StrategyOptions | None = None):
@@ -66,6 +69,20 @@ class Strategy(abc.ABC):
     def begin_step(self, step: int) -> None:
         """Called before each step's forward pass, with its number."""
         self.warming_up = step < self.options.warmup_steps
+
+    def state_bytes(self) -> dict[str, int]:
+        """This worker's parameters, gradients and optimizer state in bytes (local shards only)."""
+        def size(tensor: torch.Tensor) -> int:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            return local.numel() * local.element_size()
+
+        parameters = list(self.model.parameters())
+        return {
+            "parameters": sum(size(p) for p in parameters),
+            "gradients": sum(size(p.grad) for p in parameters if p.grad is not None),
+            "optimizer": sum(size(value) for state in self.optimizer.state.values()
+                             for value in state.values() if torch.is_tensor(value)),
+        }
 
     def count(self, tensor: torch.Tensor) -> None:
         """Count a payload sent outside the compressor."""

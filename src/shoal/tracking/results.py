@@ -53,6 +53,8 @@ def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSample
         "heals": results.get("heals", []),
         "replicas_agree": results.get("replicas_agree"),
         "checkpoints": results.get("checkpoints", []),
+        "steps_redone": record.steps_redone,
+        "state_bytes": results.get("state_bytes", {}),
     }
     if unit != "samples":
         output[f"{unit}_per_second"] = output["samples_per_second"] * per_sample
