@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,9 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+LONG = os.environ.get("SHOAL_LONG_TESTS") == "1"
+"""SHOAL_LONG_TESTS=1 runs the long versions of scenarios that CI runs shortened."""
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +46,22 @@ def load_json(path) -> dict:
 
 def load_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+DIGITS_4 = ["--task", "digits", "--steps", "60", "--batch-size", "64", "--seed", "0", "--quiet",
+            "--workers", "4"]
+"""The digits job most comparisons use: 4 workers, 60 steps of a 64-sample global batch."""
+
+
+def train_job(directory: Path, name: str, *args: str) -> tuple[Path, dict]:
+    """`shoal train ... --save-model --output`: the model's path and the results."""
+    model, output = directory / f"{name}.pt", directory / f"{name}.json"
+    result = shoal("train", *args, "--save-model", str(model), "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    return model, load_json(output)
+
+
+@pytest.fixture(scope="session")
+def digits_allreduce(tmp_path_factory) -> tuple[Path, dict]:
+    """DIGITS_4 with allreduce, undisturbed: run once, compared with by several test files."""
+    return train_job(tmp_path_factory.mktemp("digits-allreduce"), "allreduce", *DIGITS_4)

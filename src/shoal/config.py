@@ -294,10 +294,14 @@ class TrainConfig:
             raise ConfigError("--checkpoint-every", f"must be at least 1, got {self.checkpoint_every}")
         if self.checkpoint_keep < 1:
             raise ConfigError("--checkpoint-keep", f"must be at least 1, got {self.checkpoint_keep}")
+        one_checkpoint = False
         if self.resume is not None:
             if not os.path.isdir(self.resume):
                 raise ConfigError("--resume", f"{self.resume!r} is not a directory")
-            if self.checkpoint_dir is None:
+            # A job's checkpoint directory goes on being written; one checkpoint in it (an older
+            # one, say) starts a new line of checkpoints, which must not mix with that job's.
+            one_checkpoint = os.path.isfile(os.path.join(self.resume, "meta.json"))
+            if self.checkpoint_dir is None and not one_checkpoint:
                 self.checkpoint_dir = self.resume
         if self.checkpoint_dir is None:
             return
@@ -311,6 +315,11 @@ class TrainConfig:
             raise ConfigError("--checkpoint-dir", f"cannot create {self.checkpoint_dir!r}: "
                               f"{error.strerror}") from None
         check_writable_file("--checkpoint-dir", os.path.join(self.checkpoint_dir, "metrics.json"))
+        continuing = (self.resume is not None and not one_checkpoint
+                      and os.path.samefile(self.checkpoint_dir, self.resume))
+        if not continuing and any(name.startswith("step-") for name in os.listdir(self.checkpoint_dir)):
+            raise ConfigError("--checkpoint-dir", f"{self.checkpoint_dir!r} holds another job's "
+                              "checkpoints: continue it with --resume, or give an empty directory")
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

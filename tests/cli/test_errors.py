@@ -89,6 +89,9 @@ def test_resuming_from_a_directory_without_checkpoints_exits_2(capsys, tmp_path)
     code, _, err = run_main(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and err.strip().splitlines() == [
         f"shoal train: error: --resume: no usable checkpoint in {str(tmp_path)!r}"]
+    (tmp_path / "step-000000010").mkdir()
+    code, _, err = run_main(capsys, "train", "--checkpoint-dir", str(tmp_path))
+    assert code == 2 and "holds another job's checkpoints" in err and "--resume" in err
     code, _, err = run_main(capsys, "export", str(tmp_path), "--out", "/nonexistent-dir/m.safetensors")
     assert code == 2 and "--out" in err
 

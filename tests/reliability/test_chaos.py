@@ -4,6 +4,7 @@ import pytest
 
 from shoal.network import namespaces_available
 from shoal.reliability.chaos import CLUSTER_KINDS, KINDS, ChaosSettings, plan_trials, run_chaos, summarize
+from tests.conftest import LONG
 
 
 def test_the_plan_is_seeded_and_covers_every_kind():
@@ -30,11 +31,16 @@ def test_link_cut_and_coordinator_restart_trials_keep_every_promise():
     """Three namespace hosts, as users run across machines: `shoal coordinator` on one,
     `shoal train --coordinator` with two workers on each of the others, which write
     results.json and the sample log from the coordinator's record. A host's link is cut
-    mid-run; the coordinator is SIGKILLed and restarted on its address. Both runs complete,
-    equal the undisturbed run, log every sample once, and leave no process."""
+    mid-run; (with SHOAL_LONG_TESTS=1) the coordinator is SIGKILLed and restarted on its
+    address. The runs complete, equal the undisturbed run, log every sample once, and leave
+    no process."""
     settings = ChaosSettings(trials=len(KINDS) + 2, seed=2, steps=300, workers=4, cluster=True)
     plans = [p for p in plan_trials(settings) if p.kind in CLUSTER_KINDS]
-    cut, restart = run_chaos(settings, plans=plans, report=lambda line: None)
-    assert summarize([cut, restart])["failures"] == []
+    if not LONG:  # CI: the cut only; test_coordinator_restart restarts a coordinator locally
+        plans = plans[:1]
+    outcomes = run_chaos(settings, plans=plans, report=lambda line: None)
+    assert summarize(outcomes)["failures"] == []
+    cut = outcomes[0]
     assert cut.detection_seconds and cut.recovery_seconds  # the cut-off host was evicted
-    assert restart.outage_steps > 0  # the workers kept training while the coordinator was down
+    if LONG:
+        assert outcomes[1].outage_steps > 0  # the workers kept training while the coordinator was down

@@ -12,10 +12,9 @@ import pytest
 
 from shoal.reliability.checks import exactly_once_violations, relative_difference
 from shoal.tasks import TASKS
-from tests.conftest import load_json, shoal
+from tests.conftest import DIGITS_4, load_json, shoal
 
-DIGITS = ["--task", "digits", "--steps", "60", "--batch-size", "64", "--seed", "0", "--quiet",
-          "--workers", "4"]
+DIGITS = DIGITS_4
 QUADRATIC = ["--task", "quadratic", "--steps", "90", "--batch-size", "64", "--seed", "0",
              "--quiet", "--workers", "4"]
 
@@ -27,8 +26,8 @@ def train(tmp_path, name: str, *args: str) -> tuple:
     return model, load_json(output)
 
 
-def test_hierarchical_equals_allreduce(tmp_path):
-    reference, plain = train(tmp_path, "allreduce", *DIGITS)
+def test_hierarchical_equals_allreduce(tmp_path, digits_allreduce):
+    reference, _ = digits_allreduce
     model, results = train(tmp_path, "hierarchical", *DIGITS, "--strategy", "hierarchical",
                            "--workers-per-host", "2")
     assert relative_difference(model, reference) <= 1e-5
@@ -83,8 +82,8 @@ def test_a_slow_member_is_waited_for_not_timed_out(tmp_path):
     """Worker 1 computes 30x slower: each round it arrives seconds after the other, far past
     the 1 s heartbeat (and collective) timeout. It is alive, so nobody is evicted: the sync
     waits on the members' liveness, not on a collective's timeout."""
-    _, results = train(tmp_path, "straggler", "--task", "digits", "--steps", "40", "--quiet",
-                       "--workers", "2", "--strategy", "localsgd", "--sync-every", "20",
+    _, results = train(tmp_path, "straggler", "--task", "digits", "--steps", "20", "--quiet",
+                       "--workers", "2", "--strategy", "localsgd", "--sync-every", "10",
                        "--slowdown", "1=30", "--heartbeat-timeout", "1")
     assert results["membership_changes"] == []
-    assert results["steps"] == 40 and results["replicas_agree"] is True
+    assert results["steps"] == 20 and results["replicas_agree"] is True

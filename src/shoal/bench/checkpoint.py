@@ -10,16 +10,14 @@ held up per save (the memory copy).
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["CheckpointPair", "CheckpointSettings", "run_checkpoint_bench", "to_json"]
+from shoal.bench._runs import train_results
+
+__all__ = ["CheckpointPair", "CheckpointSettings", "run_checkpoint_bench", "summary", "to_json"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -45,17 +43,9 @@ class CheckpointPair:
         return self.checkpointed_step_seconds / self.plain_step_seconds
 
 
-def _train(settings: CheckpointSettings, root: Path, name: str, extra: list[str]) -> dict:
-    output = root / f"{name}.json"
-    # The workers share this machine's cores (the writer thread competes with them too).
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // settings.workers))}
-    command = [sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
-               "--workers", str(settings.workers), "--steps", str(settings.steps),
-               "--seed", str(settings.seed), "--quiet", "--output", str(output), *extra]
-    finished = subprocess.run(command, capture_output=True, text=True, env=env)
-    if finished.returncode != 0:
-        raise RuntimeError(f"exit code {finished.returncode}: {finished.stderr.strip()[-300:]}")
-    return json.loads(output.read_text())
+def _train(settings: CheckpointSettings, root: Path, name: str, flags: list[str]) -> dict:
+    return train_results(root, name, task=settings.task, workers=settings.workers, steps=settings.steps,
+                         seed=settings.seed, flags=flags)
 
 
 def _step_seconds(results: dict) -> float:

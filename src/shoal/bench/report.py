@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["checkpoint_markdown", "plot_curves", "straggler_markdown", "wan_markdown"]
+__all__ = ["checkpoint_markdown", "memory_markdown", "plot_curves", "straggler_markdown", "wan_markdown"]
 
 
 def _kilobytes(value: float) -> str:
@@ -120,6 +120,31 @@ def checkpoint_markdown(settings, pairs, *, command: str, when: str, plot: str |
 {chr(10).join(rows)}
 
 {overall}
+"""
+
+
+def memory_markdown(settings, rows, *, command: str, when: str, plot: str | None) -> str:
+    lines = []
+    for row in rows:
+        if row.error:
+            lines.append(f"| {row.workers} | failed: {row.error} ||||||")
+            continue
+        mb = {name: {k: v / 1e6 for k, v in getattr(row, name).items()} for name in ("allreduce", "zero")}
+        lines.append(f"| {row.workers} | {sum(mb['allreduce'].values()):.2f} | {mb['zero']['parameters']:.2f} | "
+                     f"{mb['zero']['gradients']:.2f} | {mb['zero']['optimizer']:.2f} | "
+                     f"{sum(mb['zero'].values()):.2f} | {row.ratio:.3f} |")
+    return f"""## Memory: zero's share of the state
+
+{settings.task}, {settings.steps} steps, seed {settings.seed}; each worker's parameters,
+gradients and optimizer state after the last step (results.json's `state_bytes`, the
+leader's), with allreduce (everything on every worker) and zero (FSDP2 shards). {when}.
+Regenerate with:
+
+    {command}
+
+| workers | allreduce MB/worker | zero parameters MB | zero gradients MB | zero optimizer MB | zero MB/worker | zero / allreduce |
+| --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(lines)}
 """
 
 

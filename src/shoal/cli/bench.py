@@ -50,6 +50,14 @@ def add_bench(commands) -> None:
     checkpoint.add_argument("--json", metavar="PATH", help="write every pair as JSON")
     checkpoint.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     checkpoint.set_defaults(handler=_checkpoint)
+    memory = kinds.add_parser("memory", help="each worker's share of the state: zero against allreduce")
+    memory.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    memory.add_argument("--workers", type=int, action="append", metavar="N",
+                        help="worker counts to measure (repeatable; default 2 and 4)")
+    memory.add_argument("--steps", type=int, default=4, help="steps per run (default 4)")
+    memory.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    memory.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    memory.set_defaults(handler=_memory)
 
 
 def _wan(args: argparse.Namespace) -> int:
@@ -129,6 +137,26 @@ def _checkpoint(args: argparse.Namespace) -> int:
     _write_outputs(args, "checkpoint", to_json(settings, pairs), pairs, checkpoint_markdown, settings,
                    title="")
     return 1 if any(p.error for p in pairs) else 0
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from shoal.bench.memory import MemorySettings, run_memory_bench, to_json
+    from shoal.bench.report import memory_markdown
+    from shoal.config import ConfigError
+    from shoal.tasks import TASKS
+
+    if args.task not in TASKS:
+        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    workers = tuple(args.workers or (2, 4))
+    if min(workers) < 1:
+        raise ConfigError("--workers", f"must be at least 1, got {min(workers)}")
+    if args.steps < 1:
+        raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
+    _check_outputs(args)
+    settings = MemorySettings(task=args.task, workers=workers, steps=args.steps)
+    rows = run_memory_bench(settings, report=lambda line: print(line, flush=True))
+    _write_outputs(args, "memory", to_json(settings, rows), rows, memory_markdown, settings, title="")
+    return 1 if any(r.error for r in rows) else 0
 
 
 def _check_outputs(args) -> None:

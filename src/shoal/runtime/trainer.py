@@ -137,8 +137,13 @@ def train(
     if checkpoint is not None:
         if chosen.drives_steps:
             raise ValueError(f"checkpoints are not supported with strategy {strategy!r} yet")
-        saver = AsyncSaver(CheckpointStore(checkpoint.directory, checkpoint.keep), identity,
-                           background=checkpoint.background)
+        store = CheckpointStore(checkpoint.directory, checkpoint.keep)
+        continuing = (resume is not None and not Checkpoint.is_checkpoint(resume)
+                      and os.path.samefile(resume, checkpoint.directory))
+        if not continuing and store.checkpoints(warn=lambda line: None):
+            raise ValueError(f"{checkpoint.directory} holds another job's checkpoints: continue it "
+                             "with resume=, or give an empty directory")
+        saver = AsyncSaver(store, identity, background=checkpoint.background)
     loop = _Loop(model, optimizer, dataset, loss_fn, sampler, chosen, context, kills, slowdowns,
                  saver, checkpoint.every if checkpoint else 0)
     try:
@@ -344,8 +349,13 @@ class _Loop:
 
         checkpoint = agreed_checkpoint(self.saver.store, also=self._resume_path)
         if checkpoint is None:
+            if not self.fresh:  # this generation's module is uninitialised memory
+                raise JobStopped("zero: a member died before the starting state was checkpointed; "
+                                 "there is nothing to go back to")
+            self.fresh = False  # set first: a save that fails leaves nothing to restart from
             self._save_sharded()
             return
+        self.fresh = False
         extras = load_sharded(checkpoint, self.strategy.model, self.strategy.optimizer)
         self.position = self.next_step = int(extras["position"])
         self.strategy.load_state_dict(extras["strategy"])
