@@ -15,8 +15,7 @@ __all__ = ["add_bench"]
 def add_bench(commands) -> None:
     parser = commands.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
     kinds = parser.add_subparsers(dest="benchmark", required=True, parser_class=type(parser))
-    wan = kinds.add_parser("wan", help="every strategy over emulated slow links (root)")
-    wan.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    wan = _benchmark(kinds, "wan", "every strategy over emulated slow links (root)", _wan, plot=True)
     wan.add_argument("--hosts", type=int, default=4, help="worker hosts, one worker each (default 4)")
     wan.add_argument("--mbit", type=float, default=50.0, help="link rate in Mbit/s (default 50)")
     wan.add_argument("--steps", type=int, default=150, help="steps per run (default 150)")
@@ -24,40 +23,45 @@ def add_bench(commands) -> None:
                      help="smoothed training loss to reach (default 2.5)")
     wan.add_argument("--only", action="append", default=[], metavar="LABEL",
                      help="run only these (repeatable), e.g. 'allreduce' 'diloco H=50'")
-    wan.add_argument("--json", metavar="PATH", help="write every run as JSON")
-    wan.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
-    wan.add_argument("--plot", metavar="PATH", help="write loss against wall time as PNG")
-    wan.set_defaults(handler=_wan)
-    straggler = kinds.add_parser("straggler", help="async against allreduce with one slow worker")
-    straggler.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    straggler = _benchmark(kinds, "straggler", "async against allreduce with one slow worker", _straggler,
+                           plot=True)
     straggler.add_argument("--workers", type=int, default=4, help="local workers (default 4)")
     straggler.add_argument("--factor", type=float, default=3.0,
                            help="how many times slower worker 1 computes (default 3)")
     straggler.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
     straggler.add_argument("--target-loss", type=float, default=2.6,
                            help="smoothed training loss to reach (default 2.6)")
-    straggler.add_argument("--json", metavar="PATH", help="write both runs as JSON")
-    straggler.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
-    straggler.add_argument("--plot", metavar="PATH", help="write loss against wall time as PNG")
-    straggler.set_defaults(handler=_straggler)
-    checkpoint = kinds.add_parser("checkpoint", help="step-time cost and write throughput of checkpoints")
-    checkpoint.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    checkpoint = _benchmark(kinds, "checkpoint", "step-time cost and write throughput of checkpoints",
+                            _checkpoint)
     checkpoint.add_argument("--workers", type=int, default=2, help="local workers (default 2)")
     checkpoint.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
     checkpoint.add_argument("--every", type=int, default=50, help="steps between checkpoints (default 50)")
     checkpoint.add_argument("--pairs", type=int, default=5,
                             help="runs without and with checkpoints, alternating (default 5 pairs)")
-    checkpoint.add_argument("--json", metavar="PATH", help="write every pair as JSON")
-    checkpoint.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
-    checkpoint.set_defaults(handler=_checkpoint)
-    memory = kinds.add_parser("memory", help="each worker's share of the state: zero against allreduce")
-    memory.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    memory = _benchmark(kinds, "memory", "each worker's share of the state: zero against allreduce", _memory)
     memory.add_argument("--workers", type=int, action="append", metavar="N",
                         help="worker counts to measure (repeatable; default 2 and 4)")
     memory.add_argument("--steps", type=int, default=4, help="steps per run (default 4)")
-    memory.add_argument("--json", metavar="PATH", help="write every row as JSON")
-    memory.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
-    memory.set_defaults(handler=_memory)
+
+
+def _benchmark(kinds, name: str, summary: str, handler, *, plot: bool = False) -> argparse.ArgumentParser:
+    """A benchmark's parser with what every benchmark takes: --task and its outputs."""
+    parser = kinds.add_parser(name, help=summary)
+    parser.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    parser.add_argument("--json", metavar="PATH", help="write every run as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    if plot:
+        parser.add_argument("--plot", metavar="PATH", help="write loss against wall time as PNG")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _check_task(args) -> None:
+    from shoal.config import ConfigError
+    from shoal.tasks import TASKS
+
+    if args.task not in TASKS:
+        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
 
 
 def _wan(args: argparse.Namespace) -> int:
@@ -65,10 +69,8 @@ def _wan(args: argparse.Namespace) -> int:
     from shoal.bench.wan import DEFAULT_RUNS, WanSettings, run_wan, to_json
     from shoal.config import ConfigError
     from shoal.network import namespaces_available
-    from shoal.tasks import TASKS
 
-    if args.task not in TASKS:
-        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    _check_task(args)
     if args.hosts < 2:
         raise ConfigError("--hosts", f"must be at least 2, got {args.hosts}")
     if not args.mbit > 0:
@@ -97,10 +99,8 @@ def _straggler(args: argparse.Namespace) -> int:
     from shoal.bench.report import straggler_markdown
     from shoal.bench.straggler import StragglerSettings, run_straggler, to_json
     from shoal.config import ConfigError
-    from shoal.tasks import TASKS
 
-    if args.task not in TASKS:
-        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    _check_task(args)
     if args.workers < 2:
         raise ConfigError("--workers", f"must be at least 2 (one of them is slow), got {args.workers}")
     if not args.factor >= 1:
@@ -120,10 +120,8 @@ def _checkpoint(args: argparse.Namespace) -> int:
     from shoal.bench.checkpoint import CheckpointSettings, run_checkpoint_bench, to_json
     from shoal.bench.report import checkpoint_markdown
     from shoal.config import ConfigError
-    from shoal.tasks import TASKS
 
-    if args.task not in TASKS:
-        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    _check_task(args)
     for flag, value in (("--workers", args.workers), ("--steps", args.steps), ("--every", args.every),
                         ("--pairs", args.pairs)):
         if value < 1:
@@ -143,10 +141,8 @@ def _memory(args: argparse.Namespace) -> int:
     from shoal.bench.memory import MemorySettings, run_memory_bench, to_json
     from shoal.bench.report import memory_markdown
     from shoal.config import ConfigError
-    from shoal.tasks import TASKS
 
-    if args.task not in TASKS:
-        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    _check_task(args)
     workers = tuple(args.workers or (2, 4))
     if min(workers) < 1:
         raise ConfigError("--workers", f"must be at least 1, got {min(workers)}")
