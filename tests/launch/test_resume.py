@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 from shoal.checkpoint import CheckpointStore, job_identity
 from shoal.reliability.checks import exactly_once_violations, relative_difference
 from shoal.tasks import TASKS
-from tests.conftest import DIGITS_4, load_json, shoal
+from tests.conftest import DIGITS_4, load_json, shoal, train_job
 
 STEPS = 60
 JOB = DIGITS_4[:-2]  # 60 steps of digits, without --workers
@@ -32,6 +31,14 @@ JOB = DIGITS_4[:-2]  # 60 steps of digits, without --workers
 def reference(digits_allreduce):
     """The undisturbed run on 4 workers."""
     return digits_allreduce[0]
+
+
+@pytest.fixture(scope="module")
+def reference_on_two(tmp_path_factory):
+    """The undisturbed run on 2 workers: what a 2-worker job resumed on 2 must equal bit for bit.
+    (On more than 2, DDP's first step after a start sums its bucket in another order than
+    the uninterrupted run's step did, as after any membership change: equal within 1e-7.)"""
+    return train_job(tmp_path_factory.mktemp("on-two"), "allreduce", *JOB, "--workers", "2")[0]
 
 
 def _digest(path) -> str:
@@ -63,12 +70,12 @@ def _wait_until_committed(job: subprocess.Popen, checkpoint_dir, step: int) -> N
     pytest.fail(f"step {step} was not committed (job exit code {job.poll()})")
 
 
-def test_a_whole_job_killed_at_a_random_step_resumes_bit_identically(reference, tmp_path):
-    """SIGKILL to the launcher and every worker at once; then resume on 4 workers (bit-identical
-    to the undisturbed run, every sample once) and, from a copy, on 2 workers (1e-5)."""
+def test_a_whole_job_killed_at_a_random_step_resumes_bit_identically(reference_on_two, tmp_path):
+    """SIGKILL to the launcher and every worker at once; then resume: bit-identical to the
+    undisturbed run, every sample once. (4 -> 2 workers: tests/strategies/test_zero.py.)"""
     kill_at = random.Random(5).randint(15, 30)
     checkpoints = tmp_path / "checkpoints"
-    job = _start("--workers", "4", "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "10")
+    job = _start("--workers", "2", "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "10")
     _wait_until_committed(job, checkpoints, kill_at)
     everyone = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
     for process in everyone:
@@ -76,13 +83,12 @@ def test_a_whole_job_killed_at_a_random_step_resumes_bit_identically(reference, 
     job.communicate(timeout=30)
     psutil.wait_procs(everyone, timeout=30)
     assert job.returncode == -signal.SIGKILL
-    shutil.copytree(checkpoints, tmp_path / "copy")
 
     model, output, samples = tmp_path / "resumed.pt", tmp_path / "resumed.json", tmp_path / "samples.jsonl"
-    result = shoal("train", *JOB, "--workers", "4", "--resume", str(checkpoints),
+    result = shoal("train", *JOB, "--workers", "2", "--resume", str(checkpoints),
                    "--save-model", str(model), "--output", str(output), "--sample-log", str(samples))
     assert result.returncode == 0, result.stderr
-    assert _digest(model) == _digest(reference)
+    assert _digest(model) == _digest(reference_on_two)
     resumed = load_json(output)["resumed"]
     # metrics.json trails the job by a second: the kill came at kill_at or later
     assert resumed["step"] % 10 == 0 and resumed["step"] >= kill_at // 10 * 10 - 10
@@ -90,11 +96,6 @@ def test_a_whole_job_killed_at_a_random_step_resumes_bit_identically(reference, 
     dataset_size = len(TASKS["digits"](0).train_dataset())
     assert exactly_once_violations(samples, dataset_size=dataset_size, steps=STEPS) == []
 
-    on_two = tmp_path / "two.pt"
-    result = shoal("train", *JOB, "--workers", "2", "--resume", str(tmp_path / "copy"),
-                   "--save-model", str(on_two))
-    assert result.returncode == 0, result.stderr
-    assert relative_difference(on_two, reference) <= 1e-5
 
 
 def test_sigterm_saves_the_last_commit_and_two_workers_resume_on_four(reference, tmp_path):

@@ -18,11 +18,12 @@ def test_the_plan_is_seeded_and_covers_every_kind():
 
 
 def test_short_chaos_run_keeps_every_promise():
-    settings = ChaosSettings(trials=2, seed=1, steps=150, workers=3)
+    trials = 2 if LONG else 1  # `shoal chaos --trials 100` is the real run (docs/RELIABILITY.md)
+    settings = ChaosSettings(trials=trials, seed=1, steps=150, workers=3)
     outcomes = run_chaos(settings, report=lambda line: None)
     summary = summarize(outcomes)
     assert summary["failures"] == []
-    assert summary["passed"] == 2
+    assert summary["passed"] == trials
     assert all(o.recovery_seconds for o in outcomes)  # every trial recorded its recovery
 
 

@@ -138,8 +138,7 @@ def train(
         if chosen.drives_steps:
             raise ValueError(f"checkpoints are not supported with strategy {strategy!r} yet")
         store = CheckpointStore(checkpoint.directory, checkpoint.keep)
-        continuing = (resume is not None and not Checkpoint.is_checkpoint(resume)
-                      and os.path.samefile(resume, checkpoint.directory))
+        continuing = resume is not None and _within(resume, checkpoint.directory)
         if not continuing and store.checkpoints(warn=lambda line: None):
             raise ValueError(f"{checkpoint.directory} holds another job's checkpoints: continue it "
                              "with resume=, or give an empty directory")
@@ -171,6 +170,13 @@ def train(
     if owns_context:
         context.finish()
     return result
+
+
+def _within(resume: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """Is ``resume`` the checkpoint directory itself, or one checkpoint in it? (A job goes on
+    writing where it resumes from; the launcher passes the checkpoint it chose.)"""
+    root = os.path.dirname(os.path.abspath(resume)) if Checkpoint.is_checkpoint(resume) else resume
+    return os.path.exists(directory) and os.path.samefile(root, directory)
 
 
 def _open_resume(path: str | os.PathLike, identity: dict) -> tuple[Checkpoint, dict]:
