@@ -9,7 +9,7 @@ import torch
 
 from shoal.reliability.checks import exactly_once_violations, relative_difference
 from shoal.tasks import TASKS
-from tests.conftest import DIGITS_4, shoal, train_job
+from tests.conftest import DIGITS_4, LONG, shoal, train_job
 
 DIGITS = DIGITS_4[:-2]  # without --workers
 train = train_job
@@ -20,6 +20,7 @@ def allreduce(digits_allreduce):
     return digits_allreduce
 
 
+@pytest.mark.skipif(not LONG, reason="charlm start-up is slow; SHOAL_LONG_TESTS=1 runs it")
 def test_charlm_under_zero_equals_allreduce(tmp_path):
     charlm = ["--task", "charlm", "--steps", "6", "--seed", "0", "--quiet", "--workers", "2"]
     reference, _ = train(tmp_path, "allreduce", *charlm)
