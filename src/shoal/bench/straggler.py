@@ -9,14 +9,12 @@ when the smoothed training loss first reached the target.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shoal.bench._runs import train_results
 from shoal.bench.wan import WanRun, read_results
 
 __all__ = ["DEFAULT_RUNS", "StragglerSettings", "run_straggler"]
@@ -42,19 +40,16 @@ class StragglerSettings:
 
 def _run_one(settings: StragglerSettings, label: str, flags: list[str], root: Path) -> WanRun:
     run = WanRun(label, flags)
-    output, log = root / f"{label}.json", root / f"{label}.jsonl"
+    log = root / f"{label}.jsonl"
     batch = ["--batch-size", str(settings.batch_size)] if settings.batch_size else []
-    # The workers share this machine's cores: none may take them all.
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // settings.workers))}
-    command = [sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
-               "--workers", str(settings.workers), "--steps", str(settings.steps), *batch,
-               "--seed", str(settings.seed), "--slowdown", f"1={settings.factor:g}", "--quiet",
-               "--output", str(output), "--sample-log", str(log), *flags]
-    finished = subprocess.run(command, capture_output=True, text=True, env=env)
-    if finished.returncode != 0:
-        run.error = f"exit code {finished.returncode}: {finished.stderr.strip()[-300:]}"
+    try:
+        train_results(root, label, task=settings.task, workers=settings.workers, steps=settings.steps,
+                      seed=settings.seed, flags=[*batch, "--slowdown", f"1={settings.factor:g}",
+                                                 "--sample-log", str(log), *flags])
+    except RuntimeError as error:
+        run.error = str(error)
         return run
-    read_results(run, output, log, workers=settings.workers, target_loss=settings.target_loss)
+    read_results(run, root / f"{label}.json", log, workers=settings.workers, target_loss=settings.target_loss)
     return run
 
 
