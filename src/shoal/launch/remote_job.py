@@ -22,7 +22,8 @@ from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
-from shoal.launch.workers import WorkerGroup, describe_exit, python_command
+from shoal.launch.workers import WorkerGroup, describe_exit, python_command, worker_zygote
+from shoal.launch.zygote import Zygote
 from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN
 from shoal.runtime.trainer import ENV_LAUNCHER_ID
 from shoal.runtime.worker import ENV_CONFIG
@@ -34,6 +35,15 @@ _EVICTED = 3  # a worker's exit code when the coordinator ended its membership
 
 
 def run_remote(config: TrainConfig) -> int:
+    zygote = worker_zygote()  # first: the fork must come before any thread
+    try:
+        return _run_workers(config, zygote)
+    finally:
+        if zygote is not None:
+            zygote.close()
+
+
+def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     started = time.time()
     url = coordinator_url(config.coordinator)
     client = CoordinatorClient(url, config.token)
@@ -60,7 +70,8 @@ def run_remote(config: TrainConfig) -> int:
     env = {**os.environ, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
            ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),
            ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
-    group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit, echo=echo)
+    group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit, echo=echo,
+                        zygote=zygote)
     record = None
     watcher = CoordinatorClient(url, config.token, retry_seconds=1.0)
     try:

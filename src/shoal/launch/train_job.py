@@ -17,7 +17,8 @@ from shoal.coordinator import Coordinator, Membership
 from shoal.data import GlobalBatchSampler
 from shoal.launch.durable import MetricsFile, Resumption, choose_resume
 from shoal.launch.progress import Progress
-from shoal.launch.workers import WorkerGroup, describe_exit, python_command
+from shoal.launch.workers import WorkerGroup, describe_exit, python_command, worker_zygote
+from shoal.launch.zygote import Zygote
 from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.trainer import ENV_LAUNCHER_ID
 from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
@@ -37,6 +38,15 @@ def run_train(config: TrainConfig) -> int:
         from shoal.launch.remote_job import run_remote
 
         return run_remote(config)
+    zygote = worker_zygote()  # first: the fork must come before any thread or torch computation
+    try:
+        return _run_local(config, zygote)
+    finally:
+        if zygote is not None:
+            zygote.close()
+
+
+def _run_local(config: TrainConfig, zygote: Zygote | None) -> int:
     started = time.time()
     task = TASKS[config.task](config.seed)
     sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
@@ -89,7 +99,7 @@ def run_train(config: TrainConfig) -> int:
            ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),
            ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
     group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit,
-                        echo=lambda line: progress.message(line, always=True))
+                        echo=lambda line: progress.message(line, always=True), zygote=zygote)
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preemption.notice(group))
     try:
         for worker_id in range(config.workers):

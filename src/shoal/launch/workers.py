@@ -11,7 +11,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["WorkerGroup", "WorkerProcess", "describe_exit"]
+from shoal.launch.zygote import ForkedProcess, Zygote
+
+__all__ = ["ENV_FORK_WORKERS", "WorkerGroup", "WorkerProcess", "describe_exit", "worker_zygote"]
+
+ENV_FORK_WORKERS = "SHOAL_FORK_WORKERS"
+"""``SHOAL_FORK_WORKERS=0`` starts every ``shoal train`` worker as a fresh Python process."""
+
+_WORKER_PRELOAD = ("shoal.runtime.worker", "torch._dynamo")
+"""What a worker imports before it trains; torch._dynamo comes with the first optimizer."""
 
 
 def describe_exit(returncode: int) -> str:
@@ -26,7 +34,7 @@ def describe_exit(returncode: int) -> str:
 @dataclass(slots=True)
 class WorkerProcess:
     worker_id: int
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedProcess
     exited_at: float | None = None
 
     @property
@@ -38,8 +46,11 @@ class WorkerGroup:
     """Local workers of one job. ``on_exit(worker_id, returncode, when)`` runs as each ends."""
 
     def __init__(self, command: Sequence[str], *, env: dict[str, str],
-                 on_exit: Callable[[int, int, float], None], echo: Callable[[str], None]):
+                 on_exit: Callable[[int, int, float], None], echo: Callable[[str], None],
+                 zygote: Zygote | None = None):
         self.command = list(command)
+        self.zygote = zygote
+        """When given, workers are forked from it instead of running ``command`` afresh."""
         self.env = env
         self.on_exit = on_exit
         self.echo = echo
@@ -52,11 +63,15 @@ class WorkerGroup:
         self._lock = threading.RLock()
 
     def spawn(self, worker_id: int, extra_env: dict[str, str]) -> WorkerProcess:
-        process = subprocess.Popen(
-            self.command, env={**self.env, **extra_env}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-            start_new_session=True,  # a Ctrl-C reaches the launcher, which stops workers itself
-        )
+        env = {**self.env, **extra_env}
+        if self.zygote is not None:
+            process = self.zygote.spawn(env)
+        else:
+            process = subprocess.Popen(
+                self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                start_new_session=True,  # a Ctrl-C reaches the launcher, which stops workers itself
+            )
         worker = WorkerProcess(worker_id, process)
         with self._lock:
             self.workers[worker_id] = worker
@@ -113,11 +128,24 @@ class WorkerGroup:
             thread.join(timeout=5)
 
 
-def _signal(process: subprocess.Popen, signum: int) -> None:
+def _signal(process: subprocess.Popen | ForkedProcess, signum: int) -> None:
     try:
         os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
+
+
+def worker_zygote() -> Zygote | None:
+    """A zygote that forks ``shoal train`` workers; call it before starting any thread.
+
+    None (fresh processes) under ``SHOAL_FORK_WORKERS=0``, where fork is missing, or when
+    threads already run.
+    """
+    if os.environ.get(ENV_FORK_WORKERS, "1") == "0" or not hasattr(os, "fork"):
+        return None
+    from shoal.runtime import worker
+
+    return Zygote.start(preload=_WORKER_PRELOAD, entry=worker.main)
 
 
 def python_command(module: str) -> list[str]:

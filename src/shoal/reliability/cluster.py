@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from shoal.launch.zygote import WORKER_NAME
 from shoal.network import Hosts
 
 __all__ = ["ClusterRun", "run_cluster_trial"]
@@ -176,7 +177,7 @@ def _wait_reading_stacks(run: ClusterRun, name: str, process: subprocess.Popen, 
         children = []
     for child in children:
         try:  # any of them may be exiting as we look
-            if "shoal.runtime.worker" in " ".join(child.cmdline()):
+            if child.name() == WORKER_NAME or "shoal.runtime.worker" in " ".join(child.cmdline()):
                 child.send_signal(signal.SIGUSR1)
                 signalled.append(child.pid)
         except psutil.Error:
