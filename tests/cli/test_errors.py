@@ -55,6 +55,14 @@ BAD_BENCH_FLAGS = [
     (["checkpoint", "--every", "0"], "--every"),
     (["checkpoint", "--steps", "10", "--every", "20"], "--every"),
     (["checkpoint", "--json", "/nonexistent-dir/c.json"], "--json"),
+    (["overhead", "--task", "mnist"], "--task"),
+    (["overhead", "--steps", "10", "--warmup", "9"], "--steps"),
+    (["overhead", "--pairs", "0"], "--pairs"),
+    (["recovery", "--workers", "1"], "--workers"),
+    (["recovery", "--steps", "100", "--kill-step", "100"], "--kill-step"),
+    (["recovery", "--plot", "/nonexistent-dir/r.png"], "--plot"),
+    (["scaling", "--workers", "0"], "--workers"),
+    (["scaling", "--task", "mnist"], "--task"),
 ]
 
 

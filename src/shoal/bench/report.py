@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["checkpoint_markdown", "memory_markdown", "plot_curves", "straggler_markdown", "wan_markdown"]
+__all__ = ["checkpoint_markdown", "memory_markdown", "overhead_markdown", "plot_curves", "plot_overhead",
+           "plot_recovery", "plot_scaling", "recovery_markdown", "scaling_markdown", "straggler_markdown",
+           "wan_markdown"]
 
 
 def _kilobytes(value: float) -> str:
@@ -171,3 +173,145 @@ def plot_curves(runs, path: str | Path, *, title: str) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+def overhead_markdown(settings, pairs, *, command: str, when: str, plot: str | None) -> str:
+    from shoal.bench.overhead import summary
+
+    rows = []
+    for index, pair in enumerate(pairs, 1):
+        if pair.error:
+            rows.append(f"| {pair.task} | {index} | failed: {pair.error} |||")
+            continue
+        rows.append(f"| {pair.task} | {index} | {pair.torch_step_seconds * 1e3:.2f} | "
+                    f"{pair.shoal_step_seconds * 1e3:.2f} | {pair.ratio:.3f} |")
+    overall = "; ".join(f"{task}: median ratio **{row['median_ratio']:.3f}** ({row['torch_ms']:.2f} ms/step "
+                        f"torch, {row['shoal_ms']:.2f} shoal)" for task, row in summary(pairs).items())
+    figure = f"\n![step time, torch and shoal]({plot})\n" if plot else ""
+    return f"""## Overhead against torchrun + DDP
+
+The same model, data and global batch (each task's default) on {settings.workers} local workers,
+trained by the plain DDP script `shoal.bench.torch_ddp` under `torchrun --standalone` and by
+`shoal train --strategy allreduce`; {settings.steps} steps per run, the first {settings.warmup} not
+timed; {settings.pairs} pairs per task, alternating torch and shoal. {when}. Regenerate with:
+
+    {command}
+
+| task | pair | torch ms/step | shoal ms/step | shoal/torch |
+| --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+{overall or "No pair finished."}
+{figure}"""
+
+
+def recovery_markdown(settings, pairs, *, command: str, when: str, plot: str | None) -> str:
+    from shoal.bench.recovery import summary
+
+    rows = []
+    for index, pair in enumerate(pairs, 1):
+        if pair.error:
+            rows.append(f"| {index} | failed: {pair.error} ||||||")
+            continue
+        for tool, run in (("torchrun", pair.torch), ("shoal", pair.shoal)):
+            rows.append(f"| {index} | {tool} | {run.undisturbed_seconds:.2f} | {run.disturbed_seconds:.2f} | "
+                        f"{run.lost_seconds:.2f} | {run.steps_redone} | {run.model_difference:.1e} |")
+    total = summary(pairs)
+    if total:
+        ratio = total["ratio_torch_to_shoal"]
+        overall = (f"Median time lost: torchrun **{total['torch']['median_lost_seconds']:.2f} s**, shoal "
+                   f"**{total['shoal']['median_lost_seconds']:.2f} s** "
+                   + (f"(torchrun/shoal **{ratio:.1f}x**)" if ratio else "(shoal's loss is within the noise of "
+                      "whole-job timings: no meaningful ratio)")
+                   + f". shoal's own measure, death to the next committed step: "
+                   f"{total['shoal_recovery_seconds']:.2f} s (median).")
+    else:
+        overall = "No pair finished."
+    figure = f"\n![time lost to one killed worker]({plot})\n" if plot else ""
+    return f"""## Recovery: a killed worker, shoal against torchrun's restart
+
+{settings.task}, {settings.workers} local workers, {settings.steps} steps; worker {settings.kill_rank}
+SIGKILLed at step {settings.kill_step}. torchrun: rank 0 checkpoints every
+{settings.checkpoint_every} steps, `--max-restarts 1` restarts every worker, which resume from
+the newest checkpoint (torchrun's other settings are its defaults). shoal: `--kill
+{settings.kill_rank}@{settings.kill_step}`, no checkpoints. Each tool's undisturbed run is the
+same command without the kill; times are whole commands, start to exit. {when}.
+Regenerate with:
+
+    {command}
+
+| pair | tool | undisturbed s | with a kill s | lost s | steps redone | model vs undisturbed |
+| --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+{overall}
+{figure}"""
+
+
+def scaling_markdown(settings, rows, *, command: str, when: str, plot: str | None) -> str:
+    from shoal.bench.scaling import device_label
+
+    lines = []
+    for row in rows:
+        if row.error:
+            lines.append(f"| {row.workers} | failed: {row.error} ||")
+            continue
+        efficiency = f"{row.efficiency:.2f}" if row.efficiency is not None else "-"
+        lines.append(f"| {row.workers} | {row.samples_per_second:.1f} | {efficiency} |")
+    figure = f"\n![samples per second against workers]({plot})\n" if plot else ""
+    return f"""## Scaling on one machine
+
+{settings.task}, its default global batch, {settings.steps} steps per run, the first
+{settings.warmup} not timed; {device_label()}. Efficiency is the rate over N times the
+1-worker rate. {when}. Regenerate with:
+
+    {command}
+
+| workers | samples/s | efficiency |
+| --- | --- | --- |
+{chr(10).join(lines)}
+{figure}"""
+
+
+def _bars(path, title: str, ylabel: str, bars: dict[str, float]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.bar(list(bars), list(bars.values()), color="#4c72b0")
+    for index, value in enumerate(bars.values()):
+        axes.annotate(f"{value:.2f}", (index, value), ha="center", va="bottom")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_overhead(pairs, path, *, title: str) -> bool:
+    from shoal.bench.overhead import summary
+
+    bars = {}
+    for task, row in summary(pairs).items():
+        bars[f"{task}\ntorch"], bars[f"{task}\nshoal"] = row["torch_ms"], row["shoal_ms"]
+    return _bars(path, title or "median step time", "ms per step", bars)
+
+
+def plot_recovery(pairs, path, *, title: str) -> bool:
+    from shoal.bench.recovery import summary
+
+    total = summary(pairs)
+    bars = {tool: max(0.0, total[key]["median_lost_seconds"]) for tool, key in
+            (("torchrun restart", "torch"), ("shoal", "shoal"))} if total else {}
+    return _bars(path, title or "wall time lost to one killed worker", "seconds", bars)
+
+
+def plot_scaling(rows, path, *, title: str) -> bool:
+    bars = {f"{r.workers} worker(s)": r.samples_per_second for r in rows if r.error is None}
+    return _bars(path, title or "throughput", "samples per second", bars)

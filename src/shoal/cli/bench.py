@@ -42,26 +42,60 @@ def add_bench(commands) -> None:
     memory.add_argument("--workers", type=int, action="append", metavar="N",
                         help="worker counts to measure (repeatable; default 2 and 4)")
     memory.add_argument("--steps", type=int, default=4, help="steps per run (default 4)")
+    overhead = _benchmark(kinds, "overhead", "shoal's allreduce against a plain DDP script under torchrun",
+                          _overhead, task=False, plot="step times")
+    overhead.add_argument("--task", action="append", dest="tasks", metavar="TASK",
+                          help="task to train (repeatable; default digits and charlm)")
+    overhead.add_argument("--workers", type=int, default=2, help="local workers (default 2)")
+    overhead.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
+    overhead.add_argument("--warmup", type=int, default=20, help="steps not timed (default 20)")
+    overhead.add_argument("--pairs", type=int, default=5, help="torch and shoal runs, alternating (default 5)")
+    recovery = _benchmark(kinds, "recovery", "time lost to a killed worker: shoal against torchrun's restart",
+                          _recovery, default_task="digits", plot="the time lost")
+    recovery.add_argument("--workers", type=int, default=4, help="local workers (default 4)")
+    recovery.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
+    recovery.add_argument("--kill-step", type=int, default=125, help="step at which worker 1 is killed (default 125)")
+    recovery.add_argument("--checkpoint-every", type=int, default=50,
+                          help="torchrun's recipe: steps between checkpoints (default 50)")
+    recovery.add_argument("--pairs", type=int, default=3, help="repetitions of the four runs (default 3)")
+    scaling = _benchmark(kinds, "scaling", "samples per second with 1, 2, 4 ... workers", _scaling,
+                         plot="samples per second")
+    scaling.add_argument("--workers", type=int, action="append", metavar="N",
+                         help="worker counts (repeatable; default 1, 2 and 4)")
+    scaling.add_argument("--steps", type=int, default=100, help="steps per run (default 100)")
+    scaling.add_argument("--warmup", type=int, default=10, help="steps not timed (default 10)")
 
 
-def _benchmark(kinds, name: str, summary: str, handler, *, plot: bool = False) -> argparse.ArgumentParser:
+def _benchmark(kinds, name: str, summary: str, handler, *, plot: str | bool = False, task: bool = True,
+               default_task: str = "charlm") -> argparse.ArgumentParser:
     """A benchmark's parser with what every benchmark takes: --task and its outputs."""
     parser = kinds.add_parser(name, help=summary)
-    parser.add_argument("--task", default="charlm", help="task to train (default charlm)")
+    if task:
+        parser.add_argument("--task", default=default_task, help=f"task to train (default {default_task})")
     parser.add_argument("--json", metavar="PATH", help="write every run as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     if plot:
-        parser.add_argument("--plot", metavar="PATH", help="write loss against wall time as PNG")
+        what = plot if isinstance(plot, str) else "loss against wall time"
+        parser.add_argument("--plot", metavar="PATH", help=f"write {what} as PNG")
     parser.set_defaults(handler=handler)
     return parser
 
 
-def _check_task(args) -> None:
+def _check_task(args, tasks: list[str] | None = None) -> None:
     from shoal.config import ConfigError
     from shoal.tasks import TASKS
 
-    if args.task not in TASKS:
-        raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    for task in tasks or [args.task]:
+        if task not in TASKS:
+            raise ConfigError("--task", f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+
+
+def _at_least(minimum: int, *flags: tuple[str, int]) -> None:
+    from shoal.config import ConfigError
+
+    for flag, value in flags:
+        if value < minimum:
+            raise ConfigError(flag, f"must be at least {minimum}, got {value}")
 
 
 def _wan(args: argparse.Namespace) -> int:
@@ -155,6 +189,62 @@ def _memory(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in rows) else 0
 
 
+def _overhead(args: argparse.Namespace) -> int:
+    from shoal.bench.overhead import OverheadSettings, run_overhead_bench, to_json
+    from shoal.bench.report import overhead_markdown
+    from shoal.config import ConfigError
+
+    tasks = tuple(args.tasks or ("digits", "charlm"))
+    _check_task(args, list(tasks))
+    _at_least(1, ("--workers", args.workers), ("--pairs", args.pairs))
+    _at_least(0, ("--warmup", args.warmup))
+    if args.steps < args.warmup + 2:
+        raise ConfigError("--steps", f"must exceed --warmup ({args.warmup}) by at least 2, got {args.steps}")
+    _check_outputs(args)
+    settings = OverheadSettings(tasks=tasks, workers=args.workers, steps=args.steps, warmup=args.warmup,
+                                pairs=args.pairs)
+    pairs = run_overhead_bench(settings, report=lambda line: print(line, flush=True))
+    _write_outputs(args, "overhead", to_json(settings, pairs), pairs, overhead_markdown, settings, title="")
+    return 1 if any(p.error for p in pairs) else 0
+
+
+def _recovery(args: argparse.Namespace) -> int:
+    from shoal.bench.recovery import RecoverySettings, run_recovery_bench, to_json
+    from shoal.bench.report import recovery_markdown
+    from shoal.config import ConfigError
+
+    _check_task(args)
+    _at_least(2, ("--workers", args.workers))
+    _at_least(1, ("--steps", args.steps), ("--kill-step", args.kill_step),
+              ("--checkpoint-every", args.checkpoint_every), ("--pairs", args.pairs))
+    if args.kill_step >= args.steps:
+        raise ConfigError("--kill-step", f"must be below --steps ({args.steps}), got {args.kill_step}")
+    _check_outputs(args)
+    settings = RecoverySettings(task=args.task, workers=args.workers, steps=args.steps, kill_step=args.kill_step,
+                                checkpoint_every=args.checkpoint_every, pairs=args.pairs)
+    pairs = run_recovery_bench(settings, report=lambda line: print(line, flush=True))
+    _write_outputs(args, "recovery", to_json(settings, pairs), pairs, recovery_markdown, settings, title="")
+    return 1 if any(p.error for p in pairs) else 0
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    from shoal.bench.report import scaling_markdown
+    from shoal.bench.scaling import ScalingSettings, run_scaling_bench, to_json
+    from shoal.config import ConfigError
+
+    _check_task(args)
+    workers = tuple(args.workers or (1, 2, 4))
+    _at_least(1, ("--workers", min(workers)))
+    _at_least(0, ("--warmup", args.warmup))
+    if args.steps < args.warmup + 2:
+        raise ConfigError("--steps", f"must exceed --warmup ({args.warmup}) by at least 2, got {args.steps}")
+    _check_outputs(args)
+    settings = ScalingSettings(task=args.task, workers=workers, steps=args.steps, warmup=args.warmup)
+    rows = run_scaling_bench(settings, report=lambda line: print(line, flush=True))
+    _write_outputs(args, "scaling", to_json(settings, rows), rows, scaling_markdown, settings, title="")
+    return 1 if any(r.error for r in rows) else 0
+
+
 def _check_outputs(args) -> None:
     """Refuse unwritable output paths before any run starts."""
     from shoal.config import check_writable_file
@@ -165,13 +255,14 @@ def _check_outputs(args) -> None:
 
 
 def _write_outputs(args, name: str, data: dict, results, markdown, settings, *, title: str) -> None:
-    from shoal.bench.report import plot_curves
+    from shoal.bench import report
 
+    plotter = getattr(report, f"plot_{name}", report.plot_curves)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(data, handle, indent=2)
     plot = getattr(args, "plot", None)
-    plotted = bool(plot) and plot_curves(results, plot, title=title)
+    plotted = bool(plot) and plotter(results, plot, title=title)
     if plot and not plotted:
         print(f"shoal bench {name}: no plot: matplotlib is not installed (pip install 'shoal[bench]')",
               file=sys.stderr)
