@@ -65,7 +65,23 @@ ratio differs from the payload ratio. Eval loss is the task's held-out loss at t
 | run | payload kB/step | fewer than fp32 | wire kB/step | steps | train s | final train loss | eval loss | s to target | sooner than allreduce |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
-{figure}"""
+{_bound_text(settings, runs)}{figure}"""
+
+
+def _bound_text(settings, runs) -> str:
+    from shoal.bench.wan import communication_bound
+
+    bound = communication_bound(settings, runs)
+    if bound is None:
+        return ""
+    n = settings.hosts
+    return f"""
+Communication bound of allreduce: compute {bound['compute_seconds'] * 1e3:.1f} ms/step (the run with
+unlimited links) + 2({n}-1)/{n} x payload / {settings.mbit:g} Mbit/s = {bound['transfer_seconds'] * 1e3:.1f} ms
+gives a bound of **{bound['bound_seconds'] * 1e3:.1f} ms/step**; allreduce achieved
+**{bound['achieved_seconds'] * 1e3:.1f} ms/step**, **{bound['ratio']:.2f}x** the bound (step times
+after the first 10 steps).
+"""
 
 
 def straggler_markdown(settings, runs, *, command: str, when: str, plot: str | None) -> str:
@@ -178,8 +194,9 @@ def plot_curves(runs, path: str | Path, *, title: str) -> bool:
 def overhead_markdown(settings, pairs, *, command: str, when: str, plot: str | None) -> str:
     from shoal.bench.overhead import summary
 
-    rows = []
-    for index, pair in enumerate(pairs, 1):
+    rows, numbers = [], {}
+    for pair in pairs:
+        index = numbers[pair.task] = numbers.get(pair.task, 0) + 1
         if pair.error:
             rows.append(f"| {pair.task} | {index} | failed: {pair.error} |||")
             continue

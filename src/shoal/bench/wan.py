@@ -6,6 +6,10 @@ rate. The same task, seed and global batch is trained once per strategy, one aft
 other in one invocation. Each run reports the payload bytes shoal counted and the bytes the
 hosts' interfaces really sent (the kernel's counters), the loss curve against wall time,
 and when the smoothed training loss first reached the target.
+
+With allreduce among the runs, allreduce is also trained once with the links unlimited:
+its step time is the compute (and loopback-fast communication) that the communication
+bound ``compute + 2(N-1)/N * bytes / bandwidth`` adds the ring all-reduce's transfer to.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shoal.bench._runs import committed_times, steady_step_seconds
 from shoal.network import Hosts
 
-__all__ = ["DEFAULT_RUNS", "WanRun", "WanSettings", "loss_curve", "read_results", "run_wan"]
+__all__ = ["DEFAULT_RUNS", "UNLIMITED", "WanRun", "WanSettings", "communication_bound", "loss_curve",
+           "read_results", "run_wan"]
 
 _TOKEN = "shoal-bench"
 _SMOOTHING = 10  # steps in the running mean of the training loss
+_WARMUP = 10  # steps left out of a run's step time
+UNLIMITED = "allreduce, links unlimited"
 
 DEFAULT_RUNS = (
     ("allreduce", ()),
@@ -51,6 +59,8 @@ class WanSettings:
     heartbeat_timeout: float = 20.0
     """Generous: a collective over a slow link must not look like a hang."""
     runs: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RUNS
+    bound: bool = True
+    """Also train allreduce with unlimited links, for the communication bound."""
 
 
 @dataclass(slots=True)
@@ -59,6 +69,8 @@ class WanRun:
     flags: list[str]
     steps: int = 0
     train_seconds: float = 0.0
+    step_seconds: float = 0.0
+    """Mean step time after the first 10 steps (from the commit times)."""
     payload_bytes_per_step: float = 0.0
     """Counted by shoal, per worker."""
     wire_bytes_per_step: float = 0.0
@@ -92,11 +104,12 @@ def read_results(run: WanRun, output: Path, sample_log: Path, *, workers: int,
     run.final_train_loss = results["final_train_loss"]
     run.eval = results["eval"]
     run.curve = loss_curve(sample_log, results["started_at"])
+    run.step_seconds = steady_step_seconds(committed_times(sample_log), _WARMUP)
     reached = [t for t, loss in run.curve if loss <= target_loss]
     run.seconds_to_target = reached[0] if reached else None
 
 
-def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) -> WanRun:
+def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path, *, limit: bool = True) -> WanRun:
     run = WanRun(label, flags)
     directory = root / re.sub(r"\W+", "-", label)
     directory.mkdir()
@@ -105,7 +118,7 @@ def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) ->
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // settings.hosts))}
     processes = []
     try:
-        for index in range(1, settings.hosts + 1):
+        for index in range(1, settings.hosts + 1 if limit else 1):
             hosts.limit(index, settings.mbit)
         coordinator = hosts.popen(0, [sys.executable, "-m", "shoal.cli.main", "coordinator",
                                       "--host", hosts.addresses[0], "--token", _TOKEN,
@@ -145,10 +158,13 @@ def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path) ->
 def run_wan(settings: WanSettings, *, report=print) -> list[WanRun]:
     """Train once per configured run, one after the other; ``report`` gets a line per run."""
     runs = []
+    planned = list(settings.runs)
+    if settings.bound and any(label == "allreduce" for label, _ in planned):
+        planned.append((UNLIMITED, ()))
     with tempfile.TemporaryDirectory(prefix="shoal-bench-wan-") as temporary:
-        for label, flags in settings.runs:
+        for label, flags in planned:
             started = time.monotonic()
-            run = _run_one(settings, label, list(flags), Path(temporary))
+            run = _run_one(settings, label, list(flags), Path(temporary), limit=label != UNLIMITED)
             runs.append(run)
             outcome = run.error or (f"{run.train_seconds:.1f} s, payload {run.payload_bytes_per_step / 1e6:.3f} "
                                     f"MB/step, wire {run.wire_bytes_per_step / 1e6:.3f} MB/step, "
@@ -157,5 +173,20 @@ def run_wan(settings: WanSettings, *, report=print) -> list[WanRun]:
     return runs
 
 
+def communication_bound(settings: WanSettings, runs: list[WanRun]) -> dict | None:
+    """allreduce's achieved step time against ``compute + 2(N-1)/N * bytes / bandwidth``:
+    the bytes are the payload per worker, the compute the unlimited run's step time."""
+    limited = next((r for r in runs if r.label == "allreduce" and r.error is None), None)
+    unlimited = next((r for r in runs if r.label == UNLIMITED and r.error is None), None)
+    if limited is None or unlimited is None:
+        return None
+    n = settings.hosts
+    transfer = 2 * (n - 1) / n * limited.payload_bytes_per_step * 8 / (settings.mbit * 1e6)
+    bound = unlimited.step_seconds + transfer
+    return {"compute_seconds": unlimited.step_seconds, "transfer_seconds": transfer, "bound_seconds": bound,
+            "achieved_seconds": limited.step_seconds, "ratio": limited.step_seconds / bound}
+
+
 def to_json(settings: WanSettings, runs: list[WanRun]) -> dict:
-    return {"settings": asdict(settings), "runs": [asdict(run) for run in runs]}
+    return {"settings": asdict(settings), "runs": [asdict(run) for run in runs],
+            "communication_bound": communication_bound(settings, runs)}

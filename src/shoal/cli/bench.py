@@ -23,6 +23,8 @@ def add_bench(commands) -> None:
                      help="smoothed training loss to reach (default 2.5)")
     wan.add_argument("--only", action="append", default=[], metavar="LABEL",
                      help="run only these (repeatable), e.g. 'allreduce' 'diloco H=50'")
+    wan.add_argument("--no-bound", action="store_true",
+                     help="skip allreduce over unlimited links (the compute of the communication bound)")
     straggler = _benchmark(kinds, "straggler", "async against allreduce with one slow worker", _straggler,
                            plot=True)
     straggler.add_argument("--workers", type=int, default=4, help="local workers (default 4)")
@@ -122,7 +124,7 @@ def _wan(args: argparse.Namespace) -> int:
         return 2
     runs = tuple(r for r in DEFAULT_RUNS if not args.only or r[0] in args.only)
     settings = WanSettings(task=args.task, hosts=args.hosts, mbit=args.mbit, steps=args.steps,
-                           target_loss=args.target_loss, runs=runs)
+                           target_loss=args.target_loss, runs=runs, bound=not args.no_bound)
     results = run_wan(settings, report=lambda line: print(line, flush=True))
     _write_outputs(args, "wan", to_json(settings, results), results, wan_markdown, settings,
                    title=f"{args.task}, {args.hosts} hosts at {args.mbit:g} Mbit/s")
