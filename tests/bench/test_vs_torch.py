@@ -33,6 +33,7 @@ def test_the_recovery_benchmark_counts_what_each_tool_redoes(tmp_path):
     assert pair["shoal"]["model_difference"] <= 1e-5  # the survivor trains the same model
     assert pair["torch"]["model_difference"] <= 1e-5  # the checkpoint held everything
     assert pair["shoal_recovery_seconds"] is not None
+    assert pair["torch"]["lost_in_run_seconds"] != 0 and pair["shoal"]["lost_in_run_seconds"] != 0
     assert "| 1 | shoal |" in (tmp_path / "r.md").read_text()
 
 

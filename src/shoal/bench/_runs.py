@@ -52,6 +52,8 @@ class TorchRun:
         """Each attempt's first step: after a restart, the newest checkpoint's step."""
         self.step_ended_at = next(line["step_ended_at"] for line in lines if "step_ended_at" in line)
         """The last attempt's step end times (its first step is its start step)."""
+        self.killed_at = next((line["killed_at"] for line in lines if "killed_at" in line), None)
+        """When ``--kill`` killed a worker (unix time)."""
         self.seconds = seconds
         """The whole torchrun command's wall time, restarts included."""
 

@@ -228,19 +228,22 @@ def recovery_markdown(settings, pairs, *, command: str, when: str, plot: str | N
     rows = []
     for index, pair in enumerate(pairs, 1):
         if pair.error:
-            rows.append(f"| {index} | failed: {pair.error} ||||||")
+            rows.append(f"| {index} | failed: {pair.error} |||||||")
             continue
         for tool, run in (("torchrun", pair.torch), ("shoal", pair.shoal)):
-            rows.append(f"| {index} | {tool} | {run.undisturbed_seconds:.2f} | {run.disturbed_seconds:.2f} | "
-                        f"{run.lost_seconds:.2f} | {run.steps_redone} | {run.model_difference:.1e} |")
+            rows.append(f"| {index} | {tool} | {run.lost_in_run_seconds:.2f} | {run.undisturbed_seconds:.2f} | "
+                        f"{run.disturbed_seconds:.2f} | {run.lost_seconds:.2f} | {run.steps_redone} | "
+                        f"{run.model_difference:.1e} |")
     total = summary(pairs)
     if total:
         ratio = total["ratio_torch_to_shoal"]
-        overall = (f"Median time lost: torchrun **{total['torch']['median_lost_seconds']:.2f} s**, shoal "
-                   f"**{total['shoal']['median_lost_seconds']:.2f} s** "
-                   + (f"(torchrun/shoal **{ratio:.1f}x**)" if ratio else "(shoal's loss is within the noise of "
-                      "whole-job timings: no meaningful ratio)")
-                   + f". shoal's own measure, death to the next committed step: "
+        torch_lost, shoal_lost = (total[t]["median_lost_in_run_seconds"] for t in ("torch", "shoal"))
+        overall = (f"Median time lost in the run: torchrun **{torch_lost:.2f} s** and "
+                   f"{total['torch']['steps_redone']} steps redone, shoal **{shoal_lost:.2f} s** and "
+                   f"{total['shoal']['steps_redone']} steps redone"
+                   + (f" (torchrun/shoal **{ratio:.1f}x**)" if ratio else "") + ". Whole commands: torchrun "
+                   f"{total['torch']['median_lost_seconds']:.2f} s, shoal {total['shoal']['median_lost_seconds']:.2f} s "
+                   f"(median). shoal's own record, death to the next committed step: "
                    f"{total['shoal_recovery_seconds']:.2f} s (median).")
     else:
         overall = "No pair finished."
@@ -248,17 +251,17 @@ def recovery_markdown(settings, pairs, *, command: str, when: str, plot: str | N
     return f"""## Recovery: a killed worker, shoal against torchrun's restart
 
 {settings.task}, {settings.workers} local workers, {settings.steps} steps; worker {settings.kill_rank}
-SIGKILLed at step {settings.kill_step}. torchrun: rank 0 checkpoints every
+SIGKILLed at the start of step {settings.kill_step}. torchrun: rank 0 checkpoints every
 {settings.checkpoint_every} steps, `--max-restarts 1` restarts every worker, which resume from
 the newest checkpoint (torchrun's other settings are its defaults). shoal: `--kill
-{settings.kill_rank}@{settings.kill_step}`, no checkpoints. Each tool's undisturbed run is the
-same command without the kill; times are whole commands, start to exit. {when}.
-Regenerate with:
+{settings.kill_rank}@{settings.kill_step}`, no checkpoints. *Lost in the run*: from the death
+to the end of the killed step, less one median step. *Whole*: the command with the kill
+minus the same command without it, start to exit. {when}. Regenerate with:
 
     {command}
 
-| pair | tool | undisturbed s | with a kill s | lost s | steps redone | model vs undisturbed |
-| --- | --- | --- | --- | --- | --- | --- |
+| pair | tool | lost in the run s | undisturbed s | with a kill s | lost, whole s | steps redone | model vs undisturbed |
+| --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
 {overall}
@@ -324,9 +327,9 @@ def plot_recovery(pairs, path, *, title: str) -> bool:
     from shoal.bench.recovery import summary
 
     total = summary(pairs)
-    bars = {tool: max(0.0, total[key]["median_lost_seconds"]) for tool, key in
+    bars = {tool: total[key]["median_lost_in_run_seconds"] for tool, key in
             (("torchrun restart", "torch"), ("shoal", "shoal"))} if total else {}
-    return _bars(path, title or "wall time lost to one killed worker", "seconds", bars)
+    return _bars(path, title or "time lost to one killed worker (in the run)", "seconds", bars)
 
 
 def plot_scaling(rows, path, *, title: str) -> bool:
