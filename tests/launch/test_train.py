@@ -94,9 +94,10 @@ def test_too_few_workers_fails_with_a_clear_message(tmp_path):
 
 
 def test_digits_reaches_97_percent(tmp_path):
-    """(a) the README's run: 4 workers, 10 epochs, global batch 64."""
+    """(a) the README's run, 10 epochs of global batch 64, on 2 workers instead of 4 (CI time):
+    the global batch makes the model, not the worker count (tests above: 4 workers equal 1)."""
     output = tmp_path / "results.json"
-    result = shoal("train", "--task", "digits", "--workers", "4", "--epochs", "10",
+    result = shoal("train", "--task", "digits", "--workers", "2", "--epochs", "10",
                    "--batch-size", "64", "--quiet", "--output", str(output))
     assert result.returncode == 0, result.stderr
     results = load_json(output)

@@ -77,7 +77,7 @@ def test_workers_go_when_the_zygote_dies(zygote):
 
 
 def test_forked_and_fresh_workers_train_the_same_model(tmp_path):
-    args = ["train", "--task", "quadratic", "--workers", "2", "--steps", "30", "--quiet"]
+    args = ["train", "--task", "quadratic", "--workers", "1", "--steps", "10", "--quiet"]
     forked, fresh = tmp_path / "forked.pt", tmp_path / "fresh.pt"
     result = shoal(*args, "--save-model", str(forked))
     assert result.returncode == 0, result.stderr
