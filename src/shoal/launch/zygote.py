@@ -105,6 +105,7 @@ class Zygote:
             try:
                 socket.send_fds(self._control, [request], [write_end])
             except OSError as error:
+                os.close(read_end)
                 raise RuntimeError(f"the worker zygote (pid {self.pid}) is gone: {error}") from None
             finally:
                 os.close(write_end)
