@@ -30,6 +30,8 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 
+from shoal._exit import run_then_exit
+
 __all__ = ["WORKER_NAME", "ZYGOTE_NAME", "ForkedProcess", "Zygote"]
 
 WORKER_NAME = "shoal-worker"
@@ -224,43 +226,37 @@ def _set_process_name(name: str) -> None:
 
 def _become_worker(request: dict, output: int, entry: Callable[[], int], close: Sequence[int]) -> None:
     """In the forked child: look like ``python -u -m <worker>`` started fresh, run it, exit."""
-    code = 1
-    try:
-        os.setsid()  # its own process group: a Ctrl-C reaches the launcher, which stops workers
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(signum, signal.SIG_DFL)
-        _set_process_name(WORKER_NAME)
-        for fd in close:
-            os.close(fd)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(output, 1)
-        os.dup2(output, 2)
-        os.close(devnull)
-        os.close(output)
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True,
-                                      write_through=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
-                                      write_through=True, errors="backslashreplace")
-        os.environ.clear()
-        os.environ.update(request["env"])
-        os.chdir(request["cwd"])
-        atexit._clear()  # the launcher's exit handlers are not the worker's
-        random.seed()  # forked children would otherwise share the zygote's random sequence
-        code = entry()
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if not isinstance(stop.code, int | None):
-            print(stop.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        try:
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+    def run() -> int:
+        _look_fresh(request, output, close)
+        return entry()
+
+    run_then_exit(run)
+
+
+def _look_fresh(request: dict, output: int, close: Sequence[int]) -> None:
+    """The child's own session, signals, output, environment and seed."""
+    os.setsid()  # its own process group: a Ctrl-C reaches the launcher, which stops workers
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
+    _set_process_name(WORKER_NAME)
+    for fd in close:
+        os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(devnull)
+    os.close(output)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True,
+                                  write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
+                                  write_through=True, errors="backslashreplace")
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    atexit._clear()  # the launcher's exit handlers are not the worker's
+    random.seed()  # forked children would otherwise share the zygote's random sequence
+

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from shoal._exit import run_then_exit
 from shoal._io import atomic_write
 from shoal.checkpoint import Checkpointing
 from shoal.config import TrainConfig
@@ -79,4 +80,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_then_exit(main)  # as a forked worker leaves: see shoal._exit

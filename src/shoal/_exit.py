@@ -1,0 +1,36 @@
+"""Leave a worker process without the interpreter's teardown."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
+
+__all__ = ["run_then_exit"]
+
+
+def run_then_exit(entry: Callable[[], int | None]) -> NoReturn:
+    """Run ``entry``, then exit with its code (1 if it raised, after printing why): exit
+    handlers run and output is flushed, but the interpreter's teardown is skipped. On torch
+    2.13 gloo's teardown aborts a process now and then (SIGABRT, "terminate called without
+    an active exception"), which would turn a finished worker into a failed one; a forked
+    worker must not tear down the zygote's state either."""
+    code = 1
+    try:
+        code = entry() or 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, int | None):
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
