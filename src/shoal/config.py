@@ -114,8 +114,10 @@ class StrategyOptions:
     """The first steps are exchanged uncompressed, and localsgd/diloco all-reduce gradients
     every step until then (post-local SGD, Lin et al. 2020): compressors and local steps cost
     most quality early in training."""
-    zero_replicas: int = 1
-    """zero: members holding each shard. Only 1 so far: a crash goes back to the last checkpoint."""
+    zero_replicas: int = 2
+    """zero: members holding each shard (replica groups as in HSDP). A member's death costs
+    nothing while another holds each of its shards; with 1, a crash goes back to the last
+    checkpoint."""
     workers_per_host: int | None = None
     """hierarchical: group consecutive worker ids into emulated hosts of this many workers
     (default: workers that share a launcher, i.e. a machine, form a host)."""
@@ -134,9 +136,8 @@ class StrategyOptions:
             raise ConfigError("--outer-lr", f"must be positive, got {self.outer_lr}")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError("--outer-momentum", f"must be in [0, 1), got {self.outer_momentum}")
-        if self.zero_replicas != 1:
-            raise ConfigError("--zero-replicas", "only 1 is implemented so far (each shard on one "
-                              "member; a crash goes back to the last checkpoint)")
+        if self.zero_replicas < 1:
+            raise ConfigError("--zero-replicas", f"must be at least 1, got {self.zero_replicas}")
         if strategy == "zero" and self.compress != "none":
             raise ConfigError("--compress", "zero's collectives are FSDP's own; use --compress none "
                               "with --strategy zero")

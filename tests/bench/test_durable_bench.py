@@ -18,10 +18,10 @@ def test_the_checkpoint_benchmark_runs_a_pair(tmp_path):
 
 
 def test_the_memory_benchmark_compares_zero_with_allreduce(tmp_path):
-    result = shoal("bench", "memory", "--task", "quadratic", "--workers", "1", "--steps", "1",
-                   "--json", str(tmp_path / "m.json"), "--markdown", str(tmp_path / "m.md"))
+    result = shoal("bench", "memory", "--task", "quadratic", "--workers", "1", "--zero-replicas", "2",
+                   "--steps", "1", "--json", str(tmp_path / "m.json"), "--markdown", str(tmp_path / "m.md"))
     assert result.returncode == 0, result.stderr
     row, = json.loads((tmp_path / "m.json").read_text())["rows"]
-    assert row["error"] is None and row["workers"] == 1  # one worker: nothing to shard
-    assert row["zero"]["parameters"] == row["allreduce"]["parameters"] > 0
-    assert "| 1 |" in (tmp_path / "m.md").read_text()
+    assert row["error"] is None and (row["workers"], row["replicas"]) == (1, 2)
+    assert row["zero"]["parameters"] == row["allreduce"]["parameters"] > 0  # one worker: nothing to shard
+    assert "| 1 | 2 |" in (tmp_path / "m.md").read_text()

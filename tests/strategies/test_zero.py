@@ -1,6 +1,8 @@
-"""`--strategy zero` (FSDP2): equal to allreduce on digits and charlm; a crash goes back to
-the last (sharded) checkpoint; resumes on another number of workers; exports as one
-safetensors file. (Its share of the state: tests/bench and `shoal bench memory`.)"""
+"""`--strategy zero` (FSDP2): equal to allreduce on digits and charlm; with each shard on two
+members a crash costs no step and a newcomer gets its shards from the others; when every
+copy of a shard dies (or with one copy) the members go back to the last (sharded)
+checkpoint; resumes on another number of workers; exports as one safetensors file. (Its
+share of the state: tests/bench and `shoal bench memory`.)"""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import pytest
 import torch
 
 from shoal.reliability.checks import exactly_once_violations, relative_difference
+from shoal.runtime.reshard import ShardsLost, _plan
+from shoal.strategies.zero import Layout, mesh_shape
 from shoal.tasks import TASKS
 from tests.conftest import DIGITS_4, LONG, shoal, train_job
 
@@ -28,18 +32,73 @@ def test_charlm_under_zero_equals_allreduce(tmp_path):
     assert relative_difference(model, reference) <= 1e-5
 
 
-def test_a_crash_goes_back_to_the_last_checkpoint_and_changes_nothing(allreduce, tmp_path):
-    """Worker 1's shards die with it at step 25: the others reload step 20's checkpoint,
-    re-sharded over 3, and redo 5 steps; the result is still allreduce's. Then: step 40's
-    checkpoint resumes on 2 workers (re-sharded again) to the same model, and the newest
-    checkpoint exports as one safetensors file."""
+def test_replica_groups_and_the_layout_of_shards():
+    assert mesh_shape(4, 2) == (2, 2)  # two replica groups of two shards: half the state each
+    assert mesh_shape(8, 2) == (2, 4)
+    assert mesh_shape(6, 3) == (3, 2)
+    assert mesh_shape(3, 2) == (3, 1)  # no equal groups of 2: every member holds everything
+    assert mesh_shape(4, 1) == (1, 4)
+    assert mesh_shape(1, 2) == (1, 1)
+    layout = Layout(generation=1, shards=3, index=0)  # torch.chunk: 4, 4, 2 rows of 10
+    assert [layout.rows(10, i) for i in range(3)] == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert layout.rows(2, 2) == slice(2, 2)  # more shards than rows: an empty shard
+
+
+def test_the_rebuild_takes_the_newest_position_whose_shards_all_live():
+    # [holds, position, layout generation, shards, shard index] per rank
+    assert _plan([[1, 25, 1, 2, 0], [1, 25, 1, 2, 1], [0, -1, -1, 0, 0]]) == (25, {0: 0, 1: 1})
+    assert _plan([[0, -1, -1, 0, 0]] * 3) is None  # a new job: nobody holds anything
+    # rank 1 went one step further (a collective that completed on it only) but alone it
+    # does not cover both shards: everyone goes back to step 25, which ranks 0 and 2 cover
+    assert _plan([[1, 25, 1, 2, 0], [1, 26, 1, 2, 1], [1, 25, 1, 2, 1]]) == (25, {0: 0, 1: 2})
+    # a rebuild that broke half-way: the newer layout is not whole, the older one is
+    assert _plan([[1, 25, 3, 2, 0], [1, 25, 2, 2, 0], [1, 25, 2, 2, 1]]) == (25, {0: 1, 1: 2})
+    with pytest.raises(ShardsLost):
+        _plan([[1, 25, 1, 2, 0], [1, 25, 1, 2, 0]])
+
+
+def test_a_crash_costs_no_step_and_the_restarted_member_gets_its_shards(allreduce, tmp_path):
+    """Each shard on two of four members (the default --zero-replicas 2): worker 1 dies at
+    step 25 and the other three rebuild the state from their shards (no checkpoint, no step
+    redone); worker 1 restarts and gets its shards from the others. The model is allreduce's,
+    every sample counts once, and at the end each member holds half of the state."""
+    reference, plain = allreduce
+    log = tmp_path / "samples.jsonl"
+    model, results = train(tmp_path, "killed", *DIGITS, "--workers", "4", "--strategy", "zero",
+                           "--kill", "1@25", "--restart", "--sample-log", str(log))
+    assert relative_difference(model, reference) <= 1e-5
+    assert results["steps_redone"] == 0 and len(results["membership_changes"]) >= 2
+    assert results["heals"] and all(heal["step"] >= 25 for heal in results["heals"])
+    size = len(TASKS["digits"](0).train_dataset())
+    assert exactly_once_violations(log, dataset_size=size, steps=60) == []
+    share = sum(results["state_bytes"].values()) / sum(plain["state_bytes"].values())
+    assert 0.45 <= share <= 0.55, share
+
+
+def test_losing_every_copy_of_a_shard_goes_back_to_the_checkpoint(allreduce, tmp_path):
+    """Workers 1 and 3 hold the same shard (ranks 1 and 3 of a 2 x 2 mesh) and die in the same
+    step: no copy is left, so the others reload step 20's checkpoint and redo 5 steps."""
+    reference, _ = allreduce
+    checkpoints = tmp_path / "checkpoints"
+    model, results = train(tmp_path, "killed", *DIGITS, "--workers", "4", "--strategy", "zero",
+                           "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "10",
+                           "--kill", "1@25", "--kill", "3@25")
+    assert relative_difference(model, reference) <= 1e-5
+    assert results["steps_redone"] >= 5
+
+
+def test_with_one_copy_a_crash_goes_back_to_the_last_checkpoint_and_changes_nothing(allreduce, tmp_path):
+    """--zero-replicas 1: worker 1's shards die with it at step 25: the others reload step
+    20's checkpoint, re-sharded over 3, and redo 5 steps; the result is still allreduce's.
+    Then: step 40's checkpoint resumes on 2 workers (re-sharded again) to the same model, and
+    the newest checkpoint exports as one safetensors file."""
     from safetensors.torch import load_file
 
     reference, plain = allreduce
     log, checkpoints = tmp_path / "samples.jsonl", tmp_path / "checkpoints"
     model, results = train(tmp_path, "killed", *DIGITS, "--workers", "4", "--strategy", "zero",
-                           "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "10",
-                           "--kill", "1@25", "--sample-log", str(log))
+                           "--zero-replicas", "1", "--checkpoint-dir", str(checkpoints),
+                           "--checkpoint-every", "10", "--kill", "1@25", "--sample-log", str(log))
     assert relative_difference(model, reference) <= 1e-5
     # 5 steps redone (20-24); more only if the loaded machine made a member miss heartbeats
     assert results["steps_redone"] >= 5 and len(results["membership_changes"]) >= 1

@@ -145,23 +145,24 @@ def memory_markdown(settings, rows, *, command: str, when: str, plot: str | None
     lines = []
     for row in rows:
         if row.error:
-            lines.append(f"| {row.workers} | failed: {row.error} ||||||")
+            lines.append(f"| {row.workers} | {row.replicas} | failed: {row.error} ||||||")
             continue
         mb = {name: {k: v / 1e6 for k, v in getattr(row, name).items()} for name in ("allreduce", "zero")}
-        lines.append(f"| {row.workers} | {sum(mb['allreduce'].values()):.2f} | {mb['zero']['parameters']:.2f} | "
+        lines.append(f"| {row.workers} | {row.replicas} | {sum(mb['allreduce'].values()):.2f} | "
+                     f"{mb['zero']['parameters']:.2f} | "
                      f"{mb['zero']['gradients']:.2f} | {mb['zero']['optimizer']:.2f} | "
                      f"{sum(mb['zero'].values()):.2f} | {row.ratio:.3f} |")
     return f"""## Memory: zero's share of the state
 
 {settings.task}, {settings.steps} steps, seed {settings.seed}; each worker's parameters,
 gradients and optimizer state after the last step (results.json's `state_bytes`, the
-leader's), with allreduce (everything on every worker) and zero (FSDP2 shards). {when}.
-Regenerate with:
+leader's), with allreduce (everything on every worker) and zero (FSDP2 shards, each on
+`--zero-replicas` members). {when}. Regenerate with:
 
     {command}
 
-| workers | allreduce MB/worker | zero parameters MB | zero gradients MB | zero optimizer MB | zero MB/worker | zero / allreduce |
-| --- | --- | --- | --- | --- | --- | --- |
+| workers | zero replicas | allreduce MB/worker | zero parameters MB | zero gradients MB | zero optimizer MB | zero MB/worker | zero / allreduce |
+| --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(lines)}
 """
 

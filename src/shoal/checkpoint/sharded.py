@@ -94,13 +94,13 @@ def load_sharded(checkpoint: Checkpoint, model, optimizer) -> dict:
     return torch.load(checkpoint.path / STATE_FILE, weights_only=True)
 
 
-def agreed_checkpoint(store: CheckpointStore, also: str | None = None) -> Checkpoint | None:
+def agreed_checkpoint(store: CheckpointStore | None, also: str | None = None) -> Checkpoint | None:
     """Collective: the newest good checkpoint in ``store`` (or ``also``, if newer), as the
     leader sees it: every member must load the same one."""
     chosen = ""
     if dist.get_rank() == 0:
         candidates = []
-        found = store.latest_good(load=False)
+        found = store.latest_good(load=False) if store is not None else None
         if found is not None:
             candidates.append(found[0])
         if also and Checkpoint.is_checkpoint(also):

@@ -43,6 +43,8 @@ def add_bench(commands) -> None:
     memory = _benchmark(kinds, "memory", "each worker's share of the state: zero against allreduce", _memory)
     memory.add_argument("--workers", type=int, action="append", metavar="N",
                         help="worker counts to measure (repeatable; default 2 and 4)")
+    memory.add_argument("--zero-replicas", type=int, action="append", dest="replicas", metavar="R",
+                        help="zero's members per shard to measure (repeatable; default 1 and 2)")
     memory.add_argument("--steps", type=int, default=4, help="steps per run (default 4)")
     overhead = _benchmark(kinds, "overhead", "shoal's allreduce against a plain DDP script under torchrun",
                           _overhead, task=False, plot="step times")
@@ -182,10 +184,13 @@ def _memory(args: argparse.Namespace) -> int:
     workers = tuple(args.workers or (2, 4))
     if min(workers) < 1:
         raise ConfigError("--workers", f"must be at least 1, got {min(workers)}")
+    replicas = tuple(args.replicas or (1, 2))
+    if min(replicas) < 1:
+        raise ConfigError("--zero-replicas", f"must be at least 1, got {min(replicas)}")
     if args.steps < 1:
         raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
     _check_outputs(args)
-    settings = MemorySettings(task=args.task, workers=workers, steps=args.steps)
+    settings = MemorySettings(task=args.task, workers=workers, replicas=replicas, steps=args.steps)
     rows = run_memory_bench(settings, report=lambda line: print(line, flush=True))
     _write_outputs(args, "memory", to_json(settings, rows), rows, memory_markdown, settings, title="")
     return 1 if any(r.error for r in rows) else 0

@@ -64,9 +64,9 @@ def _add_train(commands) -> None:
     talk.add_argument("--warmup-steps", type=int, default=0, metavar="W",
                       help="the first W steps uncompressed, and for localsgd/diloco synchronous "
                       "(default 0)")
-    talk.add_argument("--zero-replicas", type=int, default=1, metavar="R",
-                      help="zero: members holding each shard (only 1 so far; a crash goes back "
-                      "to the last checkpoint)")
+    talk.add_argument("--zero-replicas", type=int, default=2, metavar="R",
+                      help="zero: members holding each shard (default 2: a death costs no step; "
+                      "1: a crash goes back to the last checkpoint)")
     talk.add_argument("--max-staleness", type=int, default=8, metavar="K",
                       help="async: drop gradients more than K updates old (default 8)")
     talk.add_argument("--workers-per-host", type=int, metavar="K",

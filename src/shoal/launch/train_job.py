@@ -57,8 +57,8 @@ def _run_local(config: TrainConfig, zygote: Zygote | None) -> int:
                                                                           file=sys.stderr))
         config.resume = str(resumption.checkpoint.path)  # every worker loads this one
     scratch = None
-    if config.strategy == "zero" and not config.checkpoint_dir:
-        # zero's shards exist once: the checkpoint is what survivors of a crash go back to.
+    if config.strategy == "zero" and config.options.zero_replicas == 1 and not config.checkpoint_dir:
+        # Each shard exists once: the checkpoint is what survivors of a crash go back to.
         scratch = tempfile.TemporaryDirectory(prefix="shoal-zero-")
         config.checkpoint_dir = scratch.name
     metrics = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["HealReport", "deserialize", "heal", "serialize"]
+__all__ = ["HealReport", "broadcast_state", "deserialize", "heal", "serialize"]
 
 FRESH = -1
 """The committed step a worker reports before it holds any state of the job."""
@@ -59,13 +59,20 @@ def heal(my_step: int, capture, restore, before_transfer=lambda step: None) -> H
     started = time.perf_counter()
     source = steps.index(high)
     rank = dist.get_rank()
-    blob = serialize(capture()) if rank == source else None
+    state, size = broadcast_state(capture() if rank == source else None, source)
+    received = my_step != high
+    if received:
+        restore(state)
+    return HealReport(source, high, received, size, time.perf_counter() - started)
+
+
+def broadcast_state(state: dict | None, source: int) -> tuple[dict, int]:
+    """Collective: ``source``'s ``state`` (None elsewhere) on every member, and its size in
+    bytes. Serialised with ``torch.save``, read with ``weights_only=True``."""
+    blob = serialize(state) if dist.get_rank() == source else None
     size = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
     dist.broadcast(size, src=source)
     if blob is None:
         blob = torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(blob, src=source)
-    received = my_step != high
-    if received:
-        restore(deserialize(blob))
-    return HealReport(source, high, received, int(size), time.perf_counter() - started)
+    return (state if state is not None else deserialize(blob)), int(size)

@@ -27,14 +27,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from shoal.checkpoint import (AsyncSaver, Checkpoint, CheckpointError, Checkpointing, CheckpointStore,
-                              check_resumable, job_identity)
+from shoal.checkpoint import (
+    AsyncSaver,
+    Checkpoint,
+    CheckpointError,
+    Checkpointing,
+    CheckpointStore,
+    check_resumable,
+    job_identity,
+)
 from shoal.config import KillSpec, Slowdown, StrategyOptions
 from shoal.data import GlobalBatchSampler, fetch
 from shoal.runtime.async_worker import run_async
 from shoal.runtime.context import Context, GenerationMoved, JobStopped
 from shoal.runtime.faults import maybe_kill
 from shoal.runtime.heal import FRESH, HealReport, deserialize, heal
+from shoal.runtime.reshard import ShardsLost, restore_from_members
 from shoal.strategies import STRATEGIES, Strategy
 
 __all__ = ["Preempted", "TrainResult", "train"]
@@ -131,9 +139,9 @@ def train(
     identity = job_identity(model, task=task, global_batch_size=global_batch_size, seed=seed,
                             strategy=strategy)
     saver = None
-    if chosen.sharded and checkpoint is None:
-        raise ValueError("strategy 'zero' needs checkpoint=: after a member dies, the last "
-                         "checkpoint is what the others go back to")
+    if chosen.sharded and not chosen.replicated and checkpoint is None:
+        raise ValueError("strategy 'zero' with zero_replicas=1 needs checkpoint=: after a member "
+                         "dies, the last checkpoint is what the others go back to")
     if checkpoint is not None:
         if chosen.drives_steps:
             raise ValueError(f"checkpoints are not supported with strategy {strategy!r} yet")
@@ -307,8 +315,9 @@ class _Loop:
     def _run_generation(self, total_steps: int) -> None:
         self.context.enter_next_generation()
         if self.strategy.sharded:
+            self.strategy.generation = self.context.generation
             module = self.strategy.setup(self._host_key())
-            self._restart_from_checkpoint()
+            self._restore_shards()
         else:
             self._return_to_commit()
             self._heal()
@@ -348,21 +357,53 @@ class _Loop:
             self._restore(state)
         self._pending.clear()
 
+    def _restore_shards(self) -> None:
+        """zero: this generation's shards of the committed state, rebuilt from the shards the
+        members hold (``--zero-replicas`` >= 2), else from the newest checkpoint."""
+        if self.strategy.replicated:
+            try:
+                # A new job's starting state (the same on every member) is its state at step
+                # 0; a resumed job's is the checkpoint, which no member holds yet.
+                holds = not (self.fresh and self._resume_path)
+                restored = restore_from_members(self.strategy, self.position if holds else FRESH,
+                                                self._sharded_extras())
+            except ShardsLost as lost:
+                if self.context.rank == 0:
+                    log.warning("zero: %s; going back to the newest checkpoint", lost)
+            else:
+                if restored is not None:
+                    extras, report = restored
+                    self._load_sharded_extras(extras)
+                    self.heals.append(report)
+                    return
+        self._restart_from_checkpoint()
+
     def _restart_from_checkpoint(self) -> None:
-        """zero: every member loads the newest checkpoint into this generation's shards (the
-        dead member's shards exist nowhere else); a new job checkpoints its starting state."""
+        """zero: every member loads the newest checkpoint into this generation's shards (a
+        shard that died has no other copy); a new job checkpoints its starting state."""
         from shoal.checkpoint.sharded import agreed_checkpoint, load_sharded
 
-        checkpoint = agreed_checkpoint(self.saver.store, also=self._resume_path)
+        checkpoint = agreed_checkpoint(self.saver.store if self.saver else None, also=self._resume_path)
         if checkpoint is None:
             if not self.fresh:  # this generation's module is uninitialised memory
-                raise JobStopped("zero: a member died before the starting state was checkpointed; "
-                                 "there is nothing to go back to")
+                raise JobStopped("zero: the members holding some shard of the state died and no "
+                                 "checkpoint was written to go back to (give --checkpoint-dir)")
             self.fresh = False  # set first: a save that fails leaves nothing to restart from
-            self._save_sharded()
+            self.strategy.forget_held()
+            if self.saver is not None:
+                self._save_sharded()
             return
-        self.fresh = False
         extras = load_sharded(checkpoint, self.strategy.model, self.strategy.optimizer)
+        self.strategy.forget_held()
+        self._load_sharded_extras(extras)
+
+    def _sharded_extras(self) -> dict:
+        """What every zero member holds whole: data position, strategy state and RNG."""
+        return {"position": self.position, "strategy": self.strategy.state_dict(),
+                "rng_cpu": torch.get_rng_state()}
+
+    def _load_sharded_extras(self, extras: dict) -> None:
+        self.fresh = False
         self.position = self.next_step = int(extras["position"])
         self.strategy.load_state_dict(extras["strategy"])
         torch.set_rng_state(extras["rng_cpu"])
@@ -373,10 +414,8 @@ class _Loop:
         from shoal.checkpoint.sharded import save_sharded
 
         started = time.perf_counter()
-        extras = {"position": self.position, "strategy": self.strategy.state_dict(),
-                  "rng_cpu": torch.get_rng_state()}
         save_sharded(self.saver.store, self.position, self.strategy.model, self.strategy.optimizer,
-                     extras, self.saver.meta)
+                     self._sharded_extras(), self.saver.meta)
         seconds = time.perf_counter() - started
         self.saver.saved.append({"step": self.position, "write_seconds": seconds, "blocked_seconds": seconds})
 

@@ -39,8 +39,9 @@ class Strategy(abc.ABC):
     drives_steps: bool = False
     """True: the strategy runs the generation's steps itself (async), not ``backward``/``step``."""
     sharded: bool = False
-    """True: each member holds only shards of the state (zero); its commit across membership
-    changes is the last checkpoint, and ``self.model`` is rebuilt for each generation."""
+    """True: each member holds only shards of the state (zero): ``self.model`` is rebuilt for
+    each generation, from the shards the members hold (``shoal.runtime.reshard``) or from the
+    last checkpoint."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  options: StrategyOptions | None = None):
@@ -52,6 +53,8 @@ class Strategy(abc.ABC):
         self.warming_up = False
         """True during the first ``--warmup-steps`` steps: exchange uncompressed, every step."""
         self._bytes_uncompressed = 0
+        self.generation = 0
+        """The generation being set up (set by the loop before ``setup``)."""
         self.await_members: Callable[[str], None] = lambda tag: None
         """Set by the loop: wait until every member reached ``tag`` while they stay alive
         (before a collective that follows long local work, so it is not timed out)."""

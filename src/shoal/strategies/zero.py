@@ -8,13 +8,14 @@ global batch, as for allreduce), so the result equals allreduce's up to the orde
 additions. (gloo has no pre-multiplied sum: FSDP2 is told to use a plain SUM with a
 divide factor of 1.)
 
-A shard lives on one member only (``--zero-replicas 1``), so a member's death loses state
-that nobody else holds: the commit that survives a membership change is the last
-checkpoint. At every new generation the members build a fresh sharded module for the new
-member count and load the newest checkpoint into it (``dcp.load`` re-shards), then redo
-the steps since. The starting state is checkpointed before the first step, so there is
-always one. Keeping each shard on a second member (replica groups as in HSDP) so that a
-death costs nothing is the next step; see docs/CHECKPOINTS.md.
+Each shard lives on ``--zero-replicas R`` members (default 2): the members form replica
+groups as in HSDP (a 2-D mesh, shards across a group, groups replicating each other), each
+member holding 1/(N/R) of the state. Replicas compute the same update from the same summed
+gradient, so keeping them costs an all-reduce of gradient shards, no state transfer. When
+members leave or join, the new generation rebuilds the committed state from the shards the
+members still hold, one live copy of each (``shoal.runtime.reshard``), and re-shards it
+over the new members; no step is lost. Only when every copy of some shard died (or with
+``R = 1``) do the members go back to the newest checkpoint and redo the steps since.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from __future__ import annotations
 import collections
 import copy
 import gc
+import logging
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,7 +33,46 @@ from torch import nn
 
 from shoal.strategies.api import Strategy, register
 
-__all__ = ["Zero"]
+__all__ = ["HeldShards", "Layout", "Zero", "mesh_shape"]
+
+log = logging.getLogger(__name__)
+
+
+def mesh_shape(members: int, replicas: int) -> tuple[int, int]:
+    """(replica groups, shards per group) for ``members``: as many shards as keeps each one on
+    at least ``replicas`` members in equal groups (3 members and R=2: 1 shard on all 3)."""
+    shards = max(d for d in range(1, members + 1) if members % d == 0
+                 and (members // d >= replicas or d == 1))
+    return members // shards, shards
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How the state was cut: built in ``generation``, ``shards`` pieces, this member's ``index``."""
+
+    generation: int
+    shards: int
+    index: int
+
+    def rows(self, length: int, index: int | None = None) -> slice:
+        """The rows of a dim-0 length ``length`` that shard ``index`` holds (FSDP2 cuts as
+        ``torch.chunk``: ceil(length / shards) rows each, the last ones shorter or empty)."""
+        index = self.index if index is None else index
+        size = math.ceil(length / self.shards)
+        return slice(min(index * size, length), min((index + 1) * size, length))
+
+
+@dataclass(slots=True)
+class HeldShards:
+    """This member's part of the committed state of an earlier generation: each parameter's
+    and each optimizer state tensor's local shard (``param/NAME``, ``optim/NAME/KEY``), and
+    the optimizer's plain values."""
+
+    layout: Layout
+    tensors: dict[str, torch.Tensor]
+    sharded: set[str]
+    """Keys cut along dim 0 (the rest, such as Adam's step count, are whole on every member)."""
+    values: dict[str, object]
 
 
 def _meta_template(model: nn.Module) -> nn.Module:
@@ -57,44 +100,144 @@ class Zero(Strategy):
 
     def __init__(self, model, optimizer, options=None):
         super().__init__(model, optimizer, options)
+        self._initial = model
+        """The caller's model, left as it is: the starting state of a new job."""
         self._template = _meta_template(model)
         self._on_cuda = next(model.parameters()).is_cuda
-        self._generations = 0
+        self.layout: Layout | None = None
+        """How this generation's module is cut (None before the first ``setup``)."""
+        self.replica_groups = 1
+        """Members holding each shard in this generation."""
+        self.held: HeldShards | None = None
+        """The committed state's shards of the last layout, until this generation holds it."""
+
+    @property
+    def replicated(self) -> bool:
+        """Each shard is meant to live on several members (``--zero-replicas`` above 1)."""
+        return self.options.zero_replicas > 1
 
     def setup(self, host_key):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        on_cuda = self._on_cuda
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        if self._generations:  # the last generation's shards died with its group: start anew
-            self.model = copy.deepcopy(self._template).to_empty(device="cuda" if on_cuda else "cpu")
-            gc.collect()
-        self._generations += 1
-        mesh = init_device_mesh("cuda" if on_cuda else "cpu", (dist.get_world_size(),))
+        device = "cuda" if self._on_cuda else "cpu"
+        groups, shards = mesh_shape(dist.get_world_size(), self.options.zero_replicas)
+        self.replica_groups = groups
+        if groups == 1:
+            mesh = init_device_mesh(device, (shards,))
+        else:  # HSDP: shards across dim 1, replica groups along dim 0
+            mesh = init_device_mesh(device, (groups, shards), mesh_dim_names=("replicate", "shard"))
+            _time_out_like_the_generation(mesh, device)
+        if dist.get_rank() == 0 and groups * shards > 1:
+            log.info("zero: %d shard(s), each on %d member(s)", shards, groups)
+        # Always a new module, never the caller's sharded in place: a module that FSDP
+        # sharded refers to its generation's process groups for as long as it lives.
+        self.model = copy.deepcopy(self._template).to_empty(device=device)
         blocks = [child for module in self.model.modules() if isinstance(module, nn.ModuleList)
                   for child in module]
         for module in [*blocks, self.model]:
             fully_shard(module, mesh=mesh)
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-        # fully_shard replaced the parameters: the optimizer must hold the new ones.
-        _move_optimizer(self.optimizer, names, self.model)
+        first, self.layout = self.layout is None, Layout(self.generation, shards, dist.get_rank() % shards)
+        with torch.no_grad():  # buffers are whole on every member; a rebuild or a load may update them
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(self._initial.get_buffer(name))
+        if first:
+            for name, parameter in self._initial.named_parameters():
+                self.load_whole(f"param/{name}", parameter.detach(), sharded=parameter.dim() > 0)
+        self._point_optimizer_at(self.model)  # fully_shard made new parameters
         return self.model
+
+    def _point_optimizer_at(self, module: nn.Module) -> None:
+        """The optimizer holds ``module``'s parameters, with empty state (the same object)."""
+        names = {id(p): name for known in (self._initial, self._template, self.model)
+                 for name, p in known.named_parameters()}
+        _move_optimizer(self.optimizer, names, module)
+
+    def _take_shards(self) -> HeldShards:
+        """This member's shards of the committed state (plain local tensors: they outlive the
+        process group that the module's DTensors refer to)."""
+        tensors, sharded, values = {}, set(), {}
+        for name, parameter in self.model.named_parameters():
+            tensors[f"param/{name}"] = _local(parameter.detach())
+            if parameter.dim():
+                sharded.add(f"param/{name}")
+            for key, value in self.optimizer.state.get(parameter, {}).items():
+                entry = f"optim/{name}/{key}"
+                if not torch.is_tensor(value):
+                    values[entry] = value
+                    continue
+                tensors[entry] = _local(value)
+                if hasattr(value, "to_local") and value.dim():
+                    sharded.add(entry)
+        for name, buffer in self.model.named_buffers():
+            tensors[f"buffer/{name}"] = buffer.detach()
+        return HeldShards(self.layout, tensors, sharded, values)
+
+    def whole_shapes(self) -> dict[str, tuple[list[int], str, bool]]:
+        """For each held tensor: its whole shape, dtype and whether it is cut along dim 0."""
+        held = self.held
+        shapes = {}
+        for key, tensor in held.tensors.items():
+            name = key.split("/")[1]
+            whole = list(self._template.get_parameter(name).shape) if key in held.sharded else list(tensor.shape)
+            shapes[key] = (whole, str(tensor.dtype).removeprefix("torch."), key in held.sharded)
+        return shapes
+
+    def load_whole(self, key: str, whole: torch.Tensor, sharded: bool) -> None:
+        """Put this generation's part of ``whole`` (the tensor ``key`` of ``whole_shapes``)
+        into the module or the optimizer's state: its shard if ``sharded``, else all of it."""
+        kind, name, *entry = key.split("/", 2)
+        part = whole[self.layout.rows(whole.shape[0])] if sharded else whole
+        if kind == "buffer":
+            with torch.no_grad():
+                self.model.get_buffer(name).copy_(part)
+            return
+        parameter = self.model.get_parameter(name)
+        if kind == "param":
+            with torch.no_grad():
+                _local(parameter).copy_(part)
+        elif sharded:  # shaped and cut like its parameter (Adam's moments)
+            value = torch.zeros_like(parameter.detach())
+            _local(value).copy_(part)
+            self.optimizer.state[parameter][entry[0]] = value
+        else:
+            self.optimizer.state[parameter][entry[0]] = part.clone()
+
+    def load_values(self, values: dict[str, object]) -> None:
+        """The optimizer's plain (non-tensor) state values, as the source member held them."""
+        for key, value in values.items():
+            _, name, entry = key.split("/", 2)
+            self.optimizer.state[self.model.get_parameter(name)][entry] = value
 
     def backward(self, loss):
         loss.backward()
         # What this member hands to FSDP's collectives: its shard to the all-gathers of the
-        # forward and the backward pass, its whole gradient to the reduce-scatter.
+        # forward and the backward pass, its whole gradient to the reduce-scatter, and (with
+        # replica groups) its gradient shard to the all-reduce among the replicas.
         shard = sum(_local(p).numel() * p.element_size() for p in self.model.parameters())
         whole = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.count_bytes(2 * shard + whole)
+        self.count_bytes((3 if self.replica_groups > 1 else 2) * shard + whole)
 
     def step(self, step, last):
         self.optimizer.step()
         return True
 
     def teardown(self):
+        """Keep this member's shards aside as plain tensors (not again after a rebuild that
+        broke half-way: those shards are the committed ones), and drop the module and the
+        optimizer's hold on its DTensors, which refer to the generation's process groups."""
+        if self.layout is not None:
+            if self.held is None:
+                self.held = self._take_shards()
+            self._point_optimizer_at(self._template)
+            self.model = self._template
+        gc.collect()
+
+    def forget_held(self) -> None:
+        """This generation holds the committed state now."""
+        self.held = None
         gc.collect()
 
     def full_state_dict(self) -> dict:
@@ -108,6 +251,17 @@ class Zero(Strategy):
         model = copy.deepcopy(self._template).to_empty(device="cpu")
         model.load_state_dict(state)
         return model
+
+
+def _time_out_like_the_generation(mesh, device: str) -> None:
+    """The mesh's sub-groups get torch's default timeout (30 minutes on gloo): give them the
+    generation's, so that a collective waiting for a dead member fails as soon as on the
+    generation's own group and the survivors move on."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    timeout = dist.group.WORLD._get_backend(torch.device(device)).options._timeout
+    for dimension in range(mesh.ndim):
+        _set_pg_timeout(timeout, mesh.get_group(dimension))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""Rebuild zero's committed state after a membership change, from the shards members hold.
+
+Under ``--strategy zero`` with ``--zero-replicas R`` (R >= 2) every shard of the state lives
+on R members. When a generation breaks, each survivor keeps its shards of the last layout
+(``Zero.held``); the next generation agrees on a position and a layout whose every shard
+still has a live copy, then, one tensor at a time, the one chosen holder of each shard
+writes it into a zeroed whole tensor and a SUM all-reduce gives every member the whole,
+of which it keeps its shard of the new layout. Newcomers hold nothing and receive the
+same way. No disk is involved and no committed step is lost.
+
+A position is usable when the members holding it cover every shard of one layout. Members
+normally all hold the same one; after a collective that completed on some members and
+failed on others, some are one step ahead, and if the members ahead do not cover every
+shard, all go back to the step the others hold (that step is redone, and the record says
+so). When no position is covered (every copy of some shard died), ``ShardsLost``: the
+caller goes back to the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from shoal.runtime.heal import FRESH, HealReport, broadcast_state
+
+__all__ = ["ShardsLost", "restore_from_members"]
+
+
+class ShardsLost(Exception):
+    """Some shard of the committed state has no live copy left."""
+
+
+def restore_from_members(strategy, position: int, extras: dict) -> tuple[dict, HealReport] | None:
+    """Collective: rebuild ``strategy``'s state (a ``Zero``) for this generation from the
+    shards the members hold. ``position`` is this member's committed step count (FRESH if it
+    holds nothing of the job); ``extras`` its replicated state (position, RNG, ...).
+
+    Returns the extras of the member the state came from and a report; None when no member
+    holds anything yet (a new job); raises ``ShardsLost`` when no state can be rebuilt.
+    """
+    held = strategy.held
+    holds = held is not None and position != FRESH
+    mine = ([1, position, held.layout.generation, held.layout.shards, held.layout.index] if holds
+            else [0, FRESH, -1, 0, 0])
+    gathered = [torch.zeros(5, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64))
+    plan = _plan([[int(x) for x in d] for d in gathered])
+    if plan is None:
+        return None
+    started = time.perf_counter()
+    chosen, owners = plan
+    rank, source = dist.get_rank(), owners[0]
+    header, size = broadcast_state({"extras": extras, "shapes": strategy.whole_shapes(),
+                                    "values": held.values} if rank == source else None, source)
+    my_shard = mine[4] if holds and owners.get(mine[4]) == rank else None
+    for key, (shape, dtype, sharded) in header["shapes"].items():
+        whole = torch.zeros(shape, dtype=getattr(torch, dtype))
+        if sharded and my_shard is not None:
+            whole[held.layout.rows(shape[0], my_shard)] = held.tensors[key]
+        elif not sharded and rank == source:
+            whole.copy_(held.tensors[key])
+        dist.all_reduce(whole)
+        size += whole.numel() * whole.element_size()
+        strategy.load_whole(key, whole, sharded)
+    strategy.load_values(header["values"])
+    strategy.forget_held()
+    return header["extras"], HealReport(source, chosen, position != chosen, size,
+                                        time.perf_counter() - started)
+
+
+def _plan(descriptors: list[list[int]]) -> tuple[int, dict[int, int]] | None:
+    """The position to rebuild and the member chosen for each shard of its layout
+    (the lowest rank holding it): the highest position that some layout covers whole.
+    ``descriptors``: per rank, [holds, position, layout generation, shards, shard index]."""
+    holders = [(rank, d) for rank, d in enumerate(descriptors) if d[0]]
+    if not holders:
+        return None
+    for position in sorted({d[1] for _, d in holders}, reverse=True):
+        for generation, shards in sorted({(d[2], d[3]) for _, d in holders if d[1] == position},
+                                         reverse=True):
+            owners: dict[int, int] = {}
+            for rank, d in holders:
+                if (d[1], d[2], d[3]) == (position, generation, shards):
+                    owners.setdefault(d[4], rank)
+            if len(owners) == shards:
+                return position, owners
+    raise ShardsLost("every member that held some shard of the state is gone")
