@@ -130,8 +130,8 @@ class Zero(Strategy):
             _time_out_like_the_generation(mesh, device)
         if dist.get_rank() == 0 and groups * shards > 1:
             log.info("zero: %d shard(s), each on %d member(s)", shards, groups)
-        # Always a new module, never the caller's sharded in place: a module that FSDP
-        # sharded refers to its generation's process groups for as long as it lives.
+        # Always a new module, never the caller's sharded in place: a sharded module refers
+        # to its generation's process groups, and the caller holds its model for good.
         self.model = copy.deepcopy(self._template).to_empty(device=device)
         blocks = [child for module in self.model.modules() if isinstance(module, nn.ModuleList)
                   for child in module]
@@ -180,9 +180,9 @@ class Zero(Strategy):
         held = self.held
         shapes = {}
         for key, tensor in held.tensors.items():
-            name = key.split("/")[1]
-            whole = list(self._template.get_parameter(name).shape) if key in held.sharded else list(tensor.shape)
-            shapes[key] = (whole, str(tensor.dtype).removeprefix("torch."), key in held.sharded)
+            cut = key in held.sharded
+            whole = self._template.get_parameter(key.split("/")[1]).shape if cut else tensor.shape
+            shapes[key] = (list(whole), str(tensor.dtype).removeprefix("torch."), cut)
         return shapes
 
     def load_whole(self, key: str, whole: torch.Tensor, sharded: bool) -> None:
