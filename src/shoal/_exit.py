@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import gc
+import io
 import os
 import sys
 import traceback
@@ -30,7 +32,17 @@ def run_then_exit(entry: Callable[[], int | None]) -> NoReturn:
     finally:
         try:
             atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush_open_files()
         finally:
             os._exit(code)
+
+
+def _flush_open_files() -> None:
+    """What the teardown would do for files still open (standard streams included): flush."""
+    for handle in [sys.stdout, sys.stderr, *gc.get_objects()]:
+        # type(), not isinstance(): some objects warn when asked for their __class__
+        if issubclass(type(handle), io.IOBase) and not handle.closed:
+            try:
+                handle.flush()
+            except (OSError, ValueError):
+                pass  # not writable, or its descriptor is gone: nothing of ours to lose

@@ -62,3 +62,20 @@ def test_elastic_example_survives_a_killed_worker(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "29 steps on 1 worker(s)" in result.stdout
     assert "survived: worker 1 (rank 1) killed by SIGKILL" in result.stderr
+
+
+def test_a_script_leaves_as_python_would_its_open_files_flushed(tmp_path):
+    """Scripts exit without the interpreter's teardown (torch 2.13's gloo aborts it now and
+    then): exit handlers still run and a file left open still gets what was written to it."""
+    script, written = tmp_path / "leave.py", tmp_path / "written.txt"
+    script.write_text(
+        "import atexit, sys\n"
+        f"handle = open({str(written)!r}, 'w')\n"
+        "handle.write('buffered')\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "sys.exit(3)\n"
+    )
+    result = shoal("run", "--nproc-per-node", "1", str(script))
+    assert result.returncode == 1 and "exited with code 3" in result.stderr, result.stderr
+    assert "[worker 0] exit handler ran" in result.stdout
+    assert written.read_text() == "buffered"

@@ -65,7 +65,9 @@ def run_script(config: RunConfig) -> int:
                 ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
     if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         base_env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
-    group = WorkerGroup([sys.executable, "-u", config.script, *config.script_args], env=base_env,
+    # The script runs as `python -u SCRIPT`, through a runner that survives torch's teardown.
+    group = WorkerGroup([sys.executable, "-u", "-m", "shoal.launch.script_runner", config.script,
+                         *config.script_args], env=base_env,
                         on_exit=on_exit, echo=lambda line: print(line, flush=True))
     run_id = uuid.uuid4().hex[:12]
     try:

@@ -27,15 +27,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from shoal.checkpoint import (
-    AsyncSaver,
-    Checkpoint,
-    CheckpointError,
-    Checkpointing,
-    CheckpointStore,
-    check_resumable,
-    job_identity,
-)
+from shoal.checkpoint import (AsyncSaver, Checkpoint, CheckpointError, Checkpointing, CheckpointStore,
+                              check_resumable, job_identity)
 from shoal.config import KillSpec, Slowdown, StrategyOptions
 from shoal.data import GlobalBatchSampler, fetch
 from shoal.runtime.async_worker import run_async

@@ -1,0 +1,28 @@
+"""The process a ``shoal run`` worker starts: the user's script, run as ``python script.py``
+would run it, then left without the interpreter's teardown (see ``shoal._exit``): on torch
+2.13 gloo's teardown aborts a finished script now and then (SIGABRT, "terminate called
+without an active exception"), and the command would report a worker that did its work
+as failed. Exit handlers run and open files are flushed first, as the teardown would.
+
+    python -u -m shoal.launch.script_runner SCRIPT [ARGS...]
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+from shoal._exit import run_then_exit
+
+
+def _run_script() -> int:
+    script = sys.argv[1]
+    sys.argv = sys.argv[1:]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` does
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    run_then_exit(_run_script)
