@@ -23,6 +23,8 @@ __all__ = ["CheckpointPair", "CheckpointSettings", "run_checkpoint_bench", "summ
 @dataclass(kw_only=True, slots=True)
 class CheckpointSettings:
     task: str = "charlm"
+    strategy: str = "allreduce"
+    """allreduce: the leader writes the whole state; zero: every member writes its shards (DCP)."""
     workers: int = 2
     steps: int = 200
     every: int = 50
@@ -45,7 +47,7 @@ class CheckpointPair:
 
 def _train(settings: CheckpointSettings, root: Path, name: str, flags: list[str]) -> dict:
     return train_results(root, name, task=settings.task, workers=settings.workers, steps=settings.steps,
-                         seed=settings.seed, flags=flags)
+                         seed=settings.seed, flags=["--strategy", settings.strategy, *flags])
 
 
 def _step_seconds(results: dict) -> float:

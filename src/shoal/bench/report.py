@@ -127,7 +127,7 @@ def checkpoint_markdown(settings, pairs, *, command: str, when: str, plot: str |
                f"({total['saves']} saves)." if total else "No pair finished.")
     return f"""## Checkpoint cost
 
-{settings.task}, {settings.workers} local workers, {settings.steps} steps; a checkpoint every
+{settings.task} with {settings.strategy}, {settings.workers} local workers, {settings.steps} steps; a checkpoint every
 {settings.every} steps (and at the end), written in the background, against no checkpoints;
 {settings.pairs} pairs alternating plain and checkpointed. {when}. Regenerate with:
 

@@ -13,6 +13,7 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from shoal.checkpoint.store import Checkpoint, CheckpointStore
 
@@ -34,15 +35,27 @@ class AsyncSaver:
 
     def save(self, step: int, state: dict) -> None:
         """Checkpoint ``state`` (the committed state at ``step``) without waiting for the disk."""
+        def stage() -> Callable[[], int]:
+            snapshot = copy.deepcopy(state)  # the live tensors keep training
+            return lambda: _size(self.store.save(step, snapshot, self.meta))
+
+        self.save_staged(step, stage)
+
+    def save_staged(self, step: int, stage: Callable[[], Callable[[], int]], *,
+                    log_failure: bool = True) -> None:
+        """A save in two parts: ``stage()`` runs now, on the training thread, and copies what
+        the next steps would change; it returns the writing, which runs in the background
+        (or at once without ``background``) and returns the bytes it wrote. ``log_failure``:
+        this process logs a failed write (one member of several that write together)."""
         started = time.perf_counter()
         self.wait()
-        snapshot = copy.deepcopy(state)  # the live tensors keep training
+        write = stage()
         blocked = time.perf_counter() - started
         if not self.background:
-            self._write(step, snapshot, blocked)
+            self._write(step, write, blocked, log_failure)
             self._raise_failure()
             return
-        self._thread = threading.Thread(target=self._write, args=(step, snapshot, blocked),
+        self._thread = threading.Thread(target=self._write, args=(step, write, blocked, log_failure),
                                         name=f"shoal-checkpoint-{step}", daemon=True)
         self._thread.start()
 
@@ -53,20 +66,32 @@ class AsyncSaver:
             self._thread = None
         self._raise_failure()
 
+    def settle(self) -> None:
+        """Wait for the save in flight and forget a failure (its generation broke, which is
+        reported already; the checkpoint before it stands)."""
+        try:
+            self.wait()
+        except Exception as error:  # noqa: BLE001 (logged where it happened)
+            log.debug("dropped a failed checkpoint: %s", error)
+
     def _raise_failure(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
-    def _write(self, step: int, snapshot: dict, blocked: float) -> None:
+    def _write(self, step: int, write: Callable[[], int], blocked: float, log_failure: bool = True) -> None:
         started = time.perf_counter()
         try:
-            checkpoint: Checkpoint = self.store.save(step, snapshot, self.meta)
+            size = write()
         except BaseException as error:  # handed to the training thread by wait()
-            log.error("checkpoint of step %d failed: %s", step, error)
+            if log_failure:
+                log.error("checkpoint of step %d failed: %s", step, error)
             self._error = error
             return
         self.last_saved_step = step
-        size = sum(f["bytes"] for f in checkpoint.meta["files"].values())
         self.saved.append({"step": step, "bytes": size, "write_seconds": time.perf_counter() - started,
                            "blocked_seconds": blocked})
+
+
+def _size(checkpoint: Checkpoint) -> int:
+    return sum(f["bytes"] for f in checkpoint.meta["files"].values())

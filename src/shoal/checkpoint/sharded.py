@@ -10,9 +10,11 @@ its ``.metadata`` file with ``torch.load(weights_only=True)``-style restricted l
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,8 +40,13 @@ def _agreed_path(path: str | None) -> str:
     return bytes(data[data != 0].tolist()).decode()
 
 
-def save_sharded(store: CheckpointStore, step: int, model, optimizer, extra: dict, meta: dict) -> None:
-    """Collective: every member calls it at the same step; the leader finishes the checkpoint."""
+def save_sharded(store: CheckpointStore, step: int, model, optimizer, extra: dict, meta: dict, *,
+                 group=None) -> Callable[[], int]:
+    """Collective: every member calls it at the same step. Stages this member's shards (a
+    copy: the next steps may change the live ones) and returns the writing, which may run in
+    another thread: with ``group`` (a process group of the same members that nothing else
+    uses) the members coordinate the writing on it; the leader then finishes the checkpoint.
+    The writing returns the bytes the checkpoint holds (0 on the other members)."""
     leader = dist.get_rank() == 0
     temporary = None
     if leader:
@@ -47,21 +54,39 @@ def save_sharded(store: CheckpointStore, step: int, model, optimizer, extra: dic
         temporary = store.temporary_directory(step)
     temporary = Path(_agreed_path(str(temporary) if temporary else None))
     model_state, optimizer_state = _state_dicts(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state},
-             checkpoint_id=str(temporary / SHARDS_DIRECTORY))
-    if not leader:
-        return
-    try:
-        torch.save(extra, temporary / STATE_FILE)
-        files = {str(p.relative_to(temporary)): describe_file(p)
-                 for p in sorted(temporary.rglob("*")) if p.is_file()}
-        write_meta(temporary, {**meta, "step": step, "sharded": True, "files": files})
-        fsync_directory(temporary / SHARDS_DIRECTORY)
-        fsync_directory(temporary)
-        store.publish(temporary, step)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    state = {"model": model_state, "optimizer": optimizer_state}
+    shards = str(temporary / SHARDS_DIRECTORY)
+    extra = copy.deepcopy(extra)
+    if group is None:
+        dcp.save(state, checkpoint_id=shards)
+        written = None
+    else:  # returns once the shards are copied; a thread of DCP's writes them
+        written = dcp.async_save(state, checkpoint_id=shards, process_group=group)
+
+    def write() -> int:
+        try:
+            if written is not None:
+                written.result()
+            return _finish(store, temporary, step, extra, meta) if leader else 0
+        except BaseException:
+            if leader:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise
+
+    return write
+
+
+def _finish(store: CheckpointStore, temporary: Path, step: int, extra: dict, meta: dict) -> int:
+    """The leader, once every member's shards are written: the replicated state, checksums,
+    fsync, rename."""
+    torch.save(extra, temporary / STATE_FILE)
+    files = {str(p.relative_to(temporary)): describe_file(p)
+             for p in sorted(temporary.rglob("*")) if p.is_file()}
+    write_meta(temporary, {**meta, "step": step, "sharded": True, "files": files})
+    fsync_directory(temporary / SHARDS_DIRECTORY)
+    fsync_directory(temporary)
+    store.publish(temporary, step)
+    return sum(f["bytes"] for f in files.values())
 
 
 def _state_dicts(model, optimizer) -> tuple[dict, dict]:

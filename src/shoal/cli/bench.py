@@ -35,6 +35,9 @@ def add_bench(commands) -> None:
                            help="smoothed training loss to reach (default 2.6)")
     checkpoint = _benchmark(kinds, "checkpoint", "step-time cost and write throughput of checkpoints",
                             _checkpoint)
+    checkpoint.add_argument("--strategy", choices=("allreduce", "zero"), default="allreduce",
+                            help="allreduce: the leader saves everything; zero: each member its "
+                            "shards (default allreduce)")
     checkpoint.add_argument("--workers", type=int, default=2, help="local workers (default 2)")
     checkpoint.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
     checkpoint.add_argument("--every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -167,8 +170,8 @@ def _checkpoint(args: argparse.Namespace) -> int:
     if args.every > args.steps:
         raise ConfigError("--every", f"must be at most --steps ({args.steps}), got {args.every}")
     _check_outputs(args)
-    settings = CheckpointSettings(task=args.task, workers=args.workers, steps=args.steps,
-                                  every=args.every, pairs=args.pairs)
+    settings = CheckpointSettings(task=args.task, strategy=args.strategy, workers=args.workers,
+                                  steps=args.steps, every=args.every, pairs=args.pairs)
     pairs = run_checkpoint_bench(settings, report=lambda line: print(line, flush=True))
     _write_outputs(args, "checkpoint", to_json(settings, pairs), pairs, checkpoint_markdown, settings,
                    title="")

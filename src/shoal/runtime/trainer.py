@@ -22,8 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -257,6 +259,8 @@ class _Loop:
         self.resumed_from: int | None = None
         self._resume_path: str | None = None
         self.preemption = _PreemptionNotice()
+        self._checkpoint_group = None
+        """zero with background saves: the generation's process group for DCP's writing."""
 
     def resume(self, found: tuple[Checkpoint, dict]) -> None:
         """Start from a checkpoint: as if this worker had committed its step (the heal then
@@ -384,7 +388,7 @@ class _Loop:
             self.fresh = False  # set first: a save that fails leaves nothing to restart from
             self.strategy.forget_held()
             if self.saver is not None:
-                self._save_sharded()
+                self._save_sharded(wait=True)  # what a crash before the next one goes back to
             return
         extras = load_sharded(checkpoint, self.strategy.model, self.strategy.optimizer)
         self.strategy.forget_held()
@@ -403,14 +407,23 @@ class _Loop:
         self.context.committed_step = self.position - 1
         self._pending.clear()
 
-    def _save_sharded(self) -> None:
+    def _save_sharded(self, *, wait: bool = False) -> None:
+        """Collective: every member stages its shards (a copy) and the writing goes on in the
+        background, coordinated on a process group of its own (DCP's async_save), unless
+        ``wait`` or the saver writes in the foreground."""
         from shoal.checkpoint.sharded import save_sharded
 
-        started = time.perf_counter()
-        save_sharded(self.saver.store, self.position, self.strategy.model, self.strategy.optimizer,
-                     self._sharded_extras(), self.saver.meta)
-        seconds = time.perf_counter() - started
-        self.saver.saved.append({"step": self.position, "write_seconds": seconds, "blocked_seconds": seconds})
+        background = self.saver.background and not wait
+        if background and self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(
+                backend="gloo", timeout=timedelta(seconds=self.context.heartbeat_timeout))
+        position, extras = self.position, self._sharded_extras()
+        group = self._checkpoint_group if background else None
+        self.saver.save_staged(position, lambda: save_sharded(
+            self.saver.store, position, self.strategy.model, self.strategy.optimizer, extras,
+            self.saver.meta, group=group), log_failure=self.context.rank == 0)
+        if wait:
+            self.saver.wait()
 
     def _host_key(self) -> str:
         per_host = self.strategy.options.workers_per_host
@@ -419,6 +432,11 @@ class _Loop:
         return os.environ.get(ENV_LAUNCHER_ID) or socket.gethostname()
 
     def _leave(self) -> None:
+        if self.saver is not None and self.strategy.sharded:
+            # A sharded save of this generation, finished or failed before its groups close
+            # (failed: a member is gone; the checkpoint before it stands).
+            self.saver.settle()
+        self._checkpoint_group = None
         self.strategy.teardown()
         self.context.leave_generation()
 
