@@ -65,9 +65,14 @@ def test_a_crash_costs_no_step_and_the_restarted_member_gets_its_shards(allreduc
     reference, plain = allreduce
     log = tmp_path / "samples.jsonl"
     model, results = train(tmp_path, "killed", *DIGITS, "--workers", "4", "--strategy", "zero",
-                           "--kill", "1@25", "--restart", "--sample-log", str(log))
+                           "--kill", "1@25", "--restart", "--sample-log", str(log),
+                           "--heartbeat-timeout", "30")
     assert relative_difference(model, reference) <= 1e-5
     assert results["steps_redone"] == 0 and len(results["membership_changes"]) >= 2
+    # The survivors see the dead member's connections close, not their collectives' 30 s
+    # timeout (DTensor's caches once kept the old mesh's groups, and their sockets, open).
+    recoveries = [c["recovery_seconds"] for c in results["membership_changes"] if c["recovery_seconds"]]
+    assert recoveries and max(recoveries) < 30, recoveries
     assert results["heals"] and all(heal["step"] >= 25 for heal in results["heals"])
     size = len(TASKS["digits"](0).train_dataset())
     assert exactly_once_violations(log, dataset_size=size, steps=60) == []

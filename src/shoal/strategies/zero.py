@@ -233,6 +233,7 @@ class Zero(Strategy):
                 self.held = self._take_shards()
             self._point_optimizer_at(self._template)
             self.model = self._template
+        _forget_dtensor_caches()
         gc.collect()
 
     def forget_held(self) -> None:
@@ -262,6 +263,22 @@ def _time_out_like_the_generation(mesh, device: str) -> None:
     timeout = dist.group.WORLD._get_backend(torch.device(device)).options._timeout
     for dimension in range(mesh.ndim):
         _set_pg_timeout(timeout, mesh.get_group(dimension))
+
+
+def _forget_dtensor_caches() -> None:
+    """DTensor caches sharding and redistribution plans by spec, and a spec holds its device
+    mesh, which holds the mesh's process groups: while any cache does, the groups' sockets
+    stay open after the generation is destroyed, and a member still waiting in a collective
+    on one of them waits for its timeout instead of seeing the peer gone (5 s instead of
+    0.5 s to recover from a death, measured)."""
+    from torch.distributed.tensor import DTensor, _collective_utils, _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    DTensor._op_dispatcher.sharding_propagator._propagate_tensor_meta_cached.cache_clear()
+    _redistribute._gen_transform_infos.cache_clear()
+    _redistribute._planner_cache.clear()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
