@@ -271,14 +271,19 @@ def _forget_dtensor_caches() -> None:
     stay open after the generation is destroyed, and a member still waiting in a collective
     on one of them waits for its timeout instead of seeing the peer gone (5 s instead of
     0.5 s to recover from a death, measured)."""
-    from torch.distributed.tensor import DTensor, _collective_utils, _redistribute
-    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    from torch.distributed.tensor import DTensor, _collective_utils, _redistribute, debug
 
-    _clear_sharding_prop_cache()
-    DTensor._op_dispatcher.sharding_propagator._propagate_tensor_meta_cached.cache_clear()
-    _redistribute._gen_transform_infos.cache_clear()
-    _redistribute._planner_cache.clear()
-    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    # Private caches, named as in torch 2.13; an older torch may lack some of them.
+    clears = [lambda: debug._clear_sharding_prop_cache(),
+              lambda: DTensor._op_dispatcher.sharding_propagator._propagate_tensor_meta_cached.cache_clear(),
+              lambda: _redistribute._gen_transform_infos.cache_clear(),
+              lambda: _redistribute._planner_cache.clear(),
+              lambda: _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()]
+    for clear in clears:
+        try:
+            clear()
+        except AttributeError:
+            pass
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
