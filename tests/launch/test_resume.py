@@ -134,3 +134,18 @@ def test_a_bad_or_foreign_checkpoint_is_refused_before_training(tmp_path):
     assert f"warning: skipping a bad checkpoint: {corrupted}" in result.stderr
     assert "error: --resume:" in result.stderr and "written by task 'charlm'" in result.stderr
     assert "coordinator listening" not in result.stderr
+
+
+def test_a_restarted_worker_continues_the_jobs_own_checkpoint_directory(tmp_path):
+    """The directory holds the job's checkpoints by the time a worker is restarted; that
+    worker joins a running job, so it goes on with them (it used to refuse them as another
+    job's, and the job fell below --min-workers)."""
+    checkpoints = tmp_path / "checkpoints"
+    result = shoal("train", "--task", "quadratic", "--workers", "3", "--steps", "200", "--quiet",
+                   "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "20",
+                   "--kill", "1@50", "--restart", "--min-workers", "3",
+                   "--output", str(tmp_path / "results.json"))
+    assert result.returncode == 0, result.stderr
+    changes = load_json(tmp_path / "results.json")["membership_changes"]
+    assert any("rejoined" in change["cause"] for change in changes), changes
+    assert CheckpointStore(checkpoints).latest_good(load=False)[0].step == 200

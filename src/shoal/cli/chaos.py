@@ -17,6 +17,8 @@ def add_chaos(commands) -> None:
     parser.add_argument("--trials", type=int, default=10, help="trials to run (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault plan (default 0)")
     parser.add_argument("--task", default="quadratic", help="task to train (default quadratic)")
+    parser.add_argument("--strategy", choices=("allreduce", "hierarchical", "localsgd", "diloco", "zero"),
+                        default="allreduce", help="strategy every trial trains with (default allreduce)")
     parser.add_argument("--workers", type=int, default=4, help="workers per trial (default 4)")
     parser.add_argument("--steps", type=int, default=600, help="steps per trial (default 600)")
     parser.add_argument("--markdown", metavar="PATH",
@@ -44,7 +46,7 @@ def _chaos(args: argparse.Namespace) -> int:
     unavailable = namespaces_available()
     if unavailable is not None:
         print(f"shoal chaos: no link-cut or coordinator-restart trials: {unavailable}", file=sys.stderr)
-    settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task,
+    settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task, strategy=args.strategy,
                              workers=args.workers, steps=args.steps, cluster=unavailable is None)
     outcomes = run_chaos(settings, report=lambda line: print(line, flush=True))
     summary = summarize(outcomes)

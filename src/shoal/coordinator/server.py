@@ -134,6 +134,8 @@ class Coordinator:
             "store_port": self.store.port,
             "heartbeat_timeout": self.membership.heartbeat_timeout,
             "incarnation": self.membership.incarnation,
+            # a generation exists: this worker joins a running job (a restart, or more members)
+            "running": self.membership.current_number > 0,
         })
 
     async def _heartbeat(self, request: web.Request) -> web.Response:

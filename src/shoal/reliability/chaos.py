@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shoal.reliability.checks import exactly_once_violations, leftover_processes, relative_difference
-from shoal.reliability.cluster import run_cluster_trial
+from shoal.reliability.cluster import run_cluster_trial, strategy_flags
 from shoal.tasks import TASKS
 
 __all__ = ["CLUSTER_KINDS", "KINDS", "ChaosSettings", "TrialPlan", "TrialOutcome", "plan_trials",
@@ -40,6 +40,7 @@ class ChaosSettings:
     trials: int = 10
     seed: int = 0
     task: str = "quadratic"
+    strategy: str = "allreduce"
     workers: int = 4
     steps: int = 600
     batch_size: int = 64
@@ -133,7 +134,7 @@ def _train(settings: ChaosSettings, directory: Path, extra: list[str], marker: s
         "--batch-size", str(settings.batch_size), "--seed", str(settings.seed), "--quiet",
         "--heartbeat-timeout", str(settings.heartbeat_timeout),
         "--output", str(directory / "results.json"), "--sample-log", str(directory / "samples.jsonl"),
-        "--save-model", str(directory / "model.pt"), *extra,
+        "--save-model", str(directory / "model.pt"), *strategy_flags(settings, directory / "checkpoints"), *extra,
     ]
     env = {**os.environ, "SHOAL_CHAOS_TRIAL": marker}
     return subprocess.run(command, capture_output=True, text=True, env=env,
@@ -287,7 +288,7 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
     return f"""## Chaos suite
 
 {summary['passed']} of {summary['trials']} trials passed ({when}; task {settings.task}, \
-{settings.workers} workers, {settings.steps} steps, heartbeat timeout \
+strategy {settings.strategy}, {settings.workers} workers, {settings.steps} steps, heartbeat timeout \
 {settings.heartbeat_timeout:g} s, seed {settings.seed}). Regenerate with:
 
     {command}

@@ -23,7 +23,7 @@ import psutil
 from shoal.launch.zygote import WORKER_NAME
 from shoal.network import Hosts
 
-__all__ = ["ClusterRun", "run_cluster_trial"]
+__all__ = ["ClusterRun", "run_cluster_trial", "strategy_flags"]
 
 _TOKEN = "shoal-chaos"
 _EVICTED = 3  # a remote launcher's exit code when the coordinator evicted its host
@@ -97,6 +97,16 @@ def _start_coordinator(hosts: Hosts, settings, port: int, env: dict) -> tuple[su
     return process, found.group(1)
 
 
+def strategy_flags(settings, checkpoints: Path | None) -> list[str]:
+    """``--strategy``, and for zero a ``checkpoints`` directory (if given): its last resort
+    when both holders of a shard die in one trial (two deaths in a step, one during the
+    rebuild). A cut host's workers hold one replica group, so its cut needs none."""
+    flags = ["--strategy", settings.strategy]
+    if settings.strategy == "zero" and checkpoints is not None:
+        flags += ["--checkpoint-dir", str(checkpoints), "--checkpoint-every", "50"]
+    return flags
+
+
 def _start_launcher(hosts: Hosts, index: int, workers: int, settings, address: str,
                     directory: Path, env: dict) -> subprocess.Popen:
     directory.mkdir()
@@ -107,7 +117,7 @@ def _start_launcher(hosts: Hosts, index: int, workers: int, settings, address: s
                "--heartbeat-timeout", str(settings.heartbeat_timeout),
                "--output", str(directory / "results.json"),
                "--sample-log", str(directory / "samples.jsonl"),
-               "--save-model", str(directory / "model.pt")]
+               "--save-model", str(directory / "model.pt"), *strategy_flags(settings, None)]
     return hosts.popen(index, command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                        env=env)
 

@@ -72,6 +72,8 @@ class Context:
         self.committed_step = -1
         self.bytes_sent = 0
         self.fired_faults: set[str] = set()
+        self.joined_running_job = False
+        """The job had formed a generation when this worker joined (a restart, a newcomer)."""
         self._commits: list[CommitRecord] = []
         self._history: list[CommitRecord] = []
         """Every commit of this worker: a restarted coordinator rebuilds its ledger from them."""
@@ -111,6 +113,7 @@ class Context:
                                             "pid": os.getpid()})
         self.worker_id = reply["worker_id"]
         self._incarnation = reply.get("incarnation")
+        self.joined_running_job = bool(reply.get("running"))
         self.heartbeat_timeout = float(reply["heartbeat_timeout"])
         self._connect_store(reply["store_host"], reply["store_port"])
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="shoal-heartbeat",

@@ -32,13 +32,15 @@ class ShardsLost(Exception):
     """Some shard of the committed state has no live copy left."""
 
 
-def restore_from_members(strategy, position: int, extras: dict) -> tuple[dict, HealReport] | None:
+def restore_from_members(strategy, position: int, extras: dict,
+                         before_transfer=lambda step: None) -> tuple[dict, HealReport] | None:
     """Collective: rebuild ``strategy``'s state (a ``Zero``) for this generation from the
     shards the members hold. ``position`` is this member's committed step count (FRESH if it
     holds nothing of the job); ``extras`` its replicated state (position, RNG, ...).
 
     Returns the extras of the member the state came from and a report; None when no member
     holds anything yet (a new job); raises ``ShardsLost`` when no state can be rebuilt.
+    ``before_transfer(step)`` runs once the position is agreed (fault injection, as in heal).
     """
     held = strategy.held
     holds = held is not None and position != FRESH
@@ -49,8 +51,9 @@ def restore_from_members(strategy, position: int, extras: dict) -> tuple[dict, H
     plan = _plan([[int(x) for x in d] for d in gathered])
     if plan is None:
         return None
-    started = time.perf_counter()
     chosen, owners = plan
+    before_transfer(chosen)
+    started = time.perf_counter()
     rank, source = dist.get_rank(), owners[0]
     header, size = broadcast_state({"extras": extras, "shapes": strategy.whole_shapes(),
                                     "values": held.values} if rank == source else None, source)

@@ -141,7 +141,8 @@ def train(
         if chosen.drives_steps:
             raise ValueError(f"checkpoints are not supported with strategy {strategy!r} yet")
         store = CheckpointStore(checkpoint.directory, checkpoint.keep)
-        continuing = resume is not None and _within(resume, checkpoint.directory)
+        # A worker that joins a running job (restarted, say) continues the job's own directory.
+        continuing = context.joined_running_job or (resume is not None and _within(resume, checkpoint.directory))
         if not continuing and store.checkpoints(warn=lambda line: None):
             raise ValueError(f"{checkpoint.directory} holds another job's checkpoints: continue it "
                              "with resume=, or give an empty directory")
@@ -362,8 +363,9 @@ class _Loop:
                 # A new job's starting state (the same on every member) is its state at step
                 # 0; a resumed job's is the checkpoint, which no member holds yet.
                 holds = not (self.fresh and self._resume_path)
-                restored = restore_from_members(self.strategy, self.position if holds else FRESH,
-                                                self._sharded_extras())
+                restored = restore_from_members(
+                    self.strategy, self.position if holds else FRESH, self._sharded_extras(),
+                    lambda step: maybe_kill(self.context, step, self.kills, "heal"))
             except ShardsLost as lost:
                 if self.context.rank == 0:
                     log.warning("zero: %s; going back to the newest checkpoint", lost)
