@@ -45,3 +45,14 @@ def test_link_cut_and_coordinator_restart_trials_keep_every_promise():
     assert cut.detection_seconds and cut.recovery_seconds  # the cut-off host was evicted
     if LONG:
         assert outcomes[1].outage_steps > 0  # the workers kept training while the coordinator was down
+
+
+def test_zero_survives_a_death_while_it_rebuilds_the_state_from_shards():
+    """--strategy zero: a member dies, and another one while the survivors rebuild the state
+    from the shards they hold (--kill R@S:heal); both are restarted and get their shards
+    back. The run equals zero's undisturbed run and logs every sample once."""
+    settings = ChaosSettings(trials=len(KINDS), seed=3, steps=150, workers=4, strategy="zero")
+    plans = [p for p in plan_trials(settings) if p.kind == "kill-during-heal"]
+    outcomes = run_chaos(settings, plans=plans, report=lambda line: None)
+    assert summarize(outcomes)["failures"] == []
+    assert outcomes[0].rejoins >= 2  # both faults fired: two workers were restarted
