@@ -79,7 +79,8 @@ class AsyncSaver:
             error, self._error = self._error, None
             raise error
 
-    def _write(self, step: int, write: Callable[[], int], blocked: float, log_failure: bool = True) -> None:
+    def _write(self, step: int, write: Callable[[], int], blocked: float,
+               log_failure: bool = True) -> None:
         started = time.perf_counter()
         try:
             size = write()

@@ -142,7 +142,8 @@ def train(
             raise ValueError(f"checkpoints are not supported with strategy {strategy!r} yet")
         store = CheckpointStore(checkpoint.directory, checkpoint.keep)
         # A worker that joins a running job (restarted, say) continues the job's own directory.
-        continuing = context.joined_running_job or (resume is not None and _within(resume, checkpoint.directory))
+        continuing = context.joined_running_job or (
+            resume is not None and _within(resume, checkpoint.directory))
         if not continuing and store.checkpoints(warn=lambda line: None):
             raise ValueError(f"{checkpoint.directory} holds another job's checkpoints: continue it "
                              "with resume=, or give an empty directory")
