@@ -65,8 +65,8 @@ class Layout:
 @dataclass(slots=True)
 class HeldShards:
     """This member's part of the committed state of an earlier generation: each parameter's
-    and each optimizer state tensor's local shard (``param/NAME``, ``optim/NAME/KEY``), and
-    the optimizer's plain values."""
+    and each optimizer state tensor's local shard (``param/NAME``, ``optim/NAME/KEY``), the
+    module's buffers (``buffer/NAME``, whole), and the optimizer's plain values."""
 
     layout: Layout
     tensors: dict[str, torch.Tensor]
