@@ -41,6 +41,11 @@ WORKER = textwrap.dedent("""
                 "optimizer": optimizer.state_dict()["state"], "received": report.received,
                 "source": report.source_rank, "bytes": report.bytes}, out)
     dist.destroy_process_group()
+    # Leave as shoal's workers do (shoal._exit): torch 2.13's gloo aborts the interpreter's
+    # teardown now and then (SIGABRT after the work is done).
+    sys.stdout.flush()
+    import os
+    os._exit(0)
 """)
 
 
