@@ -62,8 +62,11 @@ def torchrun_results(root: Path, name: str, *, task: str, workers: int, steps: i
                      batch_size: int, flags: list[str], max_restarts: int = 0) -> TorchRun:
     """Run shoal.bench.torch_ddp under torchrun (`--standalone`)."""
     output = root / f"{name}.jsonl"
+    # --log-dir inside the benchmark's directory: by default torchrun leaves a
+    # /tmp/torchelastic_* directory behind per run.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(workers),
-               "--max-restarts", str(max_restarts), "-m", "shoal.bench.torch_ddp", "--task", task,
+               "--max-restarts", str(max_restarts), "--log-dir", str(root / f"{name}-torchrun"),
+               "-m", "shoal.bench.torch_ddp", "--task", task,
                "--steps", str(steps), "--batch-size", str(batch_size), "--seed", str(seed),
                "--output", str(output), *flags]
     _, seconds = _run(command, workers)
