@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from shoal._exit import run_then_exit
 from shoal.data import GlobalBatchSampler, fetch
 from shoal.tasks import TASKS
 
@@ -127,15 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _exit_without_teardown(code: int) -> None:
-    """Exit with ``code`` once the work is done and saved, skipping the interpreter's teardown:
-    on torch 2.13, gloo's teardown aborts it in about one run in four ("terminate called
-    without an active exception", SIGABRT), a plain ``init_process_group("gloo")`` script
-    too, and torchrun counts that as a failed worker. shoal's workers leave the same way."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit_without_teardown(main())
+    # Exit past the interpreter's teardown, as shoal's workers do: on torch 2.13 gloo's
+    # teardown aborts about one run in four (SIGABRT after the work is saved), a plain
+    # init_process_group("gloo") script too, and torchrun counts that as a failed worker.
+    run_then_exit(main)
