@@ -139,8 +139,9 @@ class Zero(Strategy):
             fully_shard(module, mesh=mesh)
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-        first, self.layout = self.layout is None, Layout(self.generation, shards, dist.get_rank() % shards)
-        with torch.no_grad():  # buffers are whole on every member; a rebuild or a load may update them
+        first = self.layout is None
+        self.layout = Layout(self.generation, shards, dist.get_rank() % shards)
+        with torch.no_grad():  # buffers are whole on every member (a rebuild or load updates them)
             for name, buffer in self.model.named_buffers():
                 buffer.copy_(self._initial.get_buffer(name))
         if first:
