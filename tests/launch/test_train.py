@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import re
 import subprocess
 import sys
@@ -111,8 +112,9 @@ def test_charlm_reports_loss_perplexity_and_tokens_per_second(tmp_path):
                    "--output", str(output))
     assert result.returncode == 0, result.stderr
     results = load_json(output)
-    assert set(results["eval"]) == {"eval_loss", "perplexity"}
+    assert set(results["eval"]) == {"eval_loss", "perplexity", "train_windows_loss"}
     assert results["eval"]["perplexity"] < 256  # better than uniform over bytes
+    assert results["eval"]["train_windows_loss"] < math.log(256)
     assert results["tokens_per_second"] == results["samples_per_second"] * 64 > 0
 
 

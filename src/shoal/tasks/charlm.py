@@ -88,6 +88,9 @@ class CharLMTask(Task):
         split = int(len(windows) * 0.95)
         self.train = TensorDataset(windows[:split])
         self.held_out = windows[split:][:_EVAL_WINDOWS]
+        # The final model's loss on training data: under localsgd and diloco the logged
+        # training loss is the members' local models' during a round, not the agreed model's.
+        self.train_probe = windows[: split : split // _EVAL_WINDOWS][:_EVAL_WINDOWS]
 
     def build_model(self):
         torch.manual_seed(self.seed)
@@ -112,7 +115,8 @@ class CharLMTask(Task):
     def evaluate(self, model):
         with torch.no_grad():
             loss = self._mean_token_loss(model, self.held_out, "mean").item()
-        return {"eval_loss": loss, "perplexity": math.exp(loss)}
+            on_train = self._mean_token_loss(model, self.train_probe, "mean").item()
+        return {"eval_loss": loss, "perplexity": math.exp(loss), "train_windows_loss": on_train}
 
     def samples_to_units(self):
         return ("tokens", CONTEXT)
