@@ -5,6 +5,10 @@ end of a round the weighted mean of the members' deltas is the negative *pseudo-
 outer Nesterov SGD (``--outer-lr`` 0.7, ``--outer-momentum`` 0.9, the paper's values)
 applies it to the parameters of the last synchronisation. The outer momentum is shared
 strategy state: a newcomer copies it from a peer with the model, a rollback restores it.
+
+Momentum 0.9 averages over about ten rounds. In runs of only tens of rounds a lighter one
+(0.5) did better on charlm, and neither matched allreduce on training data for the same
+samples (docs/BENCHMARKS.md, "DiLoCo H=50").
 """
 
 from __future__ import annotations
