@@ -2,9 +2,9 @@
 
 The correctness claims of the strategy issue: hierarchical is numerically an all-reduce;
 local SGD synchronising every step is the all-reduce step; DiLoCo is its algorithm written
-out in one process; and every strategy keeps the
-promises through a crash (the run completes, every sample counts once, members agree), with
-a newcomer healed including the strategy's shared state (DiLoCo's outer momentum).
+out in one process; and every strategy keeps the promises through a crash (the run
+completes, every sample counts once, members agree), with a newcomer healed including the
+strategy's shared state (DiLoCo's outer momentum).
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ def test_diloco_equals_its_algorithm_written_out_in_one_process(tmp_path):
            "--outer-lr", "0.7", "--outer-momentum", "0.9"]
     model, results = train(tmp_path, "diloco", *run)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each worker here: the same order of float additions
+    # One thread, as each of the 4 workers on a machine of fewer than 8 cores: fewer
+    # differences in the order of float additions.
+    torch.set_num_threads(1)
     try:
         expected = diloco_in_one_process(TASKS["charlm"](0), workers=4, steps=15, batch=30,
                                          sync_every=5, outer_lr=0.7, outer_momentum=0.9)
