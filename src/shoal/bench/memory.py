@@ -3,8 +3,8 @@
 For each worker count, the same short job is trained with allreduce (every worker holds
 everything) and with zero (FSDP2 shards) for each ``--zero-replicas`` (members holding each
 shard), and results.json's ``state_bytes`` of the leader (parameters, gradients, optimizer
-state, counted tensor by tensor after the last step) are compared. Activations and temporary all-gather buffers are not in the figure:
-it is the state ZeRO-3 shards.
+state, counted tensor by tensor after the last step) are compared. Activations and
+temporary all-gather buffers are not in the figure: it is the state ZeRO-3 shards.
 """
 
 from __future__ import annotations
