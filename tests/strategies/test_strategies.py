@@ -64,7 +64,8 @@ def diloco_in_one_process(task, *, workers: int, steps: int, batch: int, sync_ev
     every replica continues from its result with its own inner optimizer state."""
     dataset = task.train_dataset()
     sampler = GlobalBatchSampler(len(dataset), batch, task.seed)
-    replicas = [copy.deepcopy(task.build_model()) for _ in range(workers)]
+    initial = task.build_model()
+    replicas = [copy.deepcopy(initial) for _ in range(workers)]
     optimizers = [task.build_optimizer(replica, task.defaults.lr) for replica in replicas]
     anchor = parameters_to_vector(replicas[0].parameters()).detach().clone()
     momentum = torch.zeros_like(anchor)
