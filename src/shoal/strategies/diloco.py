@@ -6,8 +6,8 @@ outer Nesterov SGD (``--outer-lr`` 0.7, ``--outer-momentum`` 0.9, the paper's va
 applies it to the parameters of the last synchronisation. The outer momentum is shared
 strategy state: a newcomer copies it from a peer with the model, a rollback restores it.
 
-Momentum 0.9 averages over about ten rounds. In runs of only tens of rounds a lighter one
-(0.5) did better on charlm, and neither matched allreduce on training data for the same
+Momentum 0.9 averages over about ten rounds. In a charlm run of 40 rounds a lighter one
+(0.5) did better, and neither matched allreduce on training data for the same
 samples (docs/BENCHMARKS.md, "DiLoCo H=50").
 """
 
