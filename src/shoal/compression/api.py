@@ -5,6 +5,15 @@ the decoded sum over the group's members. Lossy ones keep *error feedback*: what
 encoding dropped is added to the next step's input, so the error does not accumulate.
 Residuals change only when the step commits (``commit``); a step that fails and is redone
 starts again from the committed residuals (``rollback``), so a redo never counts twice.
+
+Encodings that cannot be summed as they are (int8 overflows, signs do not add) travel as a
+compressed reduce-scatter followed by an all-gather, as in 1-bit Adam: member k receives
+everyone's encoded chunk k, adds the decoded chunks up in fp32, encodes the sum and
+all-gathers it. Each member puts about 2(N-1)/N of one encoding on the wire, as a ring
+all-reduce does, where all-gathering whole encodings would put N-1. Both encodings drop
+something; both errors go into the member's one residual, so nothing is lost:
+
+    result + (sum of the members' new residuals) == sum of the members' corrected inputs.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import abc
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 __all__ = ["COMPRESSORS", "Compressor", "register"]
 
@@ -33,9 +43,9 @@ class Compressor(abc.ABC):
         if not self.error_feedback:
             return self._sum(tensor, key, group)
         corrected = tensor + self._residual(key, tensor)
-        encoded = self._encode(corrected, key)
-        self._pending[key] = corrected - self._decode(encoded, corrected)
-        return self._exchange(encoded, corrected, group)
+        total, residual = self._reduce_scatter_gather(corrected.reshape(-1), key, group)
+        self._pending[key] = residual.reshape(tensor.shape)
+        return total.reshape(tensor.shape)
 
     def _residual(self, key: str, like: torch.Tensor) -> torch.Tensor:
         residual = self._residuals.get(key)
@@ -70,18 +80,53 @@ class Compressor(abc.ABC):
     def _decode(self, encoded: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _exchange(self, encoded: list[torch.Tensor], like: torch.Tensor, group) -> torch.Tensor:
-        """Gather every member's encoding and add up the decoded tensors (fp32, locally)."""
-        gathered = []
-        for part in encoded:
-            self.bytes_sent += part.numel() * part.element_size()
-            copies = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(copies, part, group=group)
-            gathered.append(copies)
-        total = torch.zeros_like(like)
-        for parts in zip(*gathered):
-            total += self._decode(list(parts), like)
-        return total
+    def _reduce_scatter_gather(self, flat: torch.Tensor, key: str, group) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SUM of ``flat`` over the group, and what this member's encodings dropped."""
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        chunks = F.pad(flat, (0, -flat.numel() % world)).view(world, -1)
+        residual = torch.empty_like(chunks)
+
+        # Reduce-scatter: chunk k of every member goes to member k. Its own chunk, member k
+        # adds exactly: it never leaves the process.
+        encodings = [self._encode(chunk, key) for chunk in chunks]
+        for k, (chunk, encoded) in enumerate(zip(chunks, encodings)):
+            residual[k] = 0.0 if k == me else chunk - self._decode(encoded, chunk)
+        outgoing = [_pack(encoded) for encoded in encodings]
+        incoming = [torch.empty_like(packed) for packed in outgoing]
+        self.bytes_sent += (world - 1) * outgoing[0].numel()
+        dist.all_to_all(incoming, outgoing, group=group)
+        layout = encodings[me]
+        mine = chunks[me].clone()
+        for k, packed in enumerate(incoming):
+            if k != me:
+                mine += self._decode(_unpack(packed, layout), mine)
+
+        # All-gather the encoded sums. Every member, this one too, decodes the same bytes,
+        # so all hold the identical result; what encoding the sum dropped is this member's debt.
+        summed = self._encode(mine, key)
+        residual[me] = mine - self._decode(summed, mine)
+        packed = _pack(summed)
+        gathered = [torch.empty_like(packed) for _ in range(world)]
+        self.bytes_sent += packed.numel()
+        dist.all_gather(gathered, packed, group=group)
+        total = torch.cat([self._decode(_unpack(part, summed), mine) for part in gathered])
+        return total[: flat.numel()], residual.view(-1)[: flat.numel()]
+
+
+def _pack(encoded: list[torch.Tensor]) -> torch.Tensor:
+    """An encoding's tensors as one byte tensor: one collective per phase, not one per part."""
+    return torch.cat([part.reshape(-1).view(torch.uint8) for part in encoded])
+
+
+def _unpack(packed: torch.Tensor, layout: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of ``_pack``, shaped like ``layout`` (an encoding of a chunk of equal size)."""
+    parts, offset = [], 0
+    for part in layout:
+        size = part.numel() * part.element_size()
+        # A copy: a view as a wider type needs an offset aligned to its size.
+        parts.append(packed[offset: offset + size].clone().view(part.dtype).reshape(part.shape))
+        offset += size
+    return parts
 
 
 class NoCompression(Compressor):

@@ -1,7 +1,8 @@
-"""``int8``: each value as a signed byte with one fp32 scale per tensor, error feedback.
+"""``int8``: each value as a signed byte with one fp32 scale per chunk, error feedback.
 
-int8 sums overflow, so the encodings are all-gathered and added up in fp32 locally: each
-worker sends n + 4 bytes instead of 4n (3.99x fewer).
+int8 sums overflow, so the member that sums a chunk decodes the encodings and adds them in
+fp32 (``Compressor._reduce_scatter_gather``): each worker hands collectives n + 4N bytes
+instead of 4n (3.99x fewer).
 """
 
 from __future__ import annotations

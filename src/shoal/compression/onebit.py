@@ -1,8 +1,10 @@
 """``onebit``: the sign of each value, packed 8 to a byte, and one fp32 scale; error feedback.
 
 The scale is the mean magnitude, the value that minimises the squared error of a
-sign-only encoding (as in 1-bit SGD / 1-bit Adam). Each worker sends n/8 + 4 bytes
-instead of 4n (about 32x fewer); the residual carries what the sign dropped to the next step.
+sign-only encoding (as in 1-bit SGD / 1-bit Adam). Signs do not add, so chunks are summed
+in fp32 by the member that owns them (``Compressor._reduce_scatter_gather``). Each worker
+hands collectives n/8 + 4N bytes instead of 4n (about 32x fewer); the residual carries
+what the signs dropped to the next step.
 """
 
 from __future__ import annotations
