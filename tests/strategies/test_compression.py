@@ -1,6 +1,5 @@
 """Each compressor in a real gloo group of one: its payload size, its round-trip error, and
-error feedback making the accumulated error vanish; int8 and onebit's reduce-scatter and
-all-gather on four real processes."""
+error feedback making the accumulated error vanish; int8 and onebit on four real processes."""
 
 import subprocess
 import sys
@@ -110,10 +109,10 @@ def true_sums(world: int, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name, factor, bound", [("int8", 3.9, 0.02), ("onebit", 25.0, 0.5)])
-def test_four_members_reduce_scatter_then_gather_and_lose_nothing(tmp_path, name, factor, bound):
-    """int8 and onebit on 4 real processes: every member gets the same sum, sends about one
-    encoding's bytes, and what the two encodings dropped is held in the residuals, so the
-    accumulated error vanishes over steps."""
+def test_four_members_get_one_sum_and_lose_nothing(tmp_path, name, factor, bound):
+    """On 4 real processes (int8: reduce-scatter and all-gather; onebit: all-gather), every
+    member gets the same sum and hands collectives about one encoding's bytes, and what the
+    encodings dropped is held in the residuals, so the accumulated error vanishes."""
     world = 4
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     members = [subprocess.Popen([sys.executable, "-c", MEMBER, str(store.port), str(rank), str(world),

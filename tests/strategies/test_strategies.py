@@ -121,6 +121,7 @@ def test_diloco_equals_its_algorithm_written_out_in_one_process(tmp_path):
     ["localsgd", "--sync-every", "7", "--compress", "int8"],
     ["allreduce", "--compress", "onebit"],
     ["hierarchical", "--workers-per-host", "2", "--compress", "powersgd"],
+    ["hierarchical", "--workers-per-host", "2", "--compress", "int8"],  # a sub-group's ranks
 ])
 def test_a_crash_keeps_the_promises(tmp_path, strategy):
     """Killed inside a round (step 17 of rounds of 7): the round is redone, re-split."""

@@ -6,14 +6,17 @@ encoding dropped is added to the next step's input, so the error does not accumu
 Residuals change only when the step commits (``commit``); a step that fails and is redone
 starts again from the committed residuals (``rollback``), so a redo never counts twice.
 
-Encodings that cannot be summed as they are (int8 overflows, signs do not add) travel as a
-compressed reduce-scatter followed by an all-gather, as in 1-bit Adam: member k receives
-everyone's encoded chunk k, adds the decoded chunks up in fp32, encodes the sum and
-all-gathers it. Each member puts about 2(N-1)/N of one encoding on the wire, as a ring
-all-reduce does, where all-gathering whole encodings would put N-1. Both encodings drop
-something; both errors go into the member's one residual, so nothing is lost:
+Encodings that cannot be summed as they are (int8 overflows, signs do not add) travel in
+one of two ways. int8: a compressed reduce-scatter followed by an all-gather, as in 1-bit
+Adam. Member k receives everyone's encoded chunk k, adds the decoded chunks up in fp32,
+encodes the sum and all-gathers it, so each member puts about 2(N-1)/N of one encoding on
+the wire, as a ring all-reduce does. Both encodings drop something; both errors go into
+the member's one residual, so nothing is lost (to float rounding):
 
     result + (sum of the members' new residuals) == sum of the members' corrected inputs.
+
+onebit: every member's encoding is all-gathered and the decoded encodings are added up,
+N-1 copies of it on the wire; onebit.py says why it does not re-encode the sum.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ __all__ = ["COMPRESSORS", "Compressor", "register"]
 class Compressor(abc.ABC):
     name: str = ""
     error_feedback: bool = False
+    reduce_scatter: bool = True
+    """With error feedback: sum by compressed reduce-scatter and all-gather (about 2(N-1)/N
+    of one encoding on the wire); False: all-gather every member's encoding (N-1 of it),
+    for encodings whose sum re-encoded loses too much."""
 
     def __init__(self, *, powersgd_rank: int = 4):
         self.powersgd_rank = powersgd_rank
@@ -43,6 +50,10 @@ class Compressor(abc.ABC):
         if not self.error_feedback:
             return self._sum(tensor, key, group)
         corrected = tensor + self._residual(key, tensor)
+        if not self.reduce_scatter:
+            encoded = self._encode(corrected, key)
+            self._pending[key] = corrected - self._decode(encoded, corrected)
+            return self._all_gather_sum(encoded, corrected, group)
         total, residual = self._reduce_scatter_gather(corrected.reshape(-1), key, group)
         self._pending[key] = residual.reshape(tensor.shape)
         return total.reshape(tensor.shape)
@@ -79,6 +90,17 @@ class Compressor(abc.ABC):
 
     def _decode(self, encoded: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _all_gather_sum(self, encoded: list[torch.Tensor], like: torch.Tensor, group) -> torch.Tensor:
+        """Gather every member's encoding and add up the decoded tensors (fp32, locally)."""
+        packed = _pack(encoded)
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        self.bytes_sent += packed.numel()
+        dist.all_gather(gathered, packed, group=group)
+        total = torch.zeros_like(like)
+        for part in gathered:
+            total += self._decode(_unpack(part, encoded), like)
+        return total
 
     def _reduce_scatter_gather(self, flat: torch.Tensor, key: str, group) -> tuple[torch.Tensor, torch.Tensor]:
         """The SUM of ``flat`` over the group, and what this member's encodings dropped."""
