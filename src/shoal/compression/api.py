@@ -22,6 +22,7 @@ N-1 copies of it on the wire; onebit.py says why it does not re-encode the sum.
 from __future__ import annotations
 
 import abc
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -45,11 +46,16 @@ class Compressor(abc.ABC):
         self._residuals: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
 
-    def sum(self, tensor: torch.Tensor, key: str, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-        """The SUM of ``tensor`` over ``group``'s members; ``key`` names it across steps."""
+    def sum(self, tensor: torch.Tensor, key: str, group: dist.ProcessGroup | None = None,
+            parts: list[tuple[str, torch.Size]] | None = None) -> torch.Tensor:
+        """The SUM of ``tensor`` over ``group``'s members; ``key`` names it across steps.
+
+        ``parts``: the name and shape of each tensor laid end to end in ``tensor`` (a DDP
+        bucket's parameters, a model's). PowerSGD approximates each matrix apart, and a
+        residual kept for another layout of the same key is stale."""
         if not self.error_feedback:
             return self._sum(tensor, key, group)
-        corrected = tensor + self._residual(key, tensor)
+        corrected = self._corrected(tensor, key, parts)
         if not self.reduce_scatter:
             encoded = self._encode(corrected, key)
             self._pending[key] = corrected - self._decode(encoded, corrected)
@@ -58,12 +64,18 @@ class Compressor(abc.ABC):
         self._pending[key] = residual.reshape(tensor.shape)
         return total.reshape(tensor.shape)
 
-    def _residual(self, key: str, like: torch.Tensor) -> torch.Tensor:
+    def _corrected(self, tensor: torch.Tensor, key: str, parts) -> torch.Tensor:
+        """``tensor`` plus what this member still owes for ``key``, if laid out as ``parts``."""
+        layout = torch.tensor([zlib.crc32(repr(parts).encode())], dtype=torch.int64)
         residual = self._residuals.get(key)
-        # Buckets are rebuilt when the members change; a residual of another shape is stale.
-        if residual is None or residual.shape != like.shape:
-            return torch.zeros_like(like)
-        return residual
+        owed_for = self._residuals.get(f"{key}/layout")  # the layout the residual was kept for
+        self._pending[f"{key}/layout"] = layout
+        # DDP builds new buckets for each generation and re-orders them after its first
+        # step: a residual laid out for other tensors is stale, and would be added to the wrong ones.
+        stale = owed_for is None or not torch.equal(owed_for, layout)
+        if residual is None or residual.shape != tensor.shape or stale:
+            return tensor.clone()
+        return tensor + residual
 
     def commit(self) -> None:
         self._residuals.update(self._pending)
@@ -102,7 +114,8 @@ class Compressor(abc.ABC):
             total += self._decode(_unpack(part, encoded), like)
         return total
 
-    def _reduce_scatter_gather(self, flat: torch.Tensor, key: str, group) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce_scatter_gather(self, flat: torch.Tensor, key: str,
+                               group) -> tuple[torch.Tensor, torch.Tensor]:
         """The SUM of ``flat`` over the group, and what this member's encodings dropped."""
         world, me = dist.get_world_size(group), dist.get_rank(group)
         chunks = F.pad(flat, (0, -flat.numel() % world)).view(world, -1)

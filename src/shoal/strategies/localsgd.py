@@ -79,7 +79,8 @@ class LocalSGD(Strategy):
     def _synchronise(self) -> None:
         current = parameters_to_vector(self.model.parameters()).detach()
         weight = self._samples / self._round_samples
-        delta = self.compressor.sum((current - self._anchor) * weight, "delta")
+        delta = self.compressor.sum((current - self._anchor) * weight, "delta",
+                                    parts=[(name, p.shape) for name, p in self.model.named_parameters()])
         self._apply(delta)
         self.compressor.commit()
         self._anchor = parameters_to_vector(self.model.parameters()).detach().clone()
