@@ -26,7 +26,7 @@ def _sum_hook(strategy: "AllReduce", bucket: dist.GradBucket) -> torch.futures.F
     is exactly the gradient one worker would get for the whole batch, however the batch is
     split; averaging would be wrong when shares are uneven.
     """
-    return strategy.reduce_bucket(bucket.buffer(), bucket.index(), strategy.parts(bucket.parameters()))
+    return strategy.reduce_bucket(bucket)
 
 
 class _DataParallel(Strategy):
@@ -42,20 +42,20 @@ class _DataParallel(Strategy):
         # Buckets are rebuilt per generation anyway: the old DDP object is dropped with its group.
         self._ddp = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=False)
         self._ddp.register_comm_hook(self, _sum_hook)
-        self._names = {p.data_ptr(): name for name, p in self.model.named_parameters()}
+        self._names = {id(p): name for name, p in self.model.named_parameters()}
         return self._ddp
 
-    def parts(self, parameters: list[torch.Tensor]) -> list[tuple[str, torch.Size]]:
+    def parts(self, bucket: dist.GradBucket) -> list[tuple[str, torch.Size]]:
         """Name and shape of each parameter in a bucket, in the bucket's order (which DDP
         changes after a generation's first step)."""
-        return [(self._names[p.data_ptr()], p.shape) for p in parameters]
+        return [(self._names[id(p)], p.shape) for p in bucket.parameters()]
 
-    def reduce_bucket(self, buffer: torch.Tensor, index: int,
-                      parts: list[tuple[str, torch.Size]]) -> torch.futures.Future[torch.Tensor]:
+    def reduce_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
         if self.options.compress == "none" or self.warming_up:  # overlaps the rest of backward
             self.count(buffer)
             return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
-        return _done(self.compressor.sum(buffer, f"bucket{index}", parts=parts))
+        return _done(self.compressor.sum(buffer, f"bucket{bucket.index()}", parts=self.parts(bucket)))
 
     def backward(self, loss):
         loss.backward()

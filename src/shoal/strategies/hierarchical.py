@@ -45,12 +45,13 @@ class Hierarchical(_DataParallel):
         self._leader_group = leaders if self._is_leader else None
         return super().setup(host_key)
 
-    def reduce_bucket(self, buffer: torch.Tensor, index: int, parts: list[tuple[str, torch.Size]]):
+    def reduce_bucket(self, bucket: dist.GradBucket):
+        buffer = bucket.buffer()
         self.count(buffer)  # to the host leader (sent by members; the leader sends it back)
         dist.reduce(buffer, dst=self._leader, group=self._host_group)
         if self._is_leader:
-            buffer.copy_(self.exchange.sum(buffer, f"bucket{index}", group=self._leader_group,
-                                           parts=parts))
+            buffer.copy_(self.exchange.sum(buffer, f"bucket{bucket.index()}", group=self._leader_group,
+                                           parts=self.parts(bucket)))
         dist.broadcast(buffer, src=self._leader, group=self._host_group)
         return _done(buffer)
 
