@@ -43,7 +43,8 @@ class PowerSGD(Compressor):
 
     def sum(self, tensor, key, group=None, parts=None):
         flat = tensor.reshape(-1)
-        matrices, whole = self._plan(flat.numel(), None if parts is None else [shape for _, shape in parts])
+        shapes = None if parts is None else [shape for _, shape in parts]
+        matrices, whole = self._plan(flat.numel(), shapes)
         if not matrices:  # nothing gains from compression: send it whole
             total = flat.clone()
             self._all_reduce(total, group)
@@ -70,7 +71,7 @@ class PowerSGD(Compressor):
         """The summed parts sent whole, and each matrix's orthonormal P and summed Q. The
         parts sent whole travel in the P's all-reduce: two collectives in all."""
         uncompressed = torch.cat([corrected[start:end] for start, end in whole]) if whole else corrected[:0]
-        ps = [view @ self._query(key, m) for m, view in zip(matrices, views)]
+        ps = [view @ self._query(key, m).to(view.device) for m, view in zip(matrices, views)]
         first = torch.cat([uncompressed, *(p.reshape(-1) for p in ps)])
         self._all_reduce(first, group)
         summed_whole, summed_ps = first[: uncompressed.numel()], first[uncompressed.numel():]
