@@ -103,15 +103,19 @@ class Compressor(abc.ABC):
     def _decode(self, encoded: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _all_gather_sum(self, encoded: list[torch.Tensor], like: torch.Tensor, group) -> torch.Tensor:
-        """Gather every member's encoding and add up the decoded tensors (fp32, locally)."""
+    def _all_gather(self, encoded: list[torch.Tensor], group) -> list[list[torch.Tensor]]:
+        """Every member's encoding, this one's too, in rank order: one all-gather of bytes."""
         packed = _pack(encoded)
         gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
         self.bytes_sent += packed.numel()
         dist.all_gather(gathered, packed, group=group)
+        return [_unpack(part, encoded) for part in gathered]
+
+    def _all_gather_sum(self, encoded: list[torch.Tensor], like: torch.Tensor, group) -> torch.Tensor:
+        """Gather every member's encoding and add up the decoded tensors (fp32, locally)."""
         total = torch.zeros_like(like)
-        for part in gathered:
-            total += self._decode(_unpack(part, encoded), like)
+        for member in self._all_gather(encoded, group):
+            total += self._decode(member, like)
         return total
 
     def _reduce_scatter_gather(self, flat: torch.Tensor, key: str,
@@ -140,11 +144,7 @@ class Compressor(abc.ABC):
         # so all hold the identical result; what encoding the sum dropped is this member's debt.
         summed = self._encode(mine, key)
         residual[me] = mine - self._decode(summed, mine)
-        packed = _pack(summed)
-        gathered = [torch.empty_like(packed) for _ in range(world)]
-        self.bytes_sent += packed.numel()
-        dist.all_gather(gathered, packed, group=group)
-        total = torch.cat([self._decode(_unpack(part, summed), mine) for part in gathered])
+        total = torch.cat([self._decode(member, mine) for member in self._all_gather(summed, group)])
         return total[: flat.numel()], residual.view(-1)[: flat.numel()]
 
 
