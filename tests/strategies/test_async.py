@@ -60,3 +60,18 @@ def test_a_slow_worker_does_not_hold_the_others_back(tmp_path):
     assert exactly_once_violations(log, dataset_size=size, steps=40) == []
     pushed = results["payload_bytes_by_worker"]
     assert pushed["1"] * 3 < pushed["2"]  # the slow worker did far fewer units
+
+
+
+def test_a_survivor_left_alone_serves_itself(tmp_path):
+    """Worker 1 dies and worker 0, the server, is the only member left: it serves its own
+    worker. (Its server thread, with no remote worker to wait for, once finished and closed
+    the listener before its address was read: the lone survivor crashed in about half the
+    runs.)"""
+    log = tmp_path / "samples.jsonl"
+    _, results = train(tmp_path, "survivor", *DIGITS, "--workers", "2", "--kill", "1@8",
+                       "--sample-log", str(log))
+    assert results["membership_changes"][0]["members_after"] == [0]
+    size = len(TASKS["digits"](0).train_dataset())
+    assert exactly_once_violations(log, dataset_size=size, steps=40) == []
+

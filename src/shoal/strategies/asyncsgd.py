@@ -258,10 +258,13 @@ class ParameterServer:
     def start(self, host: str, workers: int) -> str:
         """Listen on ``host`` for ``workers`` remote workers; return the address to publish."""
         self._listener = socket.create_server((host, 0))
+        # Read before the thread starts: with no remote worker (a lone member) it finishes
+        # at once and closes the listener.
+        address = f"{host}:{self._listener.getsockname()[1]}"
         self._thread = threading.Thread(target=self._serve, args=(workers,),
                                         name="shoal-parameter-server", daemon=True)
         self._thread.start()
-        return f"{host}:{self._listener.getsockname()[1]}"
+        return address
 
     def stop(self) -> None:
         self._stopping.set()
