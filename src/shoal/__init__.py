@@ -7,7 +7,7 @@ loss function on every worker of the job and keeps going when workers die.
 from shoal.checkpoint import CheckpointError, Checkpointing
 from shoal.compression import COMPRESSORS, Compressor
 from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions, TrainConfig
-from shoal.runtime import Context, HealReport, JobStopped, Preempted, TrainResult, train
+from shoal.runtime import Context, HealReport, JobStopped, LRSchedule, Preempted, TrainResult, train
 from shoal.strategies import STRATEGIES, Strategy
 from shoal.tasks import TASKS, Task
 
@@ -25,6 +25,7 @@ __all__ = [
     "HealReport",
     "JobStopped",
     "KillSpec",
+    "LRSchedule",
     "Preempted",
     "Slowdown",
     "Strategy",

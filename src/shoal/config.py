@@ -11,6 +11,10 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shoal.runtime.schedule import LRSchedule
 
 __all__ = ["ConfigError", "KillSpec", "RunConfig", "TrainConfig", "check_writable_file"]
 
@@ -193,6 +197,9 @@ class TrainConfig:
     batch_size: int | None = None
     """GLOBAL batch size: constant whatever the number of live workers (shares grow)."""
     lr: float | None = None
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (to 0 at the end), after ``lr_warmup`` steps of linear warm-up."""
+    lr_warmup: int = 0
     seed: int = 0
     output: str | None = None
     save_model: str | None = None
@@ -269,6 +276,7 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise ConfigError("--lr", f"must be positive, got {self.lr}")
+        self.schedule().validate(self._total_steps() if self.lr_warmup else None)
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ConfigError(
                 "--heartbeat-timeout",
@@ -289,6 +297,20 @@ class TrainConfig:
         check_writable_file("--save-model", self.save_model)
         check_writable_file("--sample-log", self.sample_log)
         return self
+
+    def schedule(self) -> LRSchedule:
+        from shoal.runtime.schedule import LRSchedule
+
+        return LRSchedule(self.lr_schedule, self.lr_warmup)
+
+    def _total_steps(self) -> int:
+        """The run's length in steps (with ``--epochs``, from the task's training set)."""
+        if self.steps is not None:
+            return self.steps
+        from shoal.tasks import TASKS
+
+        samples = len(TASKS[self.task](self.seed).train_dataset())
+        return self.epochs * -(-samples // self.batch_size)
 
     def _validate_checkpoints(self) -> None:
         if self.checkpoint_every < 1:

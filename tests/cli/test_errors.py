@@ -22,6 +22,10 @@ BAD_TRAIN_FLAGS = [
     (["--epochs", "1", "--steps", "3"], "--steps"),
     (["--workers", "two"], "--workers"),
     (["--lr", "-1"], "--lr"),
+    (["--lr-schedule", "linear"], "--lr-schedule"),
+    (["--lr-warmup", "-1"], "--lr-warmup"),
+    (["--steps", "10", "--lr-warmup", "10"], "--lr-warmup"),
+    (["--epochs", "1", "--lr-warmup", "1000"], "--lr-warmup"),  # digits: 23 steps an epoch
     (["--compress", "zip"], "--compress"),
     (["--powersgd-rank", "0"], "--powersgd-rank"),
     (["--sync-every", "0"], "--sync-every"),

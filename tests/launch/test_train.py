@@ -86,6 +86,28 @@ def test_killed_workers_change_nothing_and_every_sample_counts_once(runs):
     assert len(set(by_epoch[4])) == len(by_epoch[4]) == 8 * 64  # the partial epoch repeats nothing
 
 
+def test_a_learning_rate_schedule_survives_a_kill_and_a_rejoin(runs):
+    """Warm-up then cosine decay, set from the step number alone: 4 workers, one killed after
+    the exchange of step 20 (that step is redone, at its own rate) and restarted (it copies a
+    peer's optimizer, whose rate is already scheduled), end equal to one undisturbed worker
+    on the same schedule, and not to the constant-rate run."""
+    root, constant = runs
+    schedule = ["--lr-schedule", "cosine", "--lr-warmup", "10"]
+    one, four = root / "cosine-one.pt", root / "cosine-four.pt"
+    result = shoal("train", *FAITHFUL, *schedule, "--workers", "1", "--save-model", str(one))
+    assert result.returncode == 0, result.stderr
+    output = root / "cosine-four.json"
+    result = shoal("train", *FAITHFUL, *schedule, "--workers", "4", "--kill", "1@20:commit",
+                   "--restart", "--save-model", str(four), "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    changes = load_json(output)["membership_changes"]
+    assert "--kill 1@20:commit" in changes[0]["cause"]
+    assert changes[-1]["members_after"] == [0, 1, 2, 3]  # worker 1 back
+    assert load_json(output)["replicas_agree"] is True
+    assert relative_difference(four, one) <= 1e-5
+    assert relative_difference(one, constant) > 1e-2
+
+
 def test_too_few_workers_fails_with_a_clear_message(tmp_path):
     result = shoal("train", "--task", "quadratic", "--workers", "2", "--min-workers", "2",
                    "--steps", "50", "--kill", "1@5", "--quiet", "--output", str(tmp_path / "r.json"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from shoal.reliability.checks import exactly_once_violations
+from shoal.reliability.checks import exactly_once_violations, relative_difference
 from shoal.strategies.asyncsgd import UnitBook
 from shoal.tasks import TASKS
 from tests.strategies.test_strategies import train
@@ -75,3 +75,14 @@ def test_a_survivor_left_alone_serves_itself(tmp_path):
     size = len(TASKS["digits"](0).train_dataset())
     assert exactly_once_violations(log, dataset_size=size, steps=40) == []
 
+
+def test_a_lone_member_is_the_allreduce_step_at_the_schedules_rate(tmp_path):
+    """One member is server and worker at once: with nothing stale and each unit a whole
+    step, it takes the all-reduce step, at the learning-rate schedule's rate for the unit's
+    step."""
+    one = [*DIGITS, "--workers", "1", "--lr-schedule", "cosine", "--lr-warmup", "5"]
+    reference, _ = train(tmp_path, "allreduce", *one, "--strategy", "allreduce")  # the last wins
+    lone, _ = train(tmp_path, "lone", *one)
+    assert relative_difference(lone, reference) == 0.0
+    constant, _ = train(tmp_path, "constant", *DIGITS, "--workers", "1")
+    assert relative_difference(constant, reference) > 1e-2

@@ -78,6 +78,10 @@ def _add_train(commands) -> None:
     train.add_argument("--batch-size", type=int,
                        help="GLOBAL batch size, constant when workers die (default: the task's)")
     train.add_argument("--lr", type=float, help="learning rate (default: the task's)")
+    train.add_argument("--lr-schedule", default="constant", metavar="KIND",
+                       help="constant, or cosine: down to 0 at the last step (default constant)")
+    train.add_argument("--lr-warmup", type=int, default=0, metavar="S",
+                       help="raise the learning rate linearly over the first S steps (default 0)")
     train.add_argument("--seed", type=int, default=0, help="data order and init seed (default 0)")
     train.add_argument("--output", metavar="PATH", help="write results as JSON")
     train.add_argument("--save-model", metavar="PATH", help="save the final state_dict (torch.save)")
@@ -128,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
                                 workers_per_host=args.workers_per_host),
         slowdowns=args.slowdown,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        lr_schedule=args.lr_schedule, lr_warmup=args.lr_warmup,
         seed=args.seed, output=args.output, save_model=args.save_model,
         sample_log=args.sample_log, kills=args.kill + args.hang + args.fail, restart=args.restart,
         max_restarts=args.max_restarts, max_workers=args.max_workers, quiet=args.quiet,

@@ -2,6 +2,7 @@
 
 from shoal.runtime.context import Context, GenerationMoved, JobStopped
 from shoal.runtime.heal import HealReport
+from shoal.runtime.schedule import LRSchedule
 from shoal.runtime.trainer import Preempted, TrainResult, train
 
-__all__ = ["Context", "GenerationMoved", "HealReport", "JobStopped", "Preempted", "TrainResult", "train"]
+__all__ = ["Context", "GenerationMoved", "HealReport", "JobStopped", "LRSchedule", "Preempted", "TrainResult", "train"]

@@ -38,6 +38,7 @@ from shoal.runtime.context import Context, GenerationMoved, JobStopped
 from shoal.runtime.faults import maybe_kill
 from shoal.runtime.heal import FRESH, HealReport, deserialize, heal
 from shoal.runtime.reshard import ShardsLost, restore_from_members
+from shoal.runtime.schedule import LRFactor, LRSchedule
 from shoal.strategies import STRATEGIES, Strategy
 
 __all__ = ["Preempted", "TrainResult", "train"]
@@ -103,6 +104,7 @@ def train(
     checkpoint: Checkpointing | None = None,
     resume: str | os.PathLike | None = None,
     task: str | None = None,
+    lr_schedule: LRSchedule | LRFactor | None = None,
 ) -> TrainResult:
     """Train ``model`` elastically; survive workers that die.
 
@@ -116,6 +118,10 @@ def train(
     and on SIGTERM; ``resume`` (a checkpoint directory, or a job's checkpoint root: its
     newest good checkpoint) starts from a saved state. ``task`` names the workload in the
     checkpoint, so that resuming another one is refused.
+
+    ``lr_schedule`` (an :class:`LRSchedule`, or ``step -> factor`` of the optimizer's rates
+    as ``LambdaLR`` takes) sets the learning rate of each step from its number alone, so a
+    redone or resumed step runs at the rate it had, and needs no scheduler state.
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
@@ -129,6 +135,7 @@ def train(
         context.join()
     options = (options or StrategyOptions()).validate(strategy)
     chosen = STRATEGIES[strategy](model, optimizer, options)
+    chosen.lr_factor = lr_schedule.over(total_steps) if isinstance(lr_schedule, LRSchedule) else lr_schedule
     if context.distributed:
         chosen.await_members = context.await_members
     identity = job_identity(model, task=task, global_batch_size=global_batch_size, seed=seed,

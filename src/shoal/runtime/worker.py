@@ -65,7 +65,7 @@ def main() -> int:
                        steps=config.steps, seed=config.seed, strategy=config.strategy,
                        options=config.options, context=context, kills=config.kills,
                        slowdowns=config.slowdowns, checkpoint=checkpoint, resume=config.resume,
-                       task=config.task)
+                       task=config.task, lr_schedule=config.schedule())
     except Preempted as stopped:
         context.close()
         print(f"worker {context.worker_id}: {stopped}", file=sys.stderr)

@@ -19,6 +19,7 @@ peer's debt twice; a newcomer starts owing nothing.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 
 import torch
@@ -52,6 +53,11 @@ class Strategy(abc.ABC):
         self._uncompressed = COMPRESSORS["none"]()
         self.warming_up = False
         """True during the first ``--warmup-steps`` steps: exchange uncompressed, every step."""
+        self.lr_factor: Callable[[int], float] | None = None
+        """Set by the loop: the learning-rate schedule, a factor of the base rates by step."""
+        # The base rates are the optimizer's now, before any step: a heal or a resume later
+        # loads a peer's or a checkpoint's groups, whose rates are already scheduled.
+        self._base_lrs = [group["lr"] for group in optimizer.param_groups]
         self._bytes_uncompressed = 0
         self.generation = 0
         """The generation being set up (set by the loop before ``setup``)."""
@@ -72,6 +78,19 @@ class Strategy(abc.ABC):
     def begin_step(self, step: int) -> None:
         """Called before each step's forward pass, with its number."""
         self.warming_up = step < self.options.warmup_steps
+        self.schedule_lr(step)
+
+    def schedule_lr(self, step: int) -> None:
+        """Set the optimizer's rates for ``step`` (a function of the step alone, so a redone
+        step gets the rate it had the first time)."""
+        if self.lr_factor is None:
+            return
+        factor = self.lr_factor(step)
+        if not (math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"the learning-rate schedule gave {factor!r} for step {step}: "
+                             "a factor of the base rate must be finite and at least 0")
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
+            group["lr"] = base * factor
 
     def state_bytes(self) -> dict[str, int]:
         """This worker's parameters, gradients and optimizer state in bytes (local shards only)."""

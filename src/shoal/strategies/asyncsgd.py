@@ -207,6 +207,8 @@ class ParameterServer:
         if samples:  # an empty unit (the end of an epoch split too finely) changes nothing
             # The learning rate is the one for a whole global batch; a unit is 1/shares of
             # it, and a gradient staler than the shares in flight are counts for less still.
+            # A unit's rate is its step's under the schedule, wherever and whenever it runs.
+            strategy.schedule_lr(unit // self.book.shares)
             self._step(gradient, 1.0 / max(self.book.shares, staleness))
             strategy.version += 1
         self.book.apply(unit, loss_part, self.generation)
