@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from shoal.strategies._onebit_adam import check_supported, onebit_adam_step, uses_momentum_exchange
 from shoal.strategies.api import Strategy, register
 
 __all__ = ["AllReduce"]
@@ -36,6 +37,12 @@ class _DataParallel(Strategy):
         super().__init__(model, optimizer, options)
         self._ddp: DistributedDataParallel | None = None
         self._names: dict[int, str] = {}
+        self.exchanges_momentum = (self.options.compress == "onebit" and self.options.warmup_steps > 0
+                                   and uses_momentum_exchange(optimizer))
+        """1-bit Adam: after the warm-up, gradients stay local and the momentum is exchanged
+        (``_onebit_adam``); without a warm-up there is no variance to freeze."""
+        if self.exchanges_momentum:
+            check_supported(optimizer)
 
     def setup(self, host_key):
         device_ids = [torch.cuda.current_device()] if next(self.model.parameters()).is_cuda else None
@@ -48,20 +55,36 @@ class _DataParallel(Strategy):
     def parts(self, bucket: dist.GradBucket) -> list[tuple[str, torch.Size]]:
         """Name and shape of each parameter in a bucket, in the bucket's order (which DDP
         changes after a generation's first step)."""
-        return [(self._names[id(p)], p.shape) for p in bucket.parameters()]
+        return self._named(bucket.parameters())
+
+    def _named(self, parameters) -> list[tuple[str, torch.Size]]:
+        return [(self._names[id(p)], p.shape) for p in parameters]
 
     def reduce_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()
         if self.options.compress == "none" or self.warming_up:  # overlaps the rest of backward
             self.count(buffer)
             return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
-        return _done(self.compressor.sum(buffer, f"bucket{bucket.index()}", parts=self.parts(bucket)))
+        if self.exchanges_momentum:  # this member's gradient share stays here
+            return _done(buffer)
+        return _done(self.compressed_sum(buffer, f"bucket{bucket.index()}", self.parts(bucket)))
+
+    def compressed_sum(self, tensor: torch.Tensor, key: str, parts) -> torch.Tensor:
+        """The SUM of ``tensor`` over the members, through the compressor."""
+        return self.compressor.sum(tensor, key, parts=parts)
 
     def backward(self, loss):
         loss.backward()
 
     def step(self, step, last):
-        self.optimizer.step()
+        if self.exchanges_momentum and not self.warming_up:
+            def exchange(flat, parameters):
+                return self.compressed_sum(flat, "momentum", self._named(parameters))
+
+            onebit_adam_step(self.optimizer, exchange, dist.get_world_size(),
+                             frozen_at=self.options.warmup_steps)
+        else:
+            self.optimizer.step()
         self.compressor.commit()
         return True
 

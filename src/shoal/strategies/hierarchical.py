@@ -8,7 +8,6 @@ launcher (one machine), or emulated with ``--workers-per-host``.
 
 # No ``from __future__ import annotations``: DDP checks the comm hook's annotations at runtime.
 
-import torch
 import torch.distributed as dist
 
 from shoal.strategies.allreduce import _DataParallel, _done
@@ -47,13 +46,19 @@ class Hierarchical(_DataParallel):
 
     def reduce_bucket(self, bucket: dist.GradBucket):
         buffer = bucket.buffer()
-        self.count(buffer)  # to the host leader (sent by members; the leader sends it back)
-        dist.reduce(buffer, dst=self._leader, group=self._host_group)
+        if self.exchanges_momentum and not self.warming_up:  # this member's gradient share stays here
+            return _done(buffer)
+        return _done(self.compressed_sum(buffer, f"bucket{bucket.index()}", self.parts(bucket)))
+
+    def compressed_sum(self, tensor, key, parts):
+        """Sum within the host, among the leaders through the exchange (compressed after any
+        warm-up), and back to the host; in place."""
+        self.count(tensor)  # to the host leader (sent by members; the leader sends it back)
+        dist.reduce(tensor, dst=self._leader, group=self._host_group)
         if self._is_leader:
-            buffer.copy_(self.exchange.sum(buffer, f"bucket{bucket.index()}", group=self._leader_group,
-                                           parts=self.parts(bucket)))
-        dist.broadcast(buffer, src=self._leader, group=self._host_group)
-        return _done(buffer)
+            tensor.copy_(self.exchange.sum(tensor, key, group=self._leader_group, parts=parts))
+        dist.broadcast(tensor, src=self._leader, group=self._host_group)
+        return tensor
 
     def teardown(self):
         self._host_group = self._leader_group = None

@@ -1,0 +1,82 @@
+"""1-bit Adam's step (Tang et al., 2021): the momentum is exchanged, not the gradient.
+
+Compressing gradients in signs and handing them to Adam fails twice over: Adam's variance,
+estimated from values of one magnitude, no longer scales each coordinate, and the sign
+error is re-normalised into full-size steps. 1-bit Adam lets Adam run uncompressed through
+a warm-up, then freezes the variance ``v``. From there Adam is a momentum method with a
+fixed per-coordinate scale, and the momentum, which changes slowly, is what is compressed
+with error feedback. With D = sqrt(v / (1 - beta2^W)) + eps, the same on every member:
+
+    member i sends   c_i = (beta1 * m / N + (1 - beta1) * g_i) / D    (g_i sum to the gradient)
+    all receive      u   = sum_i c_i = (beta1 * m + (1 - beta1) * g) / D   (up to compression)
+    and keep         m   = u * D,   p -= lr * u / (1 - beta1^t)
+
+What travels is the momentum divided by D (the paper sends m itself; the sum is the same,
+as D is frozen). Signs give every coordinate the mean magnitude of the tensor encoded; in
+units of m, a coordinate whose variance is near 0 (charlm's attention key bias, whose
+gradient is 0 in exact arithmetic) would then be divided by about eps and step without
+bound (its norm went from 0 to 130 in 8 steps). In units of the update, each coordinate's
+error is at most the mean step.
+
+with AdamW's decoupled weight decay, or Adam's L2 term added to the gradient once. The
+optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) is used and kept as torch
+keeps it, so a heal or a checkpoint carries it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["check_supported", "onebit_adam_step", "uses_momentum_exchange"]
+
+
+def uses_momentum_exchange(optimizer: torch.optim.Optimizer) -> bool:
+    """Adam and AdamW: the optimizers 1-bit Adam is written for."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def check_supported(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for option in ("amsgrad", "maximize"):
+            if group.get(option):
+                raise ValueError(f"--compress onebit with Adam (1-bit Adam) does not support {option}=True")
+
+
+@torch.no_grad()
+def onebit_adam_step(optimizer: torch.optim.Optimizer,
+                     exchange: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor],
+                     members: int, frozen_at: int) -> None:
+    """One step. ``exchange(flat, parameters)`` sums the members' contributions, laid end to
+    end in the order of ``parameters`` (compressed); ``frozen_at`` is the optimizer step
+    whose variance is kept (the warm-up's last)."""
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    pairs = [(group, p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    denominators, contributions = [], []
+    for group, p in pairs:
+        beta1, beta2 = group["betas"]
+        state = optimizer.state[p]
+        if "exp_avg_sq" not in state:
+            raise RuntimeError("1-bit Adam needs the variance of a warm-up: a parameter has no Adam state")
+        gradient = p.grad
+        if group["weight_decay"] and not decoupled:  # Adam's L2 term, once over the members
+            gradient = gradient + p * (group["weight_decay"] / members)
+        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** frozen_at)).add_(group["eps"])
+        denominators.append(denominator)
+        contribution = state["exp_avg"] * (beta1 / members) + gradient * (1 - beta1)
+        contributions.append((contribution / denominator).reshape(-1))
+    direction = exchange(torch.cat(contributions), [p for _, p in pairs])
+    offset = 0
+    for (group, p), denominator in zip(pairs, denominators):
+        beta1, _ = group["betas"]
+        state = optimizer.state[p]
+        update = direction[offset: offset + p.numel()].view_as(p)
+        offset += p.numel()
+        state["exp_avg"].copy_(update * denominator)
+        state["step"] += 1
+        lr = group["lr"]
+        if decoupled:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update, alpha=-lr / (1 - beta1 ** float(state["step"])))
