@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import math
 import re
 import subprocess
@@ -106,6 +107,27 @@ def test_a_learning_rate_schedule_survives_a_kill_and_a_rejoin(runs):
     assert load_json(output)["replicas_agree"] is True
     assert relative_difference(four, one) <= 1e-5
     assert relative_difference(one, constant) > 1e-2
+
+
+def test_a_diverged_run_completes_and_says_so_once(tmp_path):
+    """A learning rate far too high makes the loss infinite, then NaN. JSON has neither: the
+    workers' reports and the files carry null, the run ends, and one line says when the loss
+    stopped being finite. (Workers used to die reporting a NaN loss to the coordinator.)"""
+    output, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    result = shoal("train", "--task", "digits", "--workers", "2", "--steps", "20", "--lr", "1e6",
+                   "--quiet", "--output", str(output), "--sample-log", str(samples))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("the training loss is not finite from step") == 1
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+    results = strict(output.read_text())
+    first = results["loss_not_finite_from_step"]
+    assert results["status"] == "completed" and isinstance(first, int)
+    assert results["final_train_loss"] is None and results["eval"]["test_loss"] is None
+    losses = [strict(line)["loss"] for line in samples.read_text().splitlines()]
+    assert None not in losses[:first] and losses[first] is None and len(losses) == 20
 
 
 def test_too_few_workers_fails_with_a_clear_message(tmp_path):

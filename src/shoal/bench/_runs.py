@@ -9,7 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["TorchRun", "committed_times", "steady_step_seconds", "torchrun_results", "train_results"]
+__all__ = ["TorchRun", "committed_times", "loss_text", "steady_step_seconds", "torchrun_results",
+           "train_results"]
+
+
+def loss_text(loss: float | None) -> str:
+    """A loss for a table or a progress line; a diverged run's is null (``-``)."""
+    return "-" if loss is None else f"{loss:.3f}"
 
 
 def _env(workers: int) -> dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shoal.bench._runs import loss_text
+
 __all__ = ["checkpoint_markdown", "memory_markdown", "overhead_markdown", "plot_curves", "plot_overhead",
            "plot_recovery", "plot_scaling", "recovery_markdown", "scaling_markdown", "straggler_markdown",
            "wan_markdown"]
@@ -28,7 +30,7 @@ def _sooner(reference, run, digits: int) -> str:
     return "-"
 
 
-def _eval_loss(run) -> float:
+def _eval_loss(run) -> float | None:
     return run.eval.get("eval_loss", run.eval.get("loss"))
 
 
@@ -44,7 +46,7 @@ def wan_markdown(settings, runs, *, command: str, when: str, plot: str | None) -
         rows.append(
             f"| {run.label} | {_kilobytes(run.payload_bytes_per_step)} | {fewer} | "
             f"{_kilobytes(run.wire_bytes_per_step)} | {run.steps} | {run.train_seconds:.1f} | "
-            f"{run.final_train_loss:.3f} | {_eval_loss(run):.3f} | {_to_target(run)} | "
+            f"{loss_text(run.final_train_loss)} | {loss_text(_eval_loss(run))} | {_to_target(run)} | "
             f"{_sooner(reference, run, 1)} |")
     figure = f"\n![loss against wall time]({plot})\n" if plot else ""
     return f"""## Slow network: strategies side by side
@@ -92,8 +94,8 @@ def straggler_markdown(settings, runs, *, command: str, when: str, plot: str | N
         if run.error:
             rows.append(f"| {run.label} | failed: {run.error} ||||||")
             continue
-        rows.append(f"| {run.label} | {run.steps} | {run.train_seconds:.1f} | {run.final_train_loss:.3f} | "
-                    f"{_eval_loss(run):.3f} | {_to_target(run)} | {_sooner(reference, run, 2)} |")
+        rows.append(f"| {run.label} | {run.steps} | {run.train_seconds:.1f} | {loss_text(run.final_train_loss)} | "
+                    f"{loss_text(_eval_loss(run))} | {_to_target(run)} | {_sooner(reference, run, 2)} |")
     figure = f"\n![loss against wall time, one straggler]({plot})\n" if plot else ""
     return f"""## One slow worker: async against allreduce
 

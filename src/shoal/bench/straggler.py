@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shoal.bench._runs import train_results
+from shoal.bench._runs import loss_text, train_results
 from shoal.bench.wan import WanRun, read_results
 
 __all__ = ["DEFAULT_RUNS", "StragglerSettings", "run_straggler"]
@@ -61,7 +61,7 @@ def run_straggler(settings: StragglerSettings, *, report=print) -> list[WanRun]:
             started = time.monotonic()
             run = _run_one(settings, label, list(flags), Path(temporary))
             runs.append(run)
-            outcome = run.error or (f"{run.train_seconds:.1f} s, loss {run.final_train_loss:.3f}, "
+            outcome = run.error or (f"{run.train_seconds:.1f} s, loss {loss_text(run.final_train_loss)}, "
                                     f"target at {_seconds(run.seconds_to_target)}")
             report(f"{label:10s} {outcome} ({time.monotonic() - started:.0f} s in all)")
     return runs

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shoal.bench._runs import committed_times, steady_step_seconds
+from shoal.bench._runs import committed_times, loss_text, steady_step_seconds
 from shoal.network import Hosts
 
 __all__ = ["DEFAULT_RUNS", "UNLIMITED", "WanRun", "WanSettings", "communication_bound", "loss_curve",
@@ -168,7 +168,7 @@ def run_wan(settings: WanSettings, *, report=print) -> list[WanRun]:
             runs.append(run)
             outcome = run.error or (f"{run.train_seconds:.1f} s, payload {run.payload_bytes_per_step / 1e6:.3f} "
                                     f"MB/step, wire {run.wire_bytes_per_step / 1e6:.3f} MB/step, "
-                                    f"loss {run.final_train_loss:.3f}")
+                                    f"loss {loss_text(run.final_train_loss)}")
             report(f"{label:24s} {outcome} ({time.monotonic() - started:.0f} s in all)")
     return runs
 

@@ -6,6 +6,8 @@ import time
 
 import httpx
 
+from shoal._json import finite_or_null
+
 __all__ = ["CoordinatorClient", "CoordinatorUnreachable"]
 
 
@@ -28,7 +30,7 @@ class CoordinatorClient:
         self._http.close()
 
     def post(self, path: str, payload: dict) -> dict:
-        return self._request("POST", path, json=payload)
+        return self._request("POST", path, json=finite_or_null(payload))
 
     def get(self, path: str, **params) -> dict:
         return self._request("GET", path, params=params)

@@ -12,6 +12,7 @@ long-poll on ``/generation`` or the reply to their next heartbeat.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -57,8 +58,8 @@ class _Worker:
 class _StepRecord:
     generation: int
     committed_at: float
-    loss_parts: dict[int, float] = field(default_factory=dict)
-    """Each member's share of the step's loss, by worker id."""
+    loss_parts: dict[int, float | None] = field(default_factory=dict)
+    """Each member's share of the step's loss, by worker id (None: it was not finite)."""
     whole_loss: float | None = None
     """The step's whole loss, when one report carries it (async)."""
 
@@ -67,7 +68,8 @@ class _StepRecord:
         if self.whole_loss is not None:
             return self.whole_loss
         if len(self.loss_parts) == len(generation.members):
-            return sum(self.loss_parts.values())
+            parts = self.loss_parts.values()
+            return math.nan if None in parts else sum(parts)
         return None
 
 
@@ -377,7 +379,7 @@ class Membership:
             if generation == record.generation:
                 record.committed_at = min(record.committed_at, committed_at)
                 if whole and whole[0]:
-                    record.whole_loss = loss_part
+                    record.whole_loss = math.nan if loss_part is None else loss_part
                 else:
                     record.loss_parts[worker_id] = loss_part
                 self._note_recovery(generation, committed_at)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import signal
 import socket
@@ -189,13 +190,20 @@ def _report(config: TrainConfig, membership: Membership, sampler: GlobalBatchSam
         print("shoal train: failed: the members ended with different parameters (a bug: "
               "please report it with the command line)", file=sys.stderr)
         return 1
+    if results["loss_not_finite_from_step"] is not None:
+        print(f"shoal train: warning: the training loss is not finite from step "
+              f"{results['loss_not_finite_from_step']} on: the run diverged (a lower --lr?)",
+              file=sys.stderr)
     if not config.quiet:
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["eval"].items())
-        loss = results["final_train_loss"]
+        metrics = ", ".join(f"{k}={_number(v)}" for k, v in results["eval"].items())
         print(f"shoal train: {config.task} done: {results['steps']} steps in "
-              f"{results['wall_time_seconds']:.1f} s, train loss {loss:.4f}, {metrics}, "
-              f"{len(results['membership_changes'])} membership change(s)", file=sys.stderr)
+              f"{results['wall_time_seconds']:.1f} s, train loss {_number(results['final_train_loss'])}, "
+              f"{metrics}, {len(results['membership_changes'])} membership change(s)", file=sys.stderr)
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
 def _config_json(config: TrainConfig) -> dict:

@@ -116,7 +116,8 @@ class CharLMTask(Task):
         with torch.no_grad():
             loss = self._mean_token_loss(model, self.held_out, "mean").item()
             on_train = self._mean_token_loss(model, self.train_probe, "mean").item()
-        return {"eval_loss": loss, "perplexity": math.exp(loss), "train_windows_loss": on_train}
+        perplexity = math.inf if loss > 709 else math.exp(loss)  # past 709 exp overflows a float
+        return {"eval_loss": loss, "perplexity": perplexity, "train_windows_loss": on_train}
 
     def samples_to_units(self):
         return ("tokens", CONTEXT)

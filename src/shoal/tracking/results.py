@@ -8,9 +8,11 @@ it last. One writer (the launcher) turns that into files, so nothing is written 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 from shoal._io import atomic_write
+from shoal._json import finite_or_null
 from shoal.coordinator.record import CommittedStep, JobRecord
 from shoal.data import GlobalBatchSampler
 
@@ -30,7 +32,9 @@ def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSample
     started = record.first_formed_at
     train_seconds = last_commit - started if last_commit and started else 0.0
     steps = len(earlier_steps) + len(record.steps)
-    losses = [s.loss for s in [*earlier_steps, *record.steps] if s.loss is not None]
+    every_step = [*earlier_steps, *record.steps]
+    losses = [s.loss for s in every_step if s.loss is not None]
+    diverged = next((s.step for s in every_step if s.loss is not None and not math.isfinite(s.loss)), None)
     last_losses = losses[-_FINAL_LOSS_STEPS:]
     unit, per_sample = units
     output = {
@@ -41,6 +45,7 @@ def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSample
         "steps": steps,
         "epochs": steps / sampler.steps_per_epoch,
         "final_train_loss": statistics.fmean(last_losses) if last_losses else None,
+        "loss_not_finite_from_step": diverged,
         "eval": results.get("eval", {}),
         "wall_time_seconds": round(wall_seconds, 3),
         "started_at": started,
@@ -62,13 +67,13 @@ def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSample
 
 
 def write_json(path: str, data: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode() + b"\n"))
+    atomic_write(path, lambda f: f.write(json.dumps(finite_or_null(data), indent=2).encode() + b"\n"))
 
 
 def write_sample_log(path: str, record: JobRecord, sampler: GlobalBatchSampler) -> None:
     """One JSON line per committed step: epoch, step, generation, members, samples, the
     (unix) time its first member committed it, and its global-batch loss (null if a share
-    was never reported)."""
+    was never reported, or if it was not finite)."""
     lines = []
     for committed in record.steps:
         lines.append(json.dumps({
@@ -78,6 +83,6 @@ def write_sample_log(path: str, record: JobRecord, sampler: GlobalBatchSampler) 
             "members": committed.members,
             "samples": sampler.global_indices(committed.step).tolist(),
             "committed_at": round(committed.committed_at, 4),
-            "loss": committed.loss,
+            "loss": finite_or_null(committed.loss),
         }))
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode() if lines else b""))
