@@ -41,6 +41,8 @@ DEFAULT_RUNS = (
     ("allreduce fp16", ("--compress", "fp16")),
     ("allreduce int8", ("--compress", "int8")),
     ("allreduce onebit", ("--compress", "onebit")),
+    # After 10 uncompressed steps, charlm's AdamW becomes 1-bit Adam: the momentum in signs.
+    ("allreduce 1-bit Adam W=10", ("--compress", "onebit", "--warmup-steps", "10")),
     ("allreduce powersgd r4", ("--compress", "powersgd", "--powersgd-rank", "4")),
     ("localsgd H=50", ("--strategy", "localsgd", "--sync-every", "50")),
     ("diloco H=50", ("--strategy", "diloco", "--sync-every", "50")),
