@@ -11,16 +11,16 @@ with error feedback. With D = sqrt(v / (1 - beta2^W)) + eps, the same on every m
     all receive      u   = sum_i c_i = (beta1 * m + (1 - beta1) * g) / D   (up to compression)
     and keep         m   = u * D,   p -= lr * u / (1 - beta1^t)
 
+with AdamW's decoupled weight decay, or Adam's L2 term added to the gradient once. The
+optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) is used and kept as torch
+keeps it, so a heal or a checkpoint carries it unchanged.
+
 What travels is the momentum divided by D (the paper sends m itself; the sum is the same,
 as D is frozen). Signs give every coordinate the mean magnitude of the tensor encoded; in
 units of m, a coordinate whose variance is near 0 (charlm's attention key bias, whose
 gradient is 0 in exact arithmetic) would then be divided by about eps and step without
-bound (its norm went from 0 to 130 in 8 steps). In units of the update, each coordinate's
-error is at most the mean step.
-
-with AdamW's decoupled weight decay, or Adam's L2 term added to the gradient once. The
-optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) is used and kept as torch
-keeps it, so a heal or a checkpoint carries it unchanged.
+bound (its norm went from 0 to 130 in 8 steps). In units of the update, each coordinate
+moves by the mean size of the members' updates at most, whatever its variance.
 """
 
 from __future__ import annotations
