@@ -307,10 +307,11 @@ class TrainConfig:
         """The run's length in steps (with ``--epochs``, from the task's training set)."""
         if self.steps is not None:
             return self.steps
+        from shoal.data import GlobalBatchSampler
         from shoal.tasks import TASKS
 
         samples = len(TASKS[self.task](self.seed).train_dataset())
-        return self.epochs * -(-samples // self.batch_size)
+        return self.epochs * GlobalBatchSampler(samples, self.batch_size, self.seed).steps_per_epoch
 
     def _validate_checkpoints(self) -> None:
         if self.checkpoint_every < 1:

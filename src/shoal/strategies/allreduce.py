@@ -52,6 +52,11 @@ class _DataParallel(Strategy):
         self._names = {id(p): name for name, p in self.model.named_parameters()}
         return self._ddp
 
+    @property
+    def gradients_stay_local(self) -> bool:
+        """1-bit Adam past its warm-up: each member keeps its gradient share; the momentum travels."""
+        return self.exchanges_momentum and not self.warming_up
+
     def parts(self, bucket: dist.GradBucket) -> list[tuple[str, torch.Size]]:
         """Name and shape of each parameter in a bucket, in the bucket's order (which DDP
         changes after a generation's first step)."""
@@ -65,7 +70,7 @@ class _DataParallel(Strategy):
         if self.options.compress == "none" or self.warming_up:  # overlaps the rest of backward
             self.count(buffer)
             return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
-        if self.exchanges_momentum:  # this member's gradient share stays here
+        if self.gradients_stay_local:
             return _done(buffer)
         return _done(self.compressed_sum(buffer, f"bucket{bucket.index()}", self.parts(bucket)))
 
@@ -77,7 +82,7 @@ class _DataParallel(Strategy):
         loss.backward()
 
     def step(self, step, last):
-        if self.exchanges_momentum and not self.warming_up:
+        if self.gradients_stay_local:
             def exchange(flat, parameters):
                 return self.compressed_sum(flat, "momentum", self._named(parameters))
 

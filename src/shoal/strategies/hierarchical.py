@@ -46,7 +46,7 @@ class Hierarchical(_DataParallel):
 
     def reduce_bucket(self, bucket: dist.GradBucket):
         buffer = bucket.buffer()
-        if self.exchanges_momentum and not self.warming_up:  # this member's gradient share stays here
+        if self.gradients_stay_local:
             return _done(buffer)
         return _done(self.compressed_sum(buffer, f"bucket{bucket.index()}", self.parts(bucket)))
 
