@@ -19,8 +19,9 @@ What travels is the momentum divided by D (the paper sends m itself; the sum is 
 as D is frozen). Signs give every coordinate the mean magnitude of the tensor encoded; in
 units of m, a coordinate whose variance is near 0 (charlm's attention key bias, whose
 gradient is 0 in exact arithmetic) would then be divided by about eps and step without
-bound (its norm went from 0 to 130 in 8 steps). In units of the update, each coordinate
-moves by the mean size of the members' updates at most, whatever its variance.
+bound (in a prototype that sent m, its norm went from 0 to 130 in 8 steps). In units of
+the update, each coordinate moves by the mean size of the members' updates at most,
+whatever its variance.
 """
 
 from __future__ import annotations
