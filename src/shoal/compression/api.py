@@ -7,16 +7,16 @@ Residuals change only when the step commits (``commit``); a step that fails and 
 starts again from the committed residuals (``rollback``), so a redo never counts twice.
 
 Encodings that cannot be summed as they are (int8 overflows, signs do not add) travel in
-one of two ways. int8: a compressed reduce-scatter followed by an all-gather, as in 1-bit
-Adam. Member k receives everyone's encoded chunk k, adds the decoded chunks up in fp32,
+one of two ways. int8 (and onebit for 1-bit Adam's momentum): a compressed reduce-scatter
+followed by an all-gather, as in 1-bit Adam. Member k receives everyone's encoded chunk k, adds the decoded chunks up in fp32,
 encodes the sum and all-gathers it, so each member puts about 2(N-1)/N of one encoding on
 the wire, as a ring all-reduce does. Both encodings drop something; both errors go into
 the member's one residual, so nothing is lost (to float rounding):
 
     result + (sum of the members' new residuals) == sum of the members' corrected inputs.
 
-onebit: every member's encoding is all-gathered and the decoded encodings are added up,
-N-1 copies of it on the wire; onebit.py says why it does not re-encode the sum.
+onebit on gradients: every member's encoding is all-gathered and the decoded encodings are
+added up, N-1 copies of it on the wire; onebit.py says why it does not re-encode the sum.
 """
 
 from __future__ import annotations

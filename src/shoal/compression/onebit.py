@@ -10,9 +10,13 @@ N-1 copies of the payload on the wire, where int8's reduce-scatter sends about 2
 onebit does not use that reduce-scatter, because it would encode the *sum* in signs too,
 and the sum of N sign vectors carries more than its own sign: charlm with AdamW on 4
 workers ended 150 steps at 3.71 against 2.96 (and 2.40 against 2.28 after 50 uncompressed
-steps; allreduce 2.23). (1-bit Adam re-encodes the sum too, but what it compresses is the
-momentum with Adam's variance frozen, not gradients that AdamW still normalises: shoal's
-1-bit Adam, ``strategies/_onebit_adam.py``, uses this compressor as it is.)
+steps; allreduce 2.23).
+
+1-bit Adam (``strategies/_onebit_adam.py``) compresses the momentum with Adam's variance
+frozen, not gradients that AdamW still normalises, and for it the reduce-scatter is the
+better of the two, as in the paper: its strategy turns ``reduce_scatter`` on (n/8 + 4N
+bytes of payload, 2(N-1)/N of it on the wire). charlm, 500 steps with a 10-step warm-up:
+1.90 against the all-gather's 2.53, whose loss turned back up after step 350.
 """
 
 from __future__ import annotations

@@ -43,6 +43,11 @@ class _DataParallel(Strategy):
         (``_onebit_adam``); without a warm-up there is no variance to freeze."""
         if self.exchanges_momentum:
             check_supported(optimizer)
+            # The paper's compressed all-reduce: the members' sum re-encoded in signs (with
+            # error feedback on both encodings), half the all-gather's wire at 4 members.
+            # Unlike gradients' (onebit.py), the momentum's sum gains from it: with the
+            # all-gather, charlm's loss turned back up after 350 steps (docs/BENCHMARKS.md).
+            self.compressor.reduce_scatter = True
 
     def setup(self, host_key):
         device_ids = [torch.cuda.current_device()] if next(self.model.parameters()).is_cuda else None
