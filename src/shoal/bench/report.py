@@ -61,11 +61,11 @@ limited to {settings.mbit:g} Mbit/s each way with `tbf`; {settings.steps} steps,
 Payload is what each worker handed to collectives per step (counted by shoal); wire is what
 each worker host's interface sent per step (the kernel's counter: every protocol, headers
 and heartbeats included). A ring all-reduce sends about 2(N-1)/N times its payload, and
-so does int8 (a compressed reduce-scatter, then an all-gather of the encoded sums); onebit
-all-gathers, N-1 times its payload; PowerSGD's all-reduces are so small that headers and
-heartbeats are a large part of its wire. 1-bit Adam's payload is the mean over the run: its
-warm-up steps send fp32 gradients, the others onebit's payload. Eval loss is the task's
-held-out loss at the end.
+so do int8 and 1-bit Adam (a compressed reduce-scatter, then an all-gather of the encoded
+sums); onebit on gradients all-gathers, N-1 times its payload; PowerSGD's all-reduces are
+so small that headers and heartbeats are a large part of its wire. 1-bit Adam's payload is
+the mean over the run: its warm-up steps send fp32 gradients, the others onebit's payload.
+Eval loss is the task's held-out loss at the end.
 
 | run | payload kB/step | fewer than fp32 | wire kB/step | steps | train s | final train loss | eval loss | s to target | sooner than allreduce |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
