@@ -8,9 +8,9 @@ starts again from the committed residuals (``rollback``), so a redo never counts
 
 Encodings that cannot be summed as they are (int8 overflows, signs do not add) travel in
 one of two ways. int8 (and onebit for 1-bit Adam's momentum): a compressed reduce-scatter
-followed by an all-gather, as in 1-bit Adam. Member k receives everyone's encoded chunk k, adds the decoded chunks up in fp32,
-encodes the sum and all-gathers it, so each member puts about 2(N-1)/N of one encoding on
-the wire, as a ring all-reduce does. Both encodings drop something; both errors go into
+followed by an all-gather, as in 1-bit Adam. Member k receives everyone's encoded chunk k,
+adds the decoded chunks up in fp32, encodes the sum and all-gathers it, so each member puts
+about 2(N-1)/N of one encoding on the wire, as a ring all-reduce does. Both encodings drop something; both errors go into
 the member's one residual, so nothing is lost (to float rounding):
 
     result + (sum of the members' new residuals) == sum of the members' corrected inputs.
