@@ -112,13 +112,15 @@ MEMBER = textwrap.dedent("""
     import torch, torch.distributed as dist
     from shoal.compression import COMPRESSORS
 
-    port, rank, world, name, out = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
-                                    sys.argv[4], sys.argv[5])
+    port, rank, world, name, reduce_scatter, out = (int(sys.argv[1]), int(sys.argv[2]),
+                                                    int(sys.argv[3]), sys.argv[4],
+                                                    sys.argv[5] == "1", sys.argv[6])
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     torch.set_num_threads(1)  # four members share the machine's cores
     compressor = COMPRESSORS[name]()
+    compressor.reduce_scatter = reduce_scatter
     sent, record = torch.zeros(%(n)d), {}
     for step in range(%(steps)d):
         g = torch.randn(%(n)d, generator=torch.Generator().manual_seed(1000 * rank + step))
@@ -143,15 +145,20 @@ def true_sums(world: int, steps: int) -> torch.Tensor:
                for rank in range(world) for step in range(steps))
 
 
-@pytest.mark.parametrize("name, factor, bound", [("int8", 3.9, 0.02), ("onebit", 25.0, 0.5)])
-def test_four_members_get_one_sum_and_lose_nothing(tmp_path, name, factor, bound):
-    """On 4 real processes (int8: reduce-scatter and all-gather; onebit: all-gather), every
-    member gets the same sum and hands collectives about one encoding's bytes, and what the
-    encodings dropped is held in the residuals, so the accumulated error vanishes."""
+@pytest.mark.parametrize("name, reduce_scatter, factor, bound", [
+    ("int8", True, 3.9, 0.02),
+    ("onebit", False, 25.0, 0.5),  # gradients: an all-gather of every member's signs
+    ("onebit", True, 25.0, 0.5),  # 1-bit Adam's momentum: the sum re-encoded in signs
+])
+def test_four_members_get_one_sum_and_lose_nothing(tmp_path, name, reduce_scatter, factor, bound):
+    """On 4 real processes (reduce-scatter and all-gather, or all-gather), every member gets
+    the same sum and hands collectives about one encoding's bytes, and what the encodings
+    dropped is held in the residuals, so the accumulated error vanishes."""
     world = 4
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     members = [subprocess.Popen([sys.executable, "-c", MEMBER, str(store.port), str(rank), str(world),
-                                 name, str(tmp_path / f"{rank}.pt")]) for rank in range(world)]
+                                 name, str(int(reduce_scatter)), str(tmp_path / f"{rank}.pt")])
+               for rank in range(world)]
     assert [member.wait(timeout=120) for member in members] == [0] * world
     records = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
 
