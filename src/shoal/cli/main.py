@@ -54,7 +54,8 @@ def _add_train(commands) -> None:
                        help=f"one of: {', '.join(STRATEGIES)} (default allreduce)")
     talk = train.add_argument_group("how workers talk (see docs/STRATEGIES.md)")
     talk.add_argument("--compress", default="none",
-                      help="none, fp16, int8, onebit or powersgd (default none)")
+                      help="none, fp16, int8, onebit or powersgd (default none); onebit with an "
+                      "Adam or AdamW optimizer and --warmup-steps is 1-bit Adam")
     talk.add_argument("--powersgd-rank", type=int, default=4, help="PowerSGD's rank r (default 4)")
     talk.add_argument("--sync-every", type=int, default=50, metavar="H",
                       help="localsgd/diloco: local steps between synchronisations (default 50)")
@@ -62,8 +63,8 @@ def _add_train(commands) -> None:
     talk.add_argument("--outer-momentum", type=float, default=0.9,
                       help="diloco's outer Nesterov momentum (default 0.9)")
     talk.add_argument("--warmup-steps", type=int, default=0, metavar="W",
-                      help="the first W steps uncompressed, and for localsgd/diloco synchronous "
-                      "(default 0)")
+                      help="the first W steps uncompressed, and for localsgd/diloco synchronous; "
+                      "1-bit Adam freezes Adam's variance after them (default 0)")
     talk.add_argument("--zero-replicas", type=int, default=2, metavar="R",
                       help="zero: members holding each shard (default 2: a death costs no step; "
                       "1: a crash goes back to the last checkpoint)")
