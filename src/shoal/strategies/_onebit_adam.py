@@ -11,9 +11,10 @@ with error feedback. With D = sqrt(v / (1 - beta2^W)) + eps, the same on every m
     all receive      u   = sum_i c_i = (beta1 * m + (1 - beta1) * g) / D   (up to compression)
     and keep         m   = u * D,   p -= lr * u / (1 - beta1^t)
 
-with AdamW's decoupled weight decay, or Adam's L2 term added to the gradient once. The
-optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) is used and kept as torch
-keeps it, so a heal or a checkpoint carries it unchanged.
+with AdamW's decoupled weight decay (Adam's with ``decoupled_weight_decay=True`` too), or
+Adam's L2 term added to the gradient once. The optimizer's own state (``exp_avg``,
+``exp_avg_sq``, ``step``) is used and kept as torch keeps it, so a heal or a checkpoint
+carries it unchanged.
 
 What travels is the momentum divided by D (the paper sends m itself; the sum is the same,
 as D is frozen). Signs give every coordinate the mean magnitude of the tensor encoded; in
@@ -53,7 +54,6 @@ def onebit_adam_step(optimizer: torch.optim.Optimizer,
     """One step. ``exchange(flat, parameters)`` sums the members' contributions, laid end to
     end in the order of ``parameters`` (compressed); ``frozen_at`` is the optimizer step
     whose variance is kept (the warm-up's last)."""
-    decoupled = isinstance(optimizer, torch.optim.AdamW)
     pairs = [(group, p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     denominators, contributions = [], []
     for group, p in pairs:
@@ -62,7 +62,8 @@ def onebit_adam_step(optimizer: torch.optim.Optimizer,
         if "exp_avg_sq" not in state:
             raise RuntimeError("1-bit Adam needs the variance of a warm-up: a parameter has no Adam state")
         gradient = p.grad
-        if group["weight_decay"] and not decoupled:  # Adam's L2 term, once over the members
+        if group["weight_decay"] and not _decoupled(optimizer, group):
+            # Adam's L2 term, added once over the members
             gradient = gradient + p * (group["weight_decay"] / members)
         denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** frozen_at)).add_(group["eps"])
         denominators.append(denominator)
@@ -78,6 +79,12 @@ def onebit_adam_step(optimizer: torch.optim.Optimizer,
         state["exp_avg"].copy_(update * denominator)
         state["step"] += 1
         lr = group["lr"]
-        if decoupled:
+        if _decoupled(optimizer, group):
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(update, alpha=-lr / (1 - beta1 ** float(state["step"])))
+
+
+def _decoupled(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """AdamW's weight decay, or Adam's with ``decoupled_weight_decay=True`` (which recent
+    torch's AdamW is): applied to the parameters, not added to the gradient."""
+    return bool(group.get("decoupled_weight_decay")) or isinstance(optimizer, torch.optim.AdamW)
