@@ -118,6 +118,9 @@ class StrategyOptions:
     """The first steps are exchanged uncompressed, and localsgd/diloco all-reduce gradients
     every step until then (post-local SGD, Lin et al. 2020): compressors and local steps cost
     most quality early in training."""
+    variance_refresh: int = 0
+    """1-bit Adam: every this many compressed steps, the gradients are summed exactly once
+    and Adam's frozen variance takes them in (0: frozen for good, as in the paper)."""
     zero_replicas: int = 2
     """zero: members holding each shard (replica groups as in HSDP). A member's death costs
     nothing while another holds each of its shards; with 1, a crash goes back to the last
@@ -149,6 +152,12 @@ class StrategyOptions:
             raise ConfigError("--warmup-steps", f"must be 0 or more, got {self.warmup_steps}")
         if strategy == "async" and self.warmup_steps:
             raise ConfigError("--warmup-steps", "async has no warm-up; leave --warmup-steps at 0")
+        if self.variance_refresh < 0:
+            raise ConfigError("--variance-refresh", f"must be 0 or more, got {self.variance_refresh}")
+        if self.variance_refresh and not (self.compress == "onebit" and self.warmup_steps > 0
+                                          and strategy in ("allreduce", "hierarchical")):
+            raise ConfigError("--variance-refresh", "refreshes 1-bit Adam's variance: use it with "
+                              "--compress onebit --warmup-steps W and --strategy allreduce or hierarchical")
         if self.max_staleness < 0:
             raise ConfigError("--max-staleness", f"must be at least 0, got {self.max_staleness}")
         if strategy == "async" and self.compress != "none":

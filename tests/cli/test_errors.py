@@ -39,6 +39,11 @@ BAD_TRAIN_FLAGS = [
     (["--strategy", "async", "--compress", "int8"], "--compress"),
     (["--warmup-steps", "-1"], "--warmup-steps"),
     (["--strategy", "async", "--warmup-steps", "5"], "--warmup-steps"),
+    (["--variance-refresh", "-1"], "--variance-refresh"),
+    (["--compress", "int8", "--warmup-steps", "5", "--variance-refresh", "5"], "--variance-refresh"),
+    (["--compress", "onebit", "--variance-refresh", "5"], "--variance-refresh"),  # no warm-up
+    (["--strategy", "diloco", "--compress", "onebit", "--warmup-steps", "5", "--variance-refresh", "5"],
+     "--variance-refresh"),
     (["--checkpoint-dir", "/proc/version"], "--checkpoint-dir"),
     (["--checkpoint-dir", "/tmp", "--checkpoint-every", "0"], "--checkpoint-every"),
     (["--checkpoint-dir", "/tmp", "--checkpoint-keep", "0"], "--checkpoint-keep"),

@@ -117,13 +117,15 @@ def test_diloco_equals_its_algorithm_written_out_in_one_process(tmp_path):
     assert relative_difference(model, tmp_path / "expected.pt") <= 1e-4
 
 
-def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, warmup: int) -> dict:
+def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, warmup: int,
+                               refresh_every: int = 0) -> dict:
     """1-bit Adam written out in one process, independently of shoal's code: AdamW on the
     summed gradient through the warm-up; then each member's momentum contribution, divided
     by AdamW's denominator with the warm-up's variance, plus what it still owes, is summed
     by the paper's compressed all-reduce: cut into one chunk per member, member k gets
     everyone's chunk k as signs times its mean magnitude (its own exactly), adds them, and
-    sends the sum the same way to all. What each encoding dropped, its sender owes."""
+    sends the sum the same way to all. What each encoding dropped, its sender owes. Every
+    ``refresh_every`` compressed steps, the variance takes in the exact summed gradient."""
     dataset = task.train_dataset()
     sampler = GlobalBatchSampler(len(dataset), batch, task.seed)
     model = task.build_model()
@@ -151,7 +153,13 @@ def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, wa
             optimizer.step()
             continue
         with torch.no_grad():
-            scales = [(optimizer.state[p]["exp_avg_sq"] / (1 - beta2 ** warmup)).sqrt() + eps
+            since = step - warmup + 1
+            if refresh_every and since % refresh_every == 0:
+                for index, p in enumerate(parameters):
+                    gradient = sum(share[index] for share in shares)
+                    optimizer.state[p]["exp_avg_sq"].mul_(beta2).add_(gradient * gradient * (1 - beta2))
+            updates = warmup + (since // refresh_every if refresh_every else 0)
+            scales = [(optimizer.state[p]["exp_avg_sq"] / (1 - beta2 ** updates)).sqrt() + eps
                       for p in parameters]
             chunks = []  # chunks[rank][k]: what member rank sends member k
             for rank, share in enumerate(shares):
@@ -181,18 +189,20 @@ def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, wa
     return model.state_dict()
 
 
-def test_onebit_with_adamw_is_one_bit_adam_written_out_in_one_process(tmp_path):
+@pytest.mark.parametrize("refresh_every", [0, 3])
+def test_onebit_with_adamw_is_one_bit_adam_written_out_in_one_process(tmp_path, refresh_every):
     """charlm (AdamW), 4 workers with unequal shares (8+8+7+7), 4 uncompressed steps, then
-    8 with the momentum exchanged in signs and the variance frozen: the result is the
-    one-process algorithm's, and the members agree."""
+    8 with the momentum exchanged in signs and the variance frozen (or refreshed every 3
+    steps): the result is the one-process algorithm's, and the members agree."""
     run = ["--task", "charlm", "--workers", "4", "--steps", "12", "--batch-size", "30",
-           "--seed", "0", "--quiet", "--compress", "onebit", "--warmup-steps", "4"]
+           "--seed", "0", "--quiet", "--compress", "onebit", "--warmup-steps", "4",
+           "--variance-refresh", str(refresh_every)]
     model, results = train(tmp_path, "onebit-adam", *run)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the 4 workers on a machine of fewer than 8 cores
     try:
         expected = onebit_adam_in_one_process(TASKS["charlm"](0), workers=4, steps=12, batch=30,
-                                              warmup=4)
+                                              warmup=4, refresh_every=refresh_every)
     finally:
         torch.set_num_threads(threads)
     assert results["replicas_agree"] is True
@@ -217,7 +227,7 @@ def test_onebit_with_adamw_is_one_bit_adam_written_out_in_one_process(tmp_path):
     # 1-bit Adam (ackley's optimizer is Adam): the momentum exchanged from step 10 on
     ["allreduce", "--compress", "onebit", "--warmup-steps", "10", "--task", "ackley"],
     ["hierarchical", "--workers-per-host", "2", "--compress", "onebit", "--warmup-steps", "10",
-     "--task", "ackley"],
+     "--variance-refresh", "3", "--task", "ackley"],  # and an exact sum by hosts every 3 steps
 ])
 def test_a_crash_keeps_the_promises(tmp_path, strategy):
     """Killed inside a round (step 17 of rounds of 7): the round is redone, re-split."""

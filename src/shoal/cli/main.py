@@ -65,6 +65,9 @@ def _add_train(commands) -> None:
     talk.add_argument("--warmup-steps", type=int, default=0, metavar="W",
                       help="the first W steps uncompressed, and for localsgd/diloco synchronous; "
                       "1-bit Adam freezes Adam's variance after them (default 0)")
+    talk.add_argument("--variance-refresh", type=int, default=0, metavar="R",
+                      help="1-bit Adam: every R steps after the warm-up, sum the gradients "
+                      "uncompressed once and refresh Adam's frozen variance (default 0: never)")
     talk.add_argument("--zero-replicas", type=int, default=2, metavar="R",
                       help="zero: members holding each shard (default 2: a death costs no step; "
                       "1: a crash goes back to the last checkpoint)")
@@ -129,7 +132,8 @@ def _train(args: argparse.Namespace) -> int:
         options=StrategyOptions(compress=args.compress, powersgd_rank=args.powersgd_rank,
                                 sync_every=args.sync_every, outer_lr=args.outer_lr,
                                 outer_momentum=args.outer_momentum, max_staleness=args.max_staleness,
-                                warmup_steps=args.warmup_steps, zero_replicas=args.zero_replicas,
+                                warmup_steps=args.warmup_steps, variance_refresh=args.variance_refresh,
+                                zero_replicas=args.zero_replicas,
                                 workers_per_host=args.workers_per_host),
         slowdowns=args.slowdown,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

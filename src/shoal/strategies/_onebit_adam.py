@@ -50,32 +50,48 @@ def check_supported(optimizer: torch.optim.Optimizer) -> None:
 @torch.no_grad()
 def onebit_adam_step(optimizer: torch.optim.Optimizer,
                      exchange: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor],
-                     members: int, frozen_at: int) -> None:
+                     members: int, frozen_at: int,
+                     refresh: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """One step. ``exchange(flat, parameters)`` sums the members' contributions, laid end to
-    end in the order of ``parameters`` (compressed); ``frozen_at`` is the optimizer step
-    whose variance is kept (the warm-up's last)."""
+    end in the order of ``parameters`` (compressed); ``frozen_at`` is the number of updates
+    the variance has had, this step's refresh included (the warm-up's steps, then one per
+    refresh). ``refresh(flat)``, when given, sums the members' gradients exactly: the
+    variance takes them in, as Adam's would, and is frozen again.
+
+    Every collective comes before any state changes, so a step that fails in one (a member
+    died) leaves the optimizer as it was, for the redo."""
     pairs = [(group, p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    denominators, contributions = [], []
-    for group, p in pairs:
-        beta1, beta2 = group["betas"]
-        state = optimizer.state[p]
-        if "exp_avg_sq" not in state:
+    for _, p in pairs:
+        if "exp_avg_sq" not in optimizer.state[p]:
             raise RuntimeError("1-bit Adam needs the variance of a warm-up: a parameter has no Adam state")
+    gradients = []
+    for group, p in pairs:
         gradient = p.grad
         if group["weight_decay"] and not _decoupled(optimizer, group):
             # Adam's L2 term, added once over the members
             gradient = gradient + p * (group["weight_decay"] / members)
-        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** frozen_at)).add_(group["eps"])
+        gradients.append(gradient)
+    variances = [optimizer.state[p]["exp_avg_sq"] for _, p in pairs]
+    if refresh is not None:
+        summed = refresh(torch.cat([g.reshape(-1) for g in gradients])).split([p.numel() for _, p in pairs])
+        variances = [v * group["betas"][1] + (g.view_as(v) ** 2) * (1 - group["betas"][1])
+                     for v, g, (group, _) in zip(variances, summed, pairs)]
+    denominators, contributions = [], []
+    for (group, p), gradient, variance in zip(pairs, gradients, variances):
+        beta1, beta2 = group["betas"]
+        denominator = (variance.sqrt() / math.sqrt(1 - beta2 ** frozen_at)).add_(group["eps"])
         denominators.append(denominator)
-        contribution = state["exp_avg"] * (beta1 / members) + gradient * (1 - beta1)
+        contribution = optimizer.state[p]["exp_avg"] * (beta1 / members) + gradient * (1 - beta1)
         contributions.append((contribution / denominator).reshape(-1))
     direction = exchange(torch.cat(contributions), [p for _, p in pairs])
     offset = 0
-    for (group, p), denominator in zip(pairs, denominators):
+    for (group, p), denominator, variance in zip(pairs, denominators, variances):
         beta1, _ = group["betas"]
         state = optimizer.state[p]
         update = direction[offset: offset + p.numel()].view_as(p)
         offset += p.numel()
+        if refresh is not None:
+            state["exp_avg_sq"].copy_(variance)
         state["exp_avg"].copy_(update * denominator)
         state["step"] += 1
         lr = group["lr"]

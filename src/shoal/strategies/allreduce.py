@@ -2,6 +2,7 @@
 
 # No ``from __future__ import annotations``: DDP checks the comm hook's annotations at runtime.
 
+import functools
 import gc
 
 import torch
@@ -48,6 +49,9 @@ class _DataParallel(Strategy):
             # Unlike gradients' (onebit.py), the momentum's sum gains from it: with the
             # all-gather, charlm's loss turned back up after 350 steps (docs/BENCHMARKS.md).
             self.compressor.reduce_scatter = True
+        if self.options.variance_refresh and not self.exchanges_momentum:
+            raise ValueError("--variance-refresh refreshes 1-bit Adam's variance: it needs an Adam "
+                             "or AdamW optimizer")
 
     def setup(self, host_key):
         device_ids = [torch.cuda.current_device()] if next(self.model.parameters()).is_cuda else None
@@ -83,6 +87,10 @@ class _DataParallel(Strategy):
         """The SUM of ``tensor`` over the members, through the compressor."""
         return self.compressor.sum(tensor, key, parts=parts)
 
+    def exact_sum(self, tensor: torch.Tensor, key: str) -> torch.Tensor:
+        """The SUM of ``tensor`` over the members, uncompressed."""
+        return self._uncompressed.sum(tensor, key)
+
     def backward(self, loss):
         loss.backward()
 
@@ -91,8 +99,14 @@ class _DataParallel(Strategy):
             def exchange(flat, parameters):
                 return self.compressed_sum(flat, "momentum", self._named(parameters))
 
+            # A function of the step alone, as the warm-up is: a redone or resumed step refreshes
+            # as it did the first time, and the variance's count of updates follows.
+            warmup, every = self.options.warmup_steps, self.options.variance_refresh
+            since = step - warmup + 1  # compressed steps, this one included
+            refreshing = bool(every) and since % every == 0
             onebit_adam_step(self.optimizer, exchange, dist.get_world_size(),
-                             frozen_at=self.options.warmup_steps)
+                             frozen_at=warmup + (since // every if every else 0),
+                             refresh=functools.partial(self.exact_sum, key="variance") if refreshing else None)
         else:
             self.optimizer.step()
         self.compressor.commit()

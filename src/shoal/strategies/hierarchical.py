@@ -53,10 +53,17 @@ class Hierarchical(_DataParallel):
     def compressed_sum(self, tensor, key, parts):
         """Sum within the host, among the leaders through the exchange (compressed after any
         warm-up), and back to the host; in place."""
+        return self._by_hosts(tensor, lambda total: self.exchange.sum(
+            total, key, group=self._leader_group, parts=parts))
+
+    def exact_sum(self, tensor, key):
+        return self._by_hosts(tensor, lambda total: self._uncompressed.sum(total, key, group=self._leader_group))
+
+    def _by_hosts(self, tensor, among_leaders):
         self.count(tensor)  # to the host leader (sent by members; the leader sends it back)
         dist.reduce(tensor, dst=self._leader, group=self._host_group)
         if self._is_leader:
-            tensor.copy_(self.exchange.sum(tensor, key, group=self._leader_group, parts=parts))
+            tensor.copy_(among_leaders(tensor))
         dist.broadcast(tensor, src=self._leader, group=self._host_group)
         return tensor
 
