@@ -10,8 +10,9 @@ Encodings that cannot be summed as they are (int8 overflows, signs do not add) t
 one of two ways. int8 (and onebit for 1-bit Adam's momentum): a compressed reduce-scatter
 followed by an all-gather, as in 1-bit Adam. Member k receives everyone's encoded chunk k,
 adds the decoded chunks up in fp32, encodes the sum and all-gathers it, so each member puts
-about 2(N-1)/N of one encoding on the wire, as a ring all-reduce does. Both encodings drop something; both errors go into
-the member's one residual, so nothing is lost (to float rounding):
+about 2(N-1)/N of one encoding on the wire, as a ring all-reduce does. Both encodings drop
+something; both errors go into the member's one residual, so nothing is lost (to float
+rounding):
 
     result + (sum of the members' new residuals) == sum of the members' corrected inputs.
 

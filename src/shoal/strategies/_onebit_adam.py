@@ -73,7 +73,8 @@ def onebit_adam_step(optimizer: torch.optim.Optimizer,
         gradients.append(gradient)
     variances = [optimizer.state[p]["exp_avg_sq"] for _, p in pairs]
     if refresh is not None:
-        summed = refresh(torch.cat([g.reshape(-1) for g in gradients])).split([p.numel() for _, p in pairs])
+        summed = refresh(torch.cat([g.reshape(-1) for g in gradients]))
+        summed = summed.split([p.numel() for _, p in pairs])
         variances = [v * group["betas"][1] + (g.view_as(v) ** 2) * (1 - group["betas"][1])
                      for v, g, (group, _) in zip(variances, summed, pairs)]
     denominators, contributions = [], []

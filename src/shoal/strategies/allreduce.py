@@ -104,9 +104,9 @@ class _DataParallel(Strategy):
             warmup, every = self.options.warmup_steps, self.options.variance_refresh
             since = step - warmup + 1  # compressed steps, this one included
             refreshing = bool(every) and since % every == 0
+            refresh = functools.partial(self.exact_sum, key="variance") if refreshing else None
             onebit_adam_step(self.optimizer, exchange, dist.get_world_size(),
-                             frozen_at=warmup + (since // every if every else 0),
-                             refresh=functools.partial(self.exact_sum, key="variance") if refreshing else None)
+                             frozen_at=warmup + (since // every if every else 0), refresh=refresh)
         else:
             self.optimizer.step()
         self.compressor.commit()

@@ -57,9 +57,12 @@ class Hierarchical(_DataParallel):
             total, key, group=self._leader_group, parts=parts))
 
     def exact_sum(self, tensor, key):
-        return self._by_hosts(tensor, lambda total: self._uncompressed.sum(total, key, group=self._leader_group))
+        """As ``compressed_sum``, uncompressed among the leaders even after the warm-up."""
+        return self._by_hosts(tensor, lambda total: self._uncompressed.sum(
+            total, key, group=self._leader_group))
 
     def _by_hosts(self, tensor, among_leaders):
+        """Reduce to the host leader, ``among_leaders`` sums the hosts' totals, broadcast back."""
         self.count(tensor)  # to the host leader (sent by members; the leader sends it back)
         dist.reduce(tensor, dst=self._leader, group=self._host_group)
         if self._is_leader:
