@@ -25,6 +25,8 @@ class ConfigError(ValueError):
     def __init__(self, flag: str, message: str):
         super().__init__(f"{flag}: {message}")
         self.flag = flag
+        self.reported = False
+        """A worker told the job's coordinator (``Context.reject``): the launcher prints it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,3 +126,15 @@ def test_the_real_command_exits_2_with_one_line():
     assert result.stderr.strip().splitlines() == [
         "shoal train: error: --task: unknown task 'mnist' (choose from quadratic, ackley, digits, charlm)"
     ]
+
+
+def test_an_option_only_the_workers_can_refuse_exits_2_with_one_line():
+    """digits trains with SGD, which 1-bit Adam's --variance-refresh cannot refresh: the
+    workers find out (the optimizer exists only there) and the launcher says it once."""
+    result = shoal("train", "--task", "digits", "--workers", "2", "--steps", "4", "--compress", "onebit",
+                   "--warmup-steps", "2", "--variance-refresh", "2", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and "[worker" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "shoal train: error: --variance-refresh: refreshes 1-bit Adam's variance: it needs an "
+        "Adam or AdamW optimizer, not SGD")

@@ -79,3 +79,23 @@ def test_a_script_leaves_as_python_would_its_open_files_flushed(tmp_path):
     assert result.returncode == 1 and "exited with code 3" in result.stderr, result.stderr
     assert "[worker 0] exit handler ran" in result.stdout
     assert written.read_text() == "buffered"
+
+
+def test_arguments_shoal_train_refuses_in_every_worker_exit_2_with_one_line(tmp_path):
+    """1-bit Adam cannot run AMSGrad; the script's workers refuse it, and the command says so once."""
+    script = tmp_path / "amsgrad.py"
+    script.write_text(
+        "import torch\n"
+        "import shoal\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "optimizer = torch.optim.Adam(model.parameters(), amsgrad=True)\n"
+        "data = torch.utils.data.TensorDataset(torch.randn(64, 4))\n"
+        "shoal.train(model, optimizer, data, lambda m, b: m(b[0]).sum(), global_batch_size=16, steps=4,\n"
+        "            options=shoal.StrategyOptions(compress='onebit', warmup_steps=2))\n"
+    )
+    result = shoal("run", "--nproc-per-node", "2", str(script), timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        ("shoal run: error: --compress: onebit with Adam (1-bit Adam) does not support the "
+         "optimizer's amsgrad=True")]

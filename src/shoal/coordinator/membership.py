@@ -118,6 +118,8 @@ class Membership:
         self._listeners: list[Callable[[], None]] = []
         self.status = "waiting"  # waiting -> running -> completed | failed
         self.reason = ""
+        self.rejected = False
+        """The job failed because a worker refused its configuration (``reason`` says why)."""
         self.results: dict | None = None
         self.started_at = clock()
         self._last_evaluated = clock()
@@ -252,6 +254,15 @@ class Membership:
             if current is not None and all(self._workers[m].finished for m in current.members):
                 self._set_status("completed", "")
 
+    def reject(self, worker_id: int, detail: str) -> None:
+        """A worker refused the job's configuration: something only the model or optimizer
+        in hand could show (1-bit Adam's options, say). Every worker would refuse it, so the
+        job fails at once, and the launcher prints ``detail`` once instead of N tracebacks."""
+        with self._lock:
+            if self.status not in ("completed", "failed"):
+                self.rejected = True
+                self._set_status("failed", detail)
+
     def fail(self, reason: str) -> None:
         with self._lock:
             if self.status not in ("completed", "failed"):
@@ -339,6 +350,7 @@ class Membership:
             return {
                 "status": self.status,
                 "reason": self.reason,
+                "rejected": self.rejected,
                 "generation": self.current_number,
                 "members": current.members if current else [],
                 "step": max(self._steps, default=-1) + 1,

@@ -95,6 +95,9 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
         echo("shoal train: this host's workers were evicted (cut off or hung); "
              "the job goes on without them")
         return _EVICTED
+    if status.get("rejected"):
+        echo(f"shoal train: error: {status['reason']}")
+        return 2
     if status["status"] != "completed":
         echo(f"shoal train: failed: the job is {status['status']} {status.get('reason', '')}".rstrip())
         return 1

@@ -87,6 +87,9 @@ def run_script(config: RunConfig) -> int:
 
 def _verdict(membership: Membership, failures: list[str]) -> int:
     elastic = bool(membership.snapshot()["workers"])
+    if membership.rejected:  # shoal.train refused its arguments in every worker
+        print(f"shoal run: error: {membership.reason}", file=sys.stderr)
+        return 2
     if elastic and membership.status == "completed":
         for failure in failures:
             print(f"shoal run: survived: {failure}", file=sys.stderr)

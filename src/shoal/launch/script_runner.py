@@ -14,13 +14,19 @@ import runpy
 import sys
 
 from shoal._exit import run_then_exit
+from shoal.config import ConfigError
 
 
 def _run_script() -> int:
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` does
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except ConfigError as error:
+        if not error.reported:
+            raise
+        return 2  # shoal.train refused its arguments and told the coordinator: `shoal run` prints it once
     return 0
 
 

@@ -34,7 +34,8 @@ _PREEMPTION_GRACE_SECONDS = 60.0
 
 
 def run_train(config: TrainConfig) -> int:
-    """Run one training job to the end; returns the process exit code (0 ok, 1 failed)."""
+    """Run one training job to the end; returns the process exit code (0 ok, 1 failed, 2 the
+    workers refused the configuration)."""
     if config.coordinator:
         from shoal.launch.remote_job import run_remote
 
@@ -182,6 +183,9 @@ def _report(config: TrainConfig, membership: Membership, sampler: GlobalBatchSam
         if resumption:
             record.steps = resumption.earlier_steps + record.steps
         write_sample_log(config.sample_log, record, sampler)
+    if membership.rejected:
+        print(f"shoal train: error: {membership.reason}", file=sys.stderr)
+        return 2
     if membership.status != "completed":
         reason = membership.reason or "every worker exited before the job completed"
         print(f"shoal train: failed: {reason}", file=sys.stderr)

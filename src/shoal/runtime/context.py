@@ -17,7 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shoal.coordinator.client import CoordinatorClient
+from shoal.config import ConfigError
+from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 
 __all__ = ["Context", "JobStopped", "GenerationMoved"]
 
@@ -252,6 +253,18 @@ class Context:
         if self.distributed:
             self._client.post("/report", {"worker_id": self.worker_id, "generation": self.generation,
                                           "kind": "failure", "detail": detail[:500]})
+
+    def reject(self, error: ConfigError) -> None:
+        """Refuse the job's configuration: the coordinator fails the job, and the launcher
+        prints ``error`` once (every worker would raise it) and exits 2."""
+        if not self.distributed:
+            return
+        try:
+            self._client.post("/report", {"worker_id": self.worker_id, "kind": "rejected",
+                                          "detail": str(error)[:500]})
+        except CoordinatorUnreachable:
+            return  # not reported: the worker's own traceback is what says why
+        error.reported = True
 
     def report_kill(self, spec: str) -> None:
         if self.distributed:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from shoal.checkpoint import (AsyncSaver, Checkpoint, CheckpointError, Checkpointing, CheckpointStore,
                               check_resumable, job_identity)
-from shoal.config import KillSpec, Slowdown, StrategyOptions
+from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions
 from shoal.data import GlobalBatchSampler, fetch
 from shoal.runtime.async_worker import run_async
 from shoal.runtime.context import Context, GenerationMoved, JobStopped
@@ -133,28 +133,20 @@ def train(
     if context is None:
         context = Context.from_env()
         context.join()
-    options = (options or StrategyOptions()).validate(strategy)
-    chosen = STRATEGIES[strategy](model, optimizer, options)
+    try:
+        chosen = _choose_strategy(model, optimizer, strategy, options, checkpoint)
+        identity = job_identity(model, task=task, global_batch_size=global_batch_size, seed=seed,
+                                strategy=strategy)
+        saver = _checkpoint_saver(checkpoint, identity, context, resume) if checkpoint is not None else None
+    except ConfigError as error:
+        # Every worker refuses alike: the coordinator fails the job, the launcher says why once.
+        context.reject(error)
+        if owns_context:
+            context.close()
+        raise
     chosen.lr_factor = lr_schedule.over(total_steps) if isinstance(lr_schedule, LRSchedule) else lr_schedule
     if context.distributed:
         chosen.await_members = context.await_members
-    identity = job_identity(model, task=task, global_batch_size=global_batch_size, seed=seed,
-                            strategy=strategy)
-    saver = None
-    if chosen.sharded and not chosen.replicated and checkpoint is None:
-        raise ValueError("strategy 'zero' with zero_replicas=1 needs checkpoint=: after a member "
-                         "dies, the last checkpoint is what the others go back to")
-    if checkpoint is not None:
-        if chosen.drives_steps:
-            raise ValueError(f"checkpoints are not supported with strategy {strategy!r} yet")
-        store = CheckpointStore(checkpoint.directory, checkpoint.keep)
-        # A worker that joins a running job (restarted, say) continues the job's own directory.
-        continuing = context.joined_running_job or (
-            resume is not None and _within(resume, checkpoint.directory))
-        if not continuing and store.checkpoints(warn=lambda line: None):
-            raise ValueError(f"{checkpoint.directory} holds another job's checkpoints: continue it "
-                             "with resume=, or give an empty directory")
-        saver = AsyncSaver(store, identity, background=checkpoint.background)
     loop = _Loop(model, optimizer, dataset, loss_fn, sampler, chosen, context, kills, slowdowns,
                  saver, checkpoint.every if checkpoint else 0)
     try:
@@ -182,6 +174,31 @@ def train(
     if owns_context:
         context.finish()
     return result
+
+
+def _choose_strategy(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str,
+                     options: StrategyOptions | None, checkpoint: Checkpointing | None) -> Strategy:
+    """The strategy, built for this model and optimizer; ``ConfigError`` if they do not go together."""
+    options = (options or StrategyOptions()).validate(strategy)
+    chosen = STRATEGIES[strategy](model, optimizer, options)
+    if chosen.sharded and not chosen.replicated and checkpoint is None:
+        raise ConfigError("checkpoint=", "strategy 'zero' with zero_replicas=1 needs it: after a "
+                          "member dies, the last checkpoint is what the others go back to")
+    if checkpoint is not None and chosen.drives_steps:
+        raise ConfigError("checkpoint=", f"not supported with strategy {strategy!r} yet")
+    return chosen
+
+
+def _checkpoint_saver(checkpoint: Checkpointing, identity: dict, context: Context,
+                      resume: str | os.PathLike | None) -> AsyncSaver:
+    """The leader's saver into ``checkpoint.directory``; ``ConfigError`` if another job's is there."""
+    store = CheckpointStore(checkpoint.directory, checkpoint.keep)
+    # A worker that joins a running job (restarted, say) continues the job's own directory.
+    continuing = context.joined_running_job or (resume is not None and _within(resume, checkpoint.directory))
+    if not continuing and store.checkpoints(warn=lambda line: None):
+        raise ConfigError("checkpoint=", f"{checkpoint.directory} holds another job's checkpoints: "
+                          "continue it with resume=, or give an empty directory")
+    return AsyncSaver(store, identity, background=checkpoint.background)
 
 
 def _within(resume: str | os.PathLike, directory: str | os.PathLike) -> bool:

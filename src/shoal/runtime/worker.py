@@ -13,7 +13,7 @@ import torch
 from shoal._exit import run_then_exit
 from shoal._io import atomic_write
 from shoal.checkpoint import Checkpointing
-from shoal.config import TrainConfig
+from shoal.config import ConfigError, TrainConfig
 from shoal.runtime.context import Context, JobStopped
 from shoal.runtime.trainer import Preempted, TrainResult, train
 from shoal.tasks import TASKS
@@ -21,6 +21,8 @@ from shoal.tasks import TASKS
 ENV_CONFIG = "SHOAL_CONFIG"
 EXIT_PREEMPTED = 128 + signal.SIGTERM
 """A worker stopped by SIGTERM at a step boundary (after the leader's checkpoint)."""
+EXIT_REJECTED = 2
+"""A worker refused the job's configuration and told the coordinator (``Context.reject``)."""
 
 
 def _leader_results(task, config: TrainConfig, result: TrainResult) -> dict:
@@ -74,6 +76,11 @@ def main() -> int:
         context.close()
         print(f"worker {context.worker_id}: {stopped}", file=sys.stderr)
         return 3
+    except ConfigError as error:
+        context.close()
+        if not error.reported:
+            raise
+        return EXIT_REJECTED  # the launcher prints it, once for all workers
     results = _leader_results(task, config, result) if result.is_leader else None
     context.finish(results)
     return 0

@@ -32,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 
+from shoal.config import ConfigError
+
 __all__ = ["check_supported", "onebit_adam_step", "uses_momentum_exchange"]
 
 
@@ -44,7 +46,8 @@ def check_supported(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for option in ("amsgrad", "maximize"):
             if group.get(option):
-                raise ValueError(f"--compress onebit with Adam (1-bit Adam) does not support {option}=True")
+                raise ConfigError("--compress", f"onebit with Adam (1-bit Adam) does not support "
+                                  f"the optimizer's {option}=True")
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from shoal.config import ConfigError
 from shoal.strategies._onebit_adam import check_supported, onebit_adam_step, uses_momentum_exchange
 from shoal.strategies.api import Strategy, register
 
@@ -50,8 +51,8 @@ class _DataParallel(Strategy):
             # all-gather, charlm's loss turned back up after 350 steps (docs/BENCHMARKS.md).
             self.compressor.reduce_scatter = True
         if self.options.variance_refresh and not self.exchanges_momentum:
-            raise ValueError("--variance-refresh refreshes 1-bit Adam's variance: it needs an Adam "
-                             "or AdamW optimizer")
+            raise ConfigError("--variance-refresh", "refreshes 1-bit Adam's variance: it needs an Adam "
+                              f"or AdamW optimizer, not {type(optimizer).__name__}")
 
     def setup(self, host_key):
         device_ids = [torch.cuda.current_device()] if next(self.model.parameters()).is_cuda else None
