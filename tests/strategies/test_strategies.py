@@ -125,7 +125,8 @@ def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, wa
     by the paper's compressed all-reduce: cut into one chunk per member, member k gets
     everyone's chunk k as signs times its mean magnitude (its own exactly), adds them, and
     sends the sum the same way to all. What each encoding dropped, its sender owes. Every
-    ``refresh_every`` compressed steps, the variance takes in the exact summed gradient."""
+    ``refresh_every`` compressed steps, the variance takes in the exact summed gradient, for
+    each of the steps since the last refresh."""
     dataset = task.train_dataset()
     sampler = GlobalBatchSampler(len(dataset), batch, task.seed)
     model = task.build_model()
@@ -157,8 +158,10 @@ def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, wa
             if refresh_every and since % refresh_every == 0:
                 for index, p in enumerate(parameters):
                     gradient = sum(share[index] for share in shares)
-                    optimizer.state[p]["exp_avg_sq"].mul_(beta2).add_(gradient * gradient * (1 - beta2))
-            updates = warmup + (since // refresh_every if refresh_every else 0)
+                    # as Adam's variance would take in the refresh_every steps since the last
+                    optimizer.state[p]["exp_avg_sq"].mul_(beta2 ** refresh_every).add_(
+                        gradient * gradient * (1 - beta2 ** refresh_every))
+            updates = warmup + (since // refresh_every * refresh_every if refresh_every else 0)
             scales = [(optimizer.state[p]["exp_avg_sq"] / (1 - beta2 ** updates)).sqrt() + eps
                       for p in parameters]
             chunks = []  # chunks[rank][k]: what member rank sends member k

@@ -54,12 +54,19 @@ def check_supported(optimizer: torch.optim.Optimizer) -> None:
 def onebit_adam_step(optimizer: torch.optim.Optimizer,
                      exchange: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor],
                      members: int, frozen_at: int,
-                     refresh: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                     refresh: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     refresh_spans: int = 1) -> None:
     """One step. ``exchange(flat, parameters)`` sums the members' contributions, laid end to
-    end in the order of ``parameters`` (compressed); ``frozen_at`` is the number of updates
-    the variance has had, this step's refresh included (the warm-up's steps, then one per
-    refresh). ``refresh(flat)``, when given, sums the members' gradients exactly: the
-    variance takes them in, as Adam's would, and is frozen again.
+    end in the order of ``parameters`` (compressed); ``frozen_at`` is the number of steps the
+    variance stands for, this step's refresh included: the warm-up's, then ``refresh_spans``
+    per refresh. ``refresh(flat)``, when given, sums the members' gradients exactly, and the
+    variance takes them in for the ``refresh_spans`` steps since the last refresh, as Adam's
+    would have had each of those steps brought this gradient:
+
+        v = beta2^R v + (1 - beta2^R) g^2,   R = refresh_spans
+
+    then it is frozen again. Weighting a refresh as one step instead (v = beta2 v + ...)
+    lets the warm-up's few early, large gradients outweigh the refreshes for most of a run.
 
     Every collective comes before any state changes, so a step that fails in one (a member
     died) leaves the optimizer as it was, for the redo."""
@@ -78,8 +85,8 @@ def onebit_adam_step(optimizer: torch.optim.Optimizer,
     if refresh is not None:
         summed = refresh(torch.cat([g.reshape(-1) for g in gradients]))
         summed = summed.split([p.numel() for _, p in pairs])
-        variances = [v * group["betas"][1] + (g.view_as(v) ** 2) * (1 - group["betas"][1])
-                     for v, g, (group, _) in zip(variances, summed, pairs)]
+        kept = [group["betas"][1] ** refresh_spans for group, _ in pairs]
+        variances = [v * k + (g.view_as(v) ** 2) * (1 - k) for v, g, k in zip(variances, summed, kept)]
     denominators, contributions = [], []
     for (group, p), gradient, variance in zip(pairs, gradients, variances):
         beta1, beta2 = group["betas"]

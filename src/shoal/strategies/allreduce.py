@@ -101,13 +101,14 @@ class _DataParallel(Strategy):
                 return self.compressed_sum(flat, "momentum", self._named(parameters))
 
             # A function of the step alone, as the warm-up is: a redone or resumed step refreshes
-            # as it did the first time, and the variance's count of updates follows.
+            # as it did the first time, and the steps its variance stands for follow.
             warmup, every = self.options.warmup_steps, self.options.variance_refresh
             since = step - warmup + 1  # compressed steps, this one included
             refreshing = bool(every) and since % every == 0
             refresh = functools.partial(self.exact_sum, key="variance") if refreshing else None
+            refreshes = since // every if every else 0
             onebit_adam_step(self.optimizer, exchange, dist.get_world_size(),
-                             frozen_at=warmup + (since // every if every else 0), refresh=refresh)
+                             frozen_at=warmup + refreshes * every, refresh=refresh, refresh_spans=every)
         else:
             self.optimizer.step()
         self.compressor.commit()
