@@ -1,5 +1,9 @@
 """Bad input: exit code 2 and ONE line that names the flag to change."""
 
+import re
+import subprocess
+import sys
+
 import pytest
 
 from shoal.cli.main import main
@@ -128,13 +132,27 @@ def test_the_real_command_exits_2_with_one_line():
     ]
 
 
-def test_an_option_only_the_workers_can_refuse_exits_2_with_one_line():
+@pytest.mark.parametrize("standalone", [False, True], ids=["embedded", "standalone-coordinator"])
+def test_an_option_only_the_workers_can_refuse_exits_2_with_one_line(standalone):
     """digits trains with SGD, which 1-bit Adam's --variance-refresh cannot refresh: the
-    workers find out (the optimizer exists only there) and the launcher says it once."""
-    result = shoal("train", "--task", "digits", "--workers", "2", "--steps", "4", "--compress", "onebit",
-                   "--warmup-steps", "2", "--variance-refresh", "2", timeout=120)
+    workers find out (the optimizer exists only there) and the launcher says it once, with
+    its own coordinator or joining a standalone one."""
+    joining, coordinator = [], None
+    if standalone:
+        coordinator = subprocess.Popen(
+            [sys.executable, "-m", "shoal.cli.main", "coordinator", "--port", "0", "--token", "t0k",
+             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        address = re.search(r"listening on http://(\S+)", coordinator.stdout.readline()).group(1)
+        joining = ["--coordinator", address, "--token", "t0k"]
+    try:
+        result = shoal("train", "--task", "digits", "--workers", "2", "--steps", "4", "--compress", "onebit",
+                       "--warmup-steps", "2", "--variance-refresh", "2", *joining, timeout=120)
+    finally:
+        if coordinator is not None:
+            coordinator.terminate()
+            coordinator.communicate(timeout=30)
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr and "[worker" not in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and "[worker" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "shoal train: error: --variance-refresh: refreshes 1-bit Adam's variance: it needs an "
         "Adam or AdamW optimizer, not SGD")
