@@ -117,16 +117,44 @@ def test_diloco_equals_its_algorithm_written_out_in_one_process(tmp_path):
     assert relative_difference(model, tmp_path / "expected.pt") <= 1e-4
 
 
+def compressed_all_reduce(inputs: list[torch.Tensor], roundtrip) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The paper's compressed all-reduce of each member's flat input, written out: cut into
+    one chunk per member, member k gets everyone's chunk k through ``roundtrip`` (encoded and
+    decoded; its own exactly), adds them, and sends the sum the same way to all. Returns the
+    sum every member gets, and what each encoding dropped, owed by its sender."""
+    workers, size = len(inputs), inputs[0].numel()
+    padded = size + -size % workers
+    chunks = [torch.nn.functional.pad(x, (0, padded - size)).view(workers, -1) for x in inputs]
+    dropped = torch.empty(workers, workers, padded // workers)  # [rank][k], as chunks
+    sums = []
+    for k in range(workers):
+        total = chunks[k][k].clone()
+        for rank in range(workers):
+            if rank != k:
+                total += roundtrip(chunks[rank][k])
+                dropped[rank][k] = chunks[rank][k] - roundtrip(chunks[rank][k])
+        dropped[k][k] = total - roundtrip(total)
+        sums.append(roundtrip(total))
+    return torch.cat(sums)[:size], [debt.reshape(-1)[:size] for debt in dropped]
+
+
+def signs(values: torch.Tensor) -> torch.Tensor:
+    return torch.where(values >= 0, 1.0, -1.0) * values.abs().mean()
+
+
+def int8(values: torch.Tensor) -> torch.Tensor:
+    scale = values.abs().max().clamp_min(1e-30) / 127.0
+    return torch.round(values / scale).clamp(-127, 127) * scale
+
+
 def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, warmup: int,
                                refresh_every: int = 0) -> dict:
     """1-bit Adam written out in one process, independently of shoal's code: AdamW on the
     summed gradient through the warm-up; then each member's momentum contribution, divided
     by AdamW's denominator with the warm-up's variance, plus what it still owes, is summed
-    by the paper's compressed all-reduce: cut into one chunk per member, member k gets
-    everyone's chunk k as signs times its mean magnitude (its own exactly), adds them, and
-    sends the sum the same way to all. What each encoding dropped, its sender owes. Every
-    ``refresh_every`` compressed steps, the variance takes in the exact summed gradient, for
-    each of the steps since the last refresh."""
+    by the paper's compressed all-reduce in signs. Every ``refresh_every`` compressed steps,
+    the variance takes in the gradients summed the same way in int8 (with their own debts),
+    for each of the steps since the last refresh."""
     dataset = task.train_dataset()
     sampler = GlobalBatchSampler(len(dataset), batch, task.seed)
     model = task.build_model()
@@ -135,11 +163,8 @@ def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, wa
     (beta1, beta2), lr, eps, decay = group["betas"], group["lr"], group["eps"], group["weight_decay"]
     parameters = list(model.parameters())
     size = sum(p.numel() for p in parameters)
-    padded = size + -size % workers
     owed = [torch.zeros(size) for _ in range(workers)]
-
-    def signs(values):
-        return torch.where(values >= 0, 1.0, -1.0) * values.abs().mean()
+    owed_by_refresh = [torch.zeros(size) for _ in range(workers)]
 
     for step in range(steps):
         shares = []
@@ -156,32 +181,20 @@ def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, wa
         with torch.no_grad():
             since = step - warmup + 1
             if refresh_every and since % refresh_every == 0:
-                for index, p in enumerate(parameters):
-                    gradient = sum(share[index] for share in shares)
-                    # as Adam's variance would take in the refresh_every steps since the last
-                    optimizer.state[p]["exp_avg_sq"].mul_(beta2 ** refresh_every).add_(
-                        gradient * gradient * (1 - beta2 ** refresh_every))
+                flat = [torch.cat([g.reshape(-1) for g in share]) + debt
+                        for share, debt in zip(shares, owed_by_refresh)]
+                summed, owed_by_refresh = compressed_all_reduce(flat, int8)
+                kept = beta2 ** refresh_every  # as Adam's variance over the steps since the last
+                for p, gradient in zip(parameters, summed.split([p.numel() for p in parameters])):
+                    optimizer.state[p]["exp_avg_sq"].mul_(kept).add_(gradient.view_as(p) ** 2 * (1 - kept))
             updates = warmup + (since // refresh_every * refresh_every if refresh_every else 0)
             scales = [(optimizer.state[p]["exp_avg_sq"] / (1 - beta2 ** updates)).sqrt() + eps
                       for p in parameters]
-            chunks = []  # chunks[rank][k]: what member rank sends member k
-            for rank, share in enumerate(shares):
-                sent = torch.cat([((optimizer.state[p]["exp_avg"] * beta1 / workers + g * (1 - beta1)) / d)
-                                  .reshape(-1) for p, g, d in zip(parameters, share, scales)])
-                sent = torch.nn.functional.pad(sent + owed[rank], (0, padded - size))
-                chunks.append(sent.view(workers, -1))
-            dropped = torch.empty(workers, workers, padded // workers)  # [rank][k], as chunks
-            direction = []
-            for k in range(workers):
-                total = chunks[k][k].clone()
-                for rank in range(workers):
-                    if rank != k:
-                        total += signs(chunks[rank][k])
-                        dropped[rank][k] = chunks[rank][k] - signs(chunks[rank][k])
-                dropped[k][k] = total - signs(total)
-                direction.append(signs(total))
-            owed = [debt.reshape(-1)[:size] for debt in dropped]
-            parts = torch.cat(direction)[:size].split([p.numel() for p in parameters])
+            sent = [torch.cat([((optimizer.state[p]["exp_avg"] * beta1 / workers + g * (1 - beta1)) / d)
+                               .reshape(-1) for p, g, d in zip(parameters, share, scales)]) + debt
+                    for share, debt in zip(shares, owed)]
+            direction, owed = compressed_all_reduce(sent, signs)
+            parts = direction.split([p.numel() for p in parameters])
             updates = [part.view_as(p) for part, p in zip(parts, parameters)]
             for p, u, d in zip(parameters, updates, scales):
                 state = optimizer.state[p]

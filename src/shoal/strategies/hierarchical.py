@@ -56,10 +56,9 @@ class Hierarchical(_DataParallel):
         return self._by_hosts(tensor, lambda total: self.exchange.sum(
             total, key, group=self._leader_group, parts=parts))
 
-    def exact_sum(self, tensor, key):
-        """As ``compressed_sum``, uncompressed among the leaders even after the warm-up."""
-        return self._by_hosts(tensor, lambda total: self._uncompressed.sum(
-            total, key, group=self._leader_group))
+    def refresh_sum(self, tensor, key):
+        """As ``compressed_sum``, through the variance refresh's compressor among the leaders."""
+        return self._by_hosts(tensor, lambda total: self._refresh.sum(total, key, group=self._leader_group))
 
     def _by_hosts(self, tensor, among_leaders):
         """Reduce to the host leader, ``among_leaders`` sums the hosts' totals, broadcast back."""
