@@ -67,7 +67,7 @@ def _add_train(commands) -> None:
                       "1-bit Adam freezes Adam's variance after them (default 0)")
     talk.add_argument("--variance-refresh", type=int, default=0, metavar="R",
                       help="1-bit Adam: every R steps after the warm-up, sum the gradients "
-                      "uncompressed once and refresh Adam's frozen variance with them, weighted "
+                      "once in int8 and refresh Adam's frozen variance with them, weighted "
                       "as the R steps since the last refresh (default 0: never)")
     talk.add_argument("--zero-replicas", type=int, default=2, metavar="R",
                       help="zero: members holding each shard (default 2: a death costs no step; "

@@ -59,7 +59,7 @@ def onebit_adam_step(optimizer: torch.optim.Optimizer,
     """One step. ``exchange(flat, parameters)`` sums the members' contributions, laid end to
     end in the order of ``parameters`` (compressed); ``frozen_at`` is the number of steps the
     variance stands for, this step's refresh included: the warm-up's, then ``refresh_spans``
-    per refresh. ``refresh(flat)``, when given, sums the members' gradients exactly, and the
+    per refresh. ``refresh(flat)``, when given, sums the members' gradients (in int8), and the
     variance takes them in for the ``refresh_spans`` steps since the last refresh, as Adam's
     would have had each of those steps brought this gradient:
 
