@@ -56,7 +56,8 @@ class _DataParallel(Strategy):
                               f"or AdamW optimizer, not {type(optimizer).__name__}")
         self._refresh = COMPRESSORS["int8"]()
         """How 1-bit Adam's variance refreshes sum the gradients: int8 with error feedback, a
-        quarter of fp32's bytes, and as good a variance on charlm (docs/BENCHMARKS.md)."""
+        quarter of fp32's bytes; on charlm, refreshing every 10 steps, as good a loss as fp32
+        sums (spaced further, less reliable: docs/BENCHMARKS.md)."""
 
     def setup(self, host_key):
         device_ids = [torch.cuda.current_device()] if next(self.model.parameters()).is_cuda else None
