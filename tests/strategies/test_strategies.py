@@ -142,9 +142,11 @@ def signs(values: torch.Tensor) -> torch.Tensor:
     return torch.where(values >= 0, 1.0, -1.0) * values.abs().mean()
 
 
-def int8(values: torch.Tensor) -> torch.Tensor:
-    scale = values.abs().max().clamp_min(1e-30) / 127.0
-    return torch.round(values / scale).clamp(-127, 127) * scale
+def int8_blocks(values: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """int8 with one scale per block of 256 values."""
+    rows = torch.nn.functional.pad(values, (0, -values.numel() % block)).view(-1, block)
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127.0
+    return (torch.round(rows / scale).clamp(-127, 127) * scale).reshape(-1)[: values.numel()]
 
 
 def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, warmup: int,
@@ -153,7 +155,8 @@ def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, wa
     summed gradient through the warm-up; then each member's momentum contribution, divided
     by AdamW's denominator with the warm-up's variance, plus what it still owes, is summed
     by the paper's compressed all-reduce in signs. Every ``refresh_every`` compressed steps,
-    the variance takes in the gradients summed the same way in int8 (with their own debts),
+    the variance takes in the gradients summed the same way in int8, a scale per block of
+    256 (with their own debts),
     for each of the steps since the last refresh."""
     dataset = task.train_dataset()
     sampler = GlobalBatchSampler(len(dataset), batch, task.seed)
@@ -183,7 +186,7 @@ def onebit_adam_in_one_process(task, *, workers: int, steps: int, batch: int, wa
             if refresh_every and since % refresh_every == 0:
                 flat = [torch.cat([g.reshape(-1) for g in share]) + debt
                         for share, debt in zip(shares, owed_by_refresh)]
-                summed, owed_by_refresh = compressed_all_reduce(flat, int8)
+                summed, owed_by_refresh = compressed_all_reduce(flat, int8_blocks)
                 kept = beta2 ** refresh_every  # as Adam's variance over the steps since the last
                 for p, gradient in zip(parameters, summed.split([p.numel() for p in parameters])):
                     optimizer.state[p]["exp_avg_sq"].mul_(kept).add_(gradient.view_as(p) ** 2 * (1 - kept))

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from shoal.compression import COMPRESSORS
+from shoal.compression.int8 import BlockInt8
 from shoal.config import ConfigError
 from shoal.strategies._onebit_adam import check_supported, onebit_adam_step, uses_momentum_exchange
 from shoal.strategies.api import Strategy, register
@@ -54,10 +54,10 @@ class _DataParallel(Strategy):
         if self.options.variance_refresh and not self.exchanges_momentum:
             raise ConfigError("--variance-refresh", "refreshes 1-bit Adam's variance: it needs an Adam "
                               f"or AdamW optimizer, not {type(optimizer).__name__}")
-        self._refresh = COMPRESSORS["int8"]()
-        """How 1-bit Adam's variance refreshes sum the gradients: int8 with error feedback, a
-        quarter of fp32's bytes; on charlm, refreshing every 10 steps, as good a loss as fp32
-        sums (spaced further, less reliable: docs/BENCHMARKS.md)."""
+        self._refresh = BlockInt8()
+        """How 1-bit Adam's variance refreshes sum the gradients: int8 with a scale per block
+        of 256 and error feedback, about a quarter of fp32's bytes and, on charlm, as good a
+        loss as fp32 sums (docs/BENCHMARKS.md)."""
 
     def setup(self, host_key):
         device_ids = [torch.cuda.current_device()] if next(self.model.parameters()).is_cuda else None
