@@ -121,8 +121,9 @@ class StrategyOptions:
     every step until then (post-local SGD, Lin et al. 2020): compressors and local steps cost
     most quality early in training."""
     variance_refresh: int = 0
-    """1-bit Adam: every this many compressed steps, the gradients are summed exactly once
-    and Adam's frozen variance takes them in (0: frozen for good, as in the paper)."""
+    """1-bit Adam: every this many compressed steps, the gradients are summed once (int8, a
+    scale per 256 values) and Adam's frozen variance takes them in, weighted as the steps
+    since the last refresh (0: frozen for good, as in the paper)."""
     zero_replicas: int = 2
     """zero: members holding each shard (replica groups as in HSDP). A member's death costs
     nothing while another holds each of its shards; with 1, a crash goes back to the last

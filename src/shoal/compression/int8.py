@@ -19,28 +19,13 @@ __all__ = ["BlockInt8", "Int8"]
 class Int8(Compressor):
     name = "int8"
     error_feedback = True
+    block: int | None = None
+    """Values per scale; None: one scale for the whole tensor encoded (a reduce-scatter chunk)."""
 
     def _encode(self, tensor, key):
-        scale = tensor.abs().max().float().clamp_min(1e-30) / 127.0
-        values = torch.round(tensor / scale).clamp_(-127, 127).to(torch.int8)
-        return [values, scale.reshape(1)]
-
-    def _decode(self, encoded, like):
-        values, scale = encoded
-        return values.to(like.dtype) * scale.to(like.dtype)
-
-
-class BlockInt8(Int8):
-    """int8 with one scale per block of ``block`` values (4 / block more bytes): a chunk's
-    small values keep their own scale instead of rounding to 0 under its largest. 1-bit
-    Adam's variance refreshes use it; with one scale per chunk, refreshes every 25 charlm
-    steps ended 8.7% above allreduce on one seed, with blocks of 256 at its loss
-    (docs/BENCHMARKS.md). Not a ``--compress`` choice."""
-
-    block = 256
-
-    def _encode(self, tensor, key):
-        rows = F.pad(tensor.reshape(-1), (0, -tensor.numel() % self.block)).view(-1, self.block)
+        flat = tensor.reshape(-1)
+        size = self.block or max(flat.numel(), 1)
+        rows = F.pad(flat, (0, -flat.numel() % size)).view(-1, size)
         scale = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-30) / 127.0
         values = torch.round(rows / scale).clamp_(-127, 127).to(torch.int8)
         return [values, scale.reshape(-1)]
@@ -49,3 +34,13 @@ class BlockInt8(Int8):
         values, scale = encoded
         rows = values.to(like.dtype) * scale.to(like.dtype).view(-1, 1)
         return rows.reshape(-1)[: like.numel()].view_as(like)
+
+
+class BlockInt8(Int8):
+    """int8 with one scale per block of 256 values (1.6% more bytes): a chunk's small values
+    keep their own scale instead of rounding to 0 under its largest. 1-bit Adam's variance
+    refreshes use it; with one scale per chunk, refreshes every 25 charlm steps ended 8.7%
+    above allreduce on one seed, with blocks of 256 at its loss (docs/BENCHMARKS.md). Not a
+    ``--compress`` choice."""
+
+    block = 256
