@@ -147,12 +147,17 @@ def test_an_option_only_the_workers_can_refuse_exits_2_with_one_line(standalone)
     try:
         result = shoal("train", "--task", "digits", "--workers", "2", "--steps", "4", "--compress", "onebit",
                        "--warmup-steps", "2", "--variance-refresh", "2", *joining, timeout=120)
+        # the standalone coordinator ends the job itself (after --linger) and calls it bad input too
+        coordinator_exit = coordinator and (coordinator.wait(timeout=60), coordinator.communicate()[1])
     finally:
-        if coordinator is not None:
-            coordinator.terminate()
+        if coordinator is not None and coordinator.poll() is None:
+            coordinator.kill()
             coordinator.communicate(timeout=30)
+    reason = ("--variance-refresh: refreshes 1-bit Adam's variance: it needs an Adam or AdamW "
+              "optimizer, not SGD")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stdout + result.stderr and "[worker" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "shoal train: error: --variance-refresh: refreshes 1-bit Adam's variance: it needs an "
-        "Adam or AdamW optimizer, not SGD")
+    assert result.stderr.strip().splitlines()[-1] == f"shoal train: error: {reason}"
+    if standalone:
+        returncode, stderr = coordinator_exit
+        assert (returncode, stderr.strip().splitlines()) == (2, [f"shoal coordinator: error: {reason}"])

@@ -49,5 +49,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         pass
     finally:
         coordinator.stop()
+    if membership.rejected:  # the workers refused the job's configuration: bad input, exit 2
+        print(f"shoal coordinator: error: {membership.reason}", file=sys.stderr)
+        return 2
     print(f"shoal coordinator: job {membership.status} {membership.reason}".rstrip(), file=sys.stderr)
     return 0 if membership.status == "completed" else 1

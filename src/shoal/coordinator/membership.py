@@ -254,7 +254,7 @@ class Membership:
             if current is not None and all(self._workers[m].finished for m in current.members):
                 self._set_status("completed", "")
 
-    def reject(self, worker_id: int, detail: str) -> None:
+    def reject(self, detail: str) -> None:
         """A worker refused the job's configuration: something only the model or optimizer
         in hand could show (1-bit Adam's options, say). Every worker would refuse it, so the
         job fails at once, and the launcher prints ``detail`` once instead of N tracebacks."""

@@ -176,7 +176,7 @@ class Coordinator:
         if body.get("kind") == "kill":
             self.membership.report_kill(worker_id, str(body.get("detail", "")))
         elif body.get("kind") == "rejected":
-            self.membership.reject(worker_id, str(body.get("detail", "")))
+            self.membership.reject(str(body.get("detail", "")))
         else:
             self.membership.report_failure(worker_id, int(body.get("generation", 0)),
                                            str(body.get("detail", "")))
