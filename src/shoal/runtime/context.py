@@ -204,16 +204,28 @@ class Context:
             self._generation_members[self.generation] = self.members
             self.rank = self.members.index(self.worker_id)
             self.world_size = len(self.members)
-            self._init_process_group()
+            try:
+                self._init_process_group()
+            except GenerationMoved:
+                continue  # a member never came before the next generation formed: take that
             return
 
     def _init_process_group(self) -> None:
         store = self.generation_store = dist.PrefixStore(f"generation/{self.generation}/", self._store)
-        # Connecting gets longer than an operation: a member may still be leaving the old
-        # generation (stuck in a collective until it times out) when the others already connect.
+        if self.distributed:
+            # Connect only once every member is here. A member may skip this generation (it
+            # asked after the next one formed) or still be leaving the old one; gloo would wait
+            # for it until its timeout, this wait leaves as soon as the coordinator moves on.
+            self.await_members("joined")
+        # Connecting a full mesh gets longer than an operation: on a loaded machine the members
+        # that passed the wait above can still reach the rendezvous seconds apart.
         timeout = timedelta(seconds=self.heartbeat_timeout)
-        dist.init_process_group(default_backend(), store=store, rank=self.rank,
-                                world_size=self.world_size, timeout=3 * timeout)
+        try:
+            dist.init_process_group(default_backend(), store=store, rank=self.rank,
+                                    world_size=self.world_size, timeout=3 * timeout)
+        except BaseException:
+            _forget_failed_group()
+            raise
         dist.distributed_c10d._set_pg_timeout(timeout)
 
     def reachable_host(self) -> str:
@@ -305,3 +317,13 @@ class Context:
         if self._client is not None:
             self._client.close()
         self.leave_generation()
+
+
+def _forget_failed_group() -> None:
+    """A group's rendezvous keys carry a per-process count of the groups created since the
+    last default group was destroyed (torch resets it then, so that processes recreating
+    their groups after a failure agree). A default group whose creation failed is never
+    destroyed, so its count would stay: the next generation's keys would then differ from a
+    fresh member's and nobody would ever connect. Reset it as destroying would have."""
+    if not dist.is_initialized():
+        dist.distributed_c10d._world.group_count = 0

@@ -1,0 +1,121 @@
+"""Forming a generation's group across real processes when members arrive out of step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch.distributed as dist
+
+from shoal.coordinator import Coordinator, Membership
+
+MEMBER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    from shoal.runtime.context import Context
+
+    url, token, worker_id, signals = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+
+    def wait_for(name):
+        while not (signals / name).exists():
+            time.sleep(0.01)
+
+    context = Context(url, token, worker_id, heartbeat_interval=0.05)
+    context.join()
+    context.enter_next_generation()
+    context.leave_generation()
+    (signals / f"left-{worker_id}").touch()
+    wait_for(f"go-{worker_id}")
+    context.enter_next_generation()
+    total = torch.tensor([float(worker_id + 1)])
+    dist.all_reduce(total)
+    print(context.generation, int(total.item()), flush=True)
+    context.close()
+    os._exit(0)  # as shoal's workers leave (shoal._exit): gloo's teardown aborts now and then
+""")
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_member_that_skips_a_generation_does_not_hold_the_others(tmp_path):
+    """Worker 0 enters generation 2; worker 1 asks only once generation 3 has formed, so it
+    never comes to 2. Worker 0 must go on to 3 as soon as the coordinator forms it, not wait
+    for 2's connection to time out (90 s here, three heartbeat timeouts, beyond the test's
+    60 s)."""
+    membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=30)
+    coordinator = Coordinator(membership, token="t").start()
+    members = [subprocess.Popen([sys.executable, "-c", MEMBER, coordinator.url, "t", str(worker),
+                                 str(tmp_path)], stdout=subprocess.PIPE, text=True)
+               for worker in (0, 1)]
+    try:
+        wait_for(lambda: all((tmp_path / f"left-{w}").exists() for w in (0, 1)), "generation 1")
+        membership.report_failure(0, 1, "test: form generation 2")
+        wait_for(lambda: membership.current_number == 2, "generation 2")
+        (tmp_path / "go-0").touch()
+        joined = dist.PrefixStore("generation/2/", coordinator.store)
+        wait_for(lambda: joined.check(["shoal/ready/joined/0"]), "worker 0 in generation 2")
+        membership.report_failure(0, 2, "test: form generation 3")
+        wait_for(lambda: membership.current_number == 3, "generation 3")
+        (tmp_path / "go-1").touch()
+        outputs = [member.communicate(timeout=60)[0] for member in members]
+        assert [member.returncode for member in members] == [0, 0]
+        assert [output.split() for output in outputs] == [["3", "3"], ["3", "3"]]
+    finally:
+        for member in members:
+            member.kill()
+            member.wait()
+        coordinator.stop()
+
+
+VETERAN_AND_NEWCOMER = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist
+    from shoal.runtime.context import Context
+
+    port, role = int(sys.argv[1]), sys.argv[2]
+    context = Context(None, None, 0)  # its groups formed by hand, as enter_next_generation would
+    context._store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    context.world_size = 2
+    if role == "veteran":  # generation 1: the newcomer never comes, the connection times out
+        context.generation, context.rank, context.heartbeat_timeout = 1, 0, 1.0
+        try:
+            context._init_process_group()
+        except RuntimeError:
+            pass
+        else:
+            raise SystemExit("generation 1 formed without its second member")
+    context.generation, context.rank = 2, 0 if role == "veteran" else 1
+    context.heartbeat_timeout = 20.0  # the two may reach generation 2 seconds apart
+    context._init_process_group()
+    total = torch.tensor([1.0])
+    dist.all_reduce(total)
+    print(int(total.item()), flush=True)
+    os._exit(0)
+""")
+
+
+def test_a_group_that_failed_to_form_leaves_no_trace_on_the_next():
+    """A member whose connection to one generation failed must connect to the next with a
+    fresh process: torch names a default group after a per-process count that only
+    destroying a group resets, and a failed group is never destroyed. (Before, the two
+    waited for each other's keys under different names until both timed out.)"""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    processes = [subprocess.Popen([sys.executable, "-c", VETERAN_AND_NEWCOMER, str(store.port), role],
+                                  stdout=subprocess.PIPE, text=True)
+                 for role in ("veteran", "newcomer")]
+    try:
+        outputs = [process.communicate(timeout=120)[0] for process in processes]
+        assert [process.returncode for process in processes] == [0, 0]
+        assert outputs == ["2\n", "2\n"]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
