@@ -301,14 +301,28 @@ class TrainConfig:
             if slowdown.rank >= self.workers:
                 raise ConfigError("--slowdown", f"rank {slowdown.rank} does not exist with --workers {self.workers}")
         if self.coordinator is not None:
-            _split_address("--coordinator", self.coordinator)
-            if not self.token:
-                raise ConfigError("--token", "joining a standalone coordinator needs its job token")
+            self._validate_joining()
         self._validate_checkpoints()
         check_writable_file("--output", self.output)
         check_writable_file("--save-model", self.save_model)
         check_writable_file("--sample-log", self.sample_log)
         return self
+
+    def _validate_joining(self) -> None:
+        """With ``--coordinator`` the standalone coordinator owns membership: the flags that
+        configure an embedded one would be ignored, so they are refused instead."""
+        _split_address("--coordinator", self.coordinator)
+        if not self.token:
+            raise ConfigError("--token", "joining a standalone coordinator needs its job token")
+        defaults = TrainConfig.__dataclass_fields__
+        for name, flag in (("min_workers", "--min-workers"), ("heartbeat_timeout", "--heartbeat-timeout")):
+            if getattr(self, name) != defaults[name].default:
+                raise ConfigError(flag, "with --coordinator the standalone coordinator sets it: "
+                                  f"give it to `shoal coordinator {flag}`")
+        if self.max_workers is not None:
+            raise ConfigError("--max-workers", "not supported with --coordinator")
+        if self.host != defaults["host"].default:
+            raise ConfigError("--host", "binds an embedded coordinator: with --coordinator there is none")
 
     def schedule(self) -> LRSchedule:
         from shoal.runtime.schedule import LRSchedule

@@ -53,6 +53,11 @@ BAD_TRAIN_FLAGS = [
     (["--checkpoint-dir", "/tmp", "--checkpoint-keep", "0"], "--checkpoint-keep"),
     (["--checkpoint-dir", "/tmp", "--strategy", "async"], "--checkpoint-dir"),
     (["--resume", "/nonexistent-dir"], "--resume"),
+    # the standalone coordinator owns membership: flags for an embedded one are refused
+    (["--coordinator", "127.0.0.1:1", "--token", "t", "--min-workers", "2"], "--min-workers"),
+    (["--coordinator", "127.0.0.1:1", "--token", "t", "--heartbeat-timeout", "9"], "--heartbeat-timeout"),
+    (["--coordinator", "127.0.0.1:1", "--token", "t", "--max-workers", "3"], "--max-workers"),
+    (["--coordinator", "127.0.0.1:1", "--token", "t", "--host", "0.0.0.0"], "--host"),
 ]
 
 BAD_BENCH_FLAGS = [

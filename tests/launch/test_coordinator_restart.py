@@ -42,7 +42,7 @@ def test_training_survives_a_coordinator_restart(tmp_path):
     first, port = coordinator(0)
     launcher = subprocess.Popen(
         [sys.executable, "-m", "shoal.cli.main", "train", *TASK, "--workers", "3", "--quiet",
-         "--coordinator", f"127.0.0.1:{port}", "--token", TOKEN, "--heartbeat-timeout", "2",
+         "--coordinator", f"127.0.0.1:{port}", "--token", TOKEN,
          "--kill", "1@500", "--save-model", str(tmp_path / "model.pt")],
         stderr=subprocess.PIPE, text=True)
     second = None

@@ -138,7 +138,7 @@ def _run_one(settings: WanSettings, label: str, flags: list[str], root: Path, *,
                 sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
                 "--steps", str(settings.steps), "--seed", str(settings.seed), *batch,
                 "--workers", "1", "--quiet", "--coordinator", address, "--token", _TOKEN,
-                "--heartbeat-timeout", str(settings.heartbeat_timeout), *files, *flags],
+                *files, *flags],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
         codes = [p.wait(timeout=3600) for p in processes[1:]]
         sent = sum(hosts.tx_bytes(i) - b for i, b in zip(range(1, settings.hosts + 1), before))

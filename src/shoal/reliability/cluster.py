@@ -114,7 +114,6 @@ def _start_launcher(hosts: Hosts, index: int, workers: int, settings, address: s
                "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
                "--seed", str(settings.seed), "--workers", str(workers), "--quiet",
                "--coordinator", address, "--token", _TOKEN,
-               "--heartbeat-timeout", str(settings.heartbeat_timeout),
                "--output", str(directory / "results.json"),
                "--sample-log", str(directory / "samples.jsonl"),
                "--save-model", str(directory / "model.pt"), *strategy_flags(settings, None)]
