@@ -37,11 +37,8 @@ class ScalingRow:
 
 
 def device_label() -> str:
-    """What the workers compute on and talk over (shoal picks NCCL when CUDA is there)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, NCCL"
+    """What the workers compute on and talk over: the built-in tasks keep their models on
+    the CPU, whose tensors go over gloo even where CUDA is present."""
     return f"CPU ({os.cpu_count()} cores), gloo"
 
 

@@ -83,7 +83,7 @@ def _init_process_group() -> None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=False, use_libuv=True)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+    dist.init_process_group("gloo",  # the task's model is on the CPU, as in shoal's workers
                             store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank, world_size=world)
 
 

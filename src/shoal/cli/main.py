@@ -84,7 +84,7 @@ def _add_train(commands) -> None:
                        help="GLOBAL batch size, constant when workers die (default: the task's)")
     train.add_argument("--lr", type=float, help="learning rate (default: the task's)")
     train.add_argument("--lr-schedule", default="constant", metavar="KIND",
-                       help="constant, or cosine: down to 0 at the last step (default constant)")
+                       help="constant, or cosine: down to 0 after the last step (default constant)")
     train.add_argument("--lr-warmup", type=int, default=0, metavar="S",
                        help="raise the learning rate linearly over the first S steps (default 0)")
     train.add_argument("--seed", type=int, default=0, help="data order and init seed (default 0)")
