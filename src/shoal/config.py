@@ -96,6 +96,10 @@ def _split_address(flag: str, address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def coordinator_url(address: str) -> str:
     host, port = _split_address("--coordinator", address)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -307,6 +311,17 @@ class TrainConfig:
         check_writable_file("--save-model", self.save_model)
         check_writable_file("--sample-log", self.sample_log)
         return self
+
+    def job_spec(self) -> dict[str, object]:
+        """What every launcher of one job must agree on, by flag (after :meth:`validate`): the
+        data, the model's training and how workers talk. Per-host things (worker count,
+        faults, output files) may differ, and so may ``--workers-per-host``."""
+        names = ("task", "batch_size", "lr", "lr_schedule", "lr_warmup", "seed", "strategy")
+        spec = {_flag(name): getattr(self, name) for name in names}
+        spec["--steps"] = self._total_steps()  # --epochs E and its --steps agree
+        options = dataclasses.asdict(self.options)
+        options.pop("workers_per_host")
+        return spec | {_flag(name): value for name, value in options.items()}
 
     def _validate_joining(self) -> None:
         """With ``--coordinator`` the standalone coordinator owns membership: the flags that

@@ -228,3 +228,15 @@ def test_a_worker_that_finishes_while_the_coordinator_restarts_is_adopted():
     for worker in (0, 1):
         membership.finish(worker, {"generation": 3, "members": [0, 1], "results": None})
     assert membership.status == "completed"
+
+
+def test_launchers_of_one_job_must_agree_on_what_it_trains():
+    membership = Membership(expected_workers=2, min_workers=1)
+    spec = {"--task": "digits", "--lr": 0.05, "--steps": 20}
+    membership.admit_launcher(spec)
+    membership.admit_launcher(dict(spec))  # the same job from another host
+    with pytest.raises(ValueError, match=r"^--lr: this job was started with 0.05, this launcher gives 0.5$"):
+        membership.admit_launcher(spec | {"--lr": 0.5})
+    with pytest.raises(ValueError, match=r"^--compress: .* with None, this launcher gives int8$"):
+        membership.admit_launcher(spec | {"--compress": "int8"})
+    assert membership.job_spec == spec

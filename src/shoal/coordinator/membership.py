@@ -121,6 +121,8 @@ class Membership:
         self.rejected = False
         """The job failed because a worker refused its configuration (``reason`` says why)."""
         self.results: dict | None = None
+        self.job_spec: dict | None = None
+        """The first launcher's ``TrainConfig.job_spec``: what later launchers must agree on."""
         self.started_at = clock()
         self._last_evaluated = clock()
 
@@ -253,6 +255,20 @@ class Membership:
             current = self.current
             if current is not None and all(self._workers[m].finished for m in current.members):
                 self._set_status("completed", "")
+
+    def admit_launcher(self, spec: dict) -> None:
+        """A launcher about to start workers for this job. The first one's spec becomes the
+        job's; one that differs is refused (ValueError naming the flag) before its workers
+        start, so that it cannot disturb the running job."""
+        with self._lock:
+            if self.job_spec is None:
+                self.job_spec = dict(spec)
+                return
+            for flag in [*self.job_spec, *(flag for flag in spec if flag not in self.job_spec)]:
+                ours, theirs = self.job_spec.get(flag), spec.get(flag)
+                if ours != theirs:
+                    raise ValueError(f"{flag}: this job was started with {ours}, this launcher "
+                                     f"gives {theirs}")
 
     def reject(self, detail: str) -> None:
         """A worker refused the job's configuration: something only the model or optimizer

@@ -84,6 +84,7 @@ class Coordinator:
         self.membership.add_listener(lambda: self._loop.call_soon_threadsafe(self._notify))
         app = web.Application(middlewares=[self._authenticate])
         app.add_routes([
+            web.post("/launcher", self._launcher),
             web.post("/join", self._join),
             web.post("/heartbeat", self._heartbeat),
             web.get("/generation", self._generation),
@@ -120,6 +121,14 @@ class Coordinator:
         return await handler(request)
 
     # -- handlers ------------------------------------------------------------------------------
+
+    async def _launcher(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            self.membership.admit_launcher(body["spec"])
+        except ValueError as error:
+            return web.json_response({"error": str(error)}, status=409)
+        return web.json_response({"ok": True})
 
     async def _join(self, request: web.Request) -> web.Response:
         body = await request.json()

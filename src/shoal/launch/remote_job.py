@@ -18,6 +18,8 @@ import socket
 import sys
 import time
 
+import httpx
+
 from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.record import JobRecord
@@ -31,6 +33,8 @@ from shoal.runtime.worker import ENV_CONFIG
 __all__ = ["run_remote"]
 
 _POLL_SECONDS = 0.5
+_ADMISSION_RETRY_SECONDS = 10.0
+"""A coordinator started at the same moment as its launchers gets this long to answer."""
 _EVICTED = 3  # a worker's exit code when the coordinator ended its membership
 
 
@@ -46,6 +50,10 @@ def run_remote(config: TrainConfig) -> int:
 def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     started = time.time()
     url = coordinator_url(config.coordinator)
+    refusal = _admission(url, config)
+    if refusal is not None:
+        print(f"shoal train: error: {refusal}", file=sys.stderr)
+        return 2
     client = CoordinatorClient(url, config.token)
     host = socket.gethostname()
     restarts = collections.Counter()
@@ -108,6 +116,27 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
         echo(f"shoal train: the job completed (generation {status['generation']}, "
              f"{status['step']} steps)")
     return 0
+
+
+def _admission(url: str, config: TrainConfig) -> str | None:
+    """Ask the coordinator to admit this launcher before any worker starts: why not (one line
+    naming the flag), or None. A wrong address or token, or a job started with another task,
+    batch or strategy, would otherwise surface as worker tracebacks, a hang, or a running
+    job broken by workers that load another model."""
+    client = CoordinatorClient(url, config.token, retry_seconds=_ADMISSION_RETRY_SECONDS)
+    try:
+        client.post("/launcher", {"spec": config.job_spec()})
+    except CoordinatorUnreachable as error:
+        return f"--coordinator: cannot reach {url} ({error.__cause__})"
+    except PermissionError:
+        return f"--token: the coordinator at {config.coordinator} refused it"
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code != 409:
+            raise
+        return error.response.json()["error"]
+    finally:
+        client.close()
+    return None
 
 
 def _record_once_completed(client: CoordinatorClient) -> JobRecord | None:

@@ -1,0 +1,50 @@
+"""`shoal train --coordinator`: a launcher that cannot or must not join is refused before
+any of its workers starts (one line, exit 2), and the job it tried to join is untouched."""
+
+import subprocess
+import sys
+import time
+
+from shoal.coordinator import Coordinator, Membership
+from tests.conftest import shoal
+
+JOB = ["--task", "digits", "--steps", "20", "--batch-size", "32", "--workers", "1", "--quiet"]
+
+
+def test_a_launcher_for_another_job_is_refused_and_the_job_goes_on(tmp_path):
+    membership = Membership(expected_workers=2, min_workers=1)  # held until a second good launcher comes
+    coordinator = Coordinator(membership, token="t").start()
+    joining = ["--coordinator", coordinator.url.removeprefix("http://"), "--token", "t"]
+    first = subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "train", *JOB, *joining],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not membership.snapshot()["workers"]:
+            assert time.monotonic() < deadline and first.poll() is None, "the first worker never joined"
+            time.sleep(0.05)
+        for flags, line in [
+            (["--task", "ackley"], "--task: this job was started with digits, this launcher gives ackley"),
+            (["--lr", "0.5"], "--lr: this job was started with 0.05, this launcher gives 0.5"),
+        ]:
+            refused = shoal("train", *JOB, *flags, *joining, timeout=60)
+            assert (refused.returncode, refused.stderr.strip().splitlines()) == (2, [f"shoal train: error: {line}"])
+        wrong_token = shoal("train", *JOB, *joining[:-1], "nope", timeout=60)
+        assert wrong_token.returncode == 2
+        assert wrong_token.stderr.strip().splitlines() == [
+            f"shoal train: error: --token: the coordinator at {joining[1]} refused it"]
+        assert list(membership.snapshot()["workers"]) == ["0"]  # no refused worker ever joined
+        second = shoal("train", *JOB, *joining, timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+        assert membership.status == "completed" and membership.membership_changes() == []
+    finally:
+        first.kill()
+        first.wait()
+        coordinator.stop()
+
+
+def test_an_unreachable_coordinator_is_one_line():
+    result = shoal("train", *JOB, "--coordinator", "127.0.0.1:1", "--token", "t", timeout=120)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("shoal train: error: --coordinator: cannot reach http://127.0.0.1:1 ("), line
