@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -67,6 +69,41 @@ class KillSpec:
 
     def __str__(self) -> str:
         return f"{self.rank}@{self.step}" + ("" if self.phase == "step" else f":{self.phase}")
+
+
+MAX_SLOWDOWN = 1000.0
+"""A straggler 1000x slower is already one that never finishes a step in a test's time."""
+MAX_SEED = 2**32 - 1
+"""Seeds are mixed into 64-bit generator seeds (the sampler multiplies them by 1,000,003)."""
+
+
+def check_heartbeat_timeout(timeout: float, interval: float = 0.25) -> None:
+    if not 0 < interval < timeout < math.inf:
+        raise ConfigError("--heartbeat-timeout", f"must exceed the heartbeat interval ({interval:g} s) "
+                          f"and be finite, got {timeout:g}")
+
+
+def check_bindable(flag: str, host: str) -> None:
+    """Refuse an address this machine cannot listen on (another machine's, a name that does
+    not resolve) before anything starts: binding it would fail or hang later, in a thread."""
+    try:
+        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError as error:
+        raise ConfigError(flag, f"cannot listen on {host!r}: {error.strerror or error}") from None
+
+
+def check_distinct_files(paths: dict[str, str | None]) -> None:
+    """Two outputs written to one path would overwrite each other at the end of the run."""
+    seen: dict[str, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ConfigError(flag, f"{path!r} is also {seen[real]}'s file: give each output its own")
+        seen[real] = flag
 
 
 def check_writable_file(flag: str, path: str | None) -> None:
@@ -146,8 +183,8 @@ class StrategyOptions:
             raise ConfigError("--powersgd-rank", f"must be at least 1, got {self.powersgd_rank}")
         if self.sync_every < 1:
             raise ConfigError("--sync-every", f"must be at least 1, got {self.sync_every}")
-        if not self.outer_lr > 0:
-            raise ConfigError("--outer-lr", f"must be positive, got {self.outer_lr}")
+        if not 0 < self.outer_lr < math.inf:
+            raise ConfigError("--outer-lr", f"must be positive and finite, got {self.outer_lr}")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError("--outer-momentum", f"must be in [0, 1), got {self.outer_momentum}")
         if self.zero_replicas < 1:
@@ -189,8 +226,9 @@ class Slowdown:
             parsed = cls(int(rank), float(factor))
         except ValueError:
             parsed = None
-        if not separator or parsed is None or parsed.rank < 0 or not parsed.factor >= 1:
-            raise ConfigError("--slowdown", f"expected RANK=FACTOR with FACTOR >= 1 (e.g. 1=3), got {text!r}")
+        if not separator or parsed is None or parsed.rank < 0 or not 1 <= parsed.factor <= MAX_SLOWDOWN:
+            raise ConfigError("--slowdown", f"expected RANK=FACTOR with 1 <= FACTOR <= {MAX_SLOWDOWN:g} "
+                              f"(e.g. 1=3), got {text!r}")
         return parsed
 
     def __str__(self) -> str:
@@ -290,14 +328,12 @@ class TrainConfig:
                 "--batch-size",
                 f"the global batch ({self.batch_size}) must be at least --workers ({self.workers})",
             )
-        if not self.lr > 0:
-            raise ConfigError("--lr", f"must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError("--lr", f"must be positive and finite, got {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("--seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
         self.schedule().validate(self._total_steps() if self.lr_warmup else None)
-        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
-            raise ConfigError(
-                "--heartbeat-timeout",
-                f"must exceed the heartbeat interval ({self.heartbeat_interval} s), got {self.heartbeat_timeout}",
-            )
+        check_heartbeat_timeout(self.heartbeat_timeout, self.heartbeat_interval)
         for kill in self.kills:
             if kill.rank >= self.workers:
                 raise ConfigError(kill.flag, f"rank {kill.rank} does not exist with --workers {self.workers}")
@@ -306,10 +342,14 @@ class TrainConfig:
                 raise ConfigError("--slowdown", f"rank {slowdown.rank} does not exist with --workers {self.workers}")
         if self.coordinator is not None:
             self._validate_joining()
+        else:
+            check_bindable("--host", self.host)
         self._validate_checkpoints()
         check_writable_file("--output", self.output)
         check_writable_file("--save-model", self.save_model)
         check_writable_file("--sample-log", self.sample_log)
+        check_distinct_files({"--output": self.output, "--save-model": self.save_model,
+                              "--sample-log": self.sample_log})
         return self
 
     def job_spec(self) -> dict[str, object]:
@@ -422,6 +462,6 @@ class RunConfig:
                 "--min-workers",
                 f"must be between 1 and --nproc-per-node ({self.nproc_per_node}), got {self.min_workers}",
             )
-        if not self.heartbeat_timeout > 0:
-            raise ConfigError("--heartbeat-timeout", f"must be positive, got {self.heartbeat_timeout}")
+        check_heartbeat_timeout(self.heartbeat_timeout)
+        check_bindable("--host", self.host)
         return self

@@ -1,6 +1,7 @@
 """Bad input: exit code 2 and ONE line that names the flag to change."""
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -53,6 +54,14 @@ BAD_TRAIN_FLAGS = [
     (["--checkpoint-dir", "/tmp", "--checkpoint-keep", "0"], "--checkpoint-keep"),
     (["--checkpoint-dir", "/tmp", "--strategy", "async"], "--checkpoint-dir"),
     (["--resume", "/nonexistent-dir"], "--resume"),
+    (["--lr", "inf"], "--lr"),
+    (["--strategy", "diloco", "--outer-lr", "inf"], "--outer-lr"),
+    (["--seed", "99999999999999999999"], "--seed"),  # overflowed the sampler's 64-bit seed
+    (["--slowdown", "1=inf"], "--slowdown"),
+    (["--heartbeat-timeout", "inf"], "--heartbeat-timeout"),
+    (["--host", "8.8.8.8"], "--host"),  # not this machine's: binding it hung
+    (["--host", "no-such-host.invalid"], "--host"),
+    (["--output", "same.out", "--save-model", "same.out"], "--save-model"),
     # the standalone coordinator owns membership: flags for an embedded one are refused
     (["--coordinator", "127.0.0.1:1", "--token", "t", "--min-workers", "2"], "--min-workers"),
     (["--coordinator", "127.0.0.1:1", "--token", "t", "--heartbeat-timeout", "9"], "--heartbeat-timeout"),
@@ -84,6 +93,14 @@ BAD_BENCH_FLAGS = [
 ]
 
 
+BAD_COORDINATOR_FLAGS = [
+    (["--linger", "-5"], "--linger"),  # crashed when the job ended
+    (["--heartbeat-timeout", "0"], "--heartbeat-timeout"),
+    (["--host", "8.8.8.8"], "--host"),
+    (["--token", ""], "--token"),
+]
+
+
 def run_main(capsys, *args):
     try:
         code = main(list(args))
@@ -109,6 +126,35 @@ def test_bad_bench_flags_exit_2_with_one_line(capsys, args, flag):
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], err
+
+
+@pytest.mark.parametrize("args,flag", BAD_COORDINATOR_FLAGS)
+def test_bad_coordinator_flags_exit_2_with_one_line(capsys, args, flag):
+    code, _, err = run_main(capsys, "coordinator", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err, err
+
+
+def test_a_coordinator_port_in_use_exits_2_with_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, _, err = run_main(capsys, "coordinator", "--port", str(taken.getsockname()[1]))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--port: cannot listen" in err, err
+
+
+def test_a_checkpoint_with_broken_metadata_is_one_line_for_resume_and_export(capsys, tmp_path):
+    checkpoint = tmp_path / "step-000000004"
+    checkpoint.mkdir()
+    for meta in ["garbage", "[1]", "{}"]:  # were: a traceback, an AttributeError, 'task None'
+        (checkpoint / "meta.json").write_text(meta)
+        code, _, err = run_main(capsys, "train", "--resume", str(checkpoint))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--resume" in err, err
+        code, _, err = run_main(capsys, "export", str(tmp_path), "--out", str(tmp_path / "m.safetensors"))
+        *warnings, last = err.strip().splitlines()  # the skipped checkpoint is named, then why none
+        assert code == 2 and last.startswith("shoal export: error: DIR: ") and len(warnings) <= 1, err
+    # an export into the checkpoint it reads would destroy it
+    code, _, err = run_main(capsys, "export", str(checkpoint), "--out", str(checkpoint / "meta.json"))
+    assert code == 2 and "--out" in err and (checkpoint / "meta.json").read_text() == "{}"
 
 
 def test_resuming_from_a_directory_without_checkpoints_exits_2(capsys, tmp_path):

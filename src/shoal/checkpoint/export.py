@@ -28,7 +28,7 @@ def export_model(source: str | os.PathLike, out: str | os.PathLike, warn=print) 
     else:
         found = CheckpointStore(source).latest_good(load=False, warn=warn)
         if found is None:
-            raise CheckpointError(f"{source}: holds no checkpoint that passes its checksums")
+            raise CheckpointError(f"{source}: holds no usable checkpoint (a step-* directory whose files pass their checksums)")
         checkpoint = found[0]
     if checkpoint.meta.get("sharded"):
         from shoal.checkpoint.sharded import full_model_state

@@ -57,9 +57,13 @@ class Checkpoint:
         """The checkpoint in directory ``path`` (its files are verified when loaded)."""
         path = Path(path)
         try:
-            return cls(path, json.loads((path / META_FILE).read_text()))
+            meta = json.loads((path / META_FILE).read_text())
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{path / META_FILE}: cannot be read: {error}") from None
+        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int)
+                and isinstance(meta.get("files", {}), dict)):
+            raise CheckpointError(f"{path / META_FILE}: not a shoal checkpoint's metadata")
+        return cls(path, meta)
 
     @property
     def step(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ def add_coordinator(commands) -> None:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
-    from shoal.config import ConfigError
+    from shoal.config import ConfigError, check_bindable, check_heartbeat_timeout
     from shoal.coordinator import Coordinator, Membership
 
     if args.workers < 1:
@@ -35,9 +36,18 @@ def _coordinator(args: argparse.Namespace) -> int:
         raise ConfigError("--min-workers", f"must be between 1 and --workers, got {args.min_workers}")
     if not 0 <= args.port < 65536:
         raise ConfigError("--port", f"must be a TCP port (0-65535), got {args.port}")
+    check_heartbeat_timeout(args.heartbeat_timeout)
+    if not 0 <= args.linger < math.inf:
+        raise ConfigError("--linger", f"must be 0 or more seconds, got {args.linger:g}")
+    if args.token is not None and not args.token:
+        raise ConfigError("--token", "must not be empty (leave it out for a random one)")
+    check_bindable("--host", args.host)
     membership = Membership(expected_workers=args.workers, min_workers=args.min_workers,
                             heartbeat_timeout=args.heartbeat_timeout)
-    coordinator = Coordinator(membership, host=args.host, port=args.port, token=args.token).start()
+    try:
+        coordinator = Coordinator(membership, host=args.host, port=args.port, token=args.token).start()
+    except OSError as error:  # the port is taken
+        raise ConfigError("--port", f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     print(f"shoal coordinator: listening on {coordinator.url}", flush=True)
     print(f"shoal coordinator: token {coordinator.token}", flush=True)
     done = threading.Event()

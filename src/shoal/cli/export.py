@@ -19,18 +19,19 @@ def add_export(commands) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from shoal.checkpoint import CheckpointError
+    from shoal.checkpoint import Checkpoint, CheckpointError
     from shoal.checkpoint.export import export_model
     from shoal.config import ConfigError, check_writable_file
 
     if not os.path.isdir(args.checkpoint):
         raise ConfigError("DIR", f"{args.checkpoint!r} is not a directory")
     check_writable_file("--out", args.out)
+    if Checkpoint.is_checkpoint(os.path.dirname(os.path.abspath(args.out))):  # it could overwrite what it reads
+        raise ConfigError("--out", f"{args.out!r} is inside a checkpoint: write the export elsewhere")
     try:
         checkpoint = export_model(args.checkpoint, args.out,
                                   warn=lambda line: print(f"shoal export: warning: {line}", file=sys.stderr))
-    except CheckpointError as error:
-        print(f"shoal export: error: {error}", file=sys.stderr)
-        return 1
+    except CheckpointError as error:  # nothing usable in DIR: the input is wrong
+        raise ConfigError("DIR", str(error)) from None
     print(f"shoal export: {checkpoint.path} (step {checkpoint.step}) -> {args.out}", file=sys.stderr)
     return 0

@@ -47,8 +47,8 @@ def choose_resume(config: TrainConfig, task, warn: Callable[[str], None]) -> Res
     """The newest good checkpoint in ``--resume`` that this job may continue; ConfigError if none."""
     root = Path(config.resume).resolve()
     if Checkpoint.is_checkpoint(root):
-        checkpoint = Checkpoint.open(root)
         try:
+            checkpoint = Checkpoint.open(root)
             checkpoint.verify()
         except CheckpointError as error:
             raise ConfigError("--resume", str(error)) from None
