@@ -54,6 +54,21 @@ def test_four_workers_equal_one_and_refuse_a_wrong_token(runs):
     assert relative_difference(model, reference) <= 1e-5
 
 
+@pytest.mark.parametrize("strategy", ["allreduce", "zero"])
+def test_a_step_with_fewer_samples_than_members_changes_nothing(tmp_path, strategy):
+    """digits has 1,437 training samples: with a global batch of 1,436 the epoch's second
+    step holds one sample, so one of two members has none. It must still take part in the
+    step's collectives (before, it skipped them: a timeout, a lost generation, a redo)."""
+    batch = ["--task", "digits", "--steps", "3", "--batch-size", "1436", "--quiet"]
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    assert shoal("train", *batch, "--workers", "1", "--save-model", str(one)).returncode == 0
+    result = shoal("train", *batch, "--workers", "2", "--strategy", strategy, "--save-model", str(two),
+                   "--output", str(tmp_path / "two.json"))
+    assert result.returncode == 0, result.stderr
+    assert load_json(tmp_path / "two.json")["membership_changes"] == [], result.stderr
+    assert relative_difference(two, one) <= 1e-5
+
+
 def test_killed_workers_change_nothing_and_every_sample_counts_once(runs):
     """(c) two SIGKILLs mid-run: same model as undisturbed; (d) exactly-once in the sample log."""
     root, reference = runs

@@ -503,13 +503,18 @@ class _Loop:
         maybe_kill(context, step, self.kills)
         self.strategy.begin_step(step)
         self.optimizer.zero_grad(set_to_none=True)
-        global_size = len(self.sampler.global_indices(step))
+        global_indices = self.sampler.global_indices(step)
+        global_size = len(global_indices)
         local = self.sampler.local_indices(step, context.rank, context.world_size)
         started = time.perf_counter()
         if len(local):
             total = self.loss_fn(module, fetch(self.dataset, local))
-        else:  # more workers than samples left in the epoch: contribute zero gradients
-            total = sum(p.sum() for p in module.parameters()) * 0.0
+        else:
+            # More members than samples left in the epoch: contribute zero gradients, through
+            # the module's own forward all the same. DDP and FSDP prepare their collectives
+            # there; a backward that skips it sends nothing, and the members' collectives
+            # part ways (a timeout, a lost generation). One sample weighs nothing at x 0.
+            total = self.loss_fn(module, fetch(self.dataset, global_indices[:1])) * 0.0
         self._straggle(time.perf_counter() - started)
         self.strategy.backward(total / self.strategy.loss_divisor(len(local), global_size))
         maybe_kill(context, step, self.kills, "commit")
