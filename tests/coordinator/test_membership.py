@@ -240,3 +240,20 @@ def test_launchers_of_one_job_must_agree_on_what_it_trains():
     with pytest.raises(ValueError, match=r"^--compress: .* with None, this launcher gives int8$"):
         membership.admit_launcher(spec | {"--compress": "int8"})
     assert membership.job_spec == spec
+
+
+def test_a_finished_worker_outside_the_generation_does_not_count_as_waiting():
+    """Worker 1 finished the last step; worker 0's collective then failed and it re-formed
+    alone. Worker 1 is alive but done: forming again for it would only force worker 0 out of
+    its group, once per evaluation (it did, generation after generation)."""
+    membership, clock = started(workers=2)
+    membership.finish(1, {})
+    membership.report_failure(0, 1, "the replica comparison timed out")
+    membership.heartbeat(0, {})
+    assert membership.current.members == [0] and membership.current_number == 2
+    for _ in range(3):
+        clock.now += 1.0
+        membership.heartbeat(0, {})
+        membership.heartbeat(1, {})
+        membership.tick()
+    assert membership.current_number == 2

@@ -441,7 +441,8 @@ class Membership:
             return
         members = [self._workers[m] for m in current.members]
         dead = [m for m in members if not m.alive and not m.finished]
-        waiting = [w for w in self._workers.values() if w.alive and w.worker_id not in current.members]
+        waiting = [w for w in self._workers.values()
+                   if w.alive and not w.finished and w.worker_id not in current.members]
         if dead and self._awaiting_correlated_silence(members, dead, now):
             return
         if dead:
