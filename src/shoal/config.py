@@ -209,7 +209,25 @@ class StrategyOptions:
                               "with --strategy async")
         if self.workers_per_host is not None and self.workers_per_host < 1:
             raise ConfigError("--workers-per-host", f"must be at least 1, got {self.workers_per_host}")
+        self._refuse_unused(strategy)
         return self
+
+    def _refuse_unused(self, strategy: str) -> None:
+        """An option the chosen strategy never reads is a mistake in the command (the wrong
+        strategy, or a flag meant for another run): say so rather than ignore it."""
+        defaults = StrategyOptions()
+        for name, users in _OPTION_USERS.items():
+            if getattr(self, name) != getattr(defaults, name) and strategy not in users:
+                raise ConfigError(_flag(name), f"only --strategy {' or '.join(users)} uses it, "
+                                  f"not {strategy}")
+        if self.powersgd_rank != defaults.powersgd_rank and self.compress != "powersgd":
+            raise ConfigError("--powersgd-rank", "only --compress powersgd uses it")
+
+
+_OPTION_USERS = {"sync_every": ("localsgd", "diloco"), "outer_lr": ("diloco",),
+                 "outer_momentum": ("diloco",), "max_staleness": ("async",),
+                 "zero_replicas": ("zero",), "workers_per_host": ("hierarchical",)}
+"""Strategy options and the strategies that read them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +328,12 @@ class TrainConfig:
             )
         if self.max_restarts < 0:
             raise ConfigError("--max-restarts", f"must be 0 or more, got {self.max_restarts}")
+        defaults = TrainConfig.__dataclass_fields__
+        if self.max_restarts != defaults["max_restarts"].default and not self.restart:
+            raise ConfigError("--max-restarts", "limits --restart: give --restart too")
+        if self.token is not None and self.coordinator is None:
+            raise ConfigError("--token", "is the token of a standalone coordinator: give --coordinator too "
+                              "(an embedded coordinator makes its own)")
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("--steps", "give either --epochs or --steps, not both")
         if self.epochs is not None and self.epochs < 1:
@@ -332,11 +356,15 @@ class TrainConfig:
             raise ConfigError("--lr", f"must be positive and finite, got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError("--seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
-        self.schedule().validate(self._total_steps() if self.lr_warmup else None)
+        self.schedule().validate(self.total_steps() if self.lr_warmup else None)
         check_heartbeat_timeout(self.heartbeat_timeout, self.heartbeat_interval)
+        total_steps = self.total_steps()
         for kill in self.kills:
             if kill.rank >= self.workers:
                 raise ConfigError(kill.flag, f"rank {kill.rank} does not exist with --workers {self.workers}")
+            if kill.step >= total_steps:
+                raise ConfigError(kill.flag, f"step {kill.step} never comes: the run has {total_steps} "
+                                  f"steps (0-{total_steps - 1})")
         for slowdown in self.slowdowns:
             if slowdown.rank >= self.workers:
                 raise ConfigError("--slowdown", f"rank {slowdown.rank} does not exist with --workers {self.workers}")
@@ -358,7 +386,7 @@ class TrainConfig:
         faults, output files) may differ, and so may ``--workers-per-host``."""
         names = ("task", "batch_size", "lr", "lr_schedule", "lr_warmup", "seed", "strategy")
         spec = {_flag(name): getattr(self, name) for name in names}
-        spec["--steps"] = self._total_steps()  # --epochs E and its --steps agree
+        spec["--steps"] = self.total_steps()  # --epochs E and its --steps agree
         options = dataclasses.asdict(self.options)
         options.pop("workers_per_host")
         return spec | {_flag(name): value for name, value in options.items()}
@@ -384,7 +412,7 @@ class TrainConfig:
 
         return LRSchedule(self.lr_schedule, self.lr_warmup)
 
-    def _total_steps(self) -> int:
+    def total_steps(self) -> int:
         """The run's length in steps (with ``--epochs``, from the task's training set)."""
         if self.steps is not None:
             return self.steps
@@ -409,6 +437,10 @@ class TrainConfig:
             if self.checkpoint_dir is None and not one_checkpoint:
                 self.checkpoint_dir = self.resume
         if self.checkpoint_dir is None:
+            defaults = TrainConfig.__dataclass_fields__
+            for name, flag in (("checkpoint_every", "--checkpoint-every"), ("checkpoint_keep", "--checkpoint-keep")):
+                if getattr(self, name) != defaults[name].default:
+                    raise ConfigError(flag, "applies to checkpoints: give --checkpoint-dir too")
             return
         if self.strategy == "async":
             raise ConfigError("--checkpoint-dir", "checkpoints are not supported with --strategy async yet")

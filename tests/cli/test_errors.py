@@ -62,6 +62,17 @@ BAD_TRAIN_FLAGS = [
     (["--host", "8.8.8.8"], "--host"),  # not this machine's: binding it hung
     (["--host", "no-such-host.invalid"], "--host"),
     (["--output", "same.out", "--save-model", "same.out"], "--save-model"),
+    # options the chosen strategy never reads, and flags that need another one
+    (["--sync-every", "10"], "--sync-every"),
+    (["--strategy", "localsgd", "--outer-lr", "0.5"], "--outer-lr"),
+    (["--max-staleness", "3"], "--max-staleness"),
+    (["--zero-replicas", "1"], "--zero-replicas"),
+    (["--workers-per-host", "2"], "--workers-per-host"),
+    (["--compress", "int8", "--powersgd-rank", "8"], "--powersgd-rank"),
+    (["--token", "t"], "--token"),
+    (["--max-restarts", "5"], "--max-restarts"),
+    (["--checkpoint-every", "5"], "--checkpoint-every"),
+    (["--steps", "3", "--kill", "1@3"], "--kill"),  # steps 0-2: it would never fire
     # the standalone coordinator owns membership: flags for an embedded one are refused
     (["--coordinator", "127.0.0.1:1", "--token", "t", "--min-workers", "2"], "--min-workers"),
     (["--coordinator", "127.0.0.1:1", "--token", "t", "--heartbeat-timeout", "9"], "--heartbeat-timeout"),

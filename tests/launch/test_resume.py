@@ -149,3 +149,15 @@ def test_a_restarted_worker_continues_the_jobs_own_checkpoint_directory(tmp_path
     changes = load_json(tmp_path / "results.json")["membership_changes"]
     assert any("rejoined" in change["cause"] for change in changes), changes
     assert CheckpointStore(checkpoints).latest_good(load=False)[0].step == 200
+
+
+def test_a_checkpoint_beyond_the_runs_steps_is_refused(tmp_path):
+    """It would train nothing and report the checkpoint's steps as done (it did: 'done: 10
+    steps' for --steps 5)."""
+    model = TASKS["digits"](0).build_model()
+    identity = job_identity(model, task="digits", global_batch_size=64, seed=0, strategy="allreduce")
+    checkpoint = CheckpointStore(tmp_path).save(10, {"position": 10, "model": model.state_dict()}, identity)
+    result = shoal("train", "--task", "digits", "--batch-size", "64", "--workers", "2", "--steps", "5",
+                   "--quiet", "--resume", str(tmp_path))
+    assert (result.returncode, result.stderr.strip().splitlines()) == (2, [
+        f"shoal train: error: --steps: {checkpoint.path} is at step 10, beyond this run's 5 steps"])

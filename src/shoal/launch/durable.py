@@ -64,6 +64,10 @@ def choose_resume(config: TrainConfig, task, warn: Callable[[str], None]) -> Res
         check_resumable(checkpoint.meta, identity, str(checkpoint.path))
     except CheckpointError as error:
         raise ConfigError("--resume", str(error)) from None
+    total_steps = config.total_steps()
+    if checkpoint.step > total_steps:  # it would report the checkpoint's steps, training none
+        raise ConfigError("--steps", f"{checkpoint.path} is at step {checkpoint.step}, beyond this "
+                          f"run's {total_steps} steps")
     resumption = Resumption(checkpoint)
     earlier = _read_metrics(root / METRICS_FILE, warn)
     if earlier is not None:
