@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import shlex
 import sys
@@ -105,6 +106,13 @@ def _at_least(minimum: int, *flags: tuple[str, int]) -> None:
             raise ConfigError(flag, f"must be at least {minimum}, got {value}")
 
 
+def _check_target_loss(value: float) -> None:
+    from shoal.config import ConfigError
+
+    if not math.isfinite(value):  # nan is never reached, and would say so without a word
+        raise ConfigError("--target-loss", f"must be a finite loss, got {value}")
+
+
 def _wan(args: argparse.Namespace) -> int:
     from shoal.bench.report import wan_markdown
     from shoal.bench.wan import DEFAULT_RUNS, WanSettings, run_wan, to_json
@@ -114,8 +122,9 @@ def _wan(args: argparse.Namespace) -> int:
     _check_task(args)
     if args.hosts < 2:
         raise ConfigError("--hosts", f"must be at least 2, got {args.hosts}")
-    if not args.mbit > 0:
-        raise ConfigError("--mbit", f"must be positive, got {args.mbit}")
+    if not 0 < args.mbit < math.inf:
+        raise ConfigError("--mbit", f"must be positive and finite, got {args.mbit}")
+    _check_target_loss(args.target_loss)
     if args.steps < 1:
         raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
     labels = [label for label, _ in DEFAULT_RUNS]
@@ -139,13 +148,14 @@ def _wan(args: argparse.Namespace) -> int:
 def _straggler(args: argparse.Namespace) -> int:
     from shoal.bench.report import straggler_markdown
     from shoal.bench.straggler import StragglerSettings, run_straggler, to_json
-    from shoal.config import ConfigError
+    from shoal.config import MAX_SLOWDOWN, ConfigError
 
     _check_task(args)
     if args.workers < 2:
         raise ConfigError("--workers", f"must be at least 2 (one of them is slow), got {args.workers}")
-    if not args.factor >= 1:
-        raise ConfigError("--factor", f"must be at least 1, got {args.factor}")
+    if not 1 <= args.factor <= MAX_SLOWDOWN:
+        raise ConfigError("--factor", f"must be between 1 and {MAX_SLOWDOWN:g}, got {args.factor}")
+    _check_target_loss(args.target_loss)
     if args.steps < 1:
         raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
     _check_outputs(args)
