@@ -7,6 +7,7 @@ and the CLI refuse the same bad input with the same message.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -110,6 +111,8 @@ def check_writable_file(flag: str, path: str | None) -> None:
     """Refuse a path we could not write at the end of a run, before the run starts."""
     if path is None:
         return
+    if not path:
+        raise ConfigError(flag, "is empty: give a file path")
     if os.path.isdir(path):
         raise ConfigError(flag, f"{path!r} is a directory, expected a file path")
     parent = os.path.dirname(os.path.abspath(path))
@@ -131,6 +134,13 @@ def _split_address(flag: str, address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(flag, f"expected HOST:PORT such as 10.0.0.1:29400, got {address!r}")
     return host.strip("[]"), int(port)
+
+
+@functools.cache
+def _train_samples(task: str, seed: int) -> int:
+    from shoal.tasks import TASKS
+
+    return len(TASKS[task](seed).train_dataset())
 
 
 def _flag(name: str) -> str:
@@ -352,6 +362,9 @@ class TrainConfig:
                 "--batch-size",
                 f"the global batch ({self.batch_size}) must be at least --workers ({self.workers})",
             )
+        if self.batch_size > self.train_samples():
+            raise ConfigError("--batch-size", f"the global batch ({self.batch_size}) is larger than "
+                              f"{self.task}'s {self.train_samples()} training samples")
         if not 0 < self.lr < math.inf:
             raise ConfigError("--lr", f"must be positive and finite, got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -417,10 +430,12 @@ class TrainConfig:
         if self.steps is not None:
             return self.steps
         from shoal.data import GlobalBatchSampler
-        from shoal.tasks import TASKS
 
-        samples = len(TASKS[self.task](self.seed).train_dataset())
-        return self.epochs * GlobalBatchSampler(samples, self.batch_size, self.seed).steps_per_epoch
+        return self.epochs * GlobalBatchSampler(self.train_samples(), self.batch_size, self.seed).steps_per_epoch
+
+    def train_samples(self) -> int:
+        """The size of the task's training set."""
+        return _train_samples(self.task, self.seed)
 
     def _validate_checkpoints(self) -> None:
         if self.checkpoint_every < 1:

@@ -62,6 +62,8 @@ BAD_TRAIN_FLAGS = [
     (["--host", "8.8.8.8"], "--host"),  # not this machine's: binding it hung
     (["--host", "no-such-host.invalid"], "--host"),
     (["--output", "same.out", "--save-model", "same.out"], "--save-model"),
+    (["--output", ""], "--output"),
+    (["--batch-size", "100000"], "--batch-size"),  # digits has 1,437 training samples
     # options the chosen strategy never reads, and flags that need another one
     (["--sync-every", "10"], "--sync-every"),
     (["--strategy", "localsgd", "--outer-lr", "0.5"], "--outer-lr"),
