@@ -7,7 +7,6 @@ and the CLI refuse the same bad input with the same message.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -134,13 +133,6 @@ def _split_address(flag: str, address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(flag, f"expected HOST:PORT such as 10.0.0.1:29400, got {address!r}")
     return host.strip("[]"), int(port)
-
-
-@functools.cache
-def _train_samples(task: str, seed: int) -> int:
-    from shoal.tasks import TASKS
-
-    return len(TASKS[task](seed).train_dataset())
 
 
 def _flag(name: str) -> str:
@@ -434,8 +426,10 @@ class TrainConfig:
         return self.epochs * GlobalBatchSampler(self.train_samples(), self.batch_size, self.seed).steps_per_epoch
 
     def train_samples(self) -> int:
-        """The size of the task's training set."""
-        return _train_samples(self.task, self.seed)
+        """The size of the task's training set (without building it: see Task.train_samples)."""
+        from shoal.tasks import TASKS
+
+        return TASKS[self.task].train_samples(self.seed)
 
     def _validate_checkpoints(self) -> None:
         if self.checkpoint_every < 1:

@@ -48,3 +48,37 @@ def test_an_unreachable_coordinator_is_one_line():
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("shoal train: error: --coordinator: cannot reach http://127.0.0.1:1 ("), line
+
+
+def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp_path):
+    """A preempted host: its launcher passes SIGTERM to its workers, which leave at a step
+    boundary, and exits 143; the other host finishes the job alone. (Before, the launcher
+    died at once and left its worker running, orphaned.)"""
+    import psutil
+
+    membership = Membership(expected_workers=2, min_workers=1)
+    coordinator = Coordinator(membership, token="t").start()
+    joining = ["--coordinator", coordinator.url.removeprefix("http://"), "--token", "t"]
+    long_job = [*JOB[:2], "--steps", "1500", *JOB[4:]]
+    launchers = [subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "train", *long_job, *joining],
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while membership.snapshot()["step"] < 20:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in launchers)
+            time.sleep(0.05)
+        preempted, survivor = launchers
+        workers = psutil.Process(preempted.pid).children(recursive=True)
+        assert workers
+        preempted.terminate()
+        assert preempted.wait(timeout=90) == 143
+        assert preempted.stderr.read().strip().splitlines() == [
+            "shoal train: this host's workers stopped (SIGTERM); the job goes on without them"]
+        assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+        assert survivor.wait(timeout=240) == 0, survivor.stderr.read()
+        assert membership.status == "completed" and len(membership.membership_changes()) >= 1
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+            launcher.wait()
+        coordinator.stop()

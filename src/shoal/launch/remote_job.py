@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -24,11 +25,17 @@ from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
-from shoal.launch.workers import WorkerGroup, describe_exit, python_command, worker_zygote
+from shoal.launch.workers import (
+    Preemption,
+    WorkerGroup,
+    describe_exit,
+    python_command,
+    worker_zygote,
+)
 from shoal.launch.zygote import Zygote
 from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN
 from shoal.runtime.trainer import ENV_LAUNCHER_ID
-from shoal.runtime.worker import ENV_CONFIG
+from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
 
 __all__ = ["run_remote"]
 
@@ -82,22 +89,30 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
                         zygote=zygote)
     record = None
     watcher = CoordinatorClient(url, config.token, retry_seconds=1.0)
+    # SIGTERM (this host is preempted): its workers stop at a step boundary and leave; the
+    # other hosts go on without them, as after any departure.
+    preemption = Preemption()
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preemption.notice(group))
     try:
         for local_index in range(config.workers):
             group.spawn(local_index, {})
-        while group.running():
+        while group.running() and not preemption.overdue():
             time.sleep(_POLL_SECONDS)
             if (config.output or config.sample_log) and record is None:
                 # Fetch the record the moment the job completes: our workers may take a
                 # while to exit, and the coordinator lingers only so long after the end.
                 record = _record_once_completed(watcher)
-        status = _final_status(url, config.token, group)
+        status = None if preemption.deadline is not None else _final_status(url, config.token, group)
     except KeyboardInterrupt:
         status = {"status": "interrupted", "reason": "Ctrl-C"}
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         group.stop_all()
         client.close()
         watcher.close()
+    if status is None:
+        echo("shoal train: this host's workers stopped (SIGTERM); the job goes on without them")
+        return EXIT_PREEMPTED
     codes = [w.returncode for w in group.workers.values()]
     if status["status"] != "completed" and codes and all(code == _EVICTED for code in codes):
         echo("shoal train: this host's workers were evicted (cut off or hung); "

@@ -18,7 +18,13 @@ from shoal.coordinator import Coordinator, Membership
 from shoal.data import GlobalBatchSampler
 from shoal.launch.durable import MetricsFile, Resumption, choose_resume
 from shoal.launch.progress import Progress
-from shoal.launch.workers import WorkerGroup, describe_exit, python_command, worker_zygote
+from shoal.launch.workers import (
+    Preemption,
+    WorkerGroup,
+    describe_exit,
+    python_command,
+    worker_zygote,
+)
 from shoal.launch.zygote import Zygote
 from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.trainer import ENV_LAUNCHER_ID
@@ -29,8 +35,6 @@ from shoal.tracking import build_results, write_json, write_sample_log
 __all__ = ["run_train"]
 
 _POLL_SECONDS = 0.2
-_PREEMPTION_GRACE_SECONDS = 60.0
-"""After SIGTERM, how long workers may take to reach a step boundary and save."""
 
 
 def run_train(config: TrainConfig) -> int:
@@ -81,7 +85,7 @@ def _run_local(config: TrainConfig, zygote: Zygote | None) -> int:
                          f"step(s) after it are redone)", always=True)
 
     restarts = collections.Counter()
-    preemption = _Preemption()
+    preemption = Preemption()
 
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
         if group.stopping or preemption.deadline is not None:
@@ -125,24 +129,8 @@ def _run_local(config: TrainConfig, zygote: Zygote | None) -> int:
     return EXIT_PREEMPTED if preemption.deadline is not None and code else code
 
 
-class _Preemption:
-    """SIGTERM to the launcher (a preemption notice): pass it on to the workers, whose leader
-    saves a checkpoint at its next step boundary; kill what is left after a grace period."""
-
-    def __init__(self):
-        self.deadline: float | None = None
-
-    def notice(self, group: WorkerGroup) -> None:
-        if self.deadline is None:
-            self.deadline = time.monotonic() + _PREEMPTION_GRACE_SECONDS
-            group.signal_all(signal.SIGTERM)
-
-    def overdue(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-
 def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
-           sampler: GlobalBatchSampler, metrics: MetricsFile | None, preemption: _Preemption) -> None:
+           sampler: GlobalBatchSampler, metrics: MetricsFile | None, preemption: Preemption) -> None:
     """Show progress (and keep metrics.json current) until the job ends and every worker has exited."""
     announced = 0
     while True:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from shoal.launch.zygote import ForkedProcess, Zygote
 
-__all__ = ["ENV_FORK_WORKERS", "WorkerGroup", "WorkerProcess", "describe_exit", "worker_zygote"]
+__all__ = ["ENV_FORK_WORKERS", "PREEMPTION_GRACE_SECONDS", "Preemption", "WorkerGroup", "WorkerProcess", "describe_exit", "worker_zygote"]
 
 ENV_FORK_WORKERS = "SHOAL_FORK_WORKERS"
 """``SHOAL_FORK_WORKERS=0`` starts every ``shoal train`` worker as a fresh Python process."""
@@ -150,3 +150,23 @@ def worker_zygote() -> Zygote | None:
 
 def python_command(module: str) -> list[str]:
     return [sys.executable, "-u", "-m", module]
+
+
+PREEMPTION_GRACE_SECONDS = 60.0
+"""After SIGTERM, how long workers may take to reach a step boundary and save."""
+
+
+class Preemption:
+    """SIGTERM to the launcher (a preemption notice): pass it on to the workers, whose leader
+    saves a checkpoint at its next step boundary; kill what is left after a grace period."""
+
+    def __init__(self):
+        self.deadline: float | None = None
+
+    def notice(self, group: WorkerGroup) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + PREEMPTION_GRACE_SECONDS
+            group.signal_all(signal.SIGTERM)
+
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline

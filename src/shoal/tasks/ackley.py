@@ -37,6 +37,10 @@ class AckleyTask(Task):
     def build_optimizer(self, model, lr):
         return torch.optim.Adam(model.parameters(), lr=lr)
 
+    @classmethod
+    def train_samples(cls, seed=0):
+        return _NUM_SAMPLES
+
     def train_dataset(self):
         return TensorDataset(self.shifts)
 

@@ -42,6 +42,14 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def train_dataset(self) -> Dataset: ...
 
+    @classmethod
+    @abc.abstractmethod
+    def train_samples(cls, seed: int = 0) -> int:
+        """``len(cls(seed).train_dataset())`` without building the task: the launcher checks
+        the batch and the run's length with it before it forks its workers, and a torch
+        operation in it before that fork hangs the workers (torch's thread pool does not
+        survive it)."""
+
     @abc.abstractmethod
     def loss(self, model: nn.Module, batch) -> torch.Tensor: ...
 

@@ -77,6 +77,10 @@ class TinyGPT(nn.Module):
         return self.head(self.norm(x))
 
 
+def _train_windows(windows: int) -> int:
+    return int(windows * 0.95)  # the rest is held out
+
+
 class CharLMTask(Task):
     name = "charlm"
     defaults = TaskDefaults(epochs=1, batch_size=32, lr=3e-3)
@@ -85,12 +89,16 @@ class CharLMTask(Task):
         super().__init__(seed)
         corpus = torch.frombuffer(bytearray(load_corpus()), dtype=torch.uint8).long()
         windows = corpus[: len(corpus) // (CONTEXT + 1) * (CONTEXT + 1)].view(-1, CONTEXT + 1)
-        split = int(len(windows) * 0.95)
+        split = _train_windows(len(windows))
         self.train = TensorDataset(windows[:split])
         self.held_out = windows[split:][:_EVAL_WINDOWS]
         # The final model's loss on training data: under localsgd and diloco the logged
         # training loss is the members' local models' during a round, not the agreed model's.
         self.train_probe = windows[: split : split // _EVAL_WINDOWS][:_EVAL_WINDOWS]
+
+    @classmethod
+    def train_samples(cls, seed=0):
+        return _train_windows(len(load_corpus()) // (CONTEXT + 1))
 
     def build_model(self):
         torch.manual_seed(self.seed)

@@ -62,6 +62,10 @@ class DigitsTask(Task):
     def build_optimizer(self, model, lr):
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
+    @classmethod
+    def train_samples(cls, seed=0):
+        return _NUM_TRAIN
+
     def train_dataset(self):
         return self.train
 

@@ -44,6 +44,10 @@ class QuadraticTask(Task):
     def build_optimizer(self, model, lr):
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
+    @classmethod
+    def train_samples(cls, seed=0):
+        return _NUM_SAMPLES
+
     def train_dataset(self):
         return TensorDataset(self.samples)
 
