@@ -82,3 +82,18 @@ def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp
             launcher.kill()
             launcher.wait()
         coordinator.stop()
+
+
+def test_a_joining_launchers_checkpoint_is_checked_before_its_workers_start(tmp_path):
+    """As the embedded launcher's: a checkpoint of another task is one line and exit 2
+    (before, every worker printed the CheckpointError's traceback and the job failed)."""
+    from shoal.checkpoint import CheckpointStore, job_identity
+    from shoal.tasks import TASKS
+
+    model = TASKS["quadratic"](0).build_model()
+    identity = job_identity(model, task="quadratic", global_batch_size=64, seed=0, strategy="allreduce")
+    checkpoint = CheckpointStore(tmp_path).save(3, {"position": 3, "model": model.state_dict()}, identity)
+    result = shoal("train", *JOB, "--resume", str(tmp_path), "--coordinator", "127.0.0.1:1", "--token", "t",
+                   timeout=120)
+    assert (result.returncode, result.stderr.strip().splitlines()) == (2, [
+        f"shoal train: error: --resume: {checkpoint.path}: written by task 'quadratic', this job trains 'digits'"])

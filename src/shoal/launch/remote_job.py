@@ -25,6 +25,7 @@ from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
+from shoal.launch.durable import choose_resume
 from shoal.launch.workers import (
     Preemption,
     WorkerGroup,
@@ -57,7 +58,8 @@ def run_remote(config: TrainConfig) -> int:
 def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     started = time.time()
     url = coordinator_url(config.coordinator)
-    refusal = _admission(url, config)
+    resumed_step = _choose_resume(config) if config.resume else None
+    refusal = _admission(url, config, resumed_step)
     if refusal is not None:
         print(f"shoal train: error: {refusal}", file=sys.stderr)
         return 2
@@ -133,14 +135,27 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     return 0
 
 
-def _admission(url: str, config: TrainConfig) -> str | None:
+def _choose_resume(config: TrainConfig) -> int:
+    """As the embedded launcher: the checkpoint is checked before any worker starts (a
+    ConfigError, one line, exit 2), and every local worker loads that one. Returns its step,
+    which every launcher of the job must agree on. (It builds the task: only after the
+    worker zygote's fork, see Task.train_samples.)"""
+    from shoal.tasks import TASKS
+
+    resumption = choose_resume(config, TASKS[config.task](config.seed),
+                               warn=lambda line: print(f"shoal train: warning: {line}", file=sys.stderr))
+    config.resume = str(resumption.checkpoint.path)
+    return resumption.checkpoint.step
+
+
+def _admission(url: str, config: TrainConfig, resumed_step: int | None) -> str | None:
     """Ask the coordinator to admit this launcher before any worker starts: why not (one line
     naming the flag), or None. A wrong address or token, or a job started with another task,
     batch or strategy, would otherwise surface as worker tracebacks, a hang, or a running
     job broken by workers that load another model."""
     client = CoordinatorClient(url, config.token, retry_seconds=_ADMISSION_RETRY_SECONDS)
     try:
-        client.post("/launcher", {"spec": config.job_spec()})
+        client.post("/launcher", {"spec": config.job_spec() | {"--resume": resumed_step}})
     except CoordinatorUnreachable as error:
         return f"--coordinator: cannot reach {url} ({error.__cause__})"
     except PermissionError:
