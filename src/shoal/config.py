@@ -139,6 +139,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _changed(config, name: str) -> bool:
+    """Does dataclass field ``name`` of ``config`` differ from its default (its flag given)?"""
+    return getattr(config, name) != type(config).__dataclass_fields__[name].default
+
+
 def coordinator_url(address: str) -> str:
     host, port = _split_address("--coordinator", address)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -217,12 +222,11 @@ class StrategyOptions:
     def _refuse_unused(self, strategy: str) -> None:
         """An option the chosen strategy never reads is a mistake in the command (the wrong
         strategy, or a flag meant for another run): say so rather than ignore it."""
-        defaults = StrategyOptions()
         for name, users in _OPTION_USERS.items():
-            if getattr(self, name) != getattr(defaults, name) and strategy not in users:
+            if _changed(self, name) and strategy not in users:
                 raise ConfigError(_flag(name), f"only --strategy {' or '.join(users)} uses it, "
                                   f"not {strategy}")
-        if self.powersgd_rank != defaults.powersgd_rank and self.compress != "powersgd":
+        if _changed(self, "powersgd_rank") and self.compress != "powersgd":
             raise ConfigError("--powersgd-rank", "only --compress powersgd uses it")
 
 
@@ -330,8 +334,7 @@ class TrainConfig:
             )
         if self.max_restarts < 0:
             raise ConfigError("--max-restarts", f"must be 0 or more, got {self.max_restarts}")
-        defaults = TrainConfig.__dataclass_fields__
-        if self.max_restarts != defaults["max_restarts"].default and not self.restart:
+        if _changed(self, "max_restarts") and not self.restart:
             raise ConfigError("--max-restarts", "limits --restart: give --restart too")
         if self.token is not None and self.coordinator is None:
             raise ConfigError("--token", "is the token of a standalone coordinator: give --coordinator too "
@@ -354,16 +357,17 @@ class TrainConfig:
                 "--batch-size",
                 f"the global batch ({self.batch_size}) must be at least --workers ({self.workers})",
             )
-        if self.batch_size > self.train_samples():
+        samples = self.train_samples()
+        if self.batch_size > samples:
             raise ConfigError("--batch-size", f"the global batch ({self.batch_size}) is larger than "
-                              f"{self.task}'s {self.train_samples()} training samples")
+                              f"{self.task}'s {samples} training samples")
         if not 0 < self.lr < math.inf:
             raise ConfigError("--lr", f"must be positive and finite, got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError("--seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
-        self.schedule().validate(self.total_steps() if self.lr_warmup else None)
-        check_heartbeat_timeout(self.heartbeat_timeout, self.heartbeat_interval)
         total_steps = self.total_steps()
+        self.schedule().validate(total_steps if self.lr_warmup else None)
+        check_heartbeat_timeout(self.heartbeat_timeout, self.heartbeat_interval)
         for kill in self.kills:
             if kill.rank >= self.workers:
                 raise ConfigError(kill.flag, f"rank {kill.rank} does not exist with --workers {self.workers}")
@@ -402,14 +406,13 @@ class TrainConfig:
         _split_address("--coordinator", self.coordinator)
         if not self.token:
             raise ConfigError("--token", "joining a standalone coordinator needs its job token")
-        defaults = TrainConfig.__dataclass_fields__
-        for name, flag in (("min_workers", "--min-workers"), ("heartbeat_timeout", "--heartbeat-timeout")):
-            if getattr(self, name) != defaults[name].default:
-                raise ConfigError(flag, "with --coordinator the standalone coordinator sets it: "
-                                  f"give it to `shoal coordinator {flag}`")
+        for name in ("min_workers", "heartbeat_timeout"):
+            if _changed(self, name):
+                raise ConfigError(_flag(name), "with --coordinator the standalone coordinator sets it: "
+                                  f"give it to `shoal coordinator {_flag(name)}`")
         if self.max_workers is not None:
             raise ConfigError("--max-workers", "not supported with --coordinator")
-        if self.host != defaults["host"].default:
+        if _changed(self, "host"):
             raise ConfigError("--host", "binds an embedded coordinator: with --coordinator there is none")
 
     def schedule(self) -> LRSchedule:
@@ -446,10 +449,9 @@ class TrainConfig:
             if self.checkpoint_dir is None and not one_checkpoint:
                 self.checkpoint_dir = self.resume
         if self.checkpoint_dir is None:
-            defaults = TrainConfig.__dataclass_fields__
-            for name, flag in (("checkpoint_every", "--checkpoint-every"), ("checkpoint_keep", "--checkpoint-keep")):
-                if getattr(self, name) != defaults[name].default:
-                    raise ConfigError(flag, "applies to checkpoints: give --checkpoint-dir too")
+            for name in ("checkpoint_every", "checkpoint_keep"):
+                if _changed(self, name):
+                    raise ConfigError(_flag(name), "applies to checkpoints: give --checkpoint-dir too")
             return
         if self.strategy == "async":
             raise ConfigError("--checkpoint-dir", "checkpoints are not supported with --strategy async yet")
