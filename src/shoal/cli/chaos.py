@@ -16,7 +16,8 @@ def add_chaos(commands) -> None:
     parser = commands.add_parser("chaos", help="randomized fault trials checked against the promises")
     parser.add_argument("--trials", type=int, default=10, help="trials to run (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault plan (default 0)")
-    parser.add_argument("--task", default="quadratic", help="task to train (default quadratic)")
+    parser.add_argument("--task", help="task to train (default quadratic; quadratic-sgd for localsgd and "
+                                       "diloco, whose members' own optimizer state a death loses)")
     parser.add_argument("--strategy", choices=("allreduce", "hierarchical", "localsgd", "diloco", "zero"),
                         default="allreduce", help="strategy every trial trains with (default allreduce)")
     parser.add_argument("--workers", type=int, default=4, help="workers per trial (default 4)")
@@ -30,7 +31,14 @@ def add_chaos(commands) -> None:
 def _chaos(args: argparse.Namespace) -> int:
     from shoal.config import ConfigError, check_writable_file
     from shoal.network import namespaces_available
-    from shoal.reliability.chaos import ChaosSettings, render_markdown, run_chaos, summarize
+    from shoal.reliability.chaos import (
+        LOCAL_STATE_STRATEGIES,
+        ChaosSettings,
+        default_task,
+        render_markdown,
+        run_chaos,
+        summarize,
+    )
     from shoal.tasks import TASKS
 
     if args.trials < 1:
@@ -39,15 +47,19 @@ def _chaos(args: argparse.Namespace) -> int:
         raise ConfigError("--workers", f"must be at least 2 (a fault needs survivors), got {args.workers}")
     if args.steps < 20:
         raise ConfigError("--steps", f"must be at least 20, got {args.steps}")
-    if args.task not in TASKS:
+    if args.task is not None and args.task not in TASKS:
         raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
     check_writable_file("--markdown", args.markdown)
     check_writable_file("--json", args.json)
     unavailable = namespaces_available()
     if unavailable is not None:
         print(f"shoal chaos: no link-cut or coordinator-restart trials: {unavailable}", file=sys.stderr)
-    settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task, strategy=args.strategy,
+    settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task or "", strategy=args.strategy,
                              workers=args.workers, steps=args.steps, cluster=unavailable is None)
+    if settings.task != default_task(settings.strategy) and settings.strategy in LOCAL_STATE_STRATEGIES:
+        print(f"shoal chaos: note: a death loses that member's {settings.task} optimizer state under "
+              f"{settings.strategy}, so the model may differ from the undisturbed run's with nothing "
+              f"wrong; {default_task(settings.strategy)} keeps none (docs/STRATEGIES.md)", file=sys.stderr)
     outcomes = run_chaos(settings, report=lambda line: print(line, flush=True))
     summary = summarize(outcomes)
     command = "shoal chaos " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["chaos"] else [])

@@ -25,22 +25,31 @@ from shoal.reliability.checks import exactly_once_violations, leftover_processes
 from shoal.reliability.cluster import run_cluster_trial, strategy_flags
 from shoal.tasks import TASKS
 
-__all__ = ["CLUSTER_KINDS", "KINDS", "ChaosSettings", "TrialPlan", "TrialOutcome", "plan_trials",
-           "run_chaos"]
+__all__ = ["CLUSTER_KINDS", "KINDS", "LOCAL_STATE_STRATEGIES", "ChaosSettings", "TrialPlan", "TrialOutcome",
+           "default_task", "plan_trials", "run_chaos"]
 
 KINDS = ("kill", "hang", "exception", "kill-rank0", "two-in-one-step", "kill-and-rejoin",
          "killed-again-after-rejoin", "kill-during-commit", "kill-during-heal")
 CLUSTER_KINDS = ("link-cut", "coordinator-restart")
 """Kinds that run on several namespace hosts (``ChaosSettings.cluster``)."""
 _TOLERANCE = 1e-5
+LOCAL_STATE_STRATEGIES = ("localsgd", "diloco")
+"""Strategies whose members each keep their own inner optimizer state, which a death loses:
+the undisturbed model is reached exactly only on a task whose optimizer keeps none."""
+
+
+def default_task(strategy: str) -> str:
+    """``quadratic``, or for localsgd and diloco ``quadratic-sgd`` (no optimizer state)."""
+    return "quadratic-sgd" if strategy in LOCAL_STATE_STRATEGIES else "quadratic"
 
 
 @dataclass(kw_only=True, slots=True)
 class ChaosSettings:
     trials: int = 10
     seed: int = 0
-    task: str = "quadratic"
     strategy: str = "allreduce"
+    task: str = ""
+    """Empty: ``default_task(strategy)``."""
     workers: int = 4
     steps: int = 600
     batch_size: int = 64
@@ -48,6 +57,9 @@ class ChaosSettings:
     trial_timeout: float = 300.0
     cluster: bool = False
     """Include link cuts and coordinator restarts (needs root for network namespaces)."""
+
+    def __post_init__(self):
+        self.task = self.task or default_task(self.strategy)
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -4,10 +4,10 @@ from shoal.tasks.ackley import AckleyTask
 from shoal.tasks.api import Task, TaskDefaults
 from shoal.tasks.charlm import CharLMTask
 from shoal.tasks.digits import DigitsTask
-from shoal.tasks.quadratic import QuadraticTask
+from shoal.tasks.quadratic import QuadraticSGDTask, QuadraticTask
 
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (QuadraticTask, AckleyTask, DigitsTask, CharLMTask)
+    task.name: task for task in (QuadraticTask, QuadraticSGDTask, AckleyTask, DigitsTask, CharLMTask)
 }
 
 __all__ = ["TASKS", "Task", "TaskDefaults"]

@@ -60,3 +60,21 @@ class QuadraticTask(Task):
             distance = (model.weight - self.samples.mean(0)).norm().item()
             loss = self.loss(model, (self.samples,)).item() / len(self.samples)
         return {"eval_loss": loss, "distance_to_optimum": distance}
+
+
+class QuadraticSGDTask(QuadraticTask):
+    """``quadratic`` with plain SGD: an optimizer that keeps no state between steps.
+
+    Under ``localsgd`` and ``diloco`` every member keeps its own inner optimizer state, and
+    a member's death loses it: a momentum buffer is part of where that member was heading.
+    On this task there is none to lose, and every member's gradient is linear in the
+    parameters with the same slope, so a run that loses members ends exactly where the
+    undisturbed run does. That makes it the task on which ``shoal chaos`` checks those
+    strategies' rollback, re-split and heal against the undisturbed model.
+    """
+
+    name = "quadratic-sgd"
+    defaults = TaskDefaults(epochs=2, batch_size=64, lr=0.02)
+
+    def build_optimizer(self, model, lr):
+        return torch.optim.SGD(model.parameters(), lr=lr)
