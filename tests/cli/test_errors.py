@@ -150,6 +150,20 @@ def test_bad_coordinator_flags_exit_2_with_one_line(capsys, args, flag):
     assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err, err
 
 
+@pytest.mark.parametrize("args,prog", [
+    (["train", "--bogus", "1"], "shoal train:"),
+    (["bench", "wan", "--bogus"], "shoal bench wan:"),
+    (["chaos", "--bogus"], "shoal chaos:"),
+    (["coordinator", "--bogus"], "shoal coordinator:"),
+    (["export", "checkpoints", "--out", "m.safetensors", "--bogus"], "shoal export:"),
+])
+def test_an_unknown_flag_is_named_by_the_command_it_was_given_to(capsys, args, prog):
+    code, out, err = run_main(capsys, *args)
+    assert code == 2
+    assert err.startswith(f"{prog} error: unrecognized arguments: --bogus"), err
+    assert len(err.strip().splitlines()) == 1 and out == ""
+
+
 def test_a_coordinator_port_in_use_exits_2_with_one_line(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -195,7 +209,7 @@ def test_the_real_command_exits_2_with_one_line():
     result = shoal("train", "--task", "mnist", timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "shoal train: error: --task: unknown task 'mnist' (choose from quadratic, ackley, digits, charlm)"
+        "shoal train: error: --task: unknown task 'mnist' (choose from quadratic, quadratic-sgd, ackley, digits, charlm)"
     ]
 
 

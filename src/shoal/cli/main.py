@@ -20,6 +20,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one clear line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse leaves a sub-command's unknown flags to the top parser, whose error names
+        # `shoal`; the command that was given them says so instead (`shoal train: error: ...`).
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
 
 def _fault(signal: str):
     def parse(text: str) -> KillSpec:
