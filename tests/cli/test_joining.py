@@ -97,3 +97,40 @@ def test_a_joining_launchers_checkpoint_is_checked_before_its_workers_start(tmp_
                    timeout=120)
     assert (result.returncode, result.stderr.strip().splitlines()) == (2, [
         f"shoal train: error: --resume: {checkpoint.path}: written by task 'quadratic', this job trains 'digits'"])
+
+
+def test_a_joining_launcher_keeps_metrics_and_reports_what_it_resumed(tmp_path):
+    """As the embedded launcher: --checkpoint-dir gets a metrics.json of the committed steps,
+    and a job resumed from an older checkpoint reports it in results.json (`resumed`, with
+    the steps redone) and covers the whole job in its results and sample log. (Before, a
+    joining launcher wrote no metrics.json and no `resumed`.)"""
+    import json
+
+    from shoal.reliability.checks import exactly_once_violations
+    from shoal.tasks import TASKS
+
+    job = [*JOB[:2], "--steps", "40", *JOB[4:], "--checkpoint-every", "20"]
+
+    def joined_run(*flags):
+        coordinator = Coordinator(Membership(expected_workers=1, min_workers=1), token="t").start()
+        try:
+            result = shoal("train", *job, *flags, "--coordinator", coordinator.url.removeprefix("http://"),
+                           "--token", "t", timeout=180)
+            assert result.returncode == 0, result.stderr
+        finally:
+            coordinator.stop()
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    joined_run("--checkpoint-dir", str(first))
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == list(range(40))
+    joined_run("--resume", str(first / "step-000000020"), "--checkpoint-dir", str(second),
+               "--output", str(tmp_path / "r.json"), "--sample-log", str(tmp_path / "s.jsonl"))
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["resumed"]["step"] == 20 and results["resumed"]["steps_redone"] == 20
+    assert results["steps"] == 40
+    size = TASKS["digits"].train_samples(0)
+    assert exactly_once_violations(tmp_path / "s.jsonl", dataset_size=size, steps=40) == []
+    resumed_metrics = json.loads((second / "metrics.json").read_text())
+    assert [s["step"] for s in resumed_metrics["steps"]] == list(range(40))
+    assert [s["loss"] is not None for s in resumed_metrics["steps"]] == [True] * 40  # from first's metrics

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shoal.checkpoint import Checkpoint, CheckpointError, CheckpointStore, check_resumable, job_identity
@@ -109,6 +109,7 @@ class MetricsFile:
         record = record_now()
         if not force and len(record.steps) == self._written_steps:
             return
-        record.steps = self.earlier_steps + record.steps
-        write_json(self.path, record.to_json())
-        self._written_at, self._written_steps = time.monotonic(), len(record.steps) - len(self.earlier_steps)
+        data = record.to_json()
+        data["steps"] = [asdict(s) for s in self.earlier_steps] + data["steps"]
+        write_json(self.path, data)
+        self._written_at, self._written_steps = time.monotonic(), len(record.steps)

@@ -25,7 +25,7 @@ from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
-from shoal.launch.durable import choose_resume
+from shoal.launch.durable import MetricsFile, Resumption, choose_resume
 from shoal.launch.workers import (
     Preemption,
     WorkerGroup,
@@ -41,6 +41,8 @@ from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
 __all__ = ["run_remote"]
 
 _POLL_SECONDS = 0.5
+_METRICS_SECONDS = 2.0
+"""metrics.json comes over HTTP here: the whole record, so not every poll."""
 _ADMISSION_RETRY_SECONDS = 10.0
 """A coordinator started at the same moment as its launchers gets this long to answer."""
 _EVICTED = 3  # a worker's exit code when the coordinator ended its membership
@@ -58,8 +60,8 @@ def run_remote(config: TrainConfig) -> int:
 def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     started = time.time()
     url = coordinator_url(config.coordinator)
-    resumed_step = _choose_resume(config) if config.resume else None
-    refusal = _admission(url, config, resumed_step)
+    resumption = _choose_resume(config) if config.resume else None
+    refusal = _admission(url, config, resumption.checkpoint.step if resumption else None)
     if refusal is not None:
         print(f"shoal train: error: {refusal}", file=sys.stderr)
         return 2
@@ -91,6 +93,8 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
                         zygote=zygote)
     record = None
     watcher = CoordinatorClient(url, config.token, retry_seconds=1.0)
+    metrics = (MetricsFile(config.checkpoint_dir, resumption.earlier_steps if resumption else [],
+                           interval=_METRICS_SECONDS) if config.checkpoint_dir else None)
     # SIGTERM (this host is preempted): its workers stop at a step boundary and leave; the
     # other hosts go on without them, as after any departure.
     preemption = Preemption()
@@ -100,6 +104,8 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
             group.spawn(local_index, {})
         while group.running() and not preemption.overdue():
             time.sleep(_POLL_SECONDS)
+            if metrics is not None:
+                _update_metrics(metrics, watcher)
             if (config.output or config.sample_log) and record is None:
                 # Fetch the record the moment the job completes: our workers may take a
                 # while to exit, and the coordinator lingers only so long after the end.
@@ -110,6 +116,8 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         group.stop_all()
+        if metrics is not None:
+            _update_metrics(metrics, watcher, force=True)
         client.close()
         watcher.close()
     if status is None:
@@ -126,7 +134,7 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     if status["status"] != "completed":
         echo(f"shoal train: failed: the job is {status['status']} {status.get('reason', '')}".rstrip())
         return 1
-    if (config.output or config.sample_log) and not _write_record(url, config, record,
+    if (config.output or config.sample_log) and not _write_record(url, config, record, resumption,
                                                                    time.time() - started):
         return 1
     if not config.quiet:
@@ -135,17 +143,27 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     return 0
 
 
-def _choose_resume(config: TrainConfig) -> int:
+def _choose_resume(config: TrainConfig) -> Resumption:
     """As the embedded launcher: the checkpoint is checked before any worker starts (a
-    ConfigError, one line, exit 2), and every local worker loads that one. Returns its step,
-    which every launcher of the job must agree on. (It builds the task: only after the
-    worker zygote's fork, see Task.train_samples.)"""
+    ConfigError, one line, exit 2), and every local worker loads that one. Every launcher of
+    the job must agree on its step. (It builds the task: only after the worker zygote's
+    fork, see Task.train_samples.)"""
     from shoal.tasks import TASKS
 
     resumption = choose_resume(config, TASKS[config.task](config.seed),
                                warn=lambda line: print(f"shoal train: warning: {line}", file=sys.stderr))
     config.resume = str(resumption.checkpoint.path)
-    return resumption.checkpoint.step
+    return resumption
+
+
+def _update_metrics(metrics: MetricsFile, client: CoordinatorClient, force: bool = False) -> None:
+    """Keep ``--checkpoint-dir``/metrics.json current from the coordinator's record, as the
+    embedded launcher does from its own: a later ``--resume`` reads it. Every launcher
+    given the flag writes its own copy (its host's disk may be the only one it sees)."""
+    try:
+        metrics.update(lambda: JobRecord.from_json(client.get("/record")), force=force)
+    except CoordinatorUnreachable:
+        pass  # restarting, or gone after the end: the last copy written stands
 
 
 def _admission(url: str, config: TrainConfig, resumed_step: int | None) -> str | None:
@@ -178,7 +196,8 @@ def _record_once_completed(client: CoordinatorClient) -> JobRecord | None:
     return None
 
 
-def _write_record(url: str, config: TrainConfig, record: JobRecord | None, wall_seconds: float) -> bool:
+def _write_record(url: str, config: TrainConfig, record: JobRecord | None,
+                  resumption: Resumption | None, wall_seconds: float) -> bool:
     """Write --output and --sample-log from the coordinator's record; False if it is gone."""
     from shoal.tasks import TASKS
     from shoal.tracking import build_results, write_json, write_sample_log
@@ -195,11 +214,15 @@ def _write_record(url: str, config: TrainConfig, record: JobRecord | None, wall_
             client.close()
     task = TASKS[config.task](config.seed)
     sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
+    earlier_steps = resumption.earlier_steps if resumption else []
     if config.output:
-        write_json(config.output, build_results(record=record, config=json.loads(config.to_json()),
-                                                sampler=sampler, wall_seconds=wall_seconds,
-                                                units=task.samples_to_units()))
+        results = build_results(record=record, config=json.loads(config.to_json()), sampler=sampler,
+                                wall_seconds=wall_seconds, units=task.samples_to_units(),
+                                earlier_steps=earlier_steps)
+        results["resumed"] = resumption.to_json() if resumption else None
+        write_json(config.output, results)
     if config.sample_log:
+        record.steps = earlier_steps + record.steps
         write_sample_log(config.sample_log, record, sampler)
     return True
 
