@@ -148,6 +148,24 @@ def test_a_restarted_coordinator_adopts_the_running_generation():
     assert membership.heartbeat(7, {"generation": 4, "members": [0, 1, 2]})["evicted"] is True
 
 
+def test_a_restarted_coordinator_forms_the_next_generation_for_members_that_left_theirs():
+    """The members' generation broke while the coordinator was down (localsgd's round-end
+    wait reads the coordinator's store): their failure reports reached nobody, or the new
+    coordinator before it knew them. Their heartbeats say they left generation 4, so it
+    forms 5. (Before, it adopted 4 with every member alive and heartbeating, and they
+    waited for a newer generation until the job was killed.)"""
+    clock = Clock()
+    membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=5.0, clock=clock)
+    membership.report_failure(0, 4, "store unreachable")  # before any heartbeat: unknown
+    left = {"generation": 4, "members": [0, 1], "failed_generation": 4}
+    membership.heartbeat(0, left)  # adopts 4, whose members are alive as of now, then leaves it
+    assert membership.current.number == 5 and membership.current.members == [0, 1]
+    assert membership.membership_changes()[-1]["cause"] == "collective failed; all members alive"
+    clock.now += 0.25
+    membership.heartbeat(1, left)  # still waiting to connect: an old generation's failure
+    assert membership.current.number == 5
+
+
 def test_a_restarted_coordinator_rebuilds_the_ledger_from_resent_histories():
     """Steps committed before the restart, in generations it never formed, are recovered."""
     clock = Clock()

@@ -169,6 +169,7 @@ class Membership:
             worker.committed_step = payload.get("committed_step", worker.committed_step)
             worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
             self._record_history(worker_id, payload)
+            self._note_failure(worker, payload.get("failed_generation"))
             self._evaluate()
             return {"evicted": False, "generation": self.current_number, "status": self.status,
                     "incarnation": self.incarnation}
@@ -199,12 +200,21 @@ class Membership:
         """A member saw a collective fail in ``generation``; the report also proves it is alive."""
         with self._lock:
             worker = self._workers.get(worker_id)
-            if worker is None or not worker.alive or generation != self.current_number:
+            if worker is None or not worker.alive:
                 return
             worker.last_seen, worker.forgiven = self._clock(), 0.0
-            if self._failure_reported_at is None:
-                self._failure_reported_at = worker.last_seen
+            self._note_failure(worker, generation)
             self._evaluate()
+
+    def _note_failure(self, worker: _Worker, generation: int | None) -> None:
+        """A member left the current generation as failed (its report, or its heartbeats
+        while it waits for the next one: a restarted coordinator never got the report)."""
+        current = self.current
+        if (generation is None or current is None or generation != current.number
+                or worker.worker_id not in current.members or worker.finished):
+            return
+        if self._failure_reported_at is None:
+            self._failure_reported_at = worker.last_seen
 
     def report_kill(self, worker_id: int, spec: str) -> None:
         """A worker is about to SIGKILL itself for ``--kill``: remember why it will die."""

@@ -70,6 +70,10 @@ class Context:
         self.world_size = 1
         self.latest_generation = 0
         self.evicted = False
+        self.failed_generation: int | None = None
+        """The generation this worker saw fail and left, until it enters a newer one. Sent with
+        every heartbeat: a failure report is one message, which a restarting coordinator can
+        miss, and without it every member would wait for a generation nobody forms."""
         self.committed_step = -1
         self.bytes_sent = 0
         self.fired_faults: set[str] = set()
@@ -161,6 +165,7 @@ class Context:
             "pid": os.getpid(),
             # what a restarted coordinator needs to adopt the running generation
             "generation": self.generation,
+            "failed_generation": self.failed_generation,
             "members": self.members,
             "committed_step": self.committed_step,
             "bytes_sent": self.bytes_sent,
@@ -199,6 +204,7 @@ class Context:
             self._connect_store(reply["store_host"], reply["store_port"])
             self.fired_faults.update(reply.get("fired_faults", ()))
             self.generation = generation["number"]
+            self.failed_generation = None
             self.latest_generation = max(self.latest_generation, self.generation)
             self.members = generation["members"]
             self._generation_members[self.generation] = self.members
@@ -262,6 +268,7 @@ class Context:
             time.sleep(poll_seconds)
 
     def report_failure(self, detail: str) -> None:
+        self.failed_generation = self.generation
         if self.distributed:
             self._client.post("/report", {"worker_id": self.worker_id, "generation": self.generation,
                                           "kind": "failure", "detail": detail[:500]})
