@@ -1,5 +1,6 @@
 """The chaos suite, short and seeded: every fault kind once, each checked against the promises."""
 
+import psutil
 import pytest
 
 from shoal.network import namespaces_available
@@ -8,6 +9,7 @@ from shoal.reliability.chaos import (
     KINDS,
     ChaosSettings,
     TrialPlan,
+    _run_trial,
     plan_trials,
     run_chaos,
     summarize,
@@ -82,3 +84,21 @@ def test_local_steps_recover_exactly_where_no_optimizer_state_is_lost(strategy):
     outcomes = run_chaos(settings, plans=[plan], report=lambda line: None)
     assert summarize(outcomes)["failures"] == []
     assert outcomes[0].rejoins >= 1 and len(outcomes[0].detection_seconds) == 2
+
+
+def test_a_trial_that_runs_out_of_time_fails_and_leaves_no_process(tmp_path):
+    """subprocess.run's timeout kills `shoal train` alone; its workers would live on and slow
+    every later trial. The trial fails, and stops them."""
+    settings = ChaosSettings(trials=1, seed=1, steps=100_000, workers=2, trial_timeout=8)
+    plan = plan_trials(settings)[0]
+    outcome = _run_trial(plan, settings, tmp_path / "no-reference.pt", tmp_path, dataset_size=1)
+    assert not outcome.passed
+    assert f"did not finish in {settings.trial_timeout:g} s" in outcome.problems
+    assert [p for p in psutil.process_iter() if _trial_marker(p)] == []
+
+
+def _trial_marker(process: psutil.Process) -> str | None:
+    try:
+        return process.environ().get("SHOAL_CHAOS_TRIAL")
+    except psutil.Error:
+        return None

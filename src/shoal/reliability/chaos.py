@@ -21,7 +21,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shoal.reliability.checks import exactly_once_violations, leftover_processes, relative_difference
+from shoal.reliability.checks import (exactly_once_violations, kill_processes, leftover_processes,
+                                      relative_difference)
 from shoal.reliability.cluster import run_cluster_trial, strategy_flags
 from shoal.tasks import TASKS
 
@@ -177,8 +178,9 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
     if files is not None:
         _check_files(files, plan, settings, reference, dataset_size, outcome)
     left = leftover_processes(marker)
-    if left:
+    if left:  # a failure, and also stopped here: they would slow every later trial
         outcome.problems.append(f"processes left behind: {left}")
+        kill_processes(left)
     outcome.passed = not outcome.problems
     return outcome
 

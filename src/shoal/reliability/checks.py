@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import torch
 
-__all__ = ["exactly_once_violations", "leftover_processes", "relative_difference"]
+__all__ = ["exactly_once_violations", "kill_processes", "leftover_processes", "relative_difference"]
 
 
 def relative_difference(path_a, path_b) -> float:
@@ -51,3 +51,16 @@ def leftover_processes(marker: str) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def kill_processes(pids: list[int]) -> None:
+    """SIGKILL each of ``pids`` that still lives and wait until it is gone."""
+    alive = []
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            process.kill()
+            alive.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=10)
