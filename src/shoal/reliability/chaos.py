@@ -165,10 +165,12 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
         run = run_cluster_trial(plan.kind, plan.event, settings, directory,
                                 {**os.environ, "SHOAL_CHAOS_TRIAL": marker})
         outcome.problems += run.problems
-        if run.notes:  # keep the launchers' stderr (stacks included) past the temporary root
+        if run.notes or run.problems:  # keep the stderr (stacks included) past the temporary root
             saved = Path(tempfile.gettempdir()) / f"shoal-chaos-{marker[:8]}-trial-{plan.index}.txt"
             saved.write_text("\n".join(f"==== {name}\n{text}" for name, text in run.stderr.items()))
             outcome.notes += [f"{note} (saved in {saved})" for note in run.notes]
+            if run.problems:
+                outcome.notes.append(f"the processes' stderr is in {saved}")
         files = run.directory if not run.problems else None
         if files is not None and run.outage is not None:
             outcome.outage_steps = _steps_committed_between(files / "samples.jsonl", *run.outage)
