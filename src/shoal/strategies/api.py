@@ -161,6 +161,17 @@ class Strategy(abc.ABC):
 STRATEGIES: dict[str, type[Strategy]] = {}
 
 
+def _generation_timeout(device: str):
+    """The timeout of the generation's own group (the heartbeat timeout, set by the context).
+
+    Groups a strategy makes with ``new_group`` or a device mesh get torch's default instead
+    (30 minutes on gloo), so a collective on one would wait that long for a member that hung:
+    give them this one, and the survivors leave it as soon as the generation's group would."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD._get_backend(torch.device(device)).options._timeout
+
+
 def register(cls: type[Strategy]) -> type[Strategy]:
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no name")

@@ -11,7 +11,7 @@ launcher (one machine), or emulated with ``--workers-per-host``.
 import torch.distributed as dist
 
 from shoal.strategies.allreduce import _DataParallel, _done
-from shoal.strategies.api import register
+from shoal.strategies.api import _generation_timeout, register
 
 __all__ = ["Hierarchical"]
 
@@ -34,12 +34,16 @@ class Hierarchical(_DataParallel):
         for rank, key in enumerate(keys):
             hosts.setdefault(key, []).append(rank)
         me = dist.get_rank()
+        # A member that hangs must fail the others' collectives on these groups as soon as on
+        # the generation's own, not after torch's default 30 minutes (measured: every SIGSTOP
+        # trial of `shoal chaos --strategy hierarchical` waited in the host group's reduce).
+        timeout = _generation_timeout("cuda" if next(self.model.parameters()).is_cuda else "cpu")
         # Every rank must create every group, in the same order.
         for ranks in hosts.values():
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if me in ranks:
                 self._host_group, self._leader = group, ranks[0]
-        leaders = dist.new_group([ranks[0] for ranks in hosts.values()])
+        leaders = dist.new_group([ranks[0] for ranks in hosts.values()], timeout=timeout)
         self._is_leader = me == self._leader
         self._leader_group = leaders if self._is_leader else None
         return super().setup(host_key)

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal.strategies.api import Strategy, register
+from shoal.strategies.api import Strategy, _generation_timeout, register
 
 __all__ = ["HeldShards", "Layout", "Zero", "mesh_shape"]
 
@@ -256,12 +256,10 @@ class Zero(Strategy):
 
 
 def _time_out_like_the_generation(mesh, device: str) -> None:
-    """The mesh's sub-groups get torch's default timeout (30 minutes on gloo): give them the
-    generation's, so that a collective waiting for a dead member fails as soon as on the
-    generation's own group and the survivors move on."""
+    """The mesh's sub-groups get torch's default timeout: give them the generation's."""
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
-    timeout = dist.group.WORLD._get_backend(torch.device(device)).options._timeout
+    timeout = _generation_timeout(device)
     for dimension in range(mesh.ndim):
         _set_pg_timeout(timeout, mesh.get_group(dimension))
 
