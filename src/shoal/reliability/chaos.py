@@ -289,10 +289,13 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
             f"{seconds(s['detection_p95'])} | {seconds(s['recovery_p50'])} | "
             f"{seconds(s['recovery_p95'])} |" for kind, s in summary["by_kind"].items()]
     restarts = summary["by_kind"].get("coordinator-restart")
+    rounds = (" A round's end meets on the coordinator's store, so under local steps no step "
+              "commits while it is down: a round that ends then is redone in a new generation "
+              "once it is back." if settings.strategy in LOCAL_STATE_STRATEGIES else "")
     outage = ("" if restarts is None or "outage_steps_min" not in restarts else
-              f"\nWhile the coordinator was down (0.2-3 s) the workers kept training: "
-              f"{restarts['outage_steps_median']:g} steps (median; at least "
-              f"{restarts['outage_steps_min']}) were committed during each outage.\n")
+              f"\nSteps committed while the coordinator was down (0.2-3 s): "
+              f"{restarts['outage_steps_median']:g} per outage (median; at least "
+              f"{restarts['outage_steps_min']}).{rounds}\n")
     cluster = ("Link cuts and coordinator restarts run on three network-namespace hosts "
                "(`shoal coordinator` on one, half the workers on each of the others).\n"
                if settings.cluster else
