@@ -73,10 +73,11 @@ class _StatusWatcher:
                 self.latest = json.loads(line)
                 self._changed.notify_all()
 
-    def wait(self, condition, timeout: float) -> dict:
+    def wait(self, condition, timeout: float, goal: str) -> dict:
         with self._changed:
             if not self._changed.wait_for(lambda: condition(self.latest), timeout=timeout):
-                raise TimeoutError(f"the coordinator's status never got there (last: {self.latest})")
+                raise TimeoutError(f"{goal} did not happen in {timeout:g} s (the coordinator's "
+                                   f"last status: {self.latest})")
             return self.latest
 
     def close(self) -> None:
@@ -135,12 +136,14 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
                                                          directory / f"host-{index}", env)
         watcher = _StatusWatcher(hosts, address, env)
         deadline = settings.trial_timeout / 2
-        before = watcher.wait(lambda s: s.get("step", -1) >= event["step"], deadline)
+        before = watcher.wait(lambda s: s.get("step", -1) >= event["step"], deadline,
+                              f"step {event['step']} (before the fault)")
         if kind == "link-cut":
             hosts.cut(event["host"])
             survivors = settings.workers - shares[event["host"]]
             watcher.wait(lambda s: s.get("generation", 0) > before["generation"]
-                         and len(s.get("members", [])) == survivors, deadline)
+                         and len(s.get("members", [])) == survivors, deadline,
+                         "a generation without the cut-off host")
             hosts.reconnect(event["host"])
         else:
             processes["coordinator"].send_signal(signal.SIGKILL)
@@ -150,7 +153,8 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
             port = int(address.rsplit(":", 1)[1])
             processes["coordinator"], _ = _start_coordinator(hosts, settings, port, env)
             run.outage = (killed, time.time())
-        watcher.wait(lambda s: s.get("status") in ("completed", "failed"), settings.trial_timeout)
+        watcher.wait(lambda s: s.get("status") in ("completed", "failed"), settings.trial_timeout,
+                     "the job's end")
         for name, process in processes.items():  # the launchers; the coordinator lingers
             if name != "coordinator":
                 run.codes[name] = _wait_reading_stacks(run, name, process, settings.trial_timeout)
