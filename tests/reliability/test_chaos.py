@@ -68,13 +68,15 @@ def test_zero_survives_a_death_while_it_rebuilds_the_state_from_shards():
     assert outcomes[0].rejoins >= 2  # both faults fired: two workers were restarted
 
 
-def test_hierarchical_leaves_a_hung_member_behind():
-    """A SIGSTOPped member: the others wait in a host group's reduce, a group of the
-    strategy's own. Made with torch's default timeout (30 minutes on gloo) it held them
-    until the trial's limit; with the generation's, they re-form and end at the
-    undisturbed model."""
+@pytest.mark.parametrize("worker", [1, 2], ids=["member", "leader"])
+def test_hierarchical_leaves_a_hung_member_behind(worker):
+    """Two emulated hosts ([0, 1] and [2, 3]); worker 1 or host 1's leader is SIGSTOPped.
+    The others wait in a host group's reduce or broadcast, or the leaders' all-reduce:
+    groups of the strategy's own. Made with torch's default timeout (30 minutes on gloo)
+    they held them until the trial's limit; with the generation's, the others re-form and
+    end at the undisturbed model."""
     settings = ChaosSettings(seed=4, steps=150, workers=4, strategy="hierarchical", trial_timeout=90)
-    plan = TrialPlan(0, "hang", [["--hang", "1@40"]], restart=False)
+    plan = TrialPlan(0, "hang", [["--hang", f"{worker}@40"]], restart=False)
     outcomes = run_chaos(settings, plans=[plan], report=lambda line: None)
     assert summarize(outcomes)["failures"] == []
     assert len(outcomes[0].detection_seconds) == 1

@@ -147,11 +147,20 @@ def _train(settings: ChaosSettings, directory: Path, extra: list[str], marker: s
         "--batch-size", str(settings.batch_size), "--seed", str(settings.seed), "--quiet",
         "--heartbeat-timeout", str(settings.heartbeat_timeout),
         "--output", str(directory / "results.json"), "--sample-log", str(directory / "samples.jsonl"),
-        "--save-model", str(directory / "model.pt"), *strategy_flags(settings, directory / "checkpoints"), *extra,
+        "--save-model", str(directory / "model.pt"), *strategy_flags(settings, directory / "checkpoints"),
+        *_emulated_hosts(settings), *extra,
     ]
     env = {**os.environ, "SHOAL_CHAOS_TRIAL": marker}
     return subprocess.run(command, capture_output=True, text=True, env=env,
                           timeout=settings.trial_timeout)
+
+
+def _emulated_hosts(settings: ChaosSettings) -> list[str]:
+    """hierarchical on one launcher: two emulated hosts, so that a fault also meets the
+    leaders' group and a host group that is not everyone (cluster trials have two real hosts)."""
+    if settings.strategy != "hierarchical" or settings.workers < 4:
+        return []
+    return ["--workers-per-host", str(settings.workers // 2)]
 
 
 def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: Path,
@@ -296,11 +305,13 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
               f"\nSteps committed while the coordinator was down (0.2-3 s): "
               f"{restarts['outage_steps_median']:g} per outage (median; at least "
               f"{restarts['outage_steps_min']}).{rounds}\n")
-    cluster = ("Link cuts and coordinator restarts run on three network-namespace hosts "
-               "(`shoal coordinator` on one, half the workers on each of the others).\n"
-               if settings.cluster else
-               "Link cuts and coordinator restarts were not run (they need root for "
-               "network namespaces).\n")
+    hosts = (f"The other trials run one launcher with `--workers-per-host {settings.workers // 2}`: two "
+             "emulated hosts.\n" if _emulated_hosts(settings) else "")
+    cluster = hosts + ("Link cuts and coordinator restarts run on three network-namespace hosts "
+                       "(`shoal coordinator` on one, half the workers on each of the others).\n"
+                       if settings.cluster else
+                       "Link cuts and coordinator restarts were not run (they need root for "
+                       "network namespaces).\n")
     failures = "\n".join(f"- trial {f['plan']['index']} ({f['plan']['kind']}): "
                          f"{'; '.join(f['problems'])}" for f in summary["failures"]) or "- none"
     notes = "\n".join(f"- {note}" for note in summary["notes"]) or "- none"
