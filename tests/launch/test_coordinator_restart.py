@@ -24,7 +24,7 @@ def coordinator(port: int) -> tuple[subprocess.Popen, int]:
     process = subprocess.Popen(
         [sys.executable, "-m", "shoal.cli.main", "coordinator", "--port", str(port), "--token", TOKEN,
          "--workers", "3", "--heartbeat-timeout", "2", "--linger", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     port = int(re.search(r":(\d+)$", process.stdout.readline().strip()).group(1))
     return process, port
 
@@ -60,6 +60,13 @@ def test_training_survives_a_coordinator_restart(tmp_path):
         assert status["status"] == "completed"
         assert status["membership_changes"] >= 1  # the crash after the restart re-formed the group
         assert second.wait(timeout=60) == 0
+        # Each coordinator logs its generations: the second one the generation it took over
+        # from the workers, then the re-form after the crash.
+        assert first.stderr.read().splitlines() == ["shoal coordinator: generation 1: members [0, 1, 2]"]
+        log = second.stderr.read().splitlines()
+        assert log[0] == "shoal coordinator: generation 1: members [0, 1, 2]"
+        assert log[1].startswith("shoal coordinator: generation 1 -> 2: worker 1: --kill 1@500")
+        assert log[1].endswith("members [0, 1, 2] -> [0, 2]") and log[-1] == "shoal coordinator: job completed"
     finally:
         for process in (first, second, launcher):
             if process is not None and process.poll() is None:

@@ -26,6 +26,33 @@ def add_coordinator(commands) -> None:
     parser.set_defaults(handler=_coordinator)
 
 
+_LOG_SECONDS = 0.2
+
+
+class _GenerationLog:
+    """One stderr line per generation, as the embedded launcher prints them: the operator's
+    record of who was in the job when, and why it changed. A generation formed without a
+    change (the first; one a restarted coordinator took over from the workers) is named too."""
+
+    def __init__(self, membership):
+        self._membership = membership
+        self._announced = 0
+        self._generation = 0
+
+    def print_new(self) -> None:
+        for change in self._membership.membership_changes()[self._announced:]:
+            print(f"shoal coordinator: generation {change['generation_before']} -> "
+                  f"{change['generation_after']}: {change['cause']}; members "
+                  f"{change['members_before']} -> {change['members_after']}", file=sys.stderr, flush=True)
+            self._announced += 1
+            self._generation = change["generation_after"]
+        status = self._membership.snapshot()
+        if status["generation"] > self._generation:
+            self._generation = status["generation"]
+            print(f"shoal coordinator: generation {self._generation}: members {status['members']}",
+                  file=sys.stderr, flush=True)
+
+
 def _coordinator(args: argparse.Namespace) -> int:
     from shoal.config import ConfigError, check_bindable, check_heartbeat_timeout
     from shoal.coordinator import Coordinator, Membership
@@ -52,8 +79,11 @@ def _coordinator(args: argparse.Namespace) -> int:
     print(f"shoal coordinator: token {coordinator.token}", flush=True)
     done = threading.Event()
     membership.add_listener(lambda: membership.status in ("completed", "failed") and done.set())
+    log = _GenerationLog(membership)
     try:
-        done.wait()
+        while not done.wait(_LOG_SECONDS):
+            log.print_new()
+        log.print_new()
         time.sleep(args.linger)
     except KeyboardInterrupt:
         pass

@@ -148,6 +148,7 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
         else:
             processes["coordinator"].send_signal(signal.SIGKILL)
             processes["coordinator"].wait()
+            run.stderr["coordinator (killed)"] = processes["coordinator"].stderr.read()
             killed = time.time()
             time.sleep(event["outage"])  # the fault itself: how long the coordinator stays down
             port = int(address.rsplit(":", 1)[1])
