@@ -275,3 +275,30 @@ def test_a_finished_worker_outside_the_generation_does_not_count_as_waiting():
         membership.heartbeat(1, {})
         membership.tick()
     assert membership.current_number == 2
+
+
+def test_a_worker_that_joins_as_the_job_ends_gets_no_generation_and_the_job_completes():
+    """A restarted worker back while the members finish (they committed the last step): a
+    generation of it and the members not yet finished would wait for peers that are gone.
+    It is left out, and the job completes when the members have all finished."""
+    membership, clock = started(workers=3)
+    membership.finish(0, {})
+    clock.now += 0.1
+    membership.join(3, "host", 200)
+    assert membership.current.number == 1 and membership.current.members == [0, 1, 2]
+    membership.finish(1, {})
+    membership.finish(2, {})
+    assert membership.status == "completed"
+
+
+def test_the_job_completes_when_the_generation_that_committed_the_last_step_has_finished():
+    """The restarted worker joined just before the members reported their end, and a
+    generation with it was formed: the members finish in theirs, which committed the last
+    step, and the job completes without the newcomer, which has nothing left to do."""
+    membership, clock = started(workers=3)
+    membership.join(3, "host", 200)
+    assert membership.current.members == [0, 1, 2, 3]  # formed before anyone finished
+    for worker in (0, 1, 2):
+        assert membership.status == "running"
+        membership.finish(worker, {"generation": 1})
+    assert membership.status == "completed"

@@ -91,7 +91,7 @@ def test_local_steps_recover_exactly_where_no_optimizer_state_is_lost(strategy):
     model (1e-5): a rollback or heal that lost the anchor, DiLoCo's outer momentum or a
     round's samples would not. (On quadratic, whose SGD has momentum, the late death alone
     moves diloco's model by 1e-3: that member's momentum is gone.)"""
-    settings = ChaosSettings(seed=4, steps=150, workers=4, strategy=strategy)
+    settings = ChaosSettings(seed=4, steps=150, workers=4, strategy=strategy, trial_timeout=120)
     assert settings.task == "quadratic-sgd"
     plan = TrialPlan(0, "killed-again-after-rejoin", [["--kill", "1@20"], ["--kill", "1@130"]],
                      restart=True)
@@ -105,10 +105,11 @@ def test_a_trial_that_runs_out_of_time_fails_and_leaves_no_process(tmp_path):
     every later trial. The trial fails, and stops them."""
     settings = ChaosSettings(trials=1, seed=1, steps=100_000, workers=2, trial_timeout=8)
     plan = plan_trials(settings)[0]
+    before = {p.pid for p in psutil.process_iter() if _trial_marker(p)}  # another test's, if any
     outcome = _run_trial(plan, settings, tmp_path / "no-reference.pt", tmp_path, dataset_size=1)
     assert not outcome.passed
     assert f"did not finish in {settings.trial_timeout:g} s" in outcome.problems
-    assert [p for p in psutil.process_iter() if _trial_marker(p)] == []
+    assert [p for p in psutil.process_iter() if _trial_marker(p) and p.pid not in before] == []
 
 
 def _trial_marker(process: psutil.Process) -> str | None:

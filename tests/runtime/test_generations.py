@@ -119,3 +119,60 @@ def test_a_group_that_failed_to_form_leaves_no_trace_on_the_next():
         for process in processes:
             process.kill()
             process.wait()
+
+
+LATE_JOINER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from shoal.runtime.context import Context, JobStopped
+
+    url, token, worker_id, signals = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+    context = Context(url, token, worker_id, heartbeat_interval=0.05)
+    context.join()
+    if worker_id < 2:  # a member: in generation 1 it commits the last step, then reports its end
+        context.enter_next_generation()
+        (signals / f"in-{worker_id}").touch()
+        while not (signals / "finish").exists():
+            time.sleep(0.01)
+        context.finish(None)
+        print("finished", flush=True)
+    else:  # restarted as they finish: the generation formed with it will never connect
+        try:
+            context.enter_next_generation()
+            print(f"entered generation {context.generation}", flush=True)
+        except JobStopped as stopped:
+            print(f"stopped: {stopped}", flush=True)
+        context.close()
+    os._exit(0)
+""")
+
+
+def test_a_worker_that_rejoins_as_the_members_finish_does_not_hold_the_job(tmp_path):
+    """Workers 0 and 1 commit the last step in generation 1; worker 2 joins just before they
+    report their end, and generation 2 is formed with it. The job completes when 0 and 1
+    finish (their generation committed the last step), and worker 2, waiting for members
+    that will never connect, stops. Before, the job waited for worker 2 to finish and
+    worker 2 for the others, until the job was killed."""
+    membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=30)
+    coordinator = Coordinator(membership, token="t").start()
+
+    def start(worker: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", LATE_JOINER, coordinator.url, "t", str(worker),
+                                 str(tmp_path)], stdout=subprocess.PIPE, text=True)
+
+    members = [start(0), start(1)]
+    joiner = None
+    try:
+        wait_for(lambda: all((tmp_path / f"in-{w}").exists() for w in (0, 1)), "generation 1")
+        joiner = start(2)
+        wait_for(lambda: membership.current_number == 2, "generation 2, with worker 2")
+        (tmp_path / "finish").touch()
+        outputs = [process.communicate(timeout=60)[0] for process in (*members, joiner)]
+        assert outputs == ["finished\n", "finished\n", "stopped: the job completed\n"]
+        assert membership.status == "completed"
+    finally:
+        for process in (*members, joiner):
+            if process is not None:
+                process.kill()
+                process.wait()
+        coordinator.stop()

@@ -262,9 +262,21 @@ class Membership:
             self._record_history(worker_id, payload)
             if payload.get("results") is not None:
                 self.results = payload["results"]
-            current = self.current
-            if current is not None and all(self._workers[m].finished for m in current.members):
+            if self._every_member_done(self.current) or self._every_member_done(
+                    self._generations_by_number().get(payload.get("generation"))):
                 self._set_status("completed", "")
+
+    def _every_member_done(self, generation: Generation | None) -> bool:
+        """Every member of ``generation`` finished (or, for the one its members finished in,
+        died after): its members committed the last step together. A later generation
+        (a restarted worker that joined as they were finishing) has nothing left to do."""
+        if generation is None:
+            return False
+        if generation is self.current:
+            return all(self._workers[m].finished for m in generation.members)
+        members = [self._workers.get(m) for m in generation.members]
+        return any(w is not None and w.finished for w in members) and all(
+            w is None or w.finished or not w.alive for w in members)
 
     def admit_launcher(self, spec: dict) -> None:
         """A launcher about to start workers for this job. The first one's spec becomes the
@@ -462,7 +474,11 @@ class Membership:
             m.finished or m.last_seen >= self._failure_reported_at for m in members
         ):
             self._form(cause="collective failed; all members alive", failed_at=self._failure_reported_at)
-        elif waiting and (self.max_workers is None or len(current.members) < self.max_workers):
+        elif waiting and not any(m.finished for m in members) and (
+                self.max_workers is None or len(current.members) < self.max_workers):
+            # Not once a member has finished: the last step is committed and the job is
+            # ending. A generation formed now would hold the joiner and whoever had not yet
+            # reported its end, and the joiner would wait for them to connect forever.
             self._form(cause="workers joined", failed_at=now)
 
     def _awaiting_correlated_silence(self, members: list[_Worker], dead: list[_Worker],

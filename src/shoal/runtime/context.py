@@ -70,6 +70,9 @@ class Context:
         self.world_size = 1
         self.latest_generation = 0
         self.evicted = False
+        self.job_ended: str | None = None
+        """``completed`` or ``failed`` once a heartbeat's reply says so. A worker that rejoined
+        as the others finished waits for peers that will never come: this ends the wait."""
         self.failed_generation: int | None = None
         """The generation this worker saw fail and left, until it enters a newer one. Sent with
         every heartbeat: a failure report is one message, which a restarting coordinator can
@@ -145,6 +148,8 @@ class Context:
                     continue
                 self.latest_generation = max(self.latest_generation, reply["generation"])
                 self.evicted = self.evicted or reply["evicted"]
+                if reply.get("status") in ("completed", "failed"):
+                    self.job_ended = reply["status"]
                 self._note_incarnation(reply.get("incarnation"))
         finally:
             client.close()
@@ -250,6 +255,8 @@ class Context:
         """Raise :class:`GenerationMoved` when the coordinator has moved past our generation."""
         if self.evicted:
             raise JobStopped(f"worker {self.worker_id} was evicted by the coordinator")
+        if self.job_ended is not None:
+            raise JobStopped(f"the job {self.job_ended}")
         if self.latest_generation > self.generation:
             raise GenerationMoved(f"generation {self.latest_generation} formed")
 

@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from shoal.compression import COMPRESSORS, Compressor
@@ -167,8 +168,6 @@ def _generation_timeout(device: str):
     Groups a strategy makes with ``new_group`` or a device mesh get torch's default instead
     (30 minutes on gloo), so a collective on one would wait that long for a member that hung:
     give them this one, and the survivors leave it as soon as the generation's group would."""
-    import torch.distributed as dist
-
     return dist.group.WORLD._get_backend(torch.device(device)).options._timeout
 
 
