@@ -1,6 +1,5 @@
 """The chaos suite, short and seeded: every fault kind once, each checked against the promises."""
 
-import psutil
 import pytest
 
 from shoal.network import namespaces_available
@@ -14,6 +13,7 @@ from shoal.reliability.chaos import (
     run_chaos,
     summarize,
 )
+from shoal.reliability.checks import leftover_processes
 from tests.conftest import LONG
 
 
@@ -105,15 +105,8 @@ def test_a_trial_that_runs_out_of_time_fails_and_leaves_no_process(tmp_path):
     every later trial. The trial fails, and stops them."""
     settings = ChaosSettings(trials=1, seed=1, steps=100_000, workers=2, trial_timeout=8)
     plan = plan_trials(settings)[0]
-    before = {p.pid for p in psutil.process_iter() if _trial_marker(p)}  # another test's, if any
+    before = set(leftover_processes())  # another test's, if any
     outcome = _run_trial(plan, settings, tmp_path / "no-reference.pt", tmp_path, dataset_size=1)
     assert not outcome.passed
     assert f"did not finish in {settings.trial_timeout:g} s" in outcome.problems
-    assert [p for p in psutil.process_iter() if _trial_marker(p) and p.pid not in before] == []
-
-
-def _trial_marker(process: psutil.Process) -> str | None:
-    try:
-        return process.environ().get("SHOAL_CHAOS_TRIAL")
-    except psutil.Error:
-        return None
+    assert set(leftover_processes()) - before == set()

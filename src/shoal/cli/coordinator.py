@@ -40,10 +40,10 @@ class _GenerationLog:
         self._generation = 0
 
     def print_new(self) -> None:
+        from shoal.coordinator import describe_change  # as _coordinator: the CLI starts light
+
         for change in self._membership.membership_changes()[self._announced:]:
-            print(f"shoal coordinator: generation {change['generation_before']} -> "
-                  f"{change['generation_after']}: {change['cause']}; members "
-                  f"{change['members_before']} -> {change['members_after']}", file=sys.stderr, flush=True)
+            print(f"shoal coordinator: {describe_change(change)}", file=sys.stderr, flush=True)
             self._announced += 1
             self._generation = change["generation_after"]
         status = self._membership.snapshot()

@@ -1,9 +1,10 @@
 """The coordinator: the single source of truth for membership. It never touches tensors."""
 
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
-from shoal.coordinator.membership import Generation, Membership
+from shoal.coordinator.membership import Generation, Membership, describe_change
 
-__all__ = ["Coordinator", "CoordinatorClient", "CoordinatorUnreachable", "Generation", "Membership"]
+__all__ = ["Coordinator", "CoordinatorClient", "CoordinatorUnreachable", "Generation", "Membership",
+           "describe_change"]
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from shoal.coordinator.record import CommittedStep, JobRecord
 
-__all__ = ["Generation", "Membership"]
+__all__ = ["Generation", "Membership", "describe_change"]
 
 _STALL_SECONDS = 0.5
 
@@ -71,6 +71,13 @@ class _StepRecord:
             parts = self.loss_parts.values()
             return math.nan if None in parts else sum(parts)
         return None
+
+
+def describe_change(change: dict) -> str:
+    """One line for a membership change (``Membership.membership_changes``), as the launcher
+    and the standalone coordinator print it."""
+    return (f"generation {change['generation_before']} -> {change['generation_after']}: "
+            f"{change['cause']}; members {change['members_before']} -> {change['members_after']}")
 
 
 def _committer(record: _StepRecord, by_number: dict[int, Generation]) -> Generation:

@@ -14,7 +14,7 @@ import time
 
 from shoal.checkpoint import CheckpointStore
 from shoal.config import TrainConfig
-from shoal.coordinator import Coordinator, Membership
+from shoal.coordinator import Coordinator, Membership, describe_change
 from shoal.data import GlobalBatchSampler
 from shoal.launch.durable import MetricsFile, Resumption, choose_resume
 from shoal.launch.progress import Progress
@@ -138,10 +138,7 @@ def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
             metrics.update(membership.record)
         snapshot = membership.snapshot()
         for change in membership.membership_changes()[announced:]:
-            progress.message(f"shoal: generation {change['generation_before']} -> "
-                             f"{change['generation_after']}: {change['cause']}; members "
-                             f"{change['members_before']} -> {change['members_after']}",
-                             always=True)
+            progress.message(f"shoal: {describe_change(change)}", always=True)
             announced += 1
         loss, committed_at = membership.latest()
         started = membership.first_formed_at()

@@ -305,7 +305,7 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
               f"\nSteps committed while the coordinator was down (0.2-3 s): "
               f"{restarts['outage_steps_median']:g} per outage (median; at least "
               f"{restarts['outage_steps_min']}).{rounds}\n")
-    hosts = (f"The other trials run one launcher with `--workers-per-host {settings.workers // 2}`: two "
+    hosts = (f"The other trials run one launcher with `{' '.join(_emulated_hosts(settings))}`: two "
              "emulated hosts.\n" if _emulated_hosts(settings) else "")
     cluster = hosts + ("Link cuts and coordinator restarts run on three network-namespace hosts "
                        "(`shoal coordinator` on one, half the workers on each of the others).\n"

@@ -40,12 +40,14 @@ def exactly_once_violations(sample_log: Path, *, dataset_size: int, steps: int) 
     return problems
 
 
-def leftover_processes(marker: str) -> list[int]:
-    """Pids of live processes whose environment carries ``SHOAL_CHAOS_TRIAL=marker``."""
+def leftover_processes(marker: str | None = None) -> list[int]:
+    """Pids of live processes whose environment carries ``SHOAL_CHAOS_TRIAL=marker`` (any
+    marker when ``marker`` is None: every trial's)."""
     found = []
     for process in psutil.process_iter(["pid"]):
         try:
-            if process.environ().get("SHOAL_CHAOS_TRIAL") == marker and \
+            trial = process.environ().get("SHOAL_CHAOS_TRIAL")
+            if trial is not None and marker in (None, trial) and \
                     process.status() != psutil.STATUS_ZOMBIE:
                 found.append(process.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
