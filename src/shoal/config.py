@@ -47,8 +47,10 @@ class KillSpec:
     signal: str = "SIGKILL"
     phase: str = "step"
     """Where in the step: ``step`` (its start), ``commit`` (after the gradients were
-    exchanged, before the update is applied) or ``heal`` (while state is being sent to a
-    member that lacks it, at the first heal from ``step`` on)."""
+    exchanged, before the update is applied; under async, at its commit point: a holder
+    adopting a snapshot of ``step`` steps or more, before it reports them, or the server once
+    it has taken one) or ``heal`` (while state is being sent to a member that lacks it, at
+    the first heal from ``step`` on)."""
 
     PHASES = ("step", "commit", "heal")
 

@@ -49,6 +49,20 @@ def test_async_survives_a_worker_and_the_server_being_killed(tmp_path):
     assert results["eval"]["test_accuracy"] > 0.25  # chance is 0.1
 
 
+def test_async_dies_at_its_commit_point_and_loses_no_step(tmp_path):
+    """``:commit`` faults meet async's commit point: worker 1 as it adopts a snapshot (before
+    it reports the steps it holds), then worker 0, the server, once it has taken one. (They
+    used to be ignored: async has no per-step exchange for them to fire in.)"""
+    log = tmp_path / "samples.jsonl"
+    _, results = train(tmp_path, "commit", *DIGITS, "--workers", "4", "--kill", "1@8:commit",
+                       "--kill", "0@20:commit", "--sample-log", str(log))
+    causes = [change["cause"] for change in results["membership_changes"]]
+    assert ["--kill 1@8:commit" in causes[0], "--kill 0@20:commit" in causes[1]] == [True] * 2
+    assert results["replicas_agree"] is True
+    size = len(TASKS["digits"](0).train_dataset())
+    assert exactly_once_violations(log, dataset_size=size, steps=40) == []
+
+
 def test_a_slow_worker_does_not_hold_the_others_back(tmp_path):
     """Worker 1 computes 20x slower than the others. Its stale gradients are scaled down or
     dropped, nobody is declared dead, and the others do most of the units."""

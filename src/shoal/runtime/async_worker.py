@@ -49,6 +49,8 @@ def run_async(loop, replica: nn.Module, total_steps: int) -> None:
         context.check_generation()
         if answer.snapshot is not None:
             _adopt(loop, deserialize(answer.snapshot))
+        elif strategy.server is not None:  # --kill R@S:commit on the server: once it has committed S
+            maybe_kill(context, strategy.committed_steps, loop.kills, "commit", reached=True)
         if answer.unit == WAIT:
             answer = ask(WAIT, 0, 0, 0.0, None)
             continue
@@ -103,6 +105,7 @@ def _commit_on_server(loop, alone: bool) -> torch.Tensor:
     loop.position = loop.strategy.version
     blob = serialize(loop._capture())
     loop._committed_state = blob
+    loop.strategy.committed_steps = loop.strategy.book.prefix // loop.strategy.book.shares
     if alone:  # no peer to hold it: this is as durable as the job gets
         _report_finished(loop, loop.strategy.book.ledger)
     return blob
@@ -115,6 +118,8 @@ def _adopt(loop, state: dict) -> None:
     loop.position = int(state["position"])
     book = UnitBook()
     book.load_state_dict(state["strategy"]["book"])
+    # --kill R@S:commit on a holder: holding a commit of S steps or more, before it reports them
+    maybe_kill(loop.context, book.prefix // book.shares, loop.kills, "commit", reached=True)
     _report_finished(loop, book.ledger)
 
 

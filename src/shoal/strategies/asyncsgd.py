@@ -114,6 +114,8 @@ class AsyncSGD(Strategy):
         self.link: ServerLink | None = None
         self.reported: set[tuple[int, int]] = set()
         """(step, generation) of the finished steps this process has reported."""
+        self.committed_steps = 0
+        """On the server: the whole steps its newest snapshot holds."""
 
     def state_dict(self):
         return {"version": self.version, "book": self.book.state_dict()}
