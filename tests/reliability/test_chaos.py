@@ -1,5 +1,7 @@
 """The chaos suite, short and seeded: every fault kind once, each checked against the promises."""
 
+import json
+
 import pytest
 
 from shoal.network import namespaces_available
@@ -7,7 +9,9 @@ from shoal.reliability.chaos import (
     CLUSTER_KINDS,
     KINDS,
     ChaosSettings,
+    TrialOutcome,
     TrialPlan,
+    _check_distance_to_optimum,
     _run_trial,
     plan_trials,
     run_chaos,
@@ -100,13 +104,37 @@ def test_local_steps_recover_exactly_where_no_optimizer_state_is_lost(strategy):
     assert outcomes[0].rejoins >= 1 and len(outcomes[0].detection_seconds) == 2
 
 
+def test_async_keeps_the_promises_when_its_server_dies_hangs_or_dies_committing():
+    """--strategy async: the parameter server (worker 0) is killed, then hung, then killed
+    as it takes a snapshot; worker 2 is killed as it adopts one. Every sample counts once and
+    the model ends near the optimum (async's runs differ from one another, disturbed or not:
+    chaos checks the distance to the optimum against the undisturbed run's)."""
+    settings = ChaosSettings(seed=4, steps=150, workers=4, strategy="async", trial_timeout=90)
+    plans = [TrialPlan(0, "kill-rank0", [["--kill", "0@40"]]), TrialPlan(1, "hang", [["--hang", "0@40"]]),
+             TrialPlan(2, "kill-during-commit", [["--kill", "0@40:commit"]]),
+             TrialPlan(3, "kill-during-commit", [["--kill", "2@40:commit"]])]
+    outcomes = run_chaos(settings, plans=plans, report=lambda line: None)
+    assert summarize(outcomes)["failures"] == []
+    assert [len(o.detection_seconds) for o in outcomes] == [1, 1, 1, 1]
+    assert all(o.optimum_ratio is not None for o in outcomes)
+
+
+def test_the_distance_check_fails_a_model_left_far_from_the_optimum(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"eval": {"distance_to_optimum": 0.3}}))
+    near, far = TrialOutcome(None, passed=False), TrialOutcome(None, passed=False)
+    _check_distance_to_optimum({"eval": {"distance_to_optimum": 0.5}}, tmp_path, near)
+    _check_distance_to_optimum({"eval": {"distance_to_optimum": 0.7}}, tmp_path, far)
+    assert (near.problems, len(far.problems)) == ([], 1)
+    assert far.optimum_ratio > 2
+
+
 def test_a_trial_that_runs_out_of_time_fails_and_leaves_no_process(tmp_path):
     """subprocess.run's timeout kills `shoal train` alone; its workers would live on and slow
     every later trial. The trial fails, and stops them."""
     settings = ChaosSettings(trials=1, seed=1, steps=100_000, workers=2, trial_timeout=8)
     plan = plan_trials(settings)[0]
     before = set(leftover_processes())  # another test's, if any
-    outcome = _run_trial(plan, settings, tmp_path / "no-reference.pt", tmp_path, dataset_size=1)
+    outcome = _run_trial(plan, settings, tmp_path / "no-reference", tmp_path, dataset_size=1)
     assert not outcome.passed
     assert f"did not finish in {settings.trial_timeout:g} s" in outcome.problems
     assert set(leftover_processes()) - before == set()

@@ -18,7 +18,7 @@ def add_chaos(commands) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault plan (default 0)")
     parser.add_argument("--task", help="task to train (default quadratic; quadratic-sgd for localsgd and "
                                        "diloco, whose members' own optimizer state a death loses)")
-    parser.add_argument("--strategy", choices=("allreduce", "hierarchical", "localsgd", "diloco", "zero"),
+    parser.add_argument("--strategy", choices=("allreduce", "hierarchical", "localsgd", "diloco", "zero", "async"),
                         default="allreduce", help="strategy every trial trains with (default allreduce)")
     parser.add_argument("--workers", type=int, default=4, help="workers per trial (default 4)")
     parser.add_argument("--steps", type=int, default=600, help="steps per trial (default 600)")
@@ -32,6 +32,7 @@ def _chaos(args: argparse.Namespace) -> int:
     from shoal.config import ConfigError, check_writable_file
     from shoal.network import namespaces_available
     from shoal.reliability.chaos import (
+        ARRIVAL_ORDER_STRATEGIES,
         LOCAL_STATE_STRATEGIES,
         ChaosSettings,
         default_task,
@@ -49,6 +50,9 @@ def _chaos(args: argparse.Namespace) -> int:
         raise ConfigError("--steps", f"must be at least 20, got {args.steps}")
     if args.task is not None and args.task not in TASKS:
         raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
+    if args.strategy in ARRIVAL_ORDER_STRATEGIES and args.task is not None and not TASKS[args.task].knows_optimum:
+        raise ConfigError("--task", f"{args.strategy} runs are checked by their distance to the task's optimum: "
+                                    f"choose one that knows it ({', '.join(n for n, t in TASKS.items() if t.knows_optimum)})")
     check_writable_file("--markdown", args.markdown)
     check_writable_file("--json", args.json)
     unavailable = namespaces_available()

@@ -1,8 +1,10 @@
 """``shoal chaos``: randomized, seeded fault trials, each checked against the promises.
 
 Every trial runs ``shoal train`` with planned faults and asserts: the run completes; the
-final model equals an undisturbed run's within 1e-5 relative; every sample counts exactly
-once per epoch (from the sample log); no process is left behind. Detection and recovery
+final model equals an undisturbed run's within 1e-5 relative (under async, whose updates
+apply in the order they arrive, so that no two runs end alike: it ends at most twice as far
+from the task's optimum); every sample counts exactly once per epoch (from the sample log);
+no process is left behind. Detection and recovery
 times come from the run's own results.json. Link cuts and coordinator restarts need
 several hosts (network namespaces, root): they run when those can be built.
 """
@@ -26,8 +28,8 @@ from shoal.reliability.checks import (exactly_once_violations, kill_processes, l
 from shoal.reliability.cluster import run_cluster_trial, strategy_flags
 from shoal.tasks import TASKS
 
-__all__ = ["CLUSTER_KINDS", "KINDS", "LOCAL_STATE_STRATEGIES", "ChaosSettings", "TrialPlan", "TrialOutcome",
-           "default_task", "plan_trials", "run_chaos"]
+__all__ = ["ARRIVAL_ORDER_STRATEGIES", "CLUSTER_KINDS", "KINDS", "LOCAL_STATE_STRATEGIES", "ChaosSettings",
+           "TrialOutcome", "TrialPlan", "default_task", "plan_trials", "run_chaos"]
 
 KINDS = ("kill", "hang", "exception", "kill-rank0", "two-in-one-step", "kill-and-rejoin",
          "killed-again-after-rejoin", "kill-during-commit", "kill-during-heal")
@@ -37,6 +39,12 @@ _TOLERANCE = 1e-5
 LOCAL_STATE_STRATEGIES = ("localsgd", "diloco")
 """Strategies whose members each keep their own inner optimizer state, which a death loses:
 the undisturbed model is reached exactly only on a task whose optimizer keeps none."""
+ARRIVAL_ORDER_STRATEGIES = ("async",)
+"""Strategies that apply updates in the order they arrive, so that two undisturbed runs end
+apart (async: 6-12% relative on quadratic). A trial is checked by its distance to the task's
+optimum instead: at most ``_OPTIMUM_FACTOR`` times the undisturbed run's. (Ten undisturbed
+async runs on quadratic, seed 7: 0.24-0.35, from a start 18 away.)"""
+_OPTIMUM_FACTOR = 2.0
 
 
 def default_task(strategy: str) -> str:
@@ -103,6 +111,8 @@ class TrialOutcome:
     outage_steps: int | None = None
     """Steps committed while the coordinator was down (coordinator restarts)."""
     seconds: float = 0.0
+    optimum_ratio: float | None = None
+    """Arrival-order strategies: the distance to the optimum over the undisturbed run's."""
     notes: list[str] = field(default_factory=list)
     """Oddities that did not fail the trial (a slow exit), with where to read more."""
 
@@ -165,6 +175,7 @@ def _emulated_hosts(settings: ChaosSettings) -> list[str]:
 
 def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: Path,
                dataset_size: int) -> TrialOutcome:
+    """``reference``: the undisturbed run's directory."""
     directory = root / f"trial-{plan.index}"
     directory.mkdir()
     marker = uuid.uuid4().hex
@@ -219,12 +230,16 @@ def _steps_committed_between(sample_log: Path, start: float, end: float) -> int:
 def _check_files(files: Path, plan: TrialPlan, settings: ChaosSettings, reference: Path,
                  dataset_size: int, outcome: TrialOutcome) -> None:
     """The promises, from what the run wrote: the model, the sample log, results.json."""
-    difference = relative_difference(files / "model.pt", reference)
-    if not difference <= _TOLERANCE:
-        outcome.problems.append(f"model differs from the undisturbed run by {difference:.2e}")
+    results = json.loads((files / "results.json").read_text())
+    if settings.strategy in ARRIVAL_ORDER_STRATEGIES:
+        _check_distance_to_optimum(results, reference, outcome)
+    else:
+        difference = relative_difference(files / "model.pt", reference / "model.pt")
+        if not difference <= _TOLERANCE:
+            outcome.problems.append(f"model differs from the undisturbed run by {difference:.2e}")
     outcome.problems += exactly_once_violations(files / "samples.jsonl",
                                                 dataset_size=dataset_size, steps=settings.steps)
-    changes = json.loads((files / "results.json").read_text())["membership_changes"]
+    changes = results["membership_changes"]
     outcome.detection_seconds = [c["detection_seconds"] for c in changes
                                  if c["cause"] != "workers joined"]
     outcome.recovery_seconds = [c["recovery_seconds"] for c in changes
@@ -234,6 +249,15 @@ def _check_files(files: Path, plan: TrialPlan, settings: ChaosSettings, referenc
     # A coordinator restart changes no membership: the workers train on through it.
     if not changes and plan.kind != "coordinator-restart":
         outcome.problems.append("no membership change recorded")
+
+
+def _check_distance_to_optimum(results: dict, reference: Path, outcome: TrialOutcome) -> None:
+    undisturbed = json.loads((reference / "results.json").read_text())["eval"]["distance_to_optimum"]
+    distance = results["eval"]["distance_to_optimum"]
+    outcome.optimum_ratio = distance / undisturbed
+    if not distance <= _OPTIMUM_FACTOR * undisturbed:
+        outcome.problems.append(f"model ended {distance:.3g} from the optimum, the undisturbed run "
+                                f"{undisturbed:.3g}")
 
 
 def run_chaos(settings: ChaosSettings, *, report=print,
@@ -249,7 +273,7 @@ def run_chaos(settings: ChaosSettings, *, report=print,
             raise RuntimeError(f"the undisturbed reference run failed: {result.stderr[-500:]}")
         outcomes = []
         for plan in plans if plans is not None else plan_trials(settings):
-            outcome = _run_trial(plan, settings, root / "reference" / "model.pt", root, dataset_size)
+            outcome = _run_trial(plan, settings, root / "reference", root, dataset_size)
             outcomes.append(outcome)
             verdict = "pass" if outcome.passed else "FAIL: " + "; ".join(outcome.problems)
             verdict += "".join(f"; note: {note}" for note in outcome.notes)
@@ -284,7 +308,10 @@ def summarize(outcomes: list[TrialOutcome]) -> dict:
         if outages:
             by_kind[kind]["outage_steps_min"] = min(outages)
             by_kind[kind]["outage_steps_median"] = statistics.median(outages)
+    ratios = [o.optimum_ratio for o in outcomes if o.optimum_ratio is not None]
     return {"trials": len(outcomes), "passed": sum(o.passed for o in outcomes), "by_kind": by_kind,
+            "optimum_ratio_median": statistics.median(ratios) if ratios else None,
+            "optimum_ratio_max": max(ratios) if ratios else None,
             "failures": [asdict(o) for o in outcomes if not o.passed],
             "notes": [f"trial {o.plan.index} ({o.plan.kind}): {note}" for o in outcomes for note in o.notes]}
 
@@ -312,6 +339,14 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
                        if settings.cluster else
                        "Link cuts and coordinator restarts were not run (they need root for "
                        "network namespaces).\n")
+    model_check = "the final model equals the undisturbed run's within 1e-5 relative"
+    if settings.strategy in ARRIVAL_ORDER_STRATEGIES:
+        ratios = ("" if summary["optimum_ratio_max"] is None else
+                  f" (trials: median {summary['optimum_ratio_median']:.2f}x, at most "
+                  f"{summary['optimum_ratio_max']:.2f}x)")
+        model_check = (f"the final model ends at most {_OPTIMUM_FACTOR:g}x as far from the task's optimum as "
+                       f"the undisturbed run's{ratios}: {settings.strategy} applies updates in the order "
+                       "they arrive, so no two of its runs end alike, disturbed or not")
     failures = "\n".join(f"- trial {f['plan']['index']} ({f['plan']['kind']}): "
                          f"{'; '.join(f['problems'])}" for f in summary["failures"]) or "- none"
     notes = "\n".join(f"- {note}" for note in summary["notes"]) or "- none"
@@ -323,8 +358,7 @@ strategy {settings.strategy}, {settings.workers} workers, {settings.steps} steps
 
     {command}
 
-Each trial asserts: the run completes; the final model equals the undisturbed run's within
-1e-5 relative; every sample counts exactly once per epoch (sample log); no process is left.
+Each trial asserts: the run completes; {model_check}; every sample counts exactly once per epoch (sample log); no process is left.
 Detection is death to the next generation, recovery is death to the next committed step
 (seconds, from the run's results.json); a rejoin's recovery is from its join. "rejoins"
 counts restarted workers that were back in a generation before the run ended.

@@ -25,6 +25,7 @@ def ackley(points: torch.Tensor) -> torch.Tensor:
 class AckleyTask(Task):
     name = "ackley"
     defaults = TaskDefaults(epochs=2, batch_size=64, lr=0.05)
+    knows_optimum = True
 
     def __init__(self, seed: int = 0):
         super().__init__(seed)

@@ -29,6 +29,8 @@ class Task(abc.ABC):
 
     name: str
     defaults: TaskDefaults
+    knows_optimum: bool = False
+    """``evaluate`` reports ``distance_to_optimum``: how near the model ended to the best one."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed

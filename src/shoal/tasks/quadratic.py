@@ -30,6 +30,7 @@ class VectorModel(nn.Module):
 class QuadraticTask(Task):
     name = "quadratic"
     defaults = TaskDefaults(epochs=2, batch_size=64, lr=0.1)
+    knows_optimum = True
 
     def __init__(self, seed: int = 0):
         super().__init__(seed)
