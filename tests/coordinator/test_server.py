@@ -1,9 +1,13 @@
 """The coordinator over real HTTP: the token is required, /status reports membership."""
 
+import socket
+import threading
+
 import httpx
 import pytest
 
 from shoal.coordinator import Coordinator, CoordinatorClient, Membership
+from shoal.coordinator.client import CoordinatorUnreachable
 
 
 @pytest.fixture
@@ -46,3 +50,42 @@ def test_a_second_live_worker_with_the_same_id_is_refused(coordinator):
             client.post("/join", {"worker_id": 0, "host": "a", "pid": 2})
     finally:
         client.close()
+
+
+def _hang_up_on_every_connection() -> tuple[socket.socket, list[int]]:
+    """A port that accepts each connection and closes it at once, counting them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = [0]
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            accepted[0] += 1
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, accepted
+
+
+def test_a_heartbeat_tries_once_and_leaves_retrying_to_the_next_beat():
+    """Each beat is one try: a beat that retried carried an old payload, and waited out its
+    backoff while the coordinator was already back (members then reached a restarted
+    coordinator up to a second apart). The training loop's client does retry."""
+    listener, accepted = _hang_up_on_every_connection()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    heartbeat = CoordinatorClient.for_heartbeats(url, "secret", heartbeat_timeout=2.0)
+    retrying = CoordinatorClient(url, "secret", retry_seconds=0.5)
+    try:
+        with pytest.raises(CoordinatorUnreachable):
+            heartbeat.post("/heartbeat", {"worker_id": 0})
+        assert accepted[0] == 1
+        with pytest.raises(CoordinatorUnreachable):
+            retrying.post("/heartbeat", {"worker_id": 0})
+        assert accepted[0] > 2
+    finally:
+        heartbeat.close()
+        retrying.close()
+        listener.close()

@@ -15,16 +15,34 @@ class CoordinatorUnreachable(ConnectionError):
     """Not a RuntimeError: losing the coordinator is not a peer failure to retry."""
 
 
-class CoordinatorClient:
-    """One per thread: the training loop and the heartbeat thread each hold their own."""
+_RETRY_DELAY_MAX = 0.25
+"""The longest pause between two tries while the coordinator is unreachable. It is back
+within one pause of listening again; with pauses up to 1 s, the members of a job came back
+to a restarted coordinator up to 1 s apart, half of a 2 s heartbeat timeout."""
 
-    def __init__(self, url: str, token: str, *, retry_seconds: float = 30.0):
+
+class CoordinatorClient:
+    """One per thread: the training loop and the heartbeat thread each hold their own.
+
+    A request that cannot reach the coordinator is tried again for ``retry_seconds`` (it may
+    be restarting); ``timeout`` bounds each try (default: 10 s to connect, 60 s for an
+    answer, which a long poll takes)."""
+
+    def __init__(self, url: str, token: str, *, retry_seconds: float = 30.0,
+                 timeout: float | None = None):
         self.url = url
         self._retry_seconds = retry_seconds
         self._http = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(10.0, read=60.0),
+            timeout=httpx.Timeout(10.0, read=60.0) if timeout is None else httpx.Timeout(timeout),
         )
+
+    @classmethod
+    def for_heartbeats(cls, url: str, token: str, heartbeat_timeout: float) -> CoordinatorClient:
+        """One try per beat, bounded by the heartbeat timeout: the beats themselves repeat,
+        and a beat that retried would stand in for the ones behind it (it carried an old
+        payload, and waited out a backoff while the coordinator was already back)."""
+        return cls(url, token, retry_seconds=0.0, timeout=heartbeat_timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -46,7 +64,7 @@ class CoordinatorClient:
                 if time.monotonic() > deadline:
                     raise CoordinatorUnreachable(f"coordinator {self.url} unreachable: {error}") from error
                 time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, _RETRY_DELAY_MAX)
                 continue
             if response.status_code == 401:
                 raise PermissionError(f"coordinator {self.url} refused the job token")

@@ -136,7 +136,7 @@ class Context:
             self._store_address = (host, port)
 
     def _heartbeat_loop(self) -> None:
-        client = CoordinatorClient(self.url, self.token)
+        client = CoordinatorClient.for_heartbeats(self.url, self.token, self.heartbeat_timeout)
         try:
             while not self._stopping.wait(self.heartbeat_interval):
                 commits = self._drain_commits()
