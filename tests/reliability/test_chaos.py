@@ -119,6 +119,19 @@ def test_async_keeps_the_promises_when_its_server_dies_hangs_or_dies_committing(
     assert all(o.optimum_ratio is not None for o in outcomes)
 
 
+def test_powersgd_heals_a_newcomer_while_its_sender_dies():
+    """--compress powersgd keeps state beside the model (each matrix's Q and what the
+    compression left out): a member dies, and the one sending state to its restarted
+    replacement dies mid-heal. Every sample counts once and the model ends near the optimum
+    (a death loses that member's error feedback, so it is not the undisturbed model)."""
+    settings = ChaosSettings(seed=4, steps=150, workers=4, compress="powersgd", trial_timeout=90)
+    plan = TrialPlan(0, "kill-during-heal", [["--kill", "1@40"], ["--kill", "0@40:heal"]], restart=True,
+                     wait_for_rejoin=True)
+    outcomes = run_chaos(settings, plans=[plan], report=lambda line: None)
+    assert summarize(outcomes)["failures"] == []
+    assert outcomes[0].rejoins >= 2 and outcomes[0].optimum_ratio is not None
+
+
 def test_the_distance_check_fails_a_model_left_far_from_the_optimum(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"eval": {"distance_to_optimum": 0.3}}))
     near, far = TrialOutcome(None, passed=False), TrialOutcome(None, passed=False)

@@ -20,6 +20,9 @@ def add_chaos(commands) -> None:
                                        "diloco, whose members' own optimizer state a death loses)")
     parser.add_argument("--strategy", choices=("allreduce", "hierarchical", "localsgd", "diloco", "zero", "async"),
                         default="allreduce", help="strategy every trial trains with (default allreduce)")
+    parser.add_argument("--compress", default="none", metavar="NAME",
+                        help="compression every trial trains with: none, fp16, int8, onebit, powersgd "
+                             "(default none); checked by the distance to the task's optimum")
     parser.add_argument("--workers", type=int, default=4, help="workers per trial (default 4)")
     parser.add_argument("--steps", type=int, default=600, help="steps per trial (default 600)")
     parser.add_argument("--markdown", metavar="PATH",
@@ -29,10 +32,9 @@ def add_chaos(commands) -> None:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from shoal.config import ConfigError, check_writable_file
+    from shoal.config import ConfigError, StrategyOptions, check_writable_file
     from shoal.network import namespaces_available
     from shoal.reliability.chaos import (
-        ARRIVAL_ORDER_STRATEGIES,
         LOCAL_STATE_STRATEGIES,
         ChaosSettings,
         default_task,
@@ -50,16 +52,20 @@ def _chaos(args: argparse.Namespace) -> int:
         raise ConfigError("--steps", f"must be at least 20, got {args.steps}")
     if args.task is not None and args.task not in TASKS:
         raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
-    if args.strategy in ARRIVAL_ORDER_STRATEGIES and args.task is not None and not TASKS[args.task].knows_optimum:
-        raise ConfigError("--task", f"{args.strategy} runs are checked by their distance to the task's optimum: "
-                                    f"choose one that knows it ({', '.join(n for n, t in TASKS.items() if t.knows_optimum)})")
+    StrategyOptions(compress=args.compress).validate(args.strategy)
+    settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task or "", strategy=args.strategy,
+                             workers=args.workers, steps=args.steps, compress=args.compress)
+    if settings.checked_by_optimum and not TASKS[settings.task].knows_optimum:
+        runs = f"--compress {args.compress}" if args.compress != "none" else f"--strategy {args.strategy}"
+        raise ConfigError("--task", f"{runs} runs are checked by their distance to the task's optimum: "
+                                    f"choose a task that knows it "
+                                    f"({', '.join(n for n, t in TASKS.items() if t.knows_optimum)})")
     check_writable_file("--markdown", args.markdown)
     check_writable_file("--json", args.json)
     unavailable = namespaces_available()
     if unavailable is not None:
         print(f"shoal chaos: no link-cut or coordinator-restart trials: {unavailable}", file=sys.stderr)
-    settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task or "", strategy=args.strategy,
-                             workers=args.workers, steps=args.steps, cluster=unavailable is None)
+    settings.cluster = unavailable is None
     if settings.task != default_task(settings.strategy) and settings.strategy in LOCAL_STATE_STRATEGIES:
         print(f"shoal chaos: note: a death loses that member's {settings.task} optimizer state under "
               f"{settings.strategy}, so the model may differ from the undisturbed run's with nothing "

@@ -2,8 +2,8 @@
 
 Every trial runs ``shoal train`` with planned faults and asserts: the run completes; the
 final model equals an undisturbed run's within 1e-5 relative (under async, whose updates
-apply in the order they arrive, so that no two runs end alike: it ends at most twice as far
-from the task's optimum); every sample counts exactly once per epoch (from the sample log);
+apply in the order they arrive, and under compression, where a death loses that member's
+error feedback: it ends at most twice as far from the task's optimum); every sample counts exactly once per epoch (from the sample log);
 no process is left behind. Detection and recovery
 times come from the run's own results.json. Link cuts and coordinator restarts need
 several hosts (network namespaces, root): they run when those can be built.
@@ -66,6 +66,8 @@ class ChaosSettings:
     trial_timeout: float = 300.0
     cluster: bool = False
     """Include link cuts and coordinator restarts (needs root for network namespaces)."""
+    compress: str = "none"
+    """``--compress`` for every run."""
 
     def __post_init__(self):
         self.task = self.task or default_task(self.strategy)
@@ -73,6 +75,18 @@ class ChaosSettings:
     @property
     def kinds(self) -> tuple[str, ...]:
         return KINDS + (CLUSTER_KINDS if self.cluster else ())
+
+    @property
+    def checked_by_optimum(self) -> str | None:
+        """Why a trial's model is checked by its distance to the optimum rather than against
+        the undisturbed model (None: it is checked against the model)."""
+        if self.strategy in ARRIVAL_ORDER_STRATEGIES:
+            return (f"{self.strategy} applies updates in the order they arrive, so no two of its "
+                    "runs end alike, disturbed or not")
+        if self.compress != "none":
+            return (f"under --compress {self.compress} a death loses what that member's compression "
+                    "left out (its error feedback), and fewer members round the sum differently")
+        return None
 
 
 @dataclass(slots=True)
@@ -231,7 +245,7 @@ def _check_files(files: Path, plan: TrialPlan, settings: ChaosSettings, referenc
                  dataset_size: int, outcome: TrialOutcome) -> None:
     """The promises, from what the run wrote: the model, the sample log, results.json."""
     results = json.loads((files / "results.json").read_text())
-    if settings.strategy in ARRIVAL_ORDER_STRATEGIES:
+    if settings.checked_by_optimum:
         _check_distance_to_optimum(results, reference, outcome)
     else:
         difference = relative_difference(files / "model.pt", reference / "model.pt")
@@ -339,21 +353,21 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
                        if settings.cluster else
                        "Link cuts and coordinator restarts were not run (they need root for "
                        "network namespaces).\n")
+    compression = "" if settings.compress == "none" else f" with --compress {settings.compress}"
     model_check = "the final model equals the undisturbed run's within 1e-5 relative"
-    if settings.strategy in ARRIVAL_ORDER_STRATEGIES:
+    if settings.checked_by_optimum:
         ratios = ("" if summary["optimum_ratio_max"] is None else
                   f" (trials: median {summary['optimum_ratio_median']:.2f}x, at most "
                   f"{summary['optimum_ratio_max']:.2f}x)")
         model_check = (f"the final model ends at most {_OPTIMUM_FACTOR:g}x as far from the task's optimum as "
-                       f"the undisturbed run's{ratios}: {settings.strategy} applies updates in the order "
-                       "they arrive, so no two of its runs end alike, disturbed or not")
+                       f"the undisturbed run's{ratios}: {settings.checked_by_optimum}")
     failures = "\n".join(f"- trial {f['plan']['index']} ({f['plan']['kind']}): "
                          f"{'; '.join(f['problems'])}" for f in summary["failures"]) or "- none"
     notes = "\n".join(f"- {note}" for note in summary["notes"]) or "- none"
     return f"""## Chaos suite
 
 {summary['passed']} of {summary['trials']} trials passed ({when}; task {settings.task}, \
-strategy {settings.strategy}, {settings.workers} workers, {settings.steps} steps, heartbeat timeout \
+strategy {settings.strategy}{compression}, {settings.workers} workers, {settings.steps} steps, heartbeat timeout \
 {settings.heartbeat_timeout:g} s, seed {settings.seed}). Regenerate with:
 
     {command}

@@ -99,10 +99,12 @@ def _start_coordinator(hosts: Hosts, settings, port: int, env: dict) -> tuple[su
 
 
 def strategy_flags(settings, checkpoints: Path | None) -> list[str]:
-    """``--strategy``, and for zero a ``checkpoints`` directory (if given): its last resort
-    when both holders of a shard die in one trial (two deaths in a step, one during the
-    rebuild). A cut host's workers hold one replica group, so its cut needs none."""
+    """``--strategy``, ``--compress``, and for zero a ``checkpoints`` directory (if given): its
+    last resort when both holders of a shard die in one trial (two deaths in a step, one
+    during the rebuild). A cut host's workers hold one replica group, so its cut needs none."""
     flags = ["--strategy", settings.strategy]
+    if settings.compress != "none":
+        flags += ["--compress", settings.compress]
     if settings.strategy == "zero" and checkpoints is not None:
         flags += ["--checkpoint-dir", str(checkpoints), "--checkpoint-every", "50"]
     return flags
