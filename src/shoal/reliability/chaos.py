@@ -3,9 +3,9 @@
 Every trial runs ``shoal train`` with planned faults and asserts: the run completes; the
 final model equals an undisturbed run's within 1e-5 relative (under async, whose updates
 apply in the order they arrive, and under compression, where a death loses that member's
-error feedback: it ends at most twice as far from the task's optimum); every sample counts exactly once per epoch (from the sample log);
-no process is left behind. Detection and recovery
-times come from the run's own results.json. Link cuts and coordinator restarts need
+error feedback: it ends at most twice as far from the task's optimum); every sample counts
+exactly once per epoch (from the sample log); no process is left behind. Detection and
+recovery times come from the run's own results.json. Link cuts and coordinator restarts need
 several hosts (network namespaces, root): they run when those can be built.
 """
 
@@ -126,7 +126,8 @@ class TrialOutcome:
     """Steps committed while the coordinator was down (coordinator restarts)."""
     seconds: float = 0.0
     optimum_ratio: float | None = None
-    """Arrival-order strategies: the distance to the optimum over the undisturbed run's."""
+    """Trials checked by the optimum (async, compression): the final model's distance to it
+    over the undisturbed run's."""
     notes: list[str] = field(default_factory=list)
     """Oddities that did not fail the trial (a slow exit), with where to read more."""
 
