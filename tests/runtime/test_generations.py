@@ -141,7 +141,7 @@ LATE_JOINER = textwrap.dedent("""
             context.enter_next_generation()
             print(f"entered generation {context.generation}", flush=True)
         except JobStopped as stopped:
-            print(f"stopped: {stopped}", flush=True)
+            print(f"stopped: {stopped} (completed: {stopped.completed})", flush=True)
         context.close()
     os._exit(0)
 """)
@@ -151,8 +151,9 @@ def test_a_worker_that_rejoins_as_the_members_finish_does_not_hold_the_job(tmp_p
     """Workers 0 and 1 commit the last step in generation 1; worker 2 joins just before they
     report their end, and generation 2 is formed with it. The job completes when 0 and 1
     finish (their generation committed the last step), and worker 2, waiting for members
-    that will never connect, stops. Before, the job waited for worker 2 to finish and
-    worker 2 for the others, until the job was killed."""
+    that will never connect, stops (a shoal worker then exits 0: nothing was left to do).
+    Before, the job waited for worker 2 to finish and worker 2 for the others, until the
+    job was killed."""
     membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=30)
     coordinator = Coordinator(membership, token="t").start()
 
@@ -168,7 +169,7 @@ def test_a_worker_that_rejoins_as_the_members_finish_does_not_hold_the_job(tmp_p
         wait_for(lambda: membership.current_number == 2, "generation 2, with worker 2")
         (tmp_path / "finish").touch()
         outputs = [process.communicate(timeout=60)[0] for process in (*members, joiner)]
-        assert outputs == ["finished\n", "finished\n", "stopped: the job completed\n"]
+        assert outputs == ["finished\n", "finished\n", "stopped: the job completed (completed: True)\n"]
         assert membership.status == "completed"
     finally:
         for process in (*members, joiner):

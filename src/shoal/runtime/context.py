@@ -29,7 +29,12 @@ ENV_HEARTBEAT_INTERVAL = "SHOAL_HEARTBEAT_INTERVAL"
 
 
 class JobStopped(RuntimeError):
-    """The coordinator ended the job (it failed elsewhere, or this worker was evicted)."""
+    """The coordinator ended the job (it failed elsewhere, or this worker was evicted), or it
+    completed without this worker (``completed``: one restarted as the members finished)."""
+
+    def __init__(self, message: str, *, completed: bool = False):
+        super().__init__(message)
+        self.completed = completed
 
 
 class GenerationMoved(RuntimeError):
@@ -199,7 +204,8 @@ class Context:
                 raise JobStopped(f"worker {self.worker_id} was evicted by the coordinator")
             reply = self._client.get("/generation", after=self.generation, timeout=10)
             if reply["status"] in ("completed", "failed"):
-                raise JobStopped(f"the job {reply['status']}: {reply['reason']}".rstrip(": "))
+                raise JobStopped(f"the job {reply['status']}: {reply['reason']}".rstrip(": "),
+                                 completed=reply["status"] == "completed")
             generation = reply["generation"]
             if generation is None:
                 continue
@@ -256,7 +262,7 @@ class Context:
         if self.evicted:
             raise JobStopped(f"worker {self.worker_id} was evicted by the coordinator")
         if self.job_ended is not None:
-            raise JobStopped(f"the job {self.job_ended}")
+            raise JobStopped(f"the job {self.job_ended}", completed=self.job_ended == "completed")
         if self.latest_generation > self.generation:
             raise GenerationMoved(f"generation {self.latest_generation} formed")
 

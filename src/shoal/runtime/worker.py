@@ -74,6 +74,8 @@ def main() -> int:
         return EXIT_PREEMPTED
     except JobStopped as stopped:
         context.close()
+        if stopped.completed:  # restarted as the members finished: nothing was left to do
+            return 0
         print(f"worker {context.worker_id}: {stopped}", file=sys.stderr)
         return 3
     except ConfigError as error:
