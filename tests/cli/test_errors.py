@@ -150,6 +150,21 @@ def test_bad_coordinator_flags_exit_2_with_one_line(capsys, args, flag):
     assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err, err
 
 
+BAD_CHAOS_FLAGS = [
+    (["--compress", "bogus"], "--compress"),
+    (["--compress", "int8", "--strategy", "zero"], "--compress"),  # as shoal train refuses it
+    (["--compress", "int8", "--task", "digits"], "--task"),  # checked by a distance to the optimum
+    (["--strategy", "async", "--task", "digits"], "--task"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_CHAOS_FLAGS)
+def test_bad_chaos_flags_exit_2_with_one_line(capsys, args, flag):
+    code, out, err = run_main(capsys, "chaos", "--trials", "1", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err, err
+    assert out == ""
+
+
 @pytest.mark.parametrize("args,prog", [
     (["train", "--bogus", "1"], "shoal train:"),
     (["bench", "wan", "--bogus"], "shoal bench wan:"),
