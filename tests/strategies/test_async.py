@@ -4,10 +4,12 @@ the parameter server itself, with real processes and SIGKILLs."""
 from __future__ import annotations
 
 import json
+import os
 
 from shoal.reliability.checks import exactly_once_violations, relative_difference
 from shoal.strategies.asyncsgd import UnitBook
 from shoal.tasks import TASKS
+from tests.conftest import shoal
 from tests.strategies.test_strategies import train
 
 DIGITS = ["--task", "digits", "--steps", "40", "--batch-size", "64", "--seed", "0", "--quiet",
@@ -47,6 +49,24 @@ def test_async_survives_a_worker_and_the_server_being_killed(tmp_path):
     assert None not in losses
     assert sum(losses[-5:]) < sum(losses[:5])
     assert results["eval"]["test_accuracy"] > 0.25  # chance is 0.1
+
+
+def test_a_workers_death_costs_the_server_nothing_it_applied(tmp_path):
+    """Worker 2 dies at step 19; the server (worker 0) lives, and its state goes on: the
+    survivors take it, and only the units in flight are handed out again. Snapshots are
+    made too rare to matter here (the server's death is what they are for): going back to
+    the last one, as every death once did, would redo every step from 0 in generation 2.
+    Units are handed out in order and at most one per worker is in flight, so steps 0-15
+    were finished before the death and must stay in generation 1."""
+    log = tmp_path / "samples.jsonl"
+    result = shoal("train", *DIGITS, "--workers", "4", "--kill", "2@19", "--sample-log", str(log),
+                   "--output", str(tmp_path / "r.json"), env={**os.environ, "SHOAL_ASYNC_SNAPSHOT_STEPS": "1000"})
+    assert result.returncode == 0, result.stderr
+    generations = {line["step"]: line["generation"] for line in map(json.loads, log.read_text().splitlines())}
+    assert [generations[step] for step in range(16)] == [1] * 16
+    assert max(generations.values()) == 2  # the steps in flight and after: the next generation
+    size = len(TASKS["digits"](0).train_dataset())
+    assert exactly_once_violations(log, dataset_size=size, steps=40) == []
 
 
 def test_async_dies_at_its_commit_point_and_loses_no_step(tmp_path):

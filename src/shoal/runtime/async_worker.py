@@ -22,7 +22,7 @@ from shoal.runtime.heal import FRESH, deserialize, heal, serialize
 from shoal.strategies.asyncsgd import (DONE, SERVER, WAIT, Answer, AsyncSGD, ParameterServer,
                                       ServerLink, UnitBook)
 
-__all__ = ["run_async"]
+__all__ = ["keep_served_state", "run_async"]
 
 
 def run_async(loop, replica: nn.Module, total_steps: int) -> None:
@@ -97,6 +97,19 @@ def _compute(loop, replica: nn.Module, answer: Answer) -> tuple[int, float, torc
     gradient = parameters_to_vector(
         p.grad if p.grad is not None else torch.zeros_like(p) for p in replica.parameters())
     return len(indices), total.item() / len(loop.sampler.global_indices(step)), gradient
+
+
+def keep_served_state(loop) -> bool:
+    """After a generation ended: if this process was its server and its state is whole, make
+    that state its commit (True). It is newer than any snapshot, and the book says which
+    units it holds, so the heal spreads it and only the units in flight are handed out
+    again; a worker's death then costs no applied update."""
+    strategy: AsyncSGD = loop.strategy
+    served, strategy.served_intact = strategy.served_intact, False
+    if not served:
+        return False
+    _commit_on_server(loop, alone=False)
+    return True
 
 
 def _commit_on_server(loop, alone: bool) -> torch.Tensor:

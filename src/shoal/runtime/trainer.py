@@ -33,7 +33,7 @@ from shoal.checkpoint import (AsyncSaver, Checkpoint, CheckpointError, Checkpoin
                               check_resumable, job_identity)
 from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions
 from shoal.data import GlobalBatchSampler, fetch
-from shoal.runtime.async_worker import run_async
+from shoal.runtime.async_worker import keep_served_state, run_async
 from shoal.runtime.context import Context, GenerationMoved, JobStopped
 from shoal.runtime.faults import maybe_kill
 from shoal.runtime.heal import FRESH, HealReport, deserialize, heal
@@ -368,8 +368,12 @@ class _Loop:
         raise Preempted(f"worker {self.context.worker_id} stopped by SIGTERM at step {self.position}")
 
     def _return_to_commit(self) -> None:
-        """Undo whatever the broken generation did after the last commit."""
+        """Undo whatever the broken generation did after the last commit (async's server
+        keeps its own state: see ``keep_served_state``)."""
         self.strategy.rollback()
+        if self.strategy.drives_steps and keep_served_state(self):
+            self._pending.clear()
+            return
         # A round broke (back to its start), or a strategy that drives its own steps may
         # have moved the state anywhere since its commit.
         moved = self.next_step != self.position or self.strategy.drives_steps

@@ -13,16 +13,19 @@ Commit point. Every ``SNAPSHOT_STEPS * shares`` applied updates the server takes
 optimizer, which units are applied, the loss of every step they finished) and attaches it
 to its next answer to a remote worker. That worker, the *holder*, adopts the snapshot as
 its committed state and reports the finished steps to the coordinator, so a step is
-reported only once its state lives on two members. When any member dies the survivors
-return to the newest snapshot they hold, the heal spreads the newest one (the server's,
-or the holder's when the server died), and every unit applied after it is handed out
-again: each sample still counts once, and no reported step is lost with the server.
+reported only once its state lives on two members. When a worker dies and the server
+lives, the server's own state goes on: the heal spreads it, and only the units that were
+in flight are handed out again. When the server dies the survivors return to the newest
+snapshot they hold, the heal spreads the newest one (the holder's), and every unit
+applied after it is handed out again: each sample still counts once, and no reported step
+is lost with the server.
 """
 
 from __future__ import annotations
 
 import copy
 import heapq
+import os
 import selectors
 import socket
 import struct
@@ -44,9 +47,10 @@ DONE, WAIT = -1, -2
 """Answers instead of a unit: the run is over / nothing to hand out yet, ask again."""
 SERVER = 0
 """The rank that serves: rank 0 of every generation."""
-SNAPSHOT_STEPS = 4
-"""A snapshot every this many global batches' worth of updates: what a failure may cost
-again, against the time a snapshot takes (a serialised model and optimizer)."""
+SNAPSHOT_STEPS = int(os.environ.get("SHOAL_ASYNC_SNAPSHOT_STEPS", "4"))
+"""A snapshot every this many global batches' worth of updates: what the server's death
+may cost again, against the time a snapshot takes (a serialised model and optimizer).
+(The environment variable is for tests that need snapshots to be rare.)"""
 _HEADER = struct.Struct("<qqqqdq")
 """unit, version, samples (to the server) or snapshot bytes (from it), shares, loss share,
 bytes that follow (float32 gradient or parameters, then the snapshot)."""
@@ -116,6 +120,9 @@ class AsyncSGD(Strategy):
         """(step, generation) of the finished steps this process has reported."""
         self.committed_steps = 0
         """On the server: the whole steps its newest snapshot holds."""
+        self.served_intact = False
+        """This process served the generation that just ended, and its state is whole (no
+        update was cut short): newer than any snapshot, it is what the next one starts from."""
 
     def state_dict(self):
         return {"version": self.version, "book": self.book.state_dict()}
@@ -139,6 +146,7 @@ class AsyncSGD(Strategy):
     def teardown(self):
         if self.server is not None:
             self.server.stop()
+            self.served_intact = not self.server.applying
             self.server = None
         if self.link is not None:
             self.link.close()
@@ -178,6 +186,9 @@ class ParameterServer:
         self._again: list[int] = []
         """Dropped units, to be handed out again first (a heap)."""
         self._snapshot: torch.Tensor | None = None
+        self.applying = False
+        """An update is under way; still True after serving stopped: it was cut short by an
+        error, and the model or optimizer may be half updated."""
         self.changed = threading.Condition()
         self.error: BaseException | None = None
         self._stopping = threading.Event()
@@ -196,7 +207,9 @@ class ParameterServer:
             if self.error is not None:
                 raise RuntimeError(f"the parameter server failed: {self.error}")
             if unit >= 0 and not self.book.is_applied(unit):
+                self.applying = True
                 self._apply(unit, version, samples, loss_part, gradient)
+                self.applying = False
             return self._next(holder, may_defer)
 
     def _apply(self, unit: int, version: int, samples: int, loss_part: float,
