@@ -146,6 +146,9 @@ def test_a_restarted_coordinator_adopts_the_running_generation():
     membership.tick()
     assert membership.current.number == 5 and membership.current.members == [0, 1]
     assert membership.heartbeat(7, {"generation": 4, "members": [0, 1, 2]})["evicted"] is True
+    # It says when it heard each member of the generation it took over, and not worker 2
+    assert membership.snapshot()["takeover"] == {"generation": 4, "members": [0, 1, 2],
+                                                 "heard": {"1": 0.0, "0": 3.0}}
 
 
 def test_a_restarted_coordinator_forms_the_next_generation_for_members_that_left_theirs():

@@ -61,12 +61,15 @@ def test_training_survives_a_coordinator_restart(tmp_path):
         assert status["membership_changes"] >= 1  # the crash after the restart re-formed the group
         assert second.wait(timeout=60) == 0
         # Each coordinator logs its generations: the second one the generation it took over
-        # from the workers, then the re-form after the crash.
+        # from the workers and when it had heard from all of them, then the re-form after
+        # the crash.
         assert first.stderr.read().splitlines() == ["shoal coordinator: generation 1: members [0, 1, 2]"]
         log = second.stderr.read().splitlines()
         assert log[0] == "shoal coordinator: generation 1: members [0, 1, 2]"
-        assert log[1].startswith("shoal coordinator: generation 1 -> 2: worker 1: --kill 1@500")
-        assert log[1].endswith("members [0, 1, 2] -> [0, 2]") and log[-1] == "shoal coordinator: job completed"
+        assert log[1].startswith("shoal coordinator: took over generation 1: heard members [0, 1, 2] within ")
+        assert log[2].startswith("shoal coordinator: generation 1 -> 2: worker 1: --kill 1@500")
+        assert log[2].endswith("members [0, 1, 2] -> [0, 2]") and log[-1] == "shoal coordinator: job completed"
+        assert status["takeover"]["members"] == [0, 1, 2] and len(status["takeover"]["heard"]) == 3
     finally:
         for process in (first, second, launcher):
             if process is not None and process.poll() is None:

@@ -38,6 +38,7 @@ class _GenerationLog:
         self._membership = membership
         self._announced = 0
         self._generation = 0
+        self._takeover_told = False
 
     def print_new(self) -> None:
         from shoal.coordinator import describe_change  # as _coordinator: the CLI starts light
@@ -51,6 +52,28 @@ class _GenerationLog:
             self._generation = status["generation"]
             print(f"shoal coordinator: generation {self._generation}: members {status['members']}",
                   file=sys.stderr, flush=True)
+        self._tell_takeover(status)
+
+    def _tell_takeover(self, status: dict) -> None:
+        """Once, for a restarted coordinator: how long after the first member of the
+        generation it took over the last one spoke (or who never did, before it moved on).
+        Members heard further apart than the heartbeat timeout are declared dead for it."""
+        takeover = status["takeover"]
+        if takeover is None or self._takeover_told:
+            return
+        heard, members = takeover["heard"], takeover["members"]
+        over = status["generation"] != takeover["generation"] or status["status"] in ("completed", "failed")
+        if len(heard) < len(members) and not over:
+            return
+        self._takeover_told = True
+        line = f"took over generation {takeover['generation']}: "
+        if heard:
+            last = max(heard, key=heard.get)
+            line += f"heard members {sorted(int(m) for m in heard)} within {heard[last]:.2f} s (worker {last} last)"
+        silent = [m for m in members if str(m) not in heard]
+        if silent:
+            line += f"{'; ' if heard else ''}never heard from {silent}"
+        print(f"shoal coordinator: {line}", file=sys.stderr, flush=True)
 
 
 def _coordinator(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ long-poll on ``/generation`` or the reply to their next heartbeat.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -111,6 +112,10 @@ class Membership:
         self._generations: list[Generation] = []
         self._past_generations: dict[int, Generation] = {}
         """Generations formed before a coordinator restart, learned from workers' histories."""
+        self._takeover: dict | None = None
+        """A restarted coordinator's adopted generation: its number, members and, for each
+        member heard since, the seconds after the first one spoke (``snapshot``'s "takeover")."""
+        self._takeover_at = 0.0
         self.incarnation = uuid.uuid4().hex
         """Tells workers that a restarted coordinator needs their whole commit history."""
         self._failure_reported_at: float | None = None
@@ -173,6 +178,7 @@ class Membership:
                 return {"evicted": True, "generation": self.current_number, "status": self.status,
                         "incarnation": self.incarnation}
             worker.last_seen, worker.forgiven = self._clock(), 0.0
+            self._note_heard(worker_id)
             worker.committed_step = payload.get("committed_step", worker.committed_step)
             worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
             self._record_history(worker_id, payload)
@@ -197,11 +203,19 @@ class Membership:
             self._generations.append(Generation(generation, members, now))
             for member in members:
                 self._workers.setdefault(member, _Worker(member, "?", 0, last_seen=now))
+            self._takeover, self._takeover_at = {"generation": generation, "members": members, "heard": {}}, now
             self._set_status("running", "")
         if worker_id in self.current.members:
             now = self._clock()
             self._workers[worker_id] = _Worker(worker_id, str(payload.get("host", "?")),
                                                int(payload.get("pid", 0)), last_seen=now)
+
+    def _note_heard(self, worker_id: int) -> None:
+        """How long after the first member each member of a taken-over generation spoke: a
+        member heard later than the heartbeat timeout is declared dead for it."""
+        takeover = self._takeover
+        if takeover is not None and worker_id in takeover["members"] and str(worker_id) not in takeover["heard"]:
+            takeover["heard"][str(worker_id)] = round(self._clock() - self._takeover_at, 3)
 
     def report_failure(self, worker_id: int, generation: int, detail: str) -> None:
         """A member saw a collective fail in ``generation``; the report also proves it is alive."""
@@ -265,6 +279,7 @@ class Membership:
             if worker is None:
                 return
             worker.finished = True
+            self._note_heard(worker_id)
             worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
             self._record_history(worker_id, payload)
             if payload.get("results") is not None:
@@ -412,6 +427,7 @@ class Membership:
                     for w in self._workers.values()
                 },
                 "membership_changes": len(self._changes),
+                "takeover": copy.deepcopy(self._takeover),
             }
 
     # -- rules --------------------------------------------------------------------------------
