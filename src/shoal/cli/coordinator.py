@@ -43,16 +43,23 @@ class _GenerationLog:
     def print_new(self) -> None:
         from shoal.coordinator import describe_change  # as _coordinator: the CLI starts light
 
+        status = self._membership.snapshot()
+        takeover = status["takeover"]
+        if takeover is not None and takeover["generation"] > self._generation:  # before any change
+            self._generation = takeover["generation"]
+            self._tell(f"generation {self._generation}: members {takeover['members']}")
+        self._tell_takeover(status)
         for change in self._membership.membership_changes()[self._announced:]:
-            print(f"shoal coordinator: {describe_change(change)}", file=sys.stderr, flush=True)
+            self._tell(describe_change(change))
             self._announced += 1
             self._generation = change["generation_after"]
-        status = self._membership.snapshot()
         if status["generation"] > self._generation:
             self._generation = status["generation"]
-            print(f"shoal coordinator: generation {self._generation}: members {status['members']}",
-                  file=sys.stderr, flush=True)
-        self._tell_takeover(status)
+            self._tell(f"generation {self._generation}: members {status['members']}")
+
+    @staticmethod
+    def _tell(line: str) -> None:
+        print(f"shoal coordinator: {line}", file=sys.stderr, flush=True)
 
     def _tell_takeover(self, status: dict) -> None:
         """Once, for a restarted coordinator: how long after the first member of the
@@ -73,7 +80,7 @@ class _GenerationLog:
         silent = [m for m in members if str(m) not in heard]
         if silent:
             line += f"{'; ' if heard else ''}never heard from {silent}"
-        print(f"shoal coordinator: {line}", file=sys.stderr, flush=True)
+        self._tell(line)
 
 
 def _coordinator(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ class Coordinator:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():  # once
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -194,7 +194,9 @@ class Coordinator:
     async def _finish(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.membership.finish(int(body["worker_id"]), body)
-        return web.json_response({"ok": True})
+        # Which coordinator heard it, and whether the job has ended: the worker stays until it has
+        return web.json_response({"ok": True, "status": self.membership.status,
+                                  "incarnation": self.membership.incarnation})
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self.membership.snapshot())
