@@ -177,3 +177,54 @@ def test_a_worker_that_rejoins_as_the_members_finish_does_not_hold_the_job(tmp_p
                 process.kill()
                 process.wait()
         coordinator.stop()
+
+
+FINISHER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from shoal.runtime.context import Context
+
+    url, token, worker_id, signals = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+    context = Context(url, token, worker_id, heartbeat_interval=0.05)
+    context.join()
+    context.enter_next_generation()
+    context.record_commit(0, 0.25 * (worker_id + 1))  # its share of step 0's loss
+    (signals / f"in-{worker_id}").touch()
+    while not (signals / f"finish-{worker_id}").exists():
+        time.sleep(0.01)
+    context.finish(None)
+    print("finished", flush=True)
+    os._exit(0)
+""")
+
+
+def test_a_member_that_finished_stays_until_a_restarted_coordinator_hears_its_end(tmp_path):
+    """Worker 0 finishes; the coordinator is then killed and another started on its address
+    before worker 1 finishes. Worker 0 must tell the new one its end (and its share of the
+    loss): it used to exit at once, and the new coordinator declared it dead for silence and
+    failed the job (only 0 workers remained: a chaos trial of localsgd in about forty)."""
+    first = Coordinator(Membership(expected_workers=2, min_workers=1, heartbeat_timeout=30), token="t").start()
+    port = first.port
+    workers = [subprocess.Popen([sys.executable, "-c", FINISHER, first.url, "t", str(worker), str(tmp_path)],
+                                stdout=subprocess.PIPE, text=True) for worker in (0, 1)]
+    second = None
+    try:
+        wait_for(lambda: all((tmp_path / f"in-{w}").exists() for w in (0, 1)), "generation 1")
+        (tmp_path / "finish-0").touch()
+        wait_for(lambda: first.membership.snapshot()["workers"]["0"]["finished"], "worker 0's end")
+        first.stop()
+        membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=2.0)
+        second = Coordinator(membership, token="t", port=port).start()
+        (tmp_path / "finish-1").touch()
+        outputs = [process.communicate(timeout=60)[0] for process in workers]
+        assert outputs == ["finished\n", "finished\n"]
+        assert membership.status == "completed", membership.reason
+        assert [step.loss for step in membership.record().steps] == [0.75]  # both shares
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for coordinator in (first, second):
+            if coordinator is not None:
+                coordinator.stop()

@@ -8,7 +8,10 @@ import httpx
 
 from shoal._json import finite_or_null
 
-__all__ = ["CoordinatorClient", "CoordinatorUnreachable"]
+__all__ = ["RETRY_SECONDS", "CoordinatorClient", "CoordinatorUnreachable"]
+
+RETRY_SECONDS = 30.0
+"""How long a request tries to reach a coordinator that may be restarting."""
 
 
 class CoordinatorUnreachable(ConnectionError):
@@ -28,7 +31,7 @@ class CoordinatorClient:
     be restarting); ``timeout`` bounds each try (default: 10 s to connect, 60 s for an
     answer, which a long poll takes)."""
 
-    def __init__(self, url: str, token: str, *, retry_seconds: float = 30.0,
+    def __init__(self, url: str, token: str, *, retry_seconds: float = RETRY_SECONDS,
                  timeout: float | None = None):
         self.url = url
         self._retry_seconds = retry_seconds

@@ -289,13 +289,14 @@ class Membership:
                 self._set_status("completed", "")
 
     def _every_member_done(self, generation: Generation | None) -> bool:
-        """Every member of ``generation`` finished (or, for the one its members finished in,
-        died after): its members committed the last step together. A later generation
-        (a restarted worker that joined as they were finishing) has nothing left to do."""
+        """A member of ``generation`` finished and every other one finished or died since:
+        a member finishes only after the generation's last collective, so its members
+        committed the last step together, and one that died after has nothing left to do
+        (nor has a later generation: a restarted worker that joined as they were finishing).
+        A restarted coordinator takes this for members that finished with its predecessor
+        and left: it never hears from them, and declares them dead."""
         if generation is None:
             return False
-        if generation is self.current:
-            return all(self._workers[m].finished for m in generation.members)
         members = [self._workers.get(m) for m in generation.members]
         return any(w is not None and w.finished for w in members) and all(
             w is None or w.finished or not w.alive for w in members)
@@ -486,6 +487,9 @@ class Membership:
             return
         members = [self._workers[m] for m in current.members]
         dead = [m for m in members if not m.alive and not m.finished]
+        if dead and self._every_member_done(current):  # they died after the last step
+            self._set_status("completed", "")
+            return
         waiting = [w for w in self._workers.values()
                    if w.alive and not w.finished and w.worker_id not in current.members]
         if dead and self._awaiting_correlated_silence(members, dead, now):

@@ -41,6 +41,9 @@ from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
 __all__ = ["run_remote"]
 
 _POLL_SECONDS = 0.5
+_LOST_END_SECONDS = 5.0
+"""How long a launcher whose workers all finished waits for a restarted coordinator to learn
+the job's end from other hosts' workers, before it concludes from its own."""
 _METRICS_SECONDS = 2.0
 """metrics.json comes over HTTP here: the whole record, so not every poll."""
 _ADMISSION_RETRY_SECONDS = 10.0
@@ -212,6 +215,10 @@ def _write_record(url: str, config: TrainConfig, record: JobRecord | None,
             return False
         finally:
             client.close()
+        if record.status != "completed":
+            print("shoal train: cannot write --output/--sample-log: the coordinator restarted after "
+                  "the job ended, before this host read its record, and lost it", file=sys.stderr)
+            return False
     task = TASKS[config.task](config.seed)
     sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
     earlier_steps = resumption.earlier_steps if resumption else []
@@ -228,18 +235,24 @@ def _write_record(url: str, config: TrainConfig, record: JobRecord | None,
 
 
 def _final_status(url: str, token: str, group: WorkerGroup) -> dict:
-    """The job's outcome from the coordinator; if it is already gone, from our own workers.
+    """The job's outcome from the coordinator; if it is gone or has lost it, from our workers.
 
-    Workers that exited 0 committed the last step, but the job completes only when every
-    member has (the leader evaluates and saves first): wait for the others.
+    A worker exits 0 once it committed the last step and the coordinator said the job ended
+    (or could not be reached for long). A coordinator that does not say so restarted since:
+    it may still hear the end from other hosts' workers, which stay until it does.
     """
     client = CoordinatorClient(url, token, retry_seconds=5.0)
     codes = [w.returncode for w in group.workers.values()]
+    deadline = time.monotonic() + _LOST_END_SECONDS
     try:
         while True:
             status = client.get("/status")
             if status["status"] in ("completed", "failed") or not codes or any(codes):
                 return status
+            if time.monotonic() > deadline:
+                return {"status": "completed", "generation": "?", "step": "?",
+                        "reason": "(every worker of this host finished; the coordinator restarted "
+                                  "after the job ended and lost it)"}
             time.sleep(_POLL_SECONDS)
     except CoordinatorUnreachable:
         # A worker exits 0 only after it committed the last step: the training completed.

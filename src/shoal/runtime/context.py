@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from shoal.config import ConfigError
-from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
+from shoal.coordinator.client import RETRY_SECONDS, CoordinatorClient, CoordinatorUnreachable
 
 __all__ = ["Context", "JobStopped", "GenerationMoved"]
 
@@ -26,6 +26,11 @@ ENV_COORDINATOR = "SHOAL_COORDINATOR"
 ENV_TOKEN = "SHOAL_TOKEN"
 ENV_WORKER_ID = "SHOAL_WORKER_ID"
 ENV_HEARTBEAT_INTERVAL = "SHOAL_HEARTBEAT_INTERVAL"
+
+
+_ENDING_POLL_SECONDS = 0.05
+"""How often a finished worker asks whether the job ended: the members finish within moments
+of one another (the leader evaluates first), and each run's launcher waits for the last."""
 
 
 class JobStopped(RuntimeError):
@@ -316,18 +321,48 @@ class Context:
             self._history.append(record)
 
     def finish(self, results: dict | None = None) -> None:
-        """Report the last commits (and, from the leader, the results), then stop heartbeating."""
+        """Report the last commits (and, from the leader, the results), then wait until the
+        coordinator says the job ended."""
         self._stopping.set()
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join()
-        if self.distributed:
-            # The whole history: the coordinator may have restarted since our last heartbeat.
-            self._drain_commits()
-            payload = self._heartbeat_payload(list(self._history))
-            payload["results"] = results
-            self._client.post("/finish", payload)
-            self._client.close()
+        if not self.distributed:
+            self.leave_generation()
+            return
+        # The whole history: the coordinator may have restarted since our last heartbeat.
+        self._drain_commits()
+        payload = self._heartbeat_payload(list(self._history))
+        payload["results"] = results
+        reply = self._client.post("/finish", payload)
         self.leave_generation()
+        self._stay_until_the_job_ends(payload, reply)
+        self._client.close()
+
+    def _stay_until_the_job_ends(self, payload: dict, reply: dict) -> None:
+        """Stay until the coordinator says the job ended: one that restarts before then never
+        heard our end, and gets it again. (A member that left at once was never heard from
+        again: the new coordinator declared it dead and lost its share of every step's loss.)
+        Gives up once the coordinator has been unreachable as long as a request waits for it."""
+        told = reply.get("incarnation")
+        poll = CoordinatorClient.for_heartbeats(self.url, self.token, self.heartbeat_timeout)
+        unreachable_since = None
+        try:
+            while reply.get("status") not in ("completed", "failed"):
+                time.sleep(_ENDING_POLL_SECONDS)
+                try:
+                    reply = poll.post("/heartbeat", self._heartbeat_payload([]))
+                except CoordinatorUnreachable:
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since > RETRY_SECONDS:
+                        return  # the launcher judges the outcome
+                    reply = {}
+                    continue
+                unreachable_since = None
+                if reply.get("incarnation") != told:  # restarted since: it never heard our end
+                    reply = self._client.post("/finish", payload)
+                    told = reply.get("incarnation")
+        finally:
+            poll.close()
 
     def close(self) -> None:
         """Stop heartbeating without reporting anything (the job is over or failed)."""
