@@ -52,40 +52,49 @@ def test_a_second_live_worker_with_the_same_id_is_refused(coordinator):
         client.close()
 
 
-def _hang_up_on_every_connection() -> tuple[socket.socket, list[int]]:
-    """A port that accepts each connection and closes it at once, counting them."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted = [0]
+class _HangUp:
+    """A port that accepts each connection and closes it at once, counting them. (Its thread
+    must end with the test: later tests fork, which needs a process without threads.)"""
 
-    def serve():
-        while True:
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._serve)
+        self._thread.start()
+
+    def _serve(self):
+        while not self._done.is_set():
             try:
-                connection, _ = listener.accept()
-            except OSError:  # closed: the test is over
-                return
-            accepted[0] += 1
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
             connection.close()
 
-    threading.Thread(target=serve, daemon=True).start()
-    return listener, accepted
+    def close(self):
+        self._done.set()
+        self._thread.join()
+        self.listener.close()
 
 
 def test_a_heartbeat_tries_once_and_leaves_retrying_to_the_next_beat():
     """Each beat is one try: a beat that retried carried an old payload, and waited out its
     backoff while the coordinator was already back (members then reached a restarted
     coordinator up to a second apart). The training loop's client does retry."""
-    listener, accepted = _hang_up_on_every_connection()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    heartbeat = CoordinatorClient.for_heartbeats(url, "secret", heartbeat_timeout=2.0)
-    retrying = CoordinatorClient(url, "secret", retry_seconds=0.5)
+    hang_up = _HangUp()
+    heartbeat = CoordinatorClient.for_heartbeats(hang_up.url, "secret", heartbeat_timeout=2.0)
+    retrying = CoordinatorClient(hang_up.url, "secret", retry_seconds=0.5)
     try:
         with pytest.raises(CoordinatorUnreachable):
             heartbeat.post("/heartbeat", {"worker_id": 0})
-        assert accepted[0] == 1
+        assert hang_up.accepted == 1
         with pytest.raises(CoordinatorUnreachable):
             retrying.post("/heartbeat", {"worker_id": 0})
-        assert accepted[0] > 2
+        assert hang_up.accepted > 2
     finally:
         heartbeat.close()
         retrying.close()
-        listener.close()
+        hang_up.close()
