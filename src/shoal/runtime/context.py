@@ -351,13 +351,14 @@ class Context:
                 time.sleep(_ENDING_POLL_SECONDS)
                 try:
                     reply = poll.post("/heartbeat", self._heartbeat_payload([]))
-                except CoordinatorUnreachable:
+                except Exception:  # noqa: BLE001  (unreachable, or an error answer: our part is done)
                     unreachable_since = unreachable_since or time.monotonic()
                     if time.monotonic() - unreachable_since > RETRY_SECONDS:
                         return  # the launcher judges the outcome
                     reply = {}
                     continue
                 unreachable_since = None
+                told = told or reply.get("incarnation")  # (a coordinator that did not say)
                 if reply.get("incarnation") != told:  # restarted since: it never heard our end
                     reply = self._client.post("/finish", payload)
                     told = reply.get("incarnation")
