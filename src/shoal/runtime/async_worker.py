@@ -118,7 +118,7 @@ def _commit_on_server(loop, alone: bool) -> torch.Tensor:
     loop.position = loop.strategy.version
     blob = serialize(loop._capture())
     loop._committed_state = blob
-    loop.strategy.committed_steps = loop.strategy.book.prefix // loop.strategy.book.shares
+    loop.strategy.committed_steps = loop.strategy.book.whole_steps
     if alone:  # no peer to hold it: this is as durable as the job gets
         _report_finished(loop, loop.strategy.book.ledger)
     return blob
@@ -132,7 +132,7 @@ def _adopt(loop, state: dict) -> None:
     book = UnitBook()
     book.load_state_dict(state["strategy"]["book"])
     # --kill R@S:commit on a holder: holding a commit of S steps or more, before it reports them
-    maybe_kill(loop.context, book.prefix // book.shares, loop.kills, "commit", reached=True)
+    maybe_kill(loop.context, book.whole_steps, loop.kills, "commit", reached=True)
     _report_finished(loop, book.ledger)
 
 

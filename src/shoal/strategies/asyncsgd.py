@@ -74,6 +74,11 @@ class UnitBook:
     def is_applied(self, unit: int) -> bool:
         return unit < self.prefix or unit in self.beyond
 
+    @property
+    def whole_steps(self) -> int:
+        """Steps from the first whose every unit is applied."""
+        return self.prefix // self.shares
+
     def apply(self, unit: int, loss_part: float, generation: int) -> None:
         self.beyond.add(unit)
         while self.prefix in self.beyond:
