@@ -45,6 +45,13 @@ def wait_for(condition, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
+def start_worker(script: str, url: str, worker: int, signals) -> subprocess.Popen:
+    """``script`` as worker ``worker`` of the coordinator at ``url`` (token "t"); files in
+    ``signals`` tell it when to go on, and what it prints comes back on its stdout."""
+    return subprocess.Popen([sys.executable, "-c", script, url, "t", str(worker), str(signals)],
+                            stdout=subprocess.PIPE, text=True)
+
+
 def test_a_member_that_skips_a_generation_does_not_hold_the_others(tmp_path):
     """Worker 0 enters generation 2; worker 1 asks only once generation 3 has formed, so it
     never comes to 2. Worker 0 must go on to 3 as soon as the coordinator forms it, not wait
@@ -52,9 +59,7 @@ def test_a_member_that_skips_a_generation_does_not_hold_the_others(tmp_path):
     60 s)."""
     membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=30)
     coordinator = Coordinator(membership, token="t").start()
-    members = [subprocess.Popen([sys.executable, "-c", MEMBER, coordinator.url, "t", str(worker),
-                                 str(tmp_path)], stdout=subprocess.PIPE, text=True)
-               for worker in (0, 1)]
+    members = [start_worker(MEMBER, coordinator.url, worker, tmp_path) for worker in (0, 1)]
     try:
         wait_for(lambda: all((tmp_path / f"left-{w}").exists() for w in (0, 1)), "generation 1")
         membership.report_failure(0, 1, "test: form generation 2")
@@ -156,16 +161,11 @@ def test_a_worker_that_rejoins_as_the_members_finish_does_not_hold_the_job(tmp_p
     job was killed."""
     membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=30)
     coordinator = Coordinator(membership, token="t").start()
-
-    def start(worker: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", LATE_JOINER, coordinator.url, "t", str(worker),
-                                 str(tmp_path)], stdout=subprocess.PIPE, text=True)
-
-    members = [start(0), start(1)]
+    members = [start_worker(LATE_JOINER, coordinator.url, worker, tmp_path) for worker in (0, 1)]
     joiner = None
     try:
         wait_for(lambda: all((tmp_path / f"in-{w}").exists() for w in (0, 1)), "generation 1")
-        joiner = start(2)
+        joiner = start_worker(LATE_JOINER, coordinator.url, 2, tmp_path)
         wait_for(lambda: membership.current_number == 2, "generation 2, with worker 2")
         (tmp_path / "finish").touch()
         outputs = [process.communicate(timeout=60)[0] for process in (*members, joiner)]
@@ -205,8 +205,7 @@ def test_a_member_that_finished_stays_until_a_restarted_coordinator_hears_its_en
     failed the job (only 0 workers remained: a chaos trial of localsgd in about forty)."""
     first = Coordinator(Membership(expected_workers=2, min_workers=1, heartbeat_timeout=30), token="t").start()
     port = first.port
-    workers = [subprocess.Popen([sys.executable, "-c", FINISHER, first.url, "t", str(worker), str(tmp_path)],
-                                stdout=subprocess.PIPE, text=True) for worker in (0, 1)]
+    workers = [start_worker(FINISHER, first.url, worker, tmp_path) for worker in (0, 1)]
     second = None
     try:
         wait_for(lambda: all((tmp_path / f"in-{w}").exists() for w in (0, 1)), "generation 1")
