@@ -150,6 +150,23 @@ def test_bad_coordinator_flags_exit_2_with_one_line(capsys, args, flag):
     assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err, err
 
 
+def test_a_coordinator_state_file_it_cannot_use_exits_2_with_one_line(capsys, tmp_path):
+    """Before it listens: a file it could not write, one that is not a state, or the state of
+    a job with another token (which would hand that job's record to whoever has this one)."""
+    state = tmp_path / "state.json"
+    cases = [(["--state", str(tmp_path / "missing" / "state.json")], "--state: cannot write")]
+    state.write_text('{"format": 2, "token_sha256": "0"}\n{"state": {}}\n')
+    cases += [(["--state", str(state), "--token", "mine"], "--token: "),
+              (["--state", str(state)], "--token: ")]  # a random token is another token
+    (tmp_path / "garbage.json").write_text("{\n{}\n")
+    (tmp_path / "other.json").write_text('{"results": []}\n')
+    cases += [(["--state", str(tmp_path / "garbage.json")], "--state: "),
+              (["--state", str(tmp_path / "other.json")], "is not a shoal coordinator's state")]
+    for args, line in cases:
+        code, out, err = run_main(capsys, "coordinator", *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and line in err and out == "", err
+
+
 BAD_CHAOS_FLAGS = [
     (["--compress", "bogus"], "--compress"),
     (["--compress", "int8", "--strategy", "zero"], "--compress"),  # as shoal train refuses it

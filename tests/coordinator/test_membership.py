@@ -1,5 +1,7 @@
 """The membership rules, driven with a fake clock: no network, no sleeping."""
 
+import json
+
 import pytest
 
 from shoal.coordinator import Membership
@@ -319,3 +321,67 @@ def test_the_job_completes_when_the_generation_that_committed_the_last_step_has_
         assert membership.status == "running"
         membership.finish(worker, {"generation": 1})
     assert membership.status == "completed"
+
+
+def restarted_from(membership, clock, **settings):
+    """A new coordinator's membership, given what the old one kept (as JSON, as on disk)."""
+    restored = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=5.0, clock=clock, **settings)
+    kept = json.loads(json.dumps([membership.export_state(), membership.commits_by_worker()]))
+    restored.restore_state(*kept)
+    return restored
+
+
+def test_a_coordinator_restarted_with_its_state_keeps_what_the_workers_cannot_resend():
+    """A dead member's shares of the loss, the membership changes, the faults that fired and
+    the job's spec are known only to the coordinator: its state gives them back."""
+    membership, clock = started(workers=3)
+    membership.admit_launcher({"--task": "digits"})
+    for worker in range(3):
+        membership.heartbeat(worker, {"commits": [[0, 1, clock.now, 0.1 * (worker + 1)]]})
+    membership.report_kill(2, "--kill 2@1")
+    membership.report_exit(2, "killed by SIGKILL")
+    restored = restarted_from(membership, clock)
+    assert restored.record().to_json() == membership.record().to_json()
+    assert restored.record().losses == pytest.approx({0: 0.6})  # worker 2 is gone: only kept here
+    assert restored.membership_changes()[0]["cause"] == "worker 2: --kill 2@1"
+    assert restored.fired_faults == {"--kill 2@1"}
+    with pytest.raises(ValueError, match="^--task"):
+        restored.admit_launcher({"--task": "charlm"})
+    # It takes the running generation over: members that speak stay, a silent one is dead
+    assert restored.current.number == 2 and restored.incarnation != membership.incarnation
+    for _ in range(2):
+        advance(restored, clock, 3)
+        restored.heartbeat(0, {"generation": 2, "members": [0, 1]})
+    assert restored.current.number == 3 and restored.current.members == [0]
+    assert restored.snapshot()["takeover"] == {"generation": 2, "members": [0, 1], "heard": {"0": 3.0}}
+
+
+def test_the_end_of_the_job_survives_a_restart_with_the_state():
+    """A coordinator killed right after the job completed: the launchers that had not yet
+    read the record get it, with the leader's results, from the restarted one."""
+    membership, clock = started(workers=2)
+    membership.finish(1, {"commits": [[0, 1, clock.now, 0.5]]})
+    restored = restarted_from(membership, clock)  # a member that finished stays finished
+    advance(restored, clock, 10)  # worker 1 left and is never heard again: it is done, not dead
+    restored.finish(0, {"commits": [[0, 1, clock.now, 0.25]], "results": {"accuracy": 0.9}})
+    assert restored.status == "completed"
+    again = restarted_from(restored, clock)
+    assert again.status == "completed" and again.record().results == {"accuracy": 0.9}
+    with pytest.raises(ValueError, match="^the job this coordinator runs has already completed"):
+        again.admit_launcher({"--task": "digits"})  # a new job started on the old file
+    assert again.record().losses == pytest.approx({0: 0.75})
+    assert again.heartbeat(0, {"generation": 1, "members": [0, 1]})["status"] == "completed"
+
+
+def test_the_state_is_kept_before_anyone_hears_of_a_change_and_commits_as_they_come():
+    membership, clock = started(workers=2)
+    states, commits = [], []
+    membership.keep_state_with(states.append, lambda worker, batch: commits.append((worker, batch)))
+    membership.report_exit(1, "killed by SIGKILL")
+    assert [g["number"] for g in states[-1]["generations"]] == [1, 2]  # before report_exit returned
+    membership.heartbeat(0, {"commits": [[0, 2, clock.now, 0.1]]})
+    membership.heartbeat(0, {})
+    assert commits == [(0, [[0, 2, clock.now, 0.1]])] and len(states) == 1
+    restored = Membership(expected_workers=2, min_workers=1, clock=clock)
+    restored.restore_state(states[-1], commits)
+    assert restored.record().to_json() == membership.record().to_json()

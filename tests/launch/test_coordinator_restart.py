@@ -5,6 +5,7 @@ equals an undisturbed run's."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -18,24 +19,32 @@ from tests.conftest import shoal
 
 TOKEN = "restart-token"
 TASK = ["--task", "quadratic", "--steps", "600", "--batch-size", "64", "--seed", "0"]
+SHORT_TASK = [*TASK[:2], "--steps", "300", *TASK[4:]]
 
 
-def coordinator(port: int) -> tuple[subprocess.Popen, int]:
+def coordinator(port: int, *flags: str) -> tuple[subprocess.Popen, int]:
     process = subprocess.Popen(
         [sys.executable, "-m", "shoal.cli.main", "coordinator", "--port", str(port), "--token", TOKEN,
-         "--workers", "3", "--heartbeat-timeout", "2", "--linger", "5"],
+         "--workers", "3", "--heartbeat-timeout", "2", "--linger", "5", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     port = int(re.search(r":(\d+)$", process.stdout.readline().strip()).group(1))
     return process, port
 
 
+def get(port: int, path: str) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+
+
 def step(port: int) -> int:
     try:
-        response = httpx.get(f"http://127.0.0.1:{port}/status",
-                             headers={"Authorization": f"Bearer {TOKEN}"})
-        return response.json()["step"]
+        return get(port, "/status")["step"]
     except httpx.TransportError:
         return -1
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def test_training_survives_a_coordinator_restart(tmp_path):
@@ -80,3 +89,51 @@ def test_training_survives_a_coordinator_restart(tmp_path):
                    str(tmp_path / "reference.pt"))
     assert result.returncode == 0, result.stderr
     assert relative_difference(tmp_path / "model.pt", tmp_path / "reference.pt") <= 1e-5
+
+
+def test_with_its_state_file_a_restarted_coordinator_loses_nothing_not_even_the_end(tmp_path):
+    """Worker 1 dies at step 50; the coordinator is killed at step 150 and again after the
+    job completed. Without ``--state`` the second would not know of the death (the change,
+    worker 1's share of each step's loss) and the third would not know the job had ended."""
+    state = str(tmp_path / "coordinator.json")
+    first, port = coordinator(0, "--state", state)
+    processes = [first]
+    output, samples = tmp_path / "results.json", tmp_path / "samples.jsonl"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli.main", "train", *SHORT_TASK, "--workers", "3", "--quiet",
+         "--coordinator", f"127.0.0.1:{port}", "--token", TOKEN, "--kill", "1@50",
+         "--output", str(output), "--sample-log", str(samples)],
+        stderr=subprocess.PIPE, text=True)
+    processes.append(launcher)
+    try:
+        deadline = time.monotonic() + 120
+        while step(port) < 150:
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        known = {s["step"] for s in get(port, "/record")["steps"] if s["loss"] is not None}
+        kill(processes[0])
+        processes.append(coordinator(port, "--state", state)[0])
+        assert launcher.wait(timeout=240) == 0, launcher.stderr.read()
+        assert get(port, "/status")["status"] == "completed"
+        kill(processes[-1])  # while it lingers: a launcher that had not read the record yet
+        third = coordinator(port, "--state", state)[0]
+        processes.append(third)
+        assert "took back the job's record" in third.stderr.readline()
+        assert get(port, "/status")["status"] == "completed"
+        record = get(port, "/record")
+        third.send_signal(signal.SIGINT)  # no need to wait out its linger
+        assert third.wait(timeout=30) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    results = json.loads(output.read_text())
+    [change] = results["membership_changes"]
+    assert change["cause"].startswith("worker 1: --kill 1@50") and change["members_after"] == [0, 2]
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(300))
+    # Every loss the first coordinator knew: those of generation 1 need worker 1's shares
+    # (but for the last steps before its death, which it committed and never reported)
+    assert 0 in known and known <= {line["step"] for line in lines if line["loss"] is not None}
+    assert [s["step"] for s in record["steps"]] == list(range(300)) and record["results"] is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import secrets
 import sys
 import threading
 import time
@@ -23,6 +24,10 @@ def add_coordinator(commands) -> None:
     parser.add_argument("--linger", type=float, default=10.0,
                         help="seconds to keep answering after the job ends, so that every "
                         "launcher can read the outcome (default 10)")
+    parser.add_argument("--state", metavar="FILE",
+                        help="keep the job's record in FILE and take it back when started again "
+                        "with it and the same --token: a restart then loses nothing, the job's "
+                        "end included (default: workers resend what they know; the rest is lost)")
     parser.set_defaults(handler=_coordinator)
 
 
@@ -36,7 +41,7 @@ class _GenerationLog:
 
     def __init__(self, membership):
         self._membership = membership
-        self._announced = 0
+        self._announced = len(membership.membership_changes())  # a restored record's were told
         self._generation = 0
         self._takeover_told = False
 
@@ -83,6 +88,28 @@ class _GenerationLog:
         self._tell(line)
 
 
+def _keep_state(path: str, token: str, membership):
+    """Take back the job's record from ``--state`` if a previous coordinator left one, and
+    keep it there from now on. A file this coordinator cannot use is an exit 2."""
+    from shoal.config import ConfigError
+    from shoal.coordinator.state_file import StateFile
+
+    state_file = StateFile(path, token)
+    saved = state_file.load()
+    if saved is not None:
+        membership.restore_state(*saved)
+        status = membership.snapshot()
+        print(f"shoal coordinator: took back the job's record from {path}: {status['status']}, "
+              f"generation {status['generation']}, {status['step']} steps committed", file=sys.stderr,
+              flush=True)
+    try:
+        state_file.start(membership.export_state(), membership.commits_by_worker())
+    except OSError as error:
+        raise ConfigError("--state", f"cannot write {path}: {error.strerror or error}") from None
+    membership.keep_state_with(state_file.keep_state, state_file.keep_commits)
+    return state_file
+
+
 def _coordinator(args: argparse.Namespace) -> int:
     from shoal.config import ConfigError, check_bindable, check_heartbeat_timeout
     from shoal.coordinator import Coordinator, Membership
@@ -99,16 +126,20 @@ def _coordinator(args: argparse.Namespace) -> int:
     if args.token is not None and not args.token:
         raise ConfigError("--token", "must not be empty (leave it out for a random one)")
     check_bindable("--host", args.host)
+    token = args.token or secrets.token_hex(16)
     membership = Membership(expected_workers=args.workers, min_workers=args.min_workers,
                             heartbeat_timeout=args.heartbeat_timeout)
+    state_file = _keep_state(args.state, token, membership) if args.state else None
     try:
-        coordinator = Coordinator(membership, host=args.host, port=args.port, token=args.token).start()
+        coordinator = Coordinator(membership, host=args.host, port=args.port, token=token).start()
     except OSError as error:  # the port is taken
         raise ConfigError("--port", f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     print(f"shoal coordinator: listening on {coordinator.url}", flush=True)
     print(f"shoal coordinator: token {coordinator.token}", flush=True)
     done = threading.Event()
     membership.add_listener(lambda: membership.status in ("completed", "failed") and done.set())
+    if membership.status in ("completed", "failed"):  # restored: linger for the launchers
+        done.set()
     log = _GenerationLog(membership)
     try:
         while not done.wait(_LOG_SECONDS):
@@ -119,6 +150,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         pass
     finally:
         coordinator.stop()
+        if state_file is not None:
+            state_file.close()
     if membership.rejected:  # the workers refused the job's configuration: bad input, exit 2
         print(f"shoal coordinator: error: {membership.reason}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from shoal.coordinator.record import CommittedStep, JobRecord
@@ -53,6 +53,11 @@ class _Worker:
     died_at: float | None = None
     declared_silent_at: float | None = None
     """When the coordinator declared it dead for silence (None for any other death)."""
+
+
+_KEPT_WORKER_FIELDS = ("worker_id", "host", "pid", "alive", "finished", "committed_step", "bytes_sent",
+                       "death_cause", "died_at")
+"""What ``export_state`` keeps of a worker: not its last heartbeat (a restart hears anew)."""
 
 
 @dataclass(slots=True)
@@ -128,6 +133,8 @@ class Membership:
         self._rejoin_expected: set[int] = set()
         """Planned faults that went off: a restarted worker must not fire them again."""
         self._listeners: list[Callable[[], None]] = []
+        self._keep_state: Callable[[dict], None] | None = None
+        self._keep_commits: Callable[[int, list], None] | None = None
         self.status = "waiting"  # waiting -> running -> completed | failed
         self.reason = ""
         self.rejected = False
@@ -141,7 +148,9 @@ class Membership:
     # -- events -------------------------------------------------------------------------------
 
     def add_listener(self, callback: Callable[[], None]) -> None:
-        """``callback`` runs (under the lock, must not block) whenever the generation or status changes."""
+        """``callback`` runs (under the lock, must not block) whenever the generation or status
+        changes, or something else a restarted coordinator could not learn back from the
+        workers: the job's spec, a fired fault, the leader's results, a worker's join."""
         self._listeners.append(callback)
 
     def expect_rejoin(self, worker_id: int) -> None:
@@ -158,6 +167,7 @@ class Membership:
             if existing is not None and existing.alive:
                 raise ValueError(f"worker {worker_id} is already a live member")
             self._workers[worker_id] = _Worker(worker_id, host, pid, last_seen=self._clock())
+            self._announce()
             current = self.current
             if existing is not None and current is not None and worker_id in current.members \
                     and self.status == "running":
@@ -242,6 +252,7 @@ class Membership:
         with self._lock:
             self._kill_causes[worker_id] = spec
             self.fired_faults.add(spec)
+            self._announce()
 
     def report_exit(self, worker_id: int, cause: str, at: float | None = None) -> None:
         """The launcher saw the worker's process end."""
@@ -284,6 +295,7 @@ class Membership:
             self._record_history(worker_id, payload)
             if payload.get("results") is not None:
                 self.results = payload["results"]
+                self._announce()
             if self._every_member_done(self.current) or self._every_member_done(
                     self._generations_by_number().get(payload.get("generation"))):
                 self._set_status("completed", "")
@@ -304,10 +316,15 @@ class Membership:
     def admit_launcher(self, spec: dict) -> None:
         """A launcher about to start workers for this job. The first one's spec becomes the
         job's; one that differs is refused (ValueError naming the flag) before its workers
-        start, so that it cannot disturb the running job."""
+        start, so that it cannot disturb the running job. So is any launcher once the job ended
+        (its workers would have nothing to do; a restored record's job may have long ended)."""
         with self._lock:
+            if self.status in ("completed", "failed"):
+                raise ValueError(f"the job this coordinator runs has already {self.status}: a new job "
+                                 "needs a new coordinator (and a new --state file, if it keeps one)")
             if self.job_spec is None:
                 self.job_spec = dict(spec)
+                self._announce()
                 return
             for flag in [*self.job_spec, *(flag for flag in spec if flag not in self.job_spec)]:
                 ours, theirs = self.job_spec.get(flag), spec.get(flag)
@@ -431,6 +448,74 @@ class Membership:
                 "takeover": copy.deepcopy(self._takeover),
             }
 
+    # -- durable state ------------------------------------------------------------------------
+
+    def keep_state_with(self, state: Callable[[dict], None], commits: Callable[[int, list], None]) -> None:
+        """From now on, call ``state(export_state())`` on every change a listener hears of
+        (before any request can hear of it), and ``commits(worker_id, commits)`` for every
+        batch of commits a worker reports. Both run under the lock and must not raise."""
+        with self._lock:
+            self._keep_state, self._keep_commits = state, commits
+
+    def export_state(self) -> dict:
+        """As JSON, what a restarted coordinator could not learn back from the workers, but
+        for the commits (``commits_by_worker``): the job's status and results, its generations
+        and changes, the workers as last known, the faults that fired, the job's spec.
+        ``restore_state`` takes it back."""
+        with self._lock:
+            return {
+                "status": self.status, "reason": self.reason, "rejected": self.rejected,
+                "results": self.results, "job_spec": self.job_spec,
+                "fired_faults": sorted(self.fired_faults),
+                "kill_causes": {str(worker): spec for worker, spec in self._kill_causes.items()},
+                "generations": [g.to_json() for g in self._generations],
+                "past_generations": [g.to_json() for g in self._past_generations.values()],
+                "changes": copy.deepcopy(self._changes),
+                "redone": sorted(self._redone),
+                "workers": [{name: getattr(w, name) for name in _KEPT_WORKER_FIELDS}
+                            for w in self._workers.values()],
+            }
+
+    def commits_by_worker(self) -> list[tuple[int, list]]:
+        """The committed steps as the workers' reports that would rebuild them, every share
+        of every step's loss (a dead member's too): what ``restore_state`` replays."""
+        with self._lock:
+            batches: dict[int, list] = {}
+            for step, record in sorted(self._steps.items()):
+                if record.whole_loss is not None:  # one report carried the whole loss (async)
+                    whole = None if math.isnan(record.whole_loss) else record.whole_loss
+                    batches.setdefault(-1, []).append([step, record.generation, record.committed_at, whole, True])
+                for worker, part in record.loss_parts.items():
+                    batches.setdefault(worker, []).append([step, record.generation, record.committed_at, part])
+            return list(batches.items())
+
+    def restore_state(self, state: dict, commits: Iterable[tuple[int, list]] = ()) -> None:
+        """Take back what ``export_state`` gave, and replay ``commits`` (``commits_by_worker``,
+        or the batches as they came): we are a coordinator restarted with its state file.
+
+        The current generation of a running job is taken over as from the workers (``_adopt``):
+        its members count as heard from now and are declared dead if they stay silent for
+        the heartbeat timeout; a member that had finished stays finished. The workers resend
+        their whole histories (the incarnation is new), which fills in the latest commits.
+        """
+        with self._lock:
+            now = self._clock()
+            self.status, self.reason, self.rejected = state["status"], state["reason"], state["rejected"]
+            self.results, self.job_spec = state["results"], state["job_spec"]
+            self.fired_faults = set(state["fired_faults"])
+            self._kill_causes = {int(worker): spec for worker, spec in state["kill_causes"].items()}
+            self._generations = [Generation(**g) for g in state["generations"]]
+            self._past_generations = {g["number"]: Generation(**g) for g in state["past_generations"]}
+            self._changes = state["changes"]
+            self._redone = set(state["redone"])
+            for worker_id, batch in commits:
+                self._record_commits(worker_id, batch)
+            self._workers = {w["worker_id"]: _Worker(**w, last_seen=now) for w in state["workers"]}
+            current = self.current
+            if self.status == "running" and current is not None:
+                self._takeover = {"generation": current.number, "members": current.members, "heard": {}}
+                self._takeover_at = now
+
     # -- rules --------------------------------------------------------------------------------
 
     def _record_history(self, worker_id: int, payload: dict) -> None:
@@ -444,6 +529,8 @@ class Membership:
     def _record_commits(self, worker_id: int, commits) -> None:
         # [step, generation, unix time, this rank's share of the global-batch loss(, whole)]:
         # with ``whole`` the loss is the step's own (async's server finished it alone).
+        if self._keep_commits is not None and commits:
+            self._keep_commits(worker_id, list(commits))
         for step, generation, committed_at, loss_part, *whole in commits:
             record = self._steps.get(step)
             if record is not None and generation > record.generation:
@@ -590,5 +677,15 @@ class Membership:
 
     def _set_status(self, status: str, reason: str) -> None:
         self.status, self.reason = status, reason
+        self._announce()
+
+    def _announce(self) -> None:
+        # The state is kept first: no worker or launcher can hear of a change (their
+        # requests wait for the lock) that a restarted coordinator would not know.
+        self._keep()
         for callback in self._listeners:
             callback()
+
+    def _keep(self) -> None:
+        if self._keep_state is not None:
+            self._keep_state(self.export_state())

@@ -353,7 +353,9 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
     hosts = (f"The other trials run one launcher with `{' '.join(_emulated_hosts(settings))}`: two "
              "emulated hosts.\n" if _emulated_hosts(settings) else "")
     cluster = hosts + ("Link cuts and coordinator restarts run on three network-namespace hosts "
-                       "(`shoal coordinator` on one, half the workers on each of the others).\n"
+                       "(`shoal coordinator --state FILE` on one, half the workers on each of the "
+                       "others); a coordinator restart whose step came after the job's end "
+                       "restarts it then.\n"
                        if settings.cluster else
                        "Link cuts and coordinator restarts were not run (they need root for "
                        "network namespaces).\n")
