@@ -217,7 +217,8 @@ def _write_record(url: str, config: TrainConfig, record: JobRecord | None,
             client.close()
         if record.status != "completed":
             print("shoal train: cannot write --output/--sample-log: the coordinator restarted after "
-                  "the job ended, before this host read its record, and lost it", file=sys.stderr)
+                  "the job ended, before this host read its record, and lost it (shoal coordinator "
+                  "--state FILE keeps it)", file=sys.stderr)
             return False
     task = TASKS[config.task](config.seed)
     sampler = GlobalBatchSampler(len(task.train_dataset()), config.batch_size, config.seed)
