@@ -11,7 +11,7 @@ import torch
 
 from shoal.reliability.checks import exactly_once_violations, relative_difference
 from shoal.runtime.reshard import ShardsLost, _plan
-from shoal.strategies.zero import Layout, mesh_shape
+from shoal.strategies.zero import Layout, mesh_shape, replica_grid
 from shoal.tasks import TASKS
 from tests.conftest import DIGITS_4, LONG, shoal, train_job
 
@@ -30,6 +30,24 @@ def test_charlm_under_zero_equals_allreduce(tmp_path):
     reference, _ = train(tmp_path, "allreduce", *charlm)
     model, _ = train(tmp_path, "zero", *charlm, "--strategy", "zero")
     assert relative_difference(model, reference) <= 1e-5
+
+
+def test_the_copies_of_each_shard_sit_on_different_hosts_where_they_can():
+    """A column of the grid holds one shard's copies. Ids that alternate between two hosts
+    (two launchers joining at once) put both copies of each shard on one host when placed by
+    rank ([[0, 1], [2, 3]]): a chaos trial that cut host b lost shard 1 and the job failed."""
+    def hosts_of_each_shard(keys, groups, shards):
+        grid = replica_grid(keys, groups, shards)
+        assert sorted(rank for row in grid for rank in row) == list(range(len(keys)))
+        return [{keys[row[shard]] for row in grid} for shard in range(shards)]
+
+    assert hosts_of_each_shard(list("abab"), 2, 2) == [{"a", "b"}, {"a", "b"}]
+    assert replica_grid(list("abab"), 2, 2) == [[0, 2], [1, 3]]  # a replica group per host
+    assert replica_grid(list("aaaa"), 2, 2) == [[0, 1], [2, 3]]  # one host: by rank, as before
+    assert hosts_of_each_shard(list("aabbcc"), 3, 2) == [{"a", "b", "c"}] * 2
+    assert all(len(hosts) == 2 for hosts in hosts_of_each_shard(list("abcabcab"), 2, 4))
+    # a host with most members: some shard has both copies there, but the others are spread
+    assert hosts_of_each_shard(list("aaab"), 2, 2) == [{"a"}, {"a", "b"}]
 
 
 def test_replica_groups_and_the_layout_of_shards():

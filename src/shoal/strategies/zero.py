@@ -33,9 +33,24 @@ from torch import nn
 
 from shoal.strategies.api import Strategy, _generation_timeout, register
 
-__all__ = ["HeldShards", "Layout", "Zero", "mesh_shape"]
+__all__ = ["HeldShards", "Layout", "Zero", "mesh_shape", "replica_grid"]
 
 log = logging.getLogger(__name__)
+
+
+def replica_grid(host_keys: list[str], groups: int, shards: int) -> list[list[int]]:
+    """The ranks as a (replica groups, shards) grid, rows filled host by host (hosts in the
+    order their first rank comes): a shard's copies, a column, then sit on different hosts
+    wherever the hosts' sizes allow, so that losing one host loses no shard, and a replica
+    group is a host where it can be (HSDP's layout: shard within a host, replicate across).
+    By rank instead, workers whose ids alternate between two hosts (two launchers joining a
+    standalone coordinator at once) had both copies of every shard on one host: a cut host
+    took half the shards with it."""
+    first = {}
+    for rank, key in enumerate(host_keys):
+        first.setdefault(key, rank)
+    order = sorted(range(len(host_keys)), key=lambda rank: (first[host_keys[rank]], rank))
+    return [order[group * shards:(group + 1) * shards] for group in range(groups)]
 
 
 def mesh_shape(members: int, replicas: int) -> tuple[int, int]:
@@ -117,16 +132,21 @@ class Zero(Strategy):
         return self.options.zero_replicas > 1
 
     def setup(self, host_key):
-        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         device = "cuda" if self._on_cuda else "cpu"
         groups, shards = mesh_shape(dist.get_world_size(), self.options.zero_replicas)
         self.replica_groups = groups
+        index = dist.get_rank() % shards
         if groups == 1:
             mesh = init_device_mesh(device, (shards,))
-        else:  # HSDP: shards across dim 1, replica groups along dim 0
-            mesh = init_device_mesh(device, (groups, shards), mesh_dim_names=("replicate", "shard"))
+        else:  # HSDP: shards across dim 1, replica groups along dim 0, placed by host
+            keys = [None] * dist.get_world_size()
+            dist.all_gather_object(keys, host_key)
+            grid = replica_grid(keys, groups, shards)
+            mesh = DeviceMesh(device, torch.tensor(grid), mesh_dim_names=("replicate", "shard"))
+            index = next(row.index(dist.get_rank()) for row in grid if dist.get_rank() in row)
             _time_out_like_the_generation(mesh, device)
         if dist.get_rank() == 0 and groups * shards > 1:
             log.info("zero: %d shard(s), each on %d member(s)", shards, groups)
@@ -140,7 +160,7 @@ class Zero(Strategy):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
         first = self.layout is None
-        self.layout = Layout(self.generation, shards, dist.get_rank() % shards)
+        self.layout = Layout(self.generation, shards, index)
         with torch.no_grad():  # buffers are whole on every member (a rebuild or load updates them)
             for name, buffer in self.model.named_buffers():
                 buffer.copy_(self._initial.get_buffer(name))
