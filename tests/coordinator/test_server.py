@@ -98,3 +98,27 @@ def test_a_heartbeat_tries_once_and_leaves_retrying_to_the_next_beat():
         heartbeat.close()
         retrying.close()
         hang_up.close()
+
+
+def test_a_finished_workers_wait_is_answered_by_the_end_or_by_another_incarnation(coordinator):
+    """``end_only``: a new generation does not answer it, the job's end does, and so does a
+    coordinator that is not the one the worker told its finish (it must tell it again)."""
+    client, waiter = (CoordinatorClient(coordinator.url, "secret") for _ in range(2))
+    membership = coordinator.membership
+    mine = {"end_only": 1, "incarnation": membership.incarnation}
+    try:
+        for worker in (0, 1):
+            client.post("/join", {"worker_id": worker, "host": "a", "pid": worker})
+        other = client.get("/generation", end_only=1, incarnation="a restarted one's", timeout=30)
+        assert other["incarnation"] == membership.incarnation and other["status"] == "running"
+        assert client.get("/generation", **mine, timeout=0.2)["generation"] is None  # gen 1 exists
+        client.post("/finish", {"worker_id": 0})
+        ended = {}
+        waiting = threading.Thread(target=lambda: ended.update(waiter.get("/generation", **mine, timeout=30)))
+        waiting.start()
+        client.post("/finish", {"worker_id": 1})
+        waiting.join(timeout=30)
+        assert ended["status"] == "completed"
+    finally:
+        client.close()
+        waiter.close()

@@ -152,11 +152,16 @@ class Coordinator:
         return web.json_response(self.membership.heartbeat(int(body["worker_id"]), body))
 
     async def _generation(self, request: web.Request) -> web.Response:
-        """Long-poll: answers as soon as a generation newer than ``after`` exists."""
+        """Long-poll: answers as soon as a generation newer than ``after`` exists, or the job
+        ended. ``end_only``: only the end (a finished worker's wait); ``incarnation``: the
+        coordinator the caller knows, answered at once if that is not us (we restarted)."""
         after = int(request.query.get("after", 0))
+        end_only = request.query.get("end_only") == "1"
+        known = request.query.get("incarnation")
         deadline = self._loop.time() + float(request.query.get("timeout", _LONG_POLL_SECONDS))
+        incarnation = self.membership.incarnation
         while True:
-            generation = self.membership.generation_after(after)
+            generation = None if end_only else self.membership.generation_after(after)
             status = self.membership.status
             if generation is not None or status in ("completed", "failed"):
                 return web.json_response({
@@ -166,10 +171,12 @@ class Coordinator:
                     "fired_faults": sorted(self.membership.fired_faults),
                     "store_host": self.host,
                     "store_port": self.store.port,
+                    "incarnation": incarnation,
                 })
             remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                return web.json_response({"status": status, "reason": "", "generation": None})
+            if remaining <= 0 or (known is not None and known != incarnation):
+                return web.json_response({"status": status, "reason": "", "generation": None,
+                                          "incarnation": incarnation})
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
             except TimeoutError:

@@ -28,9 +28,12 @@ ENV_WORKER_ID = "SHOAL_WORKER_ID"
 ENV_HEARTBEAT_INTERVAL = "SHOAL_HEARTBEAT_INTERVAL"
 
 
-_ENDING_POLL_SECONDS = 0.05
-"""How often a finished worker asks whether the job ended: the members finish within moments
-of one another (the leader evaluates first), and each run's launcher waits for the last."""
+_ENDING_WAIT_SECONDS = 10.0
+"""How long one long poll of a finished worker for the job's end waits (it is answered the
+moment the job ends, or at once by a coordinator that restarted since the worker's finish)."""
+_ENDING_RETRY_SECONDS = 0.05
+"""The pause before asking again a coordinator that could not be reached (it may be
+restarting: the end comes within moments, and each run's launcher waits for the last)."""
 
 
 class JobStopped(RuntimeError):
@@ -342,20 +345,24 @@ class Context:
         """Stay until the coordinator says the job ended: one that restarts before then never
         heard our end, and gets it again. (A member that left at once was never heard from
         again: the new coordinator declared it dead and lost its share of every step's loss.)
-        Gives up once the coordinator has been unreachable as long as a request waits for it."""
+        A long poll, answered when the job ends or at once by a coordinator of another
+        incarnation than the one that heard our finish (it polled at 20 Hz before: each
+        finished worker, while the leader evaluated). Gives up once the coordinator has been
+        unreachable as long as a request waits for it."""
         told = reply.get("incarnation")
-        poll = CoordinatorClient.for_heartbeats(self.url, self.token, self.heartbeat_timeout)
+        waiting = CoordinatorClient(self.url, self.token, retry_seconds=0.0)
         unreachable_since = None
         try:
             while reply.get("status") not in ("completed", "failed"):
-                time.sleep(_ENDING_POLL_SECONDS)
                 try:
-                    reply = poll.post("/heartbeat", self._heartbeat_payload([]))
+                    reply = waiting.get("/generation", end_only=1, incarnation=told or "",
+                                        timeout=_ENDING_WAIT_SECONDS)
                 except Exception:  # noqa: BLE001  (unreachable, or an error answer: our part is done)
                     unreachable_since = unreachable_since or time.monotonic()
                     if time.monotonic() - unreachable_since > RETRY_SECONDS:
                         return  # the launcher judges the outcome
                     reply = {}
+                    time.sleep(_ENDING_RETRY_SECONDS)
                     continue
                 unreachable_since = None
                 told = told or reply.get("incarnation")  # (a coordinator that did not say)
@@ -363,7 +370,7 @@ class Context:
                     reply = self._client.post("/finish", payload)
                     told = reply.get("incarnation")
         finally:
-            poll.close()
+            waiting.close()
 
     def close(self) -> None:
         """Stop heartbeating without reporting anything (the job is over or failed)."""
