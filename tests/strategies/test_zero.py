@@ -71,7 +71,7 @@ def test_the_rebuild_takes_the_newest_position_whose_shards_all_live():
     assert _plan([[1, 25, 1, 2, 0], [1, 26, 1, 2, 1], [1, 25, 1, 2, 1]]) == (25, {0: 0, 1: 2})
     # a rebuild that broke half-way: the newer layout is not whole, the older one is
     assert _plan([[1, 25, 3, 2, 0], [1, 25, 2, 2, 0], [1, 25, 2, 2, 1]]) == (25, {0: 1, 1: 2})
-    with pytest.raises(ShardsLost):
+    with pytest.raises(ShardsLost, match=r"hold: rank 0 step 25 shard 0 of 2; rank 1 step 25 shard 0 of 2\)$"):
         _plan([[1, 25, 1, 2, 0], [1, 25, 1, 2, 0]])
 
 

@@ -89,4 +89,7 @@ def _plan(descriptors: list[list[int]]) -> tuple[int, dict[int, int]] | None:
                     owners.setdefault(d[4], rank)
             if len(owners) == shards:
                 return position, owners
-    raise ShardsLost("every member that held some shard of the state is gone")
+    # Named, so that a loss that is not two deaths of one shard's holders can be told apart:
+    # members that hold different steps (a step that completed on some members only).
+    held = "; ".join(f"rank {rank} step {d[1]} shard {d[4]} of {d[3]}" for rank, d in holders)
+    raise ShardsLost(f"no step has a live copy of every shard (the members hold: {held})")
