@@ -242,6 +242,15 @@ class Zero(Strategy):
         self.count_bytes((3 if self.replica_groups > 1 else 2) * shard + whole)
 
     def step(self, step, last):
+        if self.replica_groups > 1:
+            # Every member has its reduced gradient before any member applies it. Replica
+            # pairs finish a step's all-reduces independently: a link cut that let one pair's
+            # last all-reduce through and not another's left the survivors a step apart, each
+            # holding only its own shards of its own step, and no step was whole (a zero chaos
+            # trial lost its job so). A member now applies the step only if all got this far;
+            # what remains is a cut inside this one-number all-reduce.
+            dist.all_reduce(torch.zeros(1))
+            self.count_bytes(4)
         self.optimizer.step()
         return True
 
