@@ -213,12 +213,18 @@ class Membership:
             self._generations.append(Generation(generation, members, now))
             for member in members:
                 self._workers.setdefault(member, _Worker(member, "?", 0, last_seen=now))
-            self._takeover, self._takeover_at = {"generation": generation, "members": members, "heard": {}}, now
+            self._take_over(self.current, now)
             self._set_status("running", "")
         if worker_id in self.current.members:
             now = self._clock()
             self._workers[worker_id] = _Worker(worker_id, str(payload.get("host", "?")),
                                                int(payload.get("pid", 0)), last_seen=now)
+
+    def _take_over(self, generation: Generation, now: float) -> None:
+        """We run ``generation`` without having formed it (from the workers' heartbeats, or a
+        state file): note from now when each of its members is first heard (``_note_heard``)."""
+        self._takeover = {"generation": generation.number, "members": generation.members, "heard": {}}
+        self._takeover_at = now
 
     def _note_heard(self, worker_id: int) -> None:
         """How long after the first member each member of a taken-over generation spoke: a
@@ -513,8 +519,7 @@ class Membership:
             self._workers = {w["worker_id"]: _Worker(**w, last_seen=now) for w in state["workers"]}
             current = self.current
             if self.status == "running" and current is not None:
-                self._takeover = {"generation": current.number, "members": current.members, "heard": {}}
-                self._takeover_at = now
+                self._take_over(current, now)
 
     # -- rules --------------------------------------------------------------------------------
 
