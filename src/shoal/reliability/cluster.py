@@ -136,7 +136,7 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
     watcher = None
     processes: dict[str, subprocess.Popen] = {}
     try:
-        state = directory / "coordinator-state.json"
+        state = directory / "coordinator-state.jsonl"
         processes["coordinator"], address = _start_coordinator(hosts, settings, 0, state, env)
         shares = {1: (settings.workers + 1) // 2, 2: settings.workers // 2}
         for index, workers in shares.items():
