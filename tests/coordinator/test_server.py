@@ -122,3 +122,21 @@ def test_a_finished_workers_wait_is_answered_by_the_end_or_by_another_incarnatio
     finally:
         client.close()
         waiter.close()
+
+
+def test_a_client_that_hangs_up_mid_request_changes_nothing_and_logs_no_traceback(coordinator, caplog):
+    """A worker killed while it sends a report: the coordinator reads half a body. Nobody is
+    left to answer; a traceback in the launcher's output would only alarm its user."""
+    body = b'{"worker_id": 0, "kind": "kill", "detail": "--kill 0@5: SIGKILL"}'
+    port = int(coordinator.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(b"POST /report HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                           b"Content-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body[:20])
+    client = CoordinatorClient(coordinator.url, "secret")
+    try:
+        client.get("/status")  # served after the hang-up was handled
+    finally:
+        client.close()
+    assert not [record for record in caplog.records if record.exc_info], caplog.text
+    assert coordinator.membership.snapshot()["workers"] == {}

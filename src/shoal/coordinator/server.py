@@ -118,7 +118,13 @@ class Coordinator:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(supplied.encode(), self.token.encode()):
             return web.json_response({"error": "missing or wrong job token"}, status=401)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except ConnectionResetError:
+            # The client hung up before its body arrived (a worker killed mid-report): the
+            # request never took effect and no one is left to answer. aiohttp would log a
+            # traceback into the launcher's output for it.
+            return web.Response(status=400)
 
     # -- handlers ------------------------------------------------------------------------------
 
