@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from shoal.cli.main import main
+from shoal.coordinator.state_file import StateFile
 from tests.conftest import shoal
 
 BAD_TRAIN_FLAGS = [
@@ -162,9 +163,13 @@ def test_a_coordinator_state_file_it_cannot_use_exits_2_with_one_line(capsys, tm
     (tmp_path / "other.json").write_text('{"results": []}\n')
     cases += [(["--state", str(tmp_path / "garbage.json")], "--state: "),
               (["--state", str(tmp_path / "other.json")], "is not a shoal coordinator's state")]
+    held = StateFile(str(tmp_path / "held.jsonl"), "t")
+    held.load()  # as a running coordinator of that file does
+    cases.append((["--state", str(tmp_path / "held.jsonl"), "--token", "t"], "in use by another coordinator"))
     for args, line in cases:
         code, out, err = run_main(capsys, "coordinator", *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and line in err and out == "", err
+    held.close()
 
 
 BAD_CHAOS_FLAGS = [

@@ -1,5 +1,8 @@
 """``shoal coordinator --state``'s file: an append-only log that a restart reads back."""
 
+import pytest
+
+from shoal.config import ConfigError
 from shoal.coordinator import Membership
 from shoal.coordinator.state_file import StateFile
 
@@ -17,7 +20,9 @@ def test_the_log_gives_back_the_last_state_and_every_commit_even_when_torn(tmp_p
     kept.close()
     with path.open("a") as handle:
         handle.write('{"commits": [1, [[1, 1, 6.0')  # killed mid-write
-    state, commits = StateFile(str(path), "token").load()
+    loaded = StateFile(str(path), "token")
+    state, commits = loaded.load()
+    loaded.close()
     assert state["generations"] == [{"number": 1, "members": [0, 1], "formed_at": state["generations"][0]["formed_at"]}]
     assert commits == [(0, [[0, 1, 5.0, 0.25]]), (1, [[0, 1, 5.5, 0.5]])]
     # A coordinator started on it rewrites it compacted, whole again
@@ -27,7 +32,23 @@ def test_the_log_gives_back_the_last_state_and_every_commit_even_when_torn(tmp_p
     again.start(restored.export_state(), restored.commits_by_worker())
     again.close()
     compacted = Membership(expected_workers=2, min_workers=1)
-    compacted.restore_state(*StateFile(str(path), "token").load())
+    loaded = StateFile(str(path), "token")
+    compacted.restore_state(*loaded.load())
+    loaded.close()
     assert compacted.record().to_json() == restored.record().to_json()
     assert restored.record().losses == {0: 0.75} and restored.record().steps[0].committed_at == 5.0
     assert len(path.read_text().splitlines()) == 4  # header, state, a batch per worker
+
+
+def test_one_coordinator_at_a_time_holds_the_file(tmp_path):
+    """A second coordinator started on the same file by mistake stops before it reads it;
+    once the first is gone (closed here; killed, the kernel lets go of its lock) it may."""
+    path = str(tmp_path / "state.jsonl")
+    first = StateFile(path, "token")
+    assert first.load() is None
+    with pytest.raises(ConfigError, match="in use by another coordinator"):
+        StateFile(path, "token").load()
+    first.close()
+    second = StateFile(path, "token")
+    assert second.load() is None
+    second.close()

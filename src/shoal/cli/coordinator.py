@@ -105,6 +105,7 @@ def _keep_state(path: str, token: str, membership):
     try:
         state_file.start(membership.export_state(), membership.commits_by_worker())
     except OSError as error:
+        state_file.close()
         raise ConfigError("--state", f"cannot write {path}: {error.strerror or error}") from None
     membership.keep_state_with(state_file.keep_state, state_file.keep_commits)
     return state_file

@@ -15,10 +15,15 @@ however long the job: rewriting the whole record once a second cost 66 ms at 10,
 8 workers, with the coordinator's lock held. A coordinator started on the file reads the
 last state and replays every commit, then rewrites the file compacted (atomically) and
 appends to that. A torn last line (the coordinator died mid-write) is ignored.
+
+One coordinator at a time: each holds a lock on ``FILE.lock`` for its life (the kernel lets
+go of it when the process dies, however it dies), so a second one started on the same file
+by mistake stops at once instead of interleaving its appends with the first's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -45,10 +50,21 @@ class StateFile:
         self._handle: IO[str] | None = None
         self._synced_at = 0.0
         self._last_error: str | None = None
+        self._lock: IO[bytes] | None = None
 
     def load(self) -> tuple[dict, list[tuple[int, list]]] | None:
         """(the last state, every batch of commits) a previous coordinator of this job kept;
-        None if there is no file; ConfigError (naming the flag to change) if it is not this job's."""
+        None if there is no file; ConfigError (naming the flag to change) if it is not this job's
+        or another coordinator holds it. Holds the file's lock from here until :meth:`close`
+        (let go of at once if it raises)."""
+        self._claim()
+        try:
+            return self._read()
+        except ConfigError:
+            self.close()
+            raise
+
+    def _read(self) -> tuple[dict, list[tuple[int, list]]] | None:
         try:
             lines = self.path.read_text().splitlines()
         except FileNotFoundError:
@@ -74,6 +90,22 @@ class StateFile:
         commits = [tuple(entry["commits"]) for entry in entries if "commits" in entry]
         return (states[-1], commits) if states else None
 
+    def _claim(self) -> None:
+        """flock, not a library's lock: filelock would create a missing directory, and a typo
+        in --state should fail, not make one."""
+        name = f"{self.path}.lock"
+        try:
+            lock = open(name, "ab")  # noqa: SIM115  (held for the coordinator's life)
+        except OSError as error:
+            raise ConfigError("--state", f"cannot write {name}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise ConfigError("--state", f"{self.path} is in use by another coordinator (it holds "
+                              f"{name}): stop that one first, or choose another file") from None
+        self._lock = lock
+
     def start(self, state: dict, commits: list[tuple[int, list]]) -> None:
         """Write the file anew (atomically) from what the membership holds, and append from
         here on. OSError if it cannot be written: the coordinator should not start."""
@@ -96,6 +128,9 @@ class StateFile:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._lock is not None:
+            self._lock.close()  # lets go of the lock
+            self._lock = None
 
     def _append(self, entry: dict, *, sync: bool) -> None:
         """A failure is said once (per distinct error) and the job goes on: the coordinator
