@@ -124,7 +124,7 @@ def test_with_its_state_file_a_restarted_coordinator_loses_nothing_not_even_the_
         wait_until(port, launcher, lambda: 0 in losses_known(port))
         os.kill(get(port, "/status")["workers"]["1"]["pid"], signal.SIGKILL)
         death = step(port)
-        wait_until(port, launcher, lambda: get(port, "/status")["generation"] == 2 and step(port) >= death + 20)
+        wait_until(port, launcher, lambda: get(port, "/status")["generation"] >= 2 and step(port) >= death + 20)
         known = losses_known(port)
         kill(processes[0])
         processes.append(coordinator(port, "--state", state)[0])
@@ -144,8 +144,12 @@ def test_with_its_state_file_a_restarted_coordinator_loses_nothing_not_even_the_
                 process.kill()
                 process.wait()
     results = json.loads(output.read_text())
-    [change] = results["membership_changes"]
-    assert change["cause"].startswith("worker 1") and change["members_after"] == [0, 2]
+    change, *others = changes = results["membership_changes"]
+    assert change["cause"].startswith("worker 1") and change["members_after"] == [0, 2], changes
+    # On a loaded machine a collective can outwait its 2 s timeout with every member alive:
+    # the group re-forms with the same members, which changes no promise checked here.
+    assert all(other["cause"] == "collective failed; all members alive" and
+               other["members_after"] == [0, 2] for other in others), changes
     lines = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(600))
     # Every loss the first coordinator knew: those of generation 1 need worker 1's shares
