@@ -97,12 +97,15 @@ def test_a_crash_does_not_wait_for_a_quiet_member():
 def test_failure_report_waits_until_every_member_proves_it_is_alive():
     membership, clock = started(workers=3)
     clock.now += 1
-    membership.report_failure(0, 1, "connection reset")
+    membership.report_failure(0, 1, "RuntimeError: [gloo] Timed out waiting 2000ms for recv\n  (stack)")
     assert membership.current.number == 1  # 1 and 2 have not spoken since
     membership.report_failure(1, 1, "connection reset")
     membership.heartbeat(2, {})
     assert membership.current.number == 2
     assert membership.current.members == [0, 1, 2]
+    # The change names what the first reporter saw: with everyone alive, the only clue to why
+    assert membership.membership_changes()[-1]["cause"] == (
+        "collective failed; all members alive; worker 0: RuntimeError: [gloo] Timed out waiting 2000ms for recv")
 
 
 def test_too_few_workers_fails_the_job_with_a_reason():

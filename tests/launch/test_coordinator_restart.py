@@ -148,7 +148,7 @@ def test_with_its_state_file_a_restarted_coordinator_loses_nothing_not_even_the_
     assert change["cause"].startswith("worker 1") and change["members_after"] == [0, 2], changes
     # On a loaded machine a collective can outwait its 2 s timeout with every member alive:
     # the group re-forms with the same members, which changes no promise checked here.
-    assert all(other["cause"] == "collective failed; all members alive" and
+    assert all(other["cause"].startswith("collective failed; all members alive") and
                other["members_after"] == [0, 2] for other in others), changes
     lines = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(600))

@@ -124,6 +124,7 @@ class Membership:
         self.incarnation = uuid.uuid4().hex
         """Tells workers that a restarted coordinator needs their whole commit history."""
         self._failure_reported_at: float | None = None
+        self._failure_detail = ""
         self._steps: dict[int, _StepRecord] = {}
         self._redone: set[int] = set()
         """Steps committed again by a later generation (zero goes back to its checkpoint)."""
@@ -240,10 +241,10 @@ class Membership:
             if worker is None or not worker.alive:
                 return
             worker.last_seen, worker.forgiven = self._clock(), 0.0
-            self._note_failure(worker, generation)
+            self._note_failure(worker, generation, detail)
             self._evaluate()
 
-    def _note_failure(self, worker: _Worker, generation: int | None) -> None:
+    def _note_failure(self, worker: _Worker, generation: int | None, detail: str = "") -> None:
         """A member left the current generation as failed (its report, or its heartbeats
         while it waits for the next one: a restarted coordinator never got the report)."""
         current = self.current
@@ -252,6 +253,10 @@ class Membership:
             return
         if self._failure_reported_at is None:
             self._failure_reported_at = worker.last_seen
+            # What the first reporter saw: with every member alive, the only clue to why
+            # (a timeout of a peer that was slow, a refused connection, ...).
+            first_line = detail.strip().splitlines()[0][:160] if detail.strip() else ""
+            self._failure_detail = f"; worker {worker.worker_id}: {first_line}" if first_line else ""
 
     def report_kill(self, worker_id: int, spec: str) -> None:
         """A worker is about to SIGKILL itself for ``--kill``: remember why it will die."""
@@ -592,7 +597,8 @@ class Membership:
         elif self._failure_reported_at is not None and all(
             m.finished or m.last_seen >= self._failure_reported_at for m in members
         ):
-            self._form(cause="collective failed; all members alive", failed_at=self._failure_reported_at)
+            self._form(cause=f"collective failed; all members alive{self._failure_detail}",
+                       failed_at=self._failure_reported_at)
         elif waiting and not any(m.finished for m in members) and (
                 self.max_workers is None or len(current.members) < self.max_workers):
             # Not once a member has finished: the last step is committed and the job is
