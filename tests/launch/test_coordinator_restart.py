@@ -47,7 +47,8 @@ def losses_known(port: int) -> set[int]:
     return {s["step"] for s in get(port, "/record")["steps"] if s["loss"] is not None}
 
 
-def wait_until(port: int, launcher: subprocess.Popen, condition, seconds: float = 120) -> None:
+def wait_until(launcher: subprocess.Popen, condition, seconds: float = 120) -> None:
+    """Poll ``condition`` until it holds; fail if the launcher ends or time runs out first."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline and launcher.poll() is None
@@ -68,10 +69,7 @@ def test_training_survives_a_coordinator_restart(tmp_path):
         stderr=subprocess.PIPE, text=True)
     second = None
     try:
-        deadline = time.monotonic() + 120
-        while step(port) < 100:
-            assert time.monotonic() < deadline and launcher.poll() is None
-            time.sleep(0.1)
+        wait_until(launcher, lambda: step(port) >= 100)
         first.send_signal(signal.SIGKILL)
         first.wait()
         second, _ = coordinator(port)
@@ -121,10 +119,10 @@ def test_with_its_state_file_a_restarted_coordinator_loses_nothing_not_even_the_
     try:
         # Killed from outside, not by --kill: whether a worker's heartbeat carried its shares
         # before its own kill at a given step would be a race with the step rate.
-        wait_until(port, launcher, lambda: 0 in losses_known(port))
+        wait_until(launcher, lambda: 0 in losses_known(port))
         os.kill(get(port, "/status")["workers"]["1"]["pid"], signal.SIGKILL)
         death = step(port)
-        wait_until(port, launcher, lambda: get(port, "/status")["generation"] >= 2 and step(port) >= death + 20)
+        wait_until(launcher, lambda: get(port, "/status")["generation"] >= 2 and step(port) >= death + 20)
         known = losses_known(port)
         kill(processes[0])
         processes.append(coordinator(port, "--state", state)[0])
