@@ -33,10 +33,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class KillSpec:
-    """A planned fault: ``--kill`` (SIGKILL), ``--hang`` (SIGSTOP) or ``--fail`` (an exception).
+    """A planned fault: ``--kill`` (SIGKILL), ``--hang`` (SIGSTOP), ``--fail`` (an exception)
+    or ``--lose-answer`` (``LOST``: a collective failure that only this worker sees).
 
-    The worker launched as ``rank`` sends itself ``signal`` (or raises, for ``EXCEPTION``)
-    when it reaches ``step``.
+    The worker launched as ``rank`` sends itself ``signal`` (or raises, for ``EXCEPTION`` and
+    ``LOST``) when it reaches ``step``.
     ``rank`` is the worker's launch rank (its stable worker id), not its rank in the current
     generation: ranks are re-numbered when members leave, and a fault plan must keep naming
     the same process.
@@ -49,28 +50,36 @@ class KillSpec:
     """Where in the step: ``step`` (its start), ``commit`` (after the gradients were
     exchanged, before the update is applied; under async, at its commit point: a holder
     adopting a snapshot of ``step`` steps or more, before it reports them, or the server once
-    it has taken one) or ``heal`` (while state is being sent to a member that lacks it, at
-    the first heal from ``step`` on)."""
+    it has taken one), ``agreed`` (once the members agreed to apply the step, before this one
+    applies it: under zero after its one-number all-reduce, elsewhere where ``commit`` is;
+    ``--lose-answer``'s only phase) or ``heal`` (while state is being sent to a member that
+    lacks it, at the first heal from ``step`` on)."""
 
-    PHASES = ("step", "commit", "heal")
+    PHASES = ("step", "commit", "agreed", "heal")
 
     @property
     def flag(self) -> str:
-        return {"SIGSTOP": "--hang", "EXCEPTION": "--fail"}.get(self.signal, "--kill")
+        return {"SIGSTOP": "--hang", "EXCEPTION": "--fail", "LOST": "--lose-answer"}.get(
+            self.signal, "--kill")
+
+    @staticmethod
+    def default_phase(signal: str) -> str:
+        return "agreed" if signal == "LOST" else "step"
 
     @classmethod
     def parse(cls, text: str, signal: str = "SIGKILL") -> KillSpec:
         where, _, phase = text.partition(":")
         rank, sep, step = where.partition("@")
-        phase = phase or "step"
-        if not sep or not rank.strip().isdigit() or not step.strip().isdigit() or \
-                phase not in cls.PHASES:
-            flag = cls(0, 0, signal).flag
-            raise ConfigError(flag, f"expected RANK@STEP[:step|commit|heal] such as 1@20, got {text!r}")
+        phase = phase or cls.default_phase(signal)
+        phases = ("agreed",) if signal == "LOST" else cls.PHASES
+        if not sep or not rank.strip().isdigit() or not step.strip().isdigit() or phase not in phases:
+            flag, shape = cls(0, 0, signal).flag, "" if signal == "LOST" else f"[:{'|'.join(phases)}]"
+            raise ConfigError(flag, f"expected RANK@STEP{shape} such as 1@20, got {text!r}")
         return cls(int(rank), int(step), signal, phase)
 
     def __str__(self) -> str:
-        return f"{self.rank}@{self.step}" + ("" if self.phase == "step" else f":{self.phase}")
+        default = self.phase == self.default_phase(self.signal)
+        return f"{self.rank}@{self.step}" + ("" if default else f":{self.phase}")
 
 
 MAX_SLOWDOWN = 1000.0
@@ -371,6 +380,9 @@ class TrainConfig:
         self.schedule().validate(total_steps if self.lr_warmup else None)
         check_heartbeat_timeout(self.heartbeat_timeout, self.heartbeat_interval)
         for kill in self.kills:
+            if kill.signal == "LOST" and self.strategy == "async":
+                raise ConfigError(kill.flag, "not with --strategy async: its members apply what "
+                                  "the server sends and agree on no step")
             if kill.rank >= self.workers:
                 raise ConfigError(kill.flag, f"rank {kill.rank} does not exist with --workers {self.workers}")
             if kill.step >= total_steps:

@@ -24,6 +24,9 @@ BAD_TRAIN_FLAGS = [
     (["--kill", "5@3", "--workers", "2"], "--kill"),
     (["--hang", "1-3"], "--hang"),
     (["--hang", "3@3", "--workers", "2"], "--hang"),
+    (["--lose-answer", "1@3:commit"], "--lose-answer"),  # it has one phase: agreed
+    (["--lose-answer", "1@3", "--strategy", "async"], "--lose-answer"),
+    (["--kill", "1@3:agree"], "--kill"),
     (["--min-workers", "3", "--workers", "2"], "--min-workers"),
     (["--epochs", "1", "--steps", "3"], "--steps"),
     (["--workers", "two"], "--workers"),

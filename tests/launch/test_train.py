@@ -230,3 +230,22 @@ def test_nasty_timings_kill_during_heal_and_during_commit(tmp_path):
     from shoal.reliability.checks import exactly_once_violations
 
     assert exactly_once_violations(samples, dataset_size=4096, steps=300) == []
+
+
+def test_a_member_that_misses_the_answer_of_a_step_heals_to_it(runs):
+    """Worker 2's gradient all-reduce of step 40 fails on it alone (``--lose-answer``): the
+    others apply the step, worker 2 reports the failure and heals from them to step 41. Nobody
+    died and nothing is redone; the model equals the undisturbed one, and step 40's loss has
+    worker 2's share (it computed it, and the step's update had its gradient)."""
+    root, reference = runs
+    model, output, samples = root / "lost.pt", root / "lost.json", root / "lost.jsonl"
+    result = shoal("train", *FAITHFUL, "--workers", "4", "--lose-answer", "2@40", "--save-model",
+                   str(model), "--output", str(output), "--sample-log", str(samples))
+    assert result.returncode == 0, result.stderr
+    results = load_json(output)
+    assert [(c["cause"], c["members_after"]) for c in results["membership_changes"]][:1] == [
+        ("collective failed; all members alive; worker 2: LostAnswer: --lose-answer 2@40: "
+         "the others applied step 40", [0, 1, 2, 3])]
+    assert results["steps_redone"] == 0 and results["heals"][0]["step"] == 41
+    assert relative_difference(model, reference) <= 1e-5
+    assert [line["loss"] is not None for line in load_jsonl(samples)] == [True] * 100

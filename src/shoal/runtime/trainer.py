@@ -274,8 +274,8 @@ class _Loop:
         """Committed steps: the data position."""
         self.next_step = 0
         """The next step to run: ahead of ``position`` inside an uncommitted round."""
-        self._pending: list[tuple[int, float]] = []
-        """(step, loss share) of the tentative steps of the current round."""
+        self._pending: list[tuple[int, float, int]] = []
+        """(step, loss share, generation) of the tentative steps of the current round."""
         self._committed_state: dict | torch.Tensor | None = None
         """Round-based strategies: a copy of everything at the last commit, to return to."""
         self.fresh = True
@@ -342,8 +342,10 @@ class _Loop:
             module = self.strategy.setup(self._host_key())
             self._restore_shards()
         else:
+            missed = list(self._pending)
             self._return_to_commit()
             self._heal()
+            self._commit_missed(missed)
             module = self.strategy.setup(self._host_key())
         if not self.strategy.commits_every_step:
             self._committed_state = copy.deepcopy(self._capture(local=True))
@@ -414,7 +416,7 @@ class _Loop:
         checkpoint = agreed_checkpoint(self.saver.store if self.saver else None, also=self._resume_path)
         if checkpoint is None:
             if not self.fresh:  # this generation's module is uninitialised memory
-                raise JobStopped("zero: the members holding some shard of the state died and no "
+                raise JobStopped("zero: no step of the state has a live copy of every shard and no "
                                  "checkpoint was written to go back to (give --checkpoint-dir)")
             self.fresh = False  # set first: a save that fails leaves nothing to restart from
             self.strategy.forget_held()
@@ -435,8 +437,17 @@ class _Loop:
         self.position = self.next_step = int(extras["position"])
         self.strategy.load_state_dict(extras["strategy"])
         torch.set_rng_state(extras["rng_cpu"])
+        self._commit_missed(self._pending)
         self.context.committed_step = self.position - 1
         self._pending.clear()
+
+    def _commit_missed(self, pending: list[tuple[int, float, int]]) -> None:
+        """Report this member's share of the loss of steps it computed and did not commit,
+        which the others did (the collective that decided them failed here alone): the state
+        it now holds is past them, and their update had its gradient, so its share counts."""
+        for step, loss_part, generation in pending:
+            if step < self.position:
+                self.context.record_commit(step, loss_part, generation=generation)
 
     def _save_sharded(self, *, wait: bool = False) -> None:
         """Collective: every member stages its shards (a copy) and the writing goes on in the
@@ -521,18 +532,21 @@ class _Loop:
             total = self.loss_fn(module, fetch(self.dataset, global_indices[:1])) * 0.0
         self._straggle(time.perf_counter() - started)
         self.strategy.backward(total / self.strategy.loss_divisor(len(local), global_size))
+        loss_part = total.item() / global_size
+        self._pending.append((step, loss_part if math.isfinite(loss_part) else float("nan"),
+                              context.generation))
         maybe_kill(context, step, self.kills, "commit")
+        self.strategy.agree(step)
+        maybe_kill(context, step, self.kills, "agreed")
         committed = self.strategy.step(step, last=step + 1 == total_steps)
         self.next_step = step + 1
-        loss_part = total.item() / global_size
-        self._pending.append((step, loss_part if math.isfinite(loss_part) else float("nan")))
         context.bytes_sent = self.strategy.bytes_sent
         if committed:
             self._commit()
 
     def _commit(self) -> None:
-        for step, loss_part in self._pending:
-            self.context.record_commit(step, loss_part)
+        for step, loss_part, generation in self._pending:
+            self.context.record_commit(step, loss_part, generation=generation)
         self._pending.clear()
         before, self.position = self.position, self.next_step
         if not self.strategy.commits_every_step:

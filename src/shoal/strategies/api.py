@@ -133,6 +133,12 @@ class Strategy(abc.ABC):
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate this worker's share of the loss and communicate."""
 
+    def agree(self, step: int) -> None:
+        """Collective, between ``backward`` and ``step``: make sure every member can apply
+        this step before any member does. Most strategies need nothing more: ``backward``'s
+        exchange completes on every member or fails. (zero's replica groups finish theirs
+        independently.)"""
+
     @abc.abstractmethod
     def step(self, step: int, last: bool) -> bool:
         """Apply this step's update. True when the step (and any earlier tentative ones) is
