@@ -6,6 +6,8 @@ share of the state: tests/bench and `shoal bench memory`.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -63,16 +65,32 @@ def test_replica_groups_and_the_layout_of_shards():
 
 
 def test_the_rebuild_takes_the_newest_position_whose_shards_all_live():
-    # [holds, position, layout generation, shards, shard index] per rank
-    assert _plan([[1, 25, 1, 2, 0], [1, 25, 1, 2, 1], [0, -1, -1, 0, 0]]) == (25, {0: 0, 1: 1})
-    assert _plan([[0, -1, -1, 0, 0]] * 3) is None  # a new job: nobody holds anything
+    # [holds, position, layout generation, shards, shard index, also holds position + 1]
+    # per rank; the plan: (position, the sender of each shard, the sender of the rest)
+    assert _plan([[1, 25, 1, 2, 0, 0], [1, 25, 1, 2, 1, 0], [0, -1, -1, 0, 0, 0]]) == (25, {0: 0, 1: 1}, 0)
+    assert _plan([[0, -1, -1, 0, 0, 0]] * 3) is None  # a new job: nobody holds anything
     # rank 1 went one step further (a collective that completed on it only) but alone it
     # does not cover both shards: everyone goes back to step 25, which ranks 0 and 2 cover
-    assert _plan([[1, 25, 1, 2, 0], [1, 26, 1, 2, 1], [1, 25, 1, 2, 1]]) == (25, {0: 0, 1: 2})
+    assert _plan([[1, 25, 1, 2, 0, 0], [1, 26, 1, 2, 1, 0], [1, 25, 1, 2, 1, 0]]) == (25, {0: 0, 1: 2}, 0)
     # a rebuild that broke half-way: the newer layout is not whole, the older one is
-    assert _plan([[1, 25, 3, 2, 0], [1, 25, 2, 2, 0], [1, 25, 2, 2, 1]]) == (25, {0: 1, 1: 2})
+    assert _plan([[1, 25, 3, 2, 0, 0], [1, 25, 2, 2, 0, 0], [1, 25, 2, 2, 1, 0]]) == (25, {0: 1, 1: 2}, 1)
     with pytest.raises(ShardsLost, match=r"hold: rank 0 step 25 shard 0 of 2; rank 1 step 25 shard 0 of 2\)$"):
-        _plan([[1, 25, 1, 2, 0], [1, 25, 1, 2, 0]])
+        _plan([[1, 25, 1, 2, 0, 0], [1, 25, 1, 2, 0, 0]])
+
+
+def test_members_that_missed_the_agreement_bring_the_step_they_missed():
+    # the agreement on step 25 completed on ranks 0 and 2 (both holders of shard 0) and broke
+    # on ranks 1 and 3 (shard 1), which applied it to their shards as they left: step 26 is
+    # whole, and the replicated state comes from a member that committed it (rank 0)
+    missed = [[1, 26, 1, 2, 0, 0], [1, 25, 1, 2, 1, 1], [1, 26, 1, 2, 0, 0], [1, 25, 1, 2, 1, 1]]
+    assert _plan(missed) == (26, {0: 0, 1: 1}, 0)
+    # nobody committed step 26: it is not taken, however many applied it
+    assert _plan([[1, 25, 1, 2, 0, 1], [1, 25, 1, 2, 1, 1]]) == (25, {0: 0, 1: 1}, 0)
+    # a member that committed 26 sends its shard before one that applied it on leaving
+    assert _plan([[1, 25, 1, 2, 1, 1], [1, 26, 1, 2, 0, 0], [1, 26, 1, 2, 1, 0]]) == (26, {0: 1, 1: 2}, 1)
+    # without the step applied on leaving, no step is whole (before the change: a checkpoint)
+    with pytest.raises(ShardsLost):
+        _plan([[1, 26, 1, 2, 0, 0], [1, 25, 1, 2, 1, 0], [1, 26, 1, 2, 0, 0], [1, 25, 1, 2, 1, 0]])
 
 
 def test_a_crash_costs_no_step_and_the_restarted_member_gets_its_shards(allreduce, tmp_path):
@@ -96,6 +114,28 @@ def test_a_crash_costs_no_step_and_the_restarted_member_gets_its_shards(allreduc
     assert exactly_once_violations(log, dataset_size=size, steps=60) == []
     share = sum(results["state_bytes"].values()) / sum(plain["state_bytes"].values())
     assert 0.45 <= share <= 0.55, share
+
+
+def test_members_that_miss_the_agreement_on_a_step_catch_up_with_it(allreduce, tmp_path):
+    """The agreement on step 25 reaches workers 0 and 2, which apply the step, and not 1 and 3,
+    the holders of the other shard: no member is gone, but no step has both shards on the
+    members that committed it. The members that missed it apply it as they leave the
+    generation, so the next one starts at step 26: no checkpoint (none is kept), no step
+    redone, the model is allreduce's and step 25's loss has every member's share."""
+    reference, _ = allreduce
+    log = tmp_path / "samples.jsonl"
+    model, results = train(tmp_path, "missed", *DIGITS, "--workers", "4", "--strategy", "zero",
+                           "--lose-answer", "1@25", "--lose-answer", "3@25", "--sample-log", str(log))
+    assert relative_difference(model, reference) <= 1e-5
+    changes = results["membership_changes"]
+    assert "LostAnswer: --lose-answer" in changes[0]["cause"], changes
+    assert results["steps_redone"] == 0
+    assert [heal["step"] for heal in results["heals"]][:1] == [26], results["heals"]
+    size = len(TASKS["digits"](0).train_dataset())
+    assert exactly_once_violations(log, dataset_size=size, steps=60) == []
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    missing = [line["step"] for line in lines if line["loss"] is None]
+    assert missing == [], missing
 
 
 def test_losing_every_copy_of_a_shard_goes_back_to_the_checkpoint(allreduce, tmp_path):

@@ -9,16 +9,19 @@ of which it keeps its shard of the new layout. Newcomers hold nothing and receiv
 same way. No disk is involved and no committed step is lost.
 
 A position is usable when the members holding it cover every shard of one layout. Members
-normally all hold the same one; after a collective that completed on some members and
-failed on others, some are one step ahead, and if the members ahead do not cover every
-shard, all go back to the step the others hold (that step is redone, and the record says
-so). When no position is covered (every copy of some shard died), ``ShardsLost``: the
-caller goes back to the newest checkpoint.
+normally all hold the same one. After a collective that completed on some members and
+failed on others, some are one step ahead: if that was zero's agreement to apply the step,
+the members behind applied it on their own shards when they left (``Zero.held_next``), and
+those copies count for the step ahead, which some member really applied; otherwise, if the
+members ahead do not cover every shard, all go back to the step the others hold (that step
+is redone, and the record says so). When no position is covered (every copy of some shard
+died), ``ShardsLost``: the caller goes back to the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,22 +45,23 @@ def restore_from_members(strategy, position: int, extras: dict,
     holds anything yet (a new job); raises ``ShardsLost`` when no state can be rebuilt.
     ``before_transfer(step)`` runs once the position is agreed (fault injection, as in heal).
     """
-    held = strategy.held
+    held, ahead = strategy.held, strategy.held_next
     holds = held is not None and position != FRESH
-    mine = ([1, position, held.layout.generation, held.layout.shards, held.layout.index] if holds
-            else [0, FRESH, -1, 0, 0])
-    gathered = [torch.zeros(5, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    mine = ([1, position, held.layout.generation, held.layout.shards, held.layout.index,
+             int(ahead is not None)] if holds else [0, FRESH, -1, 0, 0, 0])
+    gathered = [torch.zeros(len(mine), dtype=torch.int64) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64))
     plan = _plan([[int(x) for x in d] for d in gathered])
     if plan is None:
         return None
-    chosen, owners = plan
-    before_transfer(chosen)
+    before_transfer(plan.position)
     started = time.perf_counter()
-    rank, source = dist.get_rank(), owners[0]
+    rank, source = dist.get_rank(), plan.source
+    if holds and ahead is not None and plan.position == position + 1:
+        held = ahead  # the step this member missed, applied on its own shards
     header, size = broadcast_state({"extras": extras, "shapes": strategy.whole_shapes(),
                                     "values": held.values} if rank == source else None, source)
-    my_shard = mine[4] if holds and owners.get(mine[4]) == rank else None
+    my_shard = mine[4] if holds and plan.owners.get(mine[4]) == rank else None
     for key, (shape, dtype, sharded) in header["shapes"].items():
         whole = torch.zeros(shape, dtype=getattr(torch, dtype))
         if sharded and my_shard is not None:
@@ -69,26 +73,41 @@ def restore_from_members(strategy, position: int, extras: dict,
         strategy.load_whole(key, whole, sharded)
     strategy.load_values(header["values"])
     strategy.forget_held()
-    return header["extras"], HealReport(source, chosen, position != chosen, size,
+    return header["extras"], HealReport(source, plan.position, position != plan.position, size,
                                         time.perf_counter() - started)
 
 
-def _plan(descriptors: list[list[int]]) -> tuple[int, dict[int, int]] | None:
-    """The position to rebuild and the member chosen for each shard of its layout
-    (the lowest rank holding it): the highest position that some layout covers whole.
-    ``descriptors``: per rank, [holds, position, layout generation, shards, shard index]."""
+class _Plan(NamedTuple):
+    position: int
+    owners: dict[int, int]
+    """The member chosen to send each shard of the layout, by shard index."""
+    source: int
+    """The member that sends the replicated state (position, RNG, ...): one that committed
+    ``position`` itself."""
+
+
+def _plan(descriptors: list[list[int]]) -> _Plan | None:
+    """The highest position that some layout covers whole, and who sends what (the lowest
+    rank, members that committed the position before those that applied a missed step).
+    ``descriptors``: per rank, [holds, position, layout generation, shards, shard index,
+    also holds position + 1 (a missed step applied)]."""
     holders = [(rank, d) for rank, d in enumerate(descriptors) if d[0]]
     if not holders:
         return None
-    for position in sorted({d[1] for _, d in holders}, reverse=True):
-        for generation, shards in sorted({(d[2], d[3]) for _, d in holders if d[1] == position},
+    # (rank, position, generation, shards, index), committed copies first
+    committed = [(rank, *d[1:5]) for rank, d in holders]
+    caught_up = [(rank, d[1] + 1, *d[2:5]) for rank, d in holders if d[5]]
+    for position in sorted({c[1] for c in committed}, reverse=True):
+        for generation, shards in sorted({(c[2], c[3]) for c in committed if c[1] == position},
                                          reverse=True):
+            layout = (position, generation, shards)
             owners: dict[int, int] = {}
-            for rank, d in holders:
-                if (d[1], d[2], d[3]) == (position, generation, shards):
-                    owners.setdefault(d[4], rank)
+            for rank, *where, index in committed + caught_up:
+                if tuple(where) == layout:
+                    owners.setdefault(index, rank)
             if len(owners) == shards:
-                return position, owners
+                source = min(rank for rank, *where, _ in committed if tuple(where) == layout)
+                return _Plan(position, owners, source)
     # Named, so that a loss that is not two deaths of one shard's holders can be told apart:
     # members that hold different steps (a step that completed on some members only).
     held = "; ".join(f"rank {rank} step {d[1]} shard {d[4]} of {d[3]}" for rank, d in holders)

@@ -125,6 +125,12 @@ class Zero(Strategy):
         """Members holding each shard in this generation."""
         self.held: HeldShards | None = None
         """The committed state's shards of the last layout, until this generation holds it."""
+        self.held_next: HeldShards | None = None
+        """Beside ``held``, the same shards one step on, when this member's agreement on that
+        step broke: the step it may have missed (``teardown``)."""
+        self._agreeing = False
+        """Between ``agree`` and the update: this member entered the agreement and has not
+        applied the step."""
 
     @property
     def replicated(self) -> bool:
@@ -176,25 +182,47 @@ class Zero(Strategy):
                  for name, p in known.named_parameters()}
         _move_optimizer(self.optimizer, names, module)
 
-    def _take_shards(self) -> HeldShards:
+    def _take_shards(self, *, own: bool = False) -> HeldShards:
         """This member's shards of the committed state (plain local tensors: they outlive the
-        process group that the module's DTensors refer to)."""
+        process group that the module's DTensors refer to; views of the module's unless
+        ``own``)."""
+        def local(tensor: torch.Tensor) -> torch.Tensor:
+            return _local(tensor).clone() if own else _local(tensor)
+
         tensors, sharded, values = {}, set(), {}
         for name, parameter in self.model.named_parameters():
-            tensors[f"param/{name}"] = _local(parameter.detach())
+            tensors[f"param/{name}"] = local(parameter.detach())
             if parameter.dim():
                 sharded.add(f"param/{name}")
             for key, value in self.optimizer.state.get(parameter, {}).items():
                 entry = f"optim/{name}/{key}"
                 if not torch.is_tensor(value):
-                    values[entry] = value
+                    values[entry] = value  # plain numbers
                     continue
-                tensors[entry] = _local(value)
+                tensors[entry] = local(value)
                 if hasattr(value, "to_local") and value.dim():
                     sharded.add(entry)
         for name, buffer in self.model.named_buffers():
-            tensors[f"buffer/{name}"] = buffer.detach()
+            tensors[f"buffer/{name}"] = local(buffer.detach())
         return HeldShards(self.layout, tensors, sharded, values)
+
+    def _take_next_shards(self) -> HeldShards | None:
+        """This member's shards one step on: the step whose agreement broke here.
+
+        If the agreement completed on any member, every member had entered it, and so had
+        its reduced gradient shard whole; the ones it completed on applied the step. Applying
+        it here too (local arithmetic on the shards, no collective) lets the next generation
+        take the step from whichever members hold it, instead of going back a step (or, when
+        the members ahead do not cover every shard, to the last checkpoint). Kept only on
+        this path, so the copy of the state it needs costs nothing in a healthy run. The
+        rebuild uses it only where some member really applied the step (``reshard``)."""
+        try:
+            self.optimizer.step()
+        except Exception as error:  # noqa: BLE001  (the rebuild goes back a step without it)
+            log.warning("zero: could not apply the step whose agreement broke (%s: %s)",
+                        type(error).__name__, error)
+            return None
+        return self._take_shards()
 
     def whole_shapes(self) -> dict[str, tuple[list[int], str, bool]]:
         """For each held tensor: its whole shape, dtype and whether it is cut along dim 0."""
@@ -241,17 +269,22 @@ class Zero(Strategy):
         whole = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.count_bytes((3 if self.replica_groups > 1 else 2) * shard + whole)
 
-    def step(self, step, last):
+    def agree(self, step):
         if self.replica_groups > 1:
             # Every member has its reduced gradient before any member applies it. Replica
             # pairs finish a step's all-reduces independently: a link cut that let one pair's
             # last all-reduce through and not another's left the survivors a step apart, each
             # holding only its own shards of its own step, and no step was whole (a zero chaos
-            # trial lost its job so). A member now applies the step only if all got this far;
-            # what remains is a cut inside this one-number all-reduce.
+            # trial lost its job so). A member now applies the step only if all got this far.
+            # A cut inside this one-number all-reduce leaves some members ahead by the step;
+            # the others can still apply it (``_take_next_shards``).
+            self._agreeing = True
             dist.all_reduce(torch.zeros(1))
             self.count_bytes(4)
+
+    def step(self, step, last):
         self.optimizer.step()
+        self._agreeing = False
         return True
 
     def teardown(self):
@@ -260,7 +293,10 @@ class Zero(Strategy):
         optimizer's hold on its DTensors, which refer to the generation's process groups."""
         if self.layout is not None:
             if self.held is None:
-                self.held = self._take_shards()
+                self.held = self._take_shards(own=self._agreeing)
+                if self._agreeing:
+                    self.held_next = self._take_next_shards()
+            self._agreeing = False
             self._point_optimizer_at(self._template)
             self.model = self._template
         _forget_dtensor_caches()
@@ -268,7 +304,7 @@ class Zero(Strategy):
 
     def forget_held(self) -> None:
         """This generation holds the committed state now."""
-        self.held = None
+        self.held = self.held_next = None
         gc.collect()
 
     def full_state_dict(self) -> dict:
