@@ -32,7 +32,7 @@ __all__ = ["ARRIVAL_ORDER_STRATEGIES", "CLUSTER_KINDS", "KINDS", "LOCAL_STATE_ST
            "TrialOutcome", "TrialPlan", "default_task", "plan_trials", "run_chaos"]
 
 KINDS = ("kill", "hang", "exception", "kill-rank0", "two-in-one-step", "kill-and-rejoin",
-         "killed-again-after-rejoin", "kill-during-commit", "kill-during-heal")
+         "killed-again-after-rejoin", "kill-during-commit", "kill-during-heal", "lost-answer")
 CLUSTER_KINDS = ("link-cut", "coordinator-restart")
 """Kinds that run on several namespace hosts (``ChaosSettings.cluster``)."""
 _TOLERANCE = 1e-5
@@ -74,7 +74,9 @@ class ChaosSettings:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return KINDS + (CLUSTER_KINDS if self.cluster else ())
+        # async's members agree on no step, so none can miss the answer of one
+        local = tuple(k for k in KINDS if k != "lost-answer" or self.strategy not in ARRIVAL_ORDER_STRATEGIES)
+        return local + (CLUSTER_KINDS if self.cluster else ())
 
     @property
     def checked_by_optimum(self) -> str | None:
@@ -158,6 +160,9 @@ def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
             "kill-during-commit": ([["--kill", f"{rank}@{step}:commit"]], False),
             "kill-during-heal": (
                 [["--kill", f"{rank}@{step}"], ["--kill", f"{other}@{step}:heal"]], True),
+            # two, so that under zero both holders of a shard miss it, a third of the time
+            "lost-answer": ([["--lose-answer", f"{rank}@{step}"], ["--lose-answer", f"{other}@{step}"]],
+                            False),
         }.get(kind, ([], False))
         event = {"link-cut": lambda: {"step": step, "host": rng.choice((1, 2))},
                  "coordinator-restart": lambda: {"step": step, "outage": round(rng.uniform(0.2, 3.0), 1)},
