@@ -444,9 +444,13 @@ class _Loop:
     def _commit_missed(self, pending: list[tuple[int, float, int]]) -> None:
         """Report this member's share of the loss of steps it computed and did not commit,
         which the others did (the collective that decided them failed here alone): the state
-        it now holds is past them, and their update had its gradient, so its share counts."""
+        it now holds is past them, and their update had its gradient, so its share counts.
+
+        Only from the generation just before this one: this one has run no step yet, so the
+        others committed those steps in that generation, with this member. (A member that
+        sat a generation out may be past them because it was redone without it.)"""
         for step, loss_part, generation in pending:
-            if step < self.position:
+            if step < self.position and generation == self.context.generation - 1:
                 self.context.record_commit(step, loss_part, generation=generation)
 
     def _save_sharded(self, *, wait: bool = False) -> None:
