@@ -72,9 +72,11 @@ class KillSpec:
         rank, sep, step = where.partition("@")
         phase = phase or cls.default_phase(signal)
         phases = ("agreed",) if signal == "LOST" else cls.PHASES
-        if not sep or not rank.strip().isdigit() or not step.strip().isdigit() or phase not in phases:
-            flag, shape = cls(0, 0, signal).flag, "" if signal == "LOST" else f"[:{'|'.join(phases)}]"
-            raise ConfigError(flag, f"expected RANK@STEP{shape} such as 1@20, got {text!r}")
+        if not sep or not rank.strip().isdigit() or not step.strip().isdigit() or \
+                phase not in phases:
+            shape = "" if signal == "LOST" else f"[:{'|'.join(phases)}]"
+            raise ConfigError(cls(0, 0, signal).flag,
+                              f"expected RANK@STEP{shape} such as 1@20, got {text!r}")
         return cls(int(rank), int(step), signal, phase)
 
     def __str__(self) -> str:
@@ -380,9 +382,9 @@ class TrainConfig:
         self.schedule().validate(total_steps if self.lr_warmup else None)
         check_heartbeat_timeout(self.heartbeat_timeout, self.heartbeat_interval)
         for kill in self.kills:
-            if kill.signal == "LOST" and self.strategy == "async":
-                raise ConfigError(kill.flag, "not with --strategy async: its members apply what "
-                                  "the server sends and agree on no step")
+            if kill.phase == "agreed" and self.strategy == "async":
+                raise ConfigError(kill.flag, f"{kill} is not for --strategy async: its members "
+                                  "apply what the server sends and agree on no step")
             if kill.rank >= self.workers:
                 raise ConfigError(kill.flag, f"rank {kill.rank} does not exist with --workers {self.workers}")
             if kill.step >= total_steps:

@@ -27,6 +27,7 @@ BAD_TRAIN_FLAGS = [
     (["--lose-answer", "1@3:commit"], "--lose-answer"),  # it has one phase: agreed
     (["--lose-answer", "1@3", "--strategy", "async"], "--lose-answer"),
     (["--kill", "1@3:agree"], "--kill"),
+    (["--kill", "1@3:agreed", "--strategy", "async"], "--kill"),
     (["--min-workers", "3", "--workers", "2"], "--min-workers"),
     (["--epochs", "1", "--steps", "3"], "--steps"),
     (["--workers", "two"], "--workers"),

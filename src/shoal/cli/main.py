@@ -107,8 +107,8 @@ def _add_train(commands) -> None:
     train.add_argument("--fail", metavar="RANK@STEP", type=_fault("EXCEPTION"), action="append",
                        default=[], help="the worker launched as RANK raises an exception at STEP (repeatable)")
     train.add_argument("--lose-answer", metavar="RANK@STEP", type=_fault("LOST"), action="append",
-                       default=[], help="the worker launched as RANK does not hear that STEP was agreed: "
-                       "the others apply it, it fails and rejoins (repeatable)")
+                       default=[], help="the worker launched as RANK does not hear that STEP was "
+                       "agreed: the others apply it, it fails and rejoins (repeatable)")
     train.add_argument("--slowdown", metavar="RANK=FACTOR", type=_slowdown, action="append", default=[],
                        help="the worker launched as RANK computes FACTOR times slower (repeatable)")
     train.add_argument("--restart", action="store_true",
@@ -151,7 +151,8 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         lr_schedule=args.lr_schedule, lr_warmup=args.lr_warmup,
         seed=args.seed, output=args.output, save_model=args.save_model,
-        sample_log=args.sample_log, kills=args.kill + args.hang + args.fail + args.lose_answer, restart=args.restart,
+        sample_log=args.sample_log, kills=args.kill + args.hang + args.fail + args.lose_answer,
+        restart=args.restart,
         max_restarts=args.max_restarts, max_workers=args.max_workers, quiet=args.quiet,
         heartbeat_timeout=args.heartbeat_timeout, host=args.host,
         coordinator=args.coordinator, token=args.token, checkpoint_dir=args.checkpoint_dir,

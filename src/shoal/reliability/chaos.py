@@ -75,7 +75,8 @@ class ChaosSettings:
     @property
     def kinds(self) -> tuple[str, ...]:
         # async's members agree on no step, so none can miss the answer of one
-        local = tuple(k for k in KINDS if k != "lost-answer" or self.strategy not in ARRIVAL_ORDER_STRATEGIES)
+        agreeing = self.strategy not in ARRIVAL_ORDER_STRATEGIES
+        local = tuple(kind for kind in KINDS if kind != "lost-answer" or agreeing)
         return local + (CLUSTER_KINDS if self.cluster else ())
 
     @property
@@ -161,8 +162,8 @@ def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
             "kill-during-heal": (
                 [["--kill", f"{rank}@{step}"], ["--kill", f"{other}@{step}:heal"]], True),
             # two, so that under zero both holders of a shard miss it, a third of the time
-            "lost-answer": ([["--lose-answer", f"{rank}@{step}"], ["--lose-answer", f"{other}@{step}"]],
-                            False),
+            "lost-answer": (
+                [["--lose-answer", f"{rank}@{step}"], ["--lose-answer", f"{other}@{step}"]], False),
         }.get(kind, ([], False))
         event = {"link-cut": lambda: {"step": step, "host": rng.choice((1, 2))},
                  "coordinator-restart": lambda: {"step": step, "outage": round(rng.uniform(0.2, 3.0), 1)},
