@@ -165,10 +165,13 @@ def test_a_restarted_coordinator_forms_the_next_generation_for_members_that_left
     clock = Clock()
     membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=5.0, clock=clock)
     membership.report_failure(0, 4, "store unreachable")  # before any heartbeat: unknown
-    left = {"generation": 4, "members": [0, 1], "failed_generation": 4}
+    left = {"generation": 4, "members": [0, 1], "failed_generation": 4,
+            "failure_detail": "DistStoreError: store unreachable\n  (the rest of the message)"}
     membership.heartbeat(0, left)  # adopts 4, whose members are alive as of now, then leaves it
     assert membership.current.number == 5 and membership.current.members == [0, 1]
-    assert membership.membership_changes()[-1]["cause"] == "collective failed; all members alive"
+    # the heartbeat carries what the lost report said
+    assert membership.membership_changes()[-1]["cause"] == (
+        "collective failed; all members alive; worker 0: DistStoreError: store unreachable")
     clock.now += 0.25
     membership.heartbeat(1, left)  # still waiting to connect: an old generation's failure
     assert membership.current.number == 5

@@ -193,7 +193,8 @@ class Membership:
             worker.committed_step = payload.get("committed_step", worker.committed_step)
             worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
             self._record_history(worker_id, payload)
-            self._note_failure(worker, payload.get("failed_generation"))
+            self._note_failure(worker, payload.get("failed_generation"),
+                               str(payload.get("failure_detail") or ""))
             self._evaluate()
             return {"evicted": False, "generation": self.current_number, "status": self.status,
                     "incarnation": self.incarnation}

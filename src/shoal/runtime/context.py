@@ -90,6 +90,8 @@ class Context:
         """The generation this worker saw fail and left, until it enters a newer one. Sent with
         every heartbeat: a failure report is one message, which a restarting coordinator can
         miss, and without it every member would wait for a generation nobody forms."""
+        self.failure_detail = ""
+        """What failed in ``failed_generation`` (the report's detail), sent with it."""
         self.committed_step = -1
         self.bytes_sent = 0
         self.fired_faults: set[str] = set()
@@ -184,6 +186,7 @@ class Context:
             # what a restarted coordinator needs to adopt the running generation
             "generation": self.generation,
             "failed_generation": self.failed_generation,
+            "failure_detail": self.failure_detail if self.failed_generation is not None else "",
             "members": self.members,
             "committed_step": self.committed_step,
             "bytes_sent": self.bytes_sent,
@@ -289,10 +292,11 @@ class Context:
             time.sleep(poll_seconds)
 
     def report_failure(self, detail: str) -> None:
+        self.failure_detail = detail[:500]
         self.failed_generation = self.generation
         if self.distributed:
             self._client.post("/report", {"worker_id": self.worker_id, "generation": self.generation,
-                                          "kind": "failure", "detail": detail[:500]})
+                                          "kind": "failure", "detail": self.failure_detail})
 
     def reject(self, error: ConfigError) -> None:
         """Refuse the job's configuration: the coordinator fails the job, and the launcher
