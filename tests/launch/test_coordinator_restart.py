@@ -55,6 +55,12 @@ def wait_until(launcher: subprocess.Popen, condition, seconds: float = 120) -> N
         time.sleep(0.05)
 
 
+def _same_members_reformed(line: str) -> bool:
+    """A coordinator's log line of a re-form with every member alive and the same members."""
+    found = re.search(r"collective failed; all members alive.*; members (\[.*\]) -> (\[.*\])$", line)
+    return found is not None and found[1] == found[2]
+
+
 def kill(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -87,8 +93,14 @@ def test_training_survives_a_coordinator_restart(tmp_path):
         assert log[0] == "shoal coordinator: generation 1: members [0, 1, 2]"
         # (worker 1 may die before the new coordinator hears it: then it says so)
         assert log[1].startswith("shoal coordinator: took over generation 1: heard members [")
-        assert log[2].startswith("shoal coordinator: generation 1 -> 2: worker 1: --kill 1@500")
-        assert log[2].endswith("members [0, 1, 2] -> [0, 2]") and log[-1] == "shoal coordinator: job completed"
+        # On a loaded machine a collective can outwait its 2 s timeout with every member alive
+        # (3 of 20 runs of this file beside a busy loop, each cause a gloo error raised in
+        # tcp/unbound_buffer.cc, where its receive times out): a re-form with the same
+        # members, which changes nothing this test checks.
+        changes = [line for line in log[2:-1] if not _same_members_reformed(line)]
+        assert len(changes) == 1, log
+        assert re.search(r"generation \d+ -> \d+: worker 1: --kill 1@500", changes[0]), log
+        assert changes[0].endswith("members [0, 1, 2] -> [0, 2]") and log[-1] == "shoal coordinator: job completed"
         assert status["takeover"]["members"] == [0, 1, 2] and status["takeover"]["heard"]
     finally:
         for process in (first, second, launcher):

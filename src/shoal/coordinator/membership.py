@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import threading
 import time
 import uuid
@@ -21,6 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from shoal.coordinator.record import CommittedStep, JobRecord
+
+_SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\] ?")
+"""Where in torch's or gloo's C++ an error was raised ("[/__w/pytorch/.../unbound_buffer.cc:129]
+"): long, and it pushed what the error says past the cause's length."""
 
 __all__ = ["Generation", "Membership", "describe_change"]
 
@@ -256,7 +261,8 @@ class Membership:
             self._failure_reported_at = worker.last_seen
             # What the first reporter saw: with every member alive, the only clue to why
             # (a timeout of a peer that was slow, a refused connection, ...).
-            first_line = detail.strip().splitlines()[0][:160] if detail.strip() else ""
+            first_line = _SOURCE_LOCATION.sub("", detail.strip().splitlines()[0])[:200] \
+                if detail.strip() else ""
             self._failure_detail = f"; worker {worker.worker_id}: {first_line}" if first_line else ""
 
     def report_kill(self, worker_id: int, spec: str) -> None:
