@@ -5,7 +5,6 @@ equals an undisturbed run's."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ import time
 import httpx
 
 from shoal.reliability.checks import relative_difference
-from tests.conftest import shoal
+from tests.conftest import load_json, load_jsonl, shoal
 
 TOKEN = "restart-token"
 TASK = ["--task", "quadratic", "--steps", "600", "--batch-size", "64", "--seed", "0"]
@@ -153,14 +152,14 @@ def test_with_its_state_file_a_restarted_coordinator_loses_nothing_not_even_the_
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    results = json.loads(output.read_text())
+    results = load_json(output)
     change, *others = changes = results["membership_changes"]
     assert change["cause"].startswith("worker 1") and change["members_after"] == [0, 2], changes
     # On a loaded machine a collective can outwait its 2 s timeout with every member alive:
     # the group re-forms with the same members, which changes no promise checked here.
     assert all(other["cause"].startswith("collective failed; all members alive") and
                other["members_after"] == [0, 2] for other in others), changes
-    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    lines = load_jsonl(samples)
     assert [line["step"] for line in lines] == list(range(600))
     # Every loss the first coordinator knew: those of generation 1 need worker 1's shares
     # (but for the last steps before its death, which it committed and never reported)

@@ -6,8 +6,6 @@ share of the state: tests/bench and `shoal bench memory`.)"""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from shoal.reliability.checks import exactly_once_violations, relative_differenc
 from shoal.runtime.reshard import ShardsLost, _plan
 from shoal.strategies.zero import Layout, mesh_shape, replica_grid
 from shoal.tasks import TASKS
-from tests.conftest import DIGITS_4, LONG, shoal, train_job
+from tests.conftest import DIGITS_4, LONG, load_jsonl, shoal, train_job
 
 DIGITS = DIGITS_4[:-2]  # without --workers
 train = train_job
@@ -133,8 +131,7 @@ def test_members_that_miss_the_agreement_on_a_step_catch_up_with_it(allreduce, t
     assert [heal["step"] for heal in results["heals"]][:1] == [26], results["heals"]
     size = len(TASKS["digits"](0).train_dataset())
     assert exactly_once_violations(log, dataset_size=size, steps=60) == []
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    missing = [line["step"] for line in lines if line["loss"] is None]
+    missing = [line["step"] for line in load_jsonl(log) if line["loss"] is None]
     assert missing == [], missing
 
 

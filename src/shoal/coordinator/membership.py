@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from shoal.coordinator.record import CommittedStep, JobRecord
 
 _SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\] ?")
-"""Where in torch's or gloo's C++ an error was raised ("[/__w/pytorch/.../unbound_buffer.cc:129]
-"): long, and it pushed what the error says past the cause's length."""
+"""Where in torch's or gloo's C++ an error was raised, as "[/__w/pytorch/.../unbound_buffer.cc:129] ":
+long enough to push what the error says past the cause's length."""
 
 __all__ = ["Generation", "Membership", "describe_change"]
 
@@ -261,8 +261,8 @@ class Membership:
             self._failure_reported_at = worker.last_seen
             # What the first reporter saw: with every member alive, the only clue to why
             # (a timeout of a peer that was slow, a refused connection, ...).
-            first_line = _SOURCE_LOCATION.sub("", detail.strip().splitlines()[0])[:200] \
-                if detail.strip() else ""
+            lines = detail.strip().splitlines()
+            first_line = _SOURCE_LOCATION.sub("", lines[0])[:200] if lines else ""
             self._failure_detail = f"; worker {worker.worker_id}: {first_line}" if first_line else ""
 
     def report_kill(self, worker_id: int, spec: str) -> None:
