@@ -2,6 +2,10 @@
 
     shoal run --nproc-per-node 2 examples/plain_ddp.py
     torchrun --nproc-per-node 2 examples/plain_ddp.py
+
+On two nodes (node 0 at ADDR), the same under both, with NODE 0 and 1:
+
+    shoal run --nnodes 2 --node-rank NODE --master-addr ADDR --nproc-per-node 1 examples/plain_ddp.py
 """
 
 import os

@@ -502,25 +502,51 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
-    """``shoal run``: a user script on ``nproc_per_node`` local processes."""
+    """``shoal run``: a user script on ``nproc_per_node`` processes on each of ``nnodes`` nodes
+    (torchrun's static rendezvous: node 0 hosts the store at ``master_addr:master_port``)."""
+
+    TORCHRUN_MASTER_PORT = 29500
+    """torchrun's default ``--master-port``; on a single node the OS chooses one instead."""
 
     script: str
     script_args: list[str] = field(default_factory=list)
     nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    join_timeout: float = 300.0
     min_workers: int = 1
     heartbeat_timeout: float = 5.0
-    host: str = "127.0.0.1"
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
 
     def validate(self) -> RunConfig:
         if not os.path.isfile(self.script):
             raise ConfigError("script", f"{self.script!r} is not a file")
         if self.nproc_per_node < 1:
             raise ConfigError("--nproc-per-node", f"must be at least 1, got {self.nproc_per_node}")
-        if not 1 <= self.min_workers <= self.nproc_per_node:
+        if self.nnodes < 1:
+            raise ConfigError("--nnodes", f"must be at least 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError("--node-rank", f"must be between 0 and --nnodes - 1 ({self.nnodes - 1}), "
+                              f"got {self.node_rank}")
+        if self.master_port is None:
+            self.master_port = self.TORCHRUN_MASTER_PORT if self.nnodes > 1 else 0
+        if not (0 if self.nnodes == 1 else 1) <= self.master_port <= 65535:
+            raise ConfigError("--master-port", f"must be a port number (1-65535) every node is given, "
+                              f"got {self.master_port}")
+        if not 0 < self.join_timeout < math.inf:
+            raise ConfigError("--join-timeout", f"must be a positive number of seconds, got {self.join_timeout:g}")
+        if not 1 <= self.min_workers <= self.world_size:
             raise ConfigError(
                 "--min-workers",
-                f"must be between 1 and --nproc-per-node ({self.nproc_per_node}), got {self.min_workers}",
+                f"must be between 1 and the job's {self.world_size} processes (--nnodes x "
+                f"--nproc-per-node), got {self.min_workers}",
             )
         check_heartbeat_timeout(self.heartbeat_timeout)
-        check_bindable("--host", self.host)
+        if self.node_rank == 0:  # it hosts the store and the coordinator there
+            check_bindable("--master-addr", self.master_addr)
         return self

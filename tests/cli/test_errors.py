@@ -244,6 +244,25 @@ def test_bad_run_flags_exit_2(capsys, tmp_path):
     assert code == 2 and "--nproc-per-node" in err
     code, _, err = run_main(capsys, "run", str(tmp_path / "missing.py"))
     assert code == 2 and "missing.py" in err
+    for flags, named in [(["--nnodes", "2", "--node-rank", "2"], "--node-rank"),
+                         (["--nnodes", "1:4"], "--nnodes"),  # torchrun's elastic range
+                         (["--nnodes", "2", "--standalone"], "--standalone"),
+                         (["--nnodes", "2", "--master-port", "0"], "--master-port"),
+                         (["--nproc_per_node", "2", "--min-workers", "3"], "--min-workers"),
+                         (["--master-addr", "192.0.2.1"], "--master-addr")]:  # not this machine's
+        code, _, err = run_main(capsys, "run", *flags, "examples/plain_ddp.py")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, (flags, err)
+
+
+def test_a_run_master_port_in_use_exits_2_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = shoal("run", "--nnodes", "2", "--master-port", str(taken.getsockname()[1]),
+                       "examples/plain_ddp.py", timeout=60)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("shoal run: error: --master-port: cannot listen on 127.0.0.1:"), line
 
 
 def test_the_real_command_exits_2_with_one_line():

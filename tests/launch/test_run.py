@@ -30,14 +30,19 @@ def test_torchrun_environment_is_complete(tmp_path):
         assert line.startswith(f"[worker {rank}] RANK={rank} LOCAL_RANK={rank} WORLD_SIZE=3 ")
 
 
-def test_a_failing_plain_script_fails_the_command_and_names_the_worker(tmp_path):
-    script = tmp_path / "fail.py"
-    script.write_text(
+def plain_script_where_rank_1_gives_up(path):
+    """Rank 1 exits 1 at once; every other rank would sleep for two minutes."""
+    path.write_text(
         "import os, sys, time\n"
         "if os.environ['RANK'] == '1':\n"
         "    sys.exit('rank 1 gives up')\n"
         "time.sleep(120)\n"
     )
+    return path
+
+
+def test_a_failing_plain_script_fails_the_command_and_names_the_worker(tmp_path):
+    script = plain_script_where_rank_1_gives_up(tmp_path / "fail.py")
     result = shoal("run", "--nproc-per-node", "2", str(script), timeout=60)
     assert result.returncode == 1
     assert "[worker 1] rank 1 gives up" in result.stdout
@@ -45,9 +50,9 @@ def test_a_failing_plain_script_fails_the_command_and_names_the_worker(tmp_path)
         "shoal run: failed: worker 1 (rank 1) exited with code 1")
 
 
-def test_elastic_example_survives_a_killed_worker(tmp_path):
-    script = tmp_path / "elastic_kill.py"
-    script.write_text(
+def elastic_script_losing_rank_1(path):
+    """examples/elastic.py whose rank 1 is SIGKILLed at step 10: a script file at ``path``."""
+    path.write_text(
         "import os, signal, runpy\n"
         "import shoal.runtime.trainer as trainer\n"
         "step = trainer._Loop._step\n"
@@ -58,6 +63,11 @@ def test_elastic_example_survives_a_killed_worker(tmp_path):
         "trainer._Loop._step = dying_step\n"
         f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n"
     )
+    return path
+
+
+def test_elastic_example_survives_a_killed_worker(tmp_path):
+    script = elastic_script_losing_rank_1(tmp_path / "elastic_kill.py")
     result = shoal("run", "--nproc-per-node", "2", str(script), env={**os.environ, "EPOCHS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "29 steps on 1 worker(s)" in result.stdout

@@ -1,4 +1,8 @@
-"""``shoal run``: a user script on N processes with torchrun's environment."""
+"""``shoal run``: a user script on N processes per node with torchrun's environment.
+
+torchrun's flags, in both its spellings (``--nproc-per-node`` and ``--nproc_per_node``), so
+that replacing ``torchrun`` by ``shoal run`` in a command is all a user has to change.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,64 @@ import argparse
 __all__ = ["add_run"]
 
 
+def _node_count(text: str) -> int:
+    """``--nnodes``: a number. torchrun's elastic ``MIN:MAX`` is refused with the reason."""
+    if ":" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a fixed number of nodes; a script that uses shoal.train is elastic "
+            "within the job (--min-workers), so torchrun's MIN:MAX has no use here")
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+_node_count.__name__ = "N"
+
+
+def _flag(name: str) -> list[str]:
+    """A flag under both of torchrun's spellings."""
+    return [f"--{name}", f"--{name.replace('-', '_')}"] if "-" in name else [f"--{name}"]
+
+
 def add_run(commands) -> None:
-    run = commands.add_parser("run", help="run your script on N processes (torchrun-compatible)")
-    run.add_argument("--nproc-per-node", type=int, default=1, help="processes to start (default 1)")
-    run.add_argument("--min-workers", type=int, default=1,
+    run = commands.add_parser("run", help="run your script on N processes (torchrun-compatible)",
+                              description="Run a script on --nproc-per-node processes on each of "
+                              "--nnodes nodes, with torchrun's environment and flags.")
+    run.add_argument(*_flag("nproc-per-node"), dest="nproc_per_node", type=int, default=1,
+                     help="processes to start on this node (default 1)")
+    run.add_argument(*_flag("nnodes"), type=_node_count, default=1,
+                     help="nodes of the job, each running `shoal run` (default 1)")
+    run.add_argument(*_flag("node-rank"), dest="node_rank", type=int, default=0,
+                     help="this node's rank, 0 to --nnodes - 1; node 0 hosts the store and the "
+                     "coordinator (default 0)")
+    run.add_argument(*_flag("master-addr"), "--host", dest="master_addr", default="127.0.0.1",
+                     help="node 0's address, where the store and the coordinator listen "
+                     "(default 127.0.0.1)")
+    run.add_argument(*_flag("master-port"), dest="master_port", type=int, default=None,
+                     help="the store's port on node 0 (default 29500 with several nodes, as "
+                     "torchrun; one the OS chooses on a single node)")
+    run.add_argument("--standalone", action="store_true",
+                     help="torchrun's single-node flag: accepted, it is what one node does anyway")
+    run.add_argument(*_flag("join-timeout"), dest="join_timeout", type=float, default=300.0,
+                     help="how long a node other than 0 waits for node 0 (default 300 s)")
+    run.add_argument(*_flag("min-workers"), dest="min_workers", type=int, default=1,
                      help="an elastic script fails when fewer remain (default 1)")
-    run.add_argument("--heartbeat-timeout", type=float, default=5.0)
-    run.add_argument("--host", default="127.0.0.1", help="address the coordinator and store bind")
+    run.add_argument(*_flag("heartbeat-timeout"), dest="heartbeat_timeout", type=float, default=5.0)
     run.add_argument("script", help="the Python script to run")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from shoal.config import RunConfig
+    from shoal.config import ConfigError, RunConfig
     from shoal.launch.script_job import run_script
 
+    if args.standalone and args.nnodes != 1:
+        raise ConfigError("--standalone", f"means a single node, but --nnodes is {args.nnodes}")
     config = RunConfig(script=args.script, script_args=args.script_args,
-                       nproc_per_node=args.nproc_per_node, min_workers=args.min_workers,
-                       heartbeat_timeout=args.heartbeat_timeout, host=args.host)
+                       nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+                       node_rank=args.node_rank, master_addr=args.master_addr,
+                       master_port=args.master_port, join_timeout=args.join_timeout,
+                       min_workers=args.min_workers, heartbeat_timeout=args.heartbeat_timeout)
     return run_script(config.validate())

@@ -32,10 +32,12 @@ class Coordinator:
     """
 
     def __init__(self, membership: Membership, *, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None):
+                 token: str | None = None, store_port: int = 0):
         self.membership = membership
         self.host = host
         self.port = port
+        self.store_port = store_port
+        """0: the OS chooses; ``shoal run --nnodes`` gives torchrun's --master-port."""
         self.token = token or secrets.token_hex(16)
         self.store: dist.TCPStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -52,7 +54,7 @@ class Coordinator:
 
     def start(self) -> Coordinator:
         # The store outlives any worker: rank 0 dying must not take the rendezvous with it.
-        self.store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
+        self.store = dist.TCPStore(self.host, self.store_port, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=60))
         self._thread = threading.Thread(target=self._serve, name="shoal-coordinator", daemon=True)
         self._thread.start()
@@ -190,6 +192,9 @@ class Coordinator:
 
     async def _report(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if body.get("kind") == "exit" and "worker_id" in body:  # ids known to the launcher (shoal run)
+            self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")))
+            return web.json_response({"ok": True})
         if body.get("kind") == "exit":
             self.membership.report_exit_of_process(str(body["host"]), int(body["pid"]),
                                                    str(body.get("detail", "exited")))

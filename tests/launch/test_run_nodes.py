@@ -1,0 +1,153 @@
+"""`shoal run --nnodes`: torchrun's static rendezvous, several nodes' launchers as one job.
+
+The nodes here are launchers on one machine (loopback), and, as root, network-namespace
+hosts that reach node 0 only through its address, as machines would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from shoal.network import Hosts, namespaces_available
+from tests.conftest import REPO, shoal
+from tests.launch.test_run import elastic_script_losing_rank_1, plain_script_where_rank_1_gives_up
+
+PLAIN = str(REPO / "examples" / "plain_ddp.py")
+
+
+def _free_port() -> int:
+    """A port for --master-port, which every node must be told beforehand (torchrun's way)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _nodes(script: str, nnodes: int, nproc: int, *flags: str, timeout: float = 120,
+           env: dict | None = None, popen=subprocess.Popen) -> list[tuple[int, str, str]]:
+    """Run `shoal run` for every node at once; (exit code, stdout, stderr) of each, by rank."""
+    port = str(_free_port())
+    processes = [popen([sys.executable, "-m", "shoal.cli.main", "run", "--nnodes", str(nnodes),
+                        "--node-rank", str(node), "--master-port", port, "--nproc-per-node",
+                        str(nproc), *flags, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, env=env or os.environ)
+                 for node in reversed(range(nnodes))]  # node 0 last: the others wait for it
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs)][::-1]
+
+
+def _losses(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if ": loss " in line]
+
+
+def test_two_nodes_train_as_one_node_of_two_processes():
+    """The same world of 2, split over two nodes: the same losses, digit for digit."""
+    one = shoal("run", "--nproc-per-node", "2", PLAIN)
+    assert one.returncode == 0, one.stderr
+    (code0, out0, err0), (code1, out1, err1) = _nodes(PLAIN, 2, 1)
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert _losses(out0) == _losses(one.stdout) and len(_losses(out0)) == 2
+    assert _losses(out1) == []  # rank 1 prints nothing: it is the other node's only process
+
+
+def test_every_process_gets_torchruns_environment_for_its_node(tmp_path):
+    script = tmp_path / "env.py"
+    names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+             "GROUP_WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID"]
+    script.write_text(f"import os\nprint(' '.join(os.environ[n] for n in {names!r}))\n")
+    runs = _nodes(str(script), 2, 2)
+    values = {}
+    for node, (code, out, err) in enumerate(runs):
+        assert code == 0, err
+        for line in out.splitlines():
+            rank, local, world, local_world, group, groups, port, run_id = line.split("] ")[1].split()
+            assert (int(local), int(group)) == (int(rank) % 2, node)
+            assert (world, local_world, groups) == ("4", "2", "2")
+            values[int(rank)] = (port, run_id)
+    assert sorted(values) == [0, 1, 2, 3]
+    assert len(set(values.values())) == 1  # one store, one run id
+
+
+def test_a_plain_script_failing_on_one_node_stops_every_node(tmp_path):
+    """Rank 1 (node 1) gives up; rank 0 would sleep for two minutes: node 0 stops it."""
+    script = plain_script_where_rank_1_gives_up(tmp_path / "fail.py")
+    runs = _nodes(str(script), 2, 1, timeout=60)
+    for code, _, err in runs:
+        assert code == 1, err
+        assert err.strip().splitlines()[-1] == (
+            "shoal run: failed: worker 1 (rank 1, node 1) exited with code 1")
+    assert "[worker 1] rank 1 gives up" in runs[1][1]
+
+
+def test_an_elastic_script_survives_losing_another_nodes_only_worker(tmp_path):
+    """shoal.train across two nodes; node 1's only worker dies at step 10. Node 0 finishes the
+    epoch alone; node 1's launcher stays until the job ends and reports it survived."""
+    script = elastic_script_losing_rank_1(tmp_path / "elastic_kill.py")
+    (code0, out0, err0), (code1, _, err1) = _nodes(str(script), 2, 1, env={**os.environ, "EPOCHS": "1"})
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert "29 steps on 1 worker(s)" in out0
+    assert "survived: worker 1 (rank 1, node 1) killed by SIGKILL" in err1
+
+
+def test_a_node_waits_for_node_0_and_says_so_when_it_never_comes():
+    result = shoal("run", "--nnodes", "2", "--node-rank", "1", "--master-port", str(_free_port()),
+                   "--join-timeout", "1", PLAIN, timeout=60)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("shoal run: error: --master-addr: no node 0 answered at 127.0.0.1:")
+
+
+@pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available()))
+def test_two_hosts_meet_at_node_0s_address():
+    """Node 0 on host 0, node 1 on host 1: node 1 reaches the store and the coordinator only at
+    --master-addr, over the hosts' link, and gloo's traffic goes over it too."""
+    hosts = Hosts(2)
+    try:
+        def popen(argv, **kwargs):
+            node = int(argv[argv.index("--node-rank") + 1])
+            return hosts.popen(node, [*argv[:4], "--master-addr", hosts.addresses[0], *argv[4:]],
+                               **kwargs)
+        before = hosts.tx_bytes(1)
+        (code0, out0, err0), (code1, _, err1) = _nodes(PLAIN, 2, 1, popen=popen)
+        sent = hosts.tx_bytes(1) - before
+    finally:
+        hosts.close()
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert len(_losses(out0)) == 2
+    assert sent > 1_000_000  # DDP's gradients for 2 epochs of digits, not just the rendezvous
+
+
+def test_sigterm_to_a_node_stops_its_workers_and_every_other_nodes(tmp_path):
+    """A scheduler cancelling node 1 (SIGTERM to its launcher): its workers, which run in
+    sessions of their own, go with it, and node 0 stops too, as a plain script needs."""
+    script = tmp_path / "wait.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    launched = []
+
+    def popen(argv, **kwargs):
+        process = subprocess.Popen(argv, **kwargs)
+        launched.append(process)
+        if len(launched) == 2:  # both nodes started: cancel node 1 once its worker is ready
+            node1 = launched[0]
+            assert node1.stdout.readline().strip() == "[worker 1] ready"
+            workers = psutil.Process(node1.pid).children(recursive=True)
+            node1.send_signal(signal.SIGTERM)
+            assert psutil.wait_procs(workers, timeout=30)[1] == []
+        return process
+
+    (code0, _, err0), (code1, _, err1) = _nodes(str(script), 2, 1, popen=popen, timeout=60)
+    assert (code0, code1) == (1, 143), err0 + err1  # 143 = 128 + SIGTERM, as shoal train's
+    assert err0.strip().splitlines()[-1] == "shoal run: failed: node 1: stopped (SIGTERM)"
+    assert err1.strip().splitlines()[-1] == "shoal run: node 1: stopped (SIGTERM)"
