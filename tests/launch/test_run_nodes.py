@@ -129,25 +129,39 @@ def test_two_hosts_meet_at_node_0s_address():
     assert sent > 1_000_000  # DDP's gradients for 2 epochs of digits, not just the rendezvous
 
 
-def test_sigterm_to_a_node_stops_its_workers_and_every_other_nodes(tmp_path):
-    """A scheduler cancelling node 1 (SIGTERM to its launcher): its workers, which run in
-    sessions of their own, go with it, and node 0 stops too, as a plain script needs."""
+def _stop_a_node_once_ready(tmp_path, node: int, signum: int) -> list[tuple[int, str, str]]:
+    """Two nodes of one process each run a script that waits; once ``node``'s worker is
+    ready its launcher gets ``signum``. Its workers (in sessions of their own) must go too."""
     script = tmp_path / "wait.py"
     script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(120)\n")
     launched = []
 
     def popen(argv, **kwargs):
         process = subprocess.Popen(argv, **kwargs)
-        launched.append(process)
-        if len(launched) == 2:  # both nodes started: cancel node 1 once its worker is ready
-            node1 = launched[0]
-            assert node1.stdout.readline().strip() == "[worker 1] ready"
-            workers = psutil.Process(node1.pid).children(recursive=True)
-            node1.send_signal(signal.SIGTERM)
+        launched.insert(0, process)  # node 1 comes first
+        if len(launched) == 2:
+            target = launched[node]
+            assert target.stdout.readline().strip() == f"[worker {node}] ready"
+            workers = psutil.Process(target.pid).children(recursive=True)
+            target.send_signal(signum)
             assert psutil.wait_procs(workers, timeout=30)[1] == []
         return process
 
-    (code0, _, err0), (code1, _, err1) = _nodes(str(script), 2, 1, popen=popen, timeout=60)
+    return _nodes(str(script), 2, 1, popen=popen, timeout=60)
+
+
+def test_sigterm_to_a_node_stops_its_workers_and_every_other_nodes(tmp_path):
+    """A scheduler cancelling node 1: its workers go with it, and node 0 stops too, as a
+    plain script needs."""
+    (code0, _, err0), (code1, _, err1) = _stop_a_node_once_ready(tmp_path, 1, signal.SIGTERM)
     assert (code0, code1) == (1, 143), err0 + err1  # 143 = 128 + SIGTERM, as shoal train's
     assert err0.strip().splitlines()[-1] == "shoal run: failed: node 1: stopped (SIGTERM)"
     assert err1.strip().splitlines()[-1] == "shoal run: node 1: stopped (SIGTERM)"
+
+
+def test_a_killed_node_0_takes_its_workers_and_the_other_nodes_stop(tmp_path):
+    """SIGKILL to node 0's launcher (the OOM killer): no one can stop its workers but the
+    kernel (PR_SET_PDEATHSIG), and node 1 finds the store gone."""
+    (code0, _, _), (code1, _, err1) = _stop_a_node_once_ready(tmp_path, 0, signal.SIGKILL)
+    assert (code0, code1) == (-signal.SIGKILL, 1), err1
+    assert err1.strip().splitlines()[-1].startswith("shoal run: failed: node 0 stopped answering")

@@ -26,6 +26,7 @@ from shoal.config import ConfigError, RunConfig
 from shoal.coordinator import Coordinator, Membership
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous
+from shoal.launch.script_runner import ENV_LAUNCHER_PID
 from shoal.launch.workers import WorkerGroup, describe_exit
 from shoal.runtime.context import ENV_COORDINATOR, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.trainer import ENV_LAUNCHER_ID
@@ -140,7 +141,8 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
             done.set()
 
     base_env = {**os.environ, ENV_COORDINATOR: rendezvous.url, ENV_TOKEN: rendezvous.token,
-                ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
+                ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}",
+                ENV_LAUNCHER_PID: str(os.getpid())}
     if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         base_env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
     # The script runs as `python -u SCRIPT`, through a runner that survives torch's teardown.

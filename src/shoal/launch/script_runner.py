@@ -9,15 +9,34 @@ as failed. Exit handlers run and open files are flushed first, as the teardown w
 
 from __future__ import annotations
 
+import ctypes
 import os
 import runpy
+import signal
 import sys
 
 from shoal._exit import run_then_exit
 from shoal.config import ConfigError
 
 
+ENV_LAUNCHER_PID = "SHOAL_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_the_launcher() -> None:
+    """A launcher that is SIGKILLed (the OOM killer, a node's agent) cannot stop its workers,
+    which run in sessions of their own, so the kernel does (Linux's ``PR_SET_PDEATHSIG``):
+    a worker goes as its launcher went, with no chance to clean up. It is set here, in the
+    worker, because ``preexec_fn`` is not safe in a launcher that runs threads."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if str(os.getppid()) != os.environ.get(ENV_LAUNCHER_PID, str(os.getppid())):
+        os._exit(1)  # the launcher died before the line above: no signal will come
+
+
 def _run_script() -> int:
+    _die_with_the_launcher()
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` does
