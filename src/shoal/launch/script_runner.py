@@ -18,7 +18,6 @@ import sys
 from shoal._exit import run_then_exit
 from shoal.config import ConfigError
 
-
 ENV_LAUNCHER_PID = "SHOAL_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1
 
