@@ -512,9 +512,13 @@ class RunConfig:
     script_args: list[str] = field(default_factory=list)
     nproc_per_node: int = 1
     nnodes: int = 1
-    node_rank: int = 0
+    node_rank: int | None = None
+    """None: node 0 if this node can listen at ``master_addr:master_port``, else the next
+    free rank (torchrun's c10d rendezvous)."""
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    run_id: str | None = None
+    """torchrun's ``--rdzv-id``: node 0's, or a random one; every other node must match."""
     join_timeout: float = 300.0
     min_workers: int = 1
     heartbeat_timeout: float = 5.0
@@ -530,7 +534,9 @@ class RunConfig:
             raise ConfigError("--nproc-per-node", f"must be at least 1, got {self.nproc_per_node}")
         if self.nnodes < 1:
             raise ConfigError("--nnodes", f"must be at least 1, got {self.nnodes}")
-        if not 0 <= self.node_rank < self.nnodes:
+        if self.nnodes == 1:
+            self.node_rank = 0
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
             raise ConfigError("--node-rank", f"must be between 0 and --nnodes - 1 ({self.nnodes - 1}), "
                               f"got {self.node_rank}")
         if self.master_port is None:

@@ -249,7 +249,11 @@ def test_bad_run_flags_exit_2(capsys, tmp_path):
                          (["--nnodes", "2", "--standalone"], "--standalone"),
                          (["--nnodes", "2", "--master-port", "0"], "--master-port"),
                          (["--nproc_per_node", "2", "--min-workers", "3"], "--min-workers"),
-                         (["--master-addr", "192.0.2.1"], "--master-addr")]:  # not this machine's
+                         (["--master-addr", "192.0.2.1"], "--master-addr"),  # not this machine's
+                         (["--rdzv-endpoint", "127.0.0.1:x"], "--rdzv-endpoint"),
+                         (["--rdzv-endpoint", "127.0.0.1", "--master-port", "5"], "--rdzv-endpoint"),
+                         (["--rdzv-backend", "etcd"], "--rdzv-backend"),
+                         (["--max-restarts", "3"], "--max-restarts")]:
         code, _, err = run_main(capsys, "run", *flags, "examples/plain_ddp.py")
         assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, (flags, err)
 
@@ -258,8 +262,8 @@ def test_a_run_master_port_in_use_exits_2_with_one_line():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = shoal("run", "--nnodes", "2", "--master-port", str(taken.getsockname()[1]),
-                       "examples/plain_ddp.py", timeout=60)
+        result = shoal("run", "--nnodes", "2", "--node-rank", "0", "--master-port",
+                       str(taken.getsockname()[1]), "examples/plain_ddp.py", timeout=60)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("shoal run: error: --master-port: cannot listen on 127.0.0.1:"), line

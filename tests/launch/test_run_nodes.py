@@ -38,6 +38,10 @@ def _nodes(script: str, nnodes: int, nproc: int, *flags: str, timeout: float = 1
                         str(nproc), *flags, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True, env=env or os.environ)
                  for node in reversed(range(nnodes))]  # node 0 last: the others wait for it
+    return _outputs(processes, timeout)[::-1]
+
+
+def _outputs(processes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
     try:
         outputs = [process.communicate(timeout=timeout) for process in processes]
     finally:
@@ -45,7 +49,7 @@ def _nodes(script: str, nnodes: int, nproc: int, *flags: str, timeout: float = 1
             if process.poll() is None:
                 process.kill()
                 process.communicate()
-    return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs)][::-1]
+    return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
 
 
 def _losses(stdout: str) -> list[str]:
@@ -78,6 +82,54 @@ def test_every_process_gets_torchruns_environment_for_its_node(tmp_path):
             values[int(rank)] = (port, run_id)
     assert sorted(values) == [0, 1, 2, 3]
     assert len(set(values.values())) == 1  # one store, one run id
+
+
+def test_torchruns_c10d_command_numbers_the_nodes_as_they_come(tmp_path):
+    """The command torchrun's documentation gives for several nodes, the same on each: the
+    node that can listen at the endpoint is node 0, the next is node 1; --rdzv-id is the
+    run id."""
+    script = tmp_path / "ranks.py"
+    script.write_text("import os\nprint(os.environ['GROUP_RANK'], os.environ['RANK'], "
+                      "os.environ['TORCHELASTIC_RUN_ID'])\n")
+    command = [sys.executable, "-m", "shoal.cli.main", "run", "--nnodes=2", "--nproc-per-node=2",
+               "--rdzv-id=job7", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+               str(script)]
+    runs = _outputs([subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)], timeout=120)
+    lines = []
+    for code, out, err in runs:
+        assert code == 0, err
+        lines.append(sorted(line.split("] ")[1] for line in out.splitlines()))
+    assert sorted(lines) == [["0 0 job7", "0 1 job7"], ["1 2 job7", "1 3 job7"]]
+
+
+def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path):
+    """Node 0 and node 1 of three run; launchers that do not fit their job are refused before
+    any worker starts, and the job never sees them."""
+    script = tmp_path / "wait.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    port = str(_free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "run", "--nnodes", "3",
+                               "--node-rank", str(node), "--master-port", port, "--rdzv-id", "job7",
+                               str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    try:
+        for node, process in enumerate(nodes):
+            assert process.stdout.readline().strip() == f"[worker {node}] ready"
+        for flags, named in [(["--nnodes", "2"], "--nnodes"),
+                             (["--nnodes", "3", "--nproc-per-node", "2"], "--nproc-per-node"),
+                             (["--nnodes", "3", "--rdzv-id", "job8"], "--rdzv-id"),
+                             (["--nnodes", "3", "--node-rank", "1"], "--node-rank"),
+                             (["--nnodes", "3", "--node-rank", "0"], "--master-port")]:
+            result = shoal("run", *flags, "--master-port", port, "--join-timeout", "20", str(script),
+                           timeout=60)
+            assert result.returncode == 2, (flags, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            assert line.startswith(f"shoal run: error: {named}: "), line
+    finally:
+        nodes[0].send_signal(signal.SIGTERM)
+        outputs = _outputs(nodes, timeout=60)
+    assert [code for code, _, _ in outputs] == [143, 1]
 
 
 def test_a_plain_script_failing_on_one_node_stops_every_node(tmp_path):

@@ -39,15 +39,25 @@ def add_run(commands) -> None:
                      help="processes to start on this node (default 1)")
     run.add_argument(*_flag("nnodes"), type=_node_count, default=1,
                      help="nodes of the job, each running `shoal run` (default 1)")
-    run.add_argument(*_flag("node-rank"), dest="node_rank", type=int, default=0,
-                     help="this node's rank, 0 to --nnodes - 1; node 0 hosts the store and the "
-                     "coordinator (default 0)")
-    run.add_argument(*_flag("master-addr"), "--host", dest="master_addr", default="127.0.0.1",
+    run.add_argument(*_flag("node-rank"), dest="node_rank", type=int, default=None,
+                     help="this node's rank, 0 to --nnodes - 1 (default: 0 for the node that can "
+                     "listen at --master-addr, the next free rank for the others)")
+    run.add_argument(*_flag("master-addr"), "--host", dest="master_addr", default=None,
                      help="node 0's address, where the store and the coordinator listen "
                      "(default 127.0.0.1)")
     run.add_argument(*_flag("master-port"), dest="master_port", type=int, default=None,
                      help="the store's port on node 0 (default 29500 with several nodes, as "
                      "torchrun; one the OS chooses on a single node)")
+    run.add_argument(*_flag("rdzv-endpoint"), dest="rdzv_endpoint", metavar="HOST[:PORT]",
+                     help="torchrun's c10d rendezvous: the same as --master-addr HOST "
+                     "--master-port PORT (default port 29400)")
+    run.add_argument(*_flag("rdzv-backend"), dest="rdzv_backend", default="static",
+                     help="static or c10d: both meet at node 0's store (default static)")
+    run.add_argument(*_flag("rdzv-id"), dest="rdzv_id", default=None,
+                     help="the job's id (TORCHELASTIC_RUN_ID); every node must give the same "
+                     "(default: node 0 makes one up)")
+    run.add_argument(*_flag("max-restarts"), dest="max_restarts", type=int, default=0,
+                     help="torchrun's; only 0: shoal does not restart a script's workers")
     run.add_argument("--standalone", action="store_true",
                      help="torchrun's single-node flag: accepted, it is what one node does anyway")
     run.add_argument(*_flag("join-timeout"), dest="join_timeout", type=float, default=300.0,
@@ -66,9 +76,42 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.standalone and args.nnodes != 1:
         raise ConfigError("--standalone", f"means a single node, but --nnodes is {args.nnodes}")
+    if args.rdzv_backend not in ("static", "c10d"):
+        raise ConfigError("--rdzv-backend", f"{args.rdzv_backend!r}: shoal's nodes meet at node 0's "
+                          "store, which is what static and c10d mean; choose one of them")
+    if args.max_restarts != 0:
+        raise ConfigError("--max-restarts", "shoal run does not restart a script's workers (torchrun "
+                          "restarts all of them from the script's own checkpoint); a script that "
+                          "uses shoal.train survives failures without a restart")
+    master_addr, master_port = args.master_addr or "127.0.0.1", args.master_port
+    if args.rdzv_endpoint is not None:
+        if args.master_addr is not None or args.master_port is not None:
+            raise ConfigError("--rdzv-endpoint", "give it or --master-addr/--master-port, not both")
+        master_addr, master_port = _endpoint(args.rdzv_endpoint)
     config = RunConfig(script=args.script, script_args=args.script_args,
                        nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
-                       node_rank=args.node_rank, master_addr=args.master_addr,
-                       master_port=args.master_port, join_timeout=args.join_timeout,
+                       node_rank=args.node_rank, master_addr=master_addr, master_port=master_port,
+                       run_id=args.rdzv_id, join_timeout=args.join_timeout,
                        min_workers=args.min_workers, heartbeat_timeout=args.heartbeat_timeout)
     return run_script(config.validate())
+
+
+_C10D_PORT = 29400
+"""torchrun's default port for ``--rdzv-endpoint HOST``."""
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``[IPV6]`` or ``[IPV6]:PORT``, as torchrun reads it."""
+    from shoal.config import ConfigError
+
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:  # a name, an IPv4 address or a bare IPv6 address
+        host, port = text, ""
+    try:
+        return host, int(port) if port else _C10D_PORT
+    except ValueError:
+        raise ConfigError("--rdzv-endpoint", f"{text!r}: the port must be a number") from None

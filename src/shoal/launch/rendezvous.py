@@ -1,11 +1,14 @@
 """``shoal run --nnodes N``: how the launchers of several nodes find each other and end together.
 
-torchrun's static rendezvous. Node 0's launcher hosts the job's coordinator, whose TCPStore
-listens on ``--master-port`` at ``--master-addr``, the one address every node is given; a
-plain script's ``init_process_group("env://")`` meets there, as under torchrun. The other
-nodes' launchers connect to that store to learn what only node 0 knows: the coordinator's
-URL and token (for scripts that use ``shoal.train``) and the run id. The store then carries
-what the nodes must share:
+torchrun's static and c10d rendezvous. Node 0's launcher hosts the job's coordinator, whose
+TCPStore listens on ``--master-port`` at ``--master-addr``, the one address every node is
+given; a plain script's ``init_process_group("env://")`` meets there, as under torchrun. The
+other nodes' launchers connect to that store to learn what only node 0 knows: the
+coordinator's URL and token (for scripts that use ``shoal.train``) and the run id. Each
+checks that it belongs to node 0's job (the same number of nodes, of processes per node, the
+same ``--rdzv-id``) and claims its node rank (its ``--node-rank``, or the next free one) so
+that two launchers never run the same ranks. The store then carries what the nodes must
+share:
 
 - the first failure of a plain script: every node stops its workers, since a torchrun
   script cannot lose a rank (an elastic script's failures go to the coordinator instead);
@@ -19,8 +22,10 @@ rendezvous itself. Keep that port inside the cluster's network.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+import uuid
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -32,6 +37,11 @@ __all__ = ["NodeGone", "NodeRendezvous"]
 _URL = "shoal/run/coordinator-url"
 _TOKEN = "shoal/run/token"
 _RUN_ID = "shoal/run/run-id"
+_SHAPE = "shoal/run/shape"
+"""``NNODES NPROC_PER_NODE`` of node 0: every node must say the same."""
+_ARRIVALS = "shoal/run/arrivals"
+_NODE = "shoal/run/node/{}"
+"""Claimed by the launcher that runs as that node: two may not."""
 _FAILED = "shoal/run/failed"
 _FINISHED = "shoal/run/finished/{}"
 
@@ -55,31 +65,56 @@ class NodeRendezvous:
         self.run_id = run_id
 
     @classmethod
-    def host(cls, store: dist.TCPStore, nnodes: int, *, url: str, token: str,
+    def host(cls, store: dist.TCPStore, nnodes: int, nproc_per_node: int, *, url: str, token: str,
              run_id: str) -> NodeRendezvous:
         """Node 0: publish what the other nodes need in the store it serves."""
-        for key, value in ((_URL, url), (_TOKEN, token), (_RUN_ID, run_id)):
+        for key, value in ((_URL, url), (_TOKEN, token), (_RUN_ID, run_id),
+                           (_SHAPE, f"{nnodes} {nproc_per_node}"), (_NODE.format(0), "node 0")):
             store.set(key, value)
         return cls(store, 0, nnodes, url=url, token=token, run_id=run_id)
 
     @classmethod
-    def join(cls, master_addr: str, master_port: int, node_rank: int, nnodes: int,
-             timeout: float) -> NodeRendezvous:
-        """Node ``node_rank`` > 0: wait up to ``timeout`` for node 0's store, then read it.
+    def join(cls, master_addr: str, master_port: int, node_rank: int | None, nnodes: int,
+             nproc_per_node: int, run_id: str | None, timeout: float) -> NodeRendezvous:
+        """A node other than 0: wait up to ``timeout`` for node 0's store, check that this node
+        belongs to node 0's job, and take ``node_rank`` (None: the next free one, torchrun's
+        c10d way).
 
-        Raises :class:`ConfigError` naming ``--master-addr`` if no node 0 answers: the nodes
-        may start in any order, but a wrong address would otherwise hang with no word."""
+        Raises :class:`ConfigError` naming the flag: ``--master-addr`` if no node 0 answers
+        (the nodes may start in any order, but a wrong address would otherwise hang with no
+        word), or the flag in which this node disagrees with node 0's job."""
         deadline = time.monotonic() + timeout
         try:
             _wait_until_listening(master_addr, master_port, deadline)
             store = dist.TCPStore(master_addr, master_port, is_master=False,
                                   timeout=timedelta(seconds=max(deadline - time.monotonic(), 10.0)))
-            url, token, run_id = (store.get(key).decode() for key in (_URL, _TOKEN, _RUN_ID))
+            url, token, theirs, shape = (store.get(key).decode() for key in (_URL, _TOKEN, _RUN_ID, _SHAPE))
         except (OSError, RuntimeError) as error:  # torch's DistError and its kinds are RuntimeErrors
             raise ConfigError("--master-addr", f"no node 0 answered at {master_addr}:{master_port} "
                               f"within {timeout:g} s (start `shoal run --node-rank 0` there, or "
                               f"give a longer --join-timeout): {_first_line(error)}") from None
-        return cls(store, node_rank, nnodes, url=url, token=token, run_id=run_id)
+        their_nnodes, their_nproc = map(int, shape.split())
+        for flag, mine, node0 in (("--nnodes", nnodes, their_nnodes),
+                                  ("--nproc-per-node", nproc_per_node, their_nproc),
+                                  ("--rdzv-id", run_id or theirs, theirs)):
+            if mine != node0:
+                raise ConfigError(flag, f"node 0's job has {node0!r}, this node {mine!r}: give every "
+                                  "node the same")
+        rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=theirs)
+        rendezvous.node_rank = rendezvous._claim(node_rank)
+        return rendezvous
+
+    def _claim(self, node_rank: int | None) -> int:
+        """Take ``node_rank``, or the next node rank no launcher took."""
+        me = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        while True:
+            wanted = node_rank if node_rank is not None else self._store.add(_ARRIVALS, 1)
+            if wanted >= self.nnodes:
+                raise ConfigError("--nnodes", f"node 0's job has all of its {self.nnodes} nodes already")
+            if self._store.compare_set(_NODE.format(wanted), "", me).decode() == me:
+                return wanted
+            if node_rank is not None:
+                raise ConfigError("--node-rank", f"another launcher already runs as node {node_rank}")
 
     def report_failure(self, reason: str) -> None:
         """Tell every node that this job failed; the first reason stays."""

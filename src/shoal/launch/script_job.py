@@ -12,6 +12,7 @@ launcher hosts the coordinator and the store, and the nodes meet as in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ import uuid
 
 import torch.distributed as dist
 
-from shoal.config import ConfigError, RunConfig
+from shoal.config import ConfigError, RunConfig, check_bindable
 from shoal.coordinator import Coordinator, Membership
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous
@@ -98,10 +99,34 @@ class _RemoteJob:
 
 
 def run_script(config: RunConfig) -> int:
-    if config.node_rank > 0:
+    hosted = _host(config) if config.node_rank in (0, None) else None
+    if hosted is None:  # another node hosts the job
         rendezvous = NodeRendezvous.join(config.master_addr, config.master_port, config.node_rank,
-                                         config.nnodes, config.join_timeout)
+                                         config.nnodes, config.nproc_per_node, config.run_id,
+                                         config.join_timeout)
+        config = dataclasses.replace(config, node_rank=rendezvous.node_rank)
         return _run_node(config, rendezvous, _RemoteJob(rendezvous.url, rendezvous.token))
+    coordinator, membership = hosted
+    try:
+        rendezvous = NodeRendezvous.host(coordinator.store, config.nnodes, config.nproc_per_node,
+                                         url=coordinator.url, token=coordinator.token,
+                                         run_id=config.run_id or uuid.uuid4().hex[:12])
+        return _run_node(dataclasses.replace(config, node_rank=0), rendezvous, _LocalJob(membership))
+    finally:
+        coordinator.stop()
+
+
+def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
+    """Start the job's coordinator and store at ``--master-addr:--master-port``, as node 0.
+
+    Without ``--node-rank`` (torchrun's c10d way) the node that can listen there is node 0,
+    and None here means this is another node: the address is not this machine's, or the
+    port is taken (by node 0's launcher on this machine, or it will say why it is not)."""
+    if config.node_rank is None:
+        try:
+            check_bindable("--master-addr", config.master_addr)
+        except ConfigError:
+            return None
     membership = Membership(expected_workers=config.world_size, min_workers=config.min_workers,
                             heartbeat_timeout=config.heartbeat_timeout)
     coordinator = Coordinator(membership, host=config.master_addr, store_port=config.master_port)
@@ -109,14 +134,11 @@ def run_script(config: RunConfig) -> int:
         coordinator.start()
     except dist.DistNetworkError as error:
         coordinator.stop()
+        if config.node_rank is None:
+            return None
         raise ConfigError("--master-port", f"cannot listen on {config.master_addr}:"
                           f"{config.master_port}: {str(error).strip().splitlines()[0]}") from None
-    try:
-        rendezvous = NodeRendezvous.host(coordinator.store, config.nnodes, url=coordinator.url,
-                                         token=coordinator.token, run_id=uuid.uuid4().hex[:12])
-        return _run_node(config, rendezvous, _LocalJob(membership))
-    finally:
-        coordinator.stop()
+    return coordinator, membership
 
 
 def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob) -> int:
