@@ -244,10 +244,13 @@ def test_bad_run_flags_exit_2(capsys, tmp_path):
     assert code == 2 and "--nproc-per-node" in err
     code, _, err = run_main(capsys, "run", str(tmp_path / "missing.py"))
     assert code == 2 and "missing.py" in err
-    for flags, named in [(["--nnodes", "2", "--node-rank", "2"], "--node-rank"),
+    here = ["--master-addr", "127.0.0.1"]
+    for flags, named in [([*here, "--nnodes", "2", "--node-rank", "2"], "--node-rank"),
                          (["--nnodes", "1:4"], "--nnodes"),  # torchrun's elastic range
                          (["--nnodes", "2", "--standalone"], "--standalone"),
-                         (["--nnodes", "2", "--master-port", "0"], "--master-port"),
+                         ([*here, "--nnodes", "2", "--master-port", "0"], "--master-port"),
+                         (["--nnodes", "2"], "--master-addr"),  # 127.0.0.1 would split the job
+                         (["--nproc-per-node", "many"], "--nproc-per-node"),
                          (["--nproc_per_node", "2", "--min-workers", "3"], "--min-workers"),
                          (["--master-addr", "192.0.2.1"], "--master-addr"),  # not this machine's
                          (["--rdzv-endpoint", "127.0.0.1:x"], "--rdzv-endpoint"),
@@ -262,8 +265,8 @@ def test_a_run_master_port_in_use_exits_2_with_one_line():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = shoal("run", "--nnodes", "2", "--node-rank", "0", "--master-port",
-                       str(taken.getsockname()[1]), "examples/plain_ddp.py", timeout=60)
+        result = shoal("run", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",
+                       "--master-port", str(taken.getsockname()[1]), "examples/plain_ddp.py", timeout=60)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("shoal run: error: --master-port: cannot listen on 127.0.0.1:"), line

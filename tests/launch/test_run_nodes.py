@@ -11,10 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 
 import psutil
 import pytest
+from torch.distributed import TCPStore
 
+import shoal.launch.rendezvous as rendezvous_keys
 from shoal.network import Hosts, namespaces_available
 from tests.conftest import REPO, shoal
 from tests.launch.test_run import elastic_script_losing_rank_1, plain_script_where_rank_1_gives_up
@@ -30,13 +33,14 @@ def _free_port() -> int:
 
 
 def _nodes(script: str, nnodes: int, nproc: int, *flags: str, timeout: float = 120,
-           env: dict | None = None, popen=subprocess.Popen) -> list[tuple[int, str, str]]:
+           env: dict | None = None, popen=subprocess.Popen,
+           master_addr: str = "127.0.0.1") -> list[tuple[int, str, str]]:
     """Run `shoal run` for every node at once; (exit code, stdout, stderr) of each, by rank."""
     port = str(_free_port())
     processes = [popen([sys.executable, "-m", "shoal.cli.main", "run", "--nnodes", str(nnodes),
-                        "--node-rank", str(node), "--master-port", port, "--nproc-per-node",
-                        str(nproc), *flags, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, env=env or os.environ)
+                        "--node-rank", str(node), "--master-addr", master_addr, "--master-port", port,
+                        "--nproc-per-node", str(nproc), *flags, script],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ)
                  for node in reversed(range(nnodes))]  # node 0 last: the others wait for it
     return _outputs(processes, timeout)[::-1]
 
@@ -103,33 +107,57 @@ def test_torchruns_c10d_command_numbers_the_nodes_as_they_come(tmp_path):
     assert sorted(lines) == [["0 0 job7", "0 1 job7"], ["1 2 job7", "1 3 job7"]]
 
 
-def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path):
-    """Node 0 and node 1 of three run; launchers that do not fit their job are refused before
-    any worker starts, and the job never sees them."""
+def _launch(script, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "run", "--master-addr",
+                             "127.0.0.1", *flags, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _waiting_script(tmp_path):
     script = tmp_path / "wait.py"
     script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(120)\n")
-    port = str(_free_port())
-    nodes = [subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "run", "--nnodes", "3",
-                               "--node-rank", str(node), "--master-port", port, "--rdzv-id", "job7",
-                               str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for node in (0, 1)]
+    return script
+
+
+def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path):
+    """Nodes 0 and 1 of three wait for node 2; launchers that do not fit their job are
+    refused before any worker starts, and the job, left alone, starts when node 2 comes."""
+    script, port = _waiting_script(tmp_path), str(_free_port())
+    job = ["--nnodes", "3", "--master-port", port, "--rdzv-id", "job7"]
+    nodes = [_launch(script, *job, "--node-rank", "0"), _launch(script, *job, "--node-rank", "1")]
     try:
-        for node, process in enumerate(nodes):
-            assert process.stdout.readline().strip() == f"[worker {node}] ready"
+        peek = TCPStore("127.0.0.1", int(port), is_master=False, timeout=timedelta(seconds=60))
+        peek.wait([rendezvous_keys._NODE.format(1)])  # node 1 took its rank
         for flags, named in [(["--nnodes", "2"], "--nnodes"),
                              (["--nnodes", "3", "--nproc-per-node", "2"], "--nproc-per-node"),
                              (["--nnodes", "3", "--rdzv-id", "job8"], "--rdzv-id"),
                              (["--nnodes", "3", "--node-rank", "1"], "--node-rank"),
                              (["--nnodes", "3", "--node-rank", "0"], "--master-port")]:
-            result = shoal("run", *flags, "--master-port", port, "--join-timeout", "20", str(script),
-                           timeout=60)
+            result = shoal("run", *flags, "--master-addr", "127.0.0.1", "--master-port", port,
+                           "--join-timeout", "20", str(script), timeout=60)
             assert result.returncode == 2, (flags, result.stderr)
             [line] = result.stderr.strip().splitlines()
             assert line.startswith(f"shoal run: error: {named}: "), line
+        nodes.append(_launch(script, *job))  # no --node-rank: the next free one, 2
+        for node, process in enumerate(nodes):
+            assert process.stdout.readline().strip() == f"[worker {node}] ready"
     finally:
         nodes[0].send_signal(signal.SIGTERM)
         outputs = _outputs(nodes, timeout=60)
-    assert [code for code, _, _ in outputs] == [143, 1]
+    assert [code for code, _, _ in outputs] == [143, 1, 1]
+
+
+def test_node_0_fails_the_job_when_a_node_never_joins_and_says_who_was_refused(tmp_path):
+    script, port = _waiting_script(tmp_path), str(_free_port())
+    node0 = _launch(script, "--nnodes", "2", "--master-port", port, "--join-timeout", "6")
+    refused = shoal("run", "--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                    "--master-port", port, str(script), timeout=60)
+    [(code, out, err)] = _outputs([node0], timeout=60)
+    assert refused.returncode == 2 and "--nproc-per-node" in refused.stderr
+    assert code == 1 and out == "", err  # no worker started
+    assert err.strip().splitlines()[-1] == (
+        "shoal run: failed: node(s) 1 of 2 did not join within 6 s (--join-timeout); a launcher "
+        "was refused: --nproc-per-node: node 0's job has 1, this node 2: give every node the same")
 
 
 def test_a_plain_script_failing_on_one_node_stops_every_node(tmp_path):
@@ -154,8 +182,8 @@ def test_an_elastic_script_survives_losing_another_nodes_only_worker(tmp_path):
 
 
 def test_a_node_waits_for_node_0_and_says_so_when_it_never_comes():
-    result = shoal("run", "--nnodes", "2", "--node-rank", "1", "--master-port", str(_free_port()),
-                   "--join-timeout", "1", PLAIN, timeout=60)
+    result = shoal("run", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                   "--master-port", str(_free_port()), "--join-timeout", "1", PLAIN, timeout=60)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("shoal run: error: --master-addr: no node 0 answered at 127.0.0.1:")
@@ -168,11 +196,10 @@ def test_two_hosts_meet_at_node_0s_address():
     hosts = Hosts(2)
     try:
         def popen(argv, **kwargs):
-            node = int(argv[argv.index("--node-rank") + 1])
-            return hosts.popen(node, [*argv[:4], "--master-addr", hosts.addresses[0], *argv[4:]],
-                               **kwargs)
+            return hosts.popen(int(argv[argv.index("--node-rank") + 1]), argv, **kwargs)
         before = hosts.tx_bytes(1)
-        (code0, out0, err0), (code1, _, err1) = _nodes(PLAIN, 2, 1, popen=popen)
+        (code0, out0, err0), (code1, _, err1) = _nodes(PLAIN, 2, 1, popen=popen,
+                                                       master_addr=hosts.addresses[0])
         sent = hosts.tx_bytes(1) - before
     finally:
         hosts.close()
@@ -217,3 +244,83 @@ def test_a_killed_node_0_takes_its_workers_and_the_other_nodes_stop(tmp_path):
     (code0, _, _), (code1, _, err1) = _stop_a_node_once_ready(tmp_path, 0, signal.SIGKILL)
     assert (code0, code1) == (-signal.SIGKILL, 1), err1
     assert err1.strip().splitlines()[-1].startswith("shoal run: failed: node 0 stopped answering")
+
+
+def test_every_node_names_the_worker_that_failed_first_not_its_victims(tmp_path):
+    """Rank 1 leaves an all-reduce loop (exit 3); rank 0's next all-reduce then fails too
+    (exit 1), and node 0 hears of its own worker first. Both name rank 1, its exit earlier."""
+    script = tmp_path / "culprit.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "value = torch.ones(1)\n"
+        "for step in range(1_000_000):\n"
+        "    dist.all_reduce(value)\n"
+        "    if step == 50 and dist.get_rank() == 1:\n"
+        "        sys.exit(3)\n"
+    )
+    for code, _, err in _nodes(str(script), 2, 1, timeout=120):
+        assert code == 1, err
+        assert err.strip().splitlines()[-1].startswith(
+            "shoal run: failed: worker 1 (rank 1, node 1) exited with code 3"), err
+
+
+def test_a_failure_after_node_0s_workers_finished_still_fails_node_0(tmp_path):
+    """Rank 0 is done at once; rank 1 fails 3 s later. Node 0's exit code is the job's: 1."""
+    script = tmp_path / "late.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    time.sleep(3)\n"
+                      "    sys.exit('rank 1 fails late')\n")
+    for code, _, err in _nodes(str(script), 2, 1, timeout=60):
+        assert code == 1, err
+        assert err.strip().splitlines()[-1] == (
+            "shoal run: failed: worker 1 (rank 1, node 1) exited with code 1")
+
+
+def test_a_node_still_at_work_after_node_0_is_done_is_left_to_finish(tmp_path):
+    script = tmp_path / "uneven.py"
+    script.write_text("import os, time\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    time.sleep(5)\n"
+                      "    print('rank 1 done', flush=True)\n")
+    (code0, _, err0), (code1, out1, err1) = _nodes(str(script), 2, 1, timeout=60)
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert "[worker 1] rank 1 done" in out1
+
+
+def test_an_elastic_node_whose_worker_hangs_reports_the_job_it_survived(tmp_path):
+    """Node 1's only worker freezes (SIGSTOP) at step 10: the coordinator evicts it, node 0
+    finishes the job, and node 1 stops the frozen worker and says the job survived it."""
+    script = tmp_path / "elastic_hang.py"
+    script.write_text(
+        elastic_script_losing_rank_1(tmp_path / "unused.py").read_text().replace("SIGKILL", "SIGSTOP"))
+    (code0, out0, err0), (code1, _, err1) = _nodes(str(script), 2, 1, "--heartbeat-timeout", "2",
+                                                   env={**os.environ, "EPOCHS": "1"})
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert "29 steps on 1 worker(s)" in out0
+    assert ("survived: worker 1 (rank 1, node 1) evicted by the coordinator (hung or cut off), "
+            "then stopped here") in err1
+
+
+def test_a_second_sigterm_kills_workers_that_ignore_the_first(tmp_path):
+    """A worker that traps SIGTERM would hold the launcher for the 30 s grace: a second
+    SIGTERM ends it at once, with one line and no traceback."""
+    script, noted = tmp_path / "stubborn.py", tmp_path / "noted"
+    script.write_text("import signal, time\n"
+                      f"signal.signal(signal.SIGTERM, lambda *_: open({str(noted)!r}, 'w').close())\n"
+                      "print('ready', flush=True)\n"
+                      "while True:\n"
+                      "    time.sleep(0.1)\n")
+    launcher = subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "run", str(script)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert launcher.stdout.readline().strip() == "[worker 0] ready"
+    worker = psutil.Process(launcher.pid).children()[0]
+    launcher.send_signal(signal.SIGTERM)
+    while not noted.exists():  # the worker got the first SIGTERM and goes on
+        assert launcher.poll() is None
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=20)  # well inside the 30 s grace
+    assert launcher.returncode == 143
+    assert err.strip().splitlines() == ["shoal run: stopped (SIGTERM)"]
+    assert psutil.wait_procs([worker], timeout=10)[1] == []

@@ -1,29 +1,53 @@
 """``shoal run``: a user script on N processes per node with torchrun's environment.
 
 torchrun's flags, in both its spellings (``--nproc-per-node`` and ``--nproc_per_node``), so
-that replacing ``torchrun`` by ``shoal run`` in a command is all a user has to change.
+that a torchrun command for a script becomes a shoal one by its first word. (Not taken:
+``-m``, ``--no-python``, ``--rdzv-conf``, ``--local-addr``; they exit 2 as unknown.)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["add_run"]
 
 
 def _node_count(text: str) -> int:
-    """``--nnodes``: a number. torchrun's elastic ``MIN:MAX`` is refused with the reason."""
-    if ":" in text:
+    """``--nnodes``: a number, or torchrun's ``N:N``. An elastic ``MIN:MAX`` is refused with
+    the reason."""
+    low, _, high = text.partition(":")
+    try:
+        low_count, high_count = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if low_count != high_count:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give a fixed number of nodes; a script that uses shoal.train is elastic "
             "within the job (--min-workers), so torchrun's MIN:MAX has no use here")
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    return low_count
 
 
 _node_count.__name__ = "N"
+
+
+def _process_count(text: str) -> int:
+    """``--nproc-per-node``: a number, or torchrun's ``cpu`` (the cores), ``gpu`` (the CUDA
+    devices) or ``auto`` (the devices if any, else the cores)."""
+    if text in ("cpu", "gpu", "auto"):
+        import torch
+
+        devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if text == "gpu" and devices == 0:
+            raise argparse.ArgumentTypeError("'gpu': this machine has no CUDA device")
+        return devices if text == "gpu" or (text == "auto" and devices) else os.cpu_count() or 1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number, cpu, gpu or auto") from None
+
+
+_process_count.__name__ = "N"
 
 
 def _flag(name: str) -> list[str]:
@@ -35,8 +59,8 @@ def add_run(commands) -> None:
     run = commands.add_parser("run", help="run your script on N processes (torchrun-compatible)",
                               description="Run a script on --nproc-per-node processes on each of "
                               "--nnodes nodes, with torchrun's environment and flags.")
-    run.add_argument(*_flag("nproc-per-node"), dest="nproc_per_node", type=int, default=1,
-                     help="processes to start on this node (default 1)")
+    run.add_argument(*_flag("nproc-per-node"), dest="nproc_per_node", type=_process_count, default=1,
+                     help="processes to start on this node: a number, cpu, gpu or auto (default 1)")
     run.add_argument(*_flag("nnodes"), type=_node_count, default=1,
                      help="nodes of the job, each running `shoal run` (default 1)")
     run.add_argument(*_flag("node-rank"), dest="node_rank", type=int, default=None,
@@ -88,6 +112,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.master_addr is not None or args.master_port is not None:
             raise ConfigError("--rdzv-endpoint", "give it or --master-addr/--master-port, not both")
         master_addr, master_port = _endpoint(args.rdzv_endpoint)
+    elif args.nnodes > 1 and args.master_addr is None:
+        # torchrun's default, 127.0.0.1, would make every machine a node 0 of its own job.
+        raise ConfigError("--master-addr", "several nodes need node 0's address (or "
+                          "--rdzv-endpoint); 127.0.0.1 only if every node is this machine")
     config = RunConfig(script=args.script, script_args=args.script_args,
                        nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
                        node_rank=args.node_rank, master_addr=master_addr, master_port=master_port,

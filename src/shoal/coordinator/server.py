@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import secrets
+import socket
 import threading
 from datetime import timedelta
 
@@ -32,9 +33,12 @@ class Coordinator:
     """
 
     def __init__(self, membership: Membership, *, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None, store_port: int = 0):
+                 token: str | None = None, store_port: int = 0, bind_all: bool = False):
         self.membership = membership
         self.host = host
+        """The address workers are told (in ``url``), and the one it listens on unless
+        ``bind_all``: then every interface, as the store always does."""
+        self._bind_all = bind_all
         self.port = port
         self.store_port = store_port
         """0: the OS chooses; ``shoal run --nnodes`` gives torchrun's --master-port."""
@@ -97,7 +101,7 @@ class Coordinator:
         ])
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site = web.TCPSite(runner, _any_address(self.host) if self._bind_all else self.host, self.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -221,3 +225,10 @@ class Coordinator:
 
     async def _record(self, request: web.Request) -> web.Response:
         return web.json_response(self.membership.record().to_json())
+
+
+def _any_address(host: str) -> str:
+    """Every interface of ``host``'s family: one socket, so one port (port 0 on both families
+    would give each its own)."""
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"

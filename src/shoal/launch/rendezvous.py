@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from datetime import timedelta
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -43,7 +45,15 @@ _ARRIVALS = "shoal/run/arrivals"
 _NODE = "shoal/run/node/{}"
 """Claimed by the launcher that runs as that node: two may not."""
 _FAILED = "shoal/run/failed"
+_FAILURE_COUNT = "shoal/run/failure-count"
+_FAILURE = "shoal/run/failure/{}"
+"""``UNIX_TIME TEXT`` of the n-th failure reported."""
+_REFUSED = "shoal/run/refused"
+_NODE0_DONE = "shoal/run/node-0-done"
 _FINISHED = "shoal/run/finished/{}"
+_POLL_SECONDS = 0.25
+_STORE_TIMEOUT_SECONDS = 30.0
+"""A joined node's store calls give up after this: node 0 hung or cut off, not just slow."""
 
 
 class NodeGone(RuntimeError):
@@ -63,15 +73,22 @@ class NodeRendezvous:
         self.url = url
         self.token = token
         self.run_id = run_id
+        self._gone: str | None = None
+        self._hosting = False
+        """Node 0: the store is ours, and anything wrong with it is a bug to see."""
 
     @classmethod
     def host(cls, store: dist.TCPStore, nnodes: int, nproc_per_node: int, *, url: str, token: str,
              run_id: str) -> NodeRendezvous:
-        """Node 0: publish what the other nodes need in the store it serves."""
-        for key, value in ((_URL, url), (_TOKEN, token), (_RUN_ID, run_id),
-                           (_SHAPE, f"{nnodes} {nproc_per_node}"), (_NODE.format(0), "node 0")):
-            store.set(key, value)
-        return cls(store, 0, nnodes, url=url, token=token, run_id=run_id)
+        """Node 0: publish what the other nodes need in the store it serves (nothing when it
+        is the only node: the token stays out of the store)."""
+        if nnodes > 1:
+            for key, value in ((_URL, url), (_TOKEN, token), (_RUN_ID, run_id),
+                               (_SHAPE, f"{nnodes} {nproc_per_node}"), (_NODE.format(0), "node 0")):
+                store.set(key, value)
+        rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=run_id)
+        rendezvous._hosting = True
+        return rendezvous
 
     @classmethod
     def join(cls, master_addr: str, master_port: int, node_rank: int | None, nnodes: int,
@@ -83,6 +100,11 @@ class NodeRendezvous:
         Raises :class:`ConfigError` naming the flag: ``--master-addr`` if no node 0 answers
         (the nodes may start in any order, but a wrong address would otherwise hang with no
         word), or the flag in which this node disagrees with node 0's job."""
+        try:
+            socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)
+        except OSError as error:  # not worth waiting for: it will not resolve later either
+            raise ConfigError("--master-addr", f"cannot resolve {master_addr!r}: "
+                              f"{error.strerror or error}") from None
         deadline = time.monotonic() + timeout
         try:
             _wait_until_listening(master_addr, master_port, deadline)
@@ -93,16 +115,21 @@ class NodeRendezvous:
             raise ConfigError("--master-addr", f"no node 0 answered at {master_addr}:{master_port} "
                               f"within {timeout:g} s (start `shoal run --node-rank 0` there, or "
                               f"give a longer --join-timeout): {_first_line(error)}") from None
+        rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=theirs)
         their_nnodes, their_nproc = map(int, shape.split())
         for flag, mine, node0 in (("--nnodes", nnodes, their_nnodes),
                                   ("--nproc-per-node", nproc_per_node, their_nproc),
                                   ("--rdzv-id", run_id or theirs, theirs)):
             if mine != node0:
-                raise ConfigError(flag, f"node 0's job has {node0!r}, this node {mine!r}: give every "
-                                  "node the same")
-        rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=theirs)
+                rendezvous._refuse(ConfigError(flag, f"node 0's job has {node0!r}, this node "
+                                               f"{mine!r}: give every node the same"))
         rendezvous.node_rank = rendezvous._claim(node_rank)
+        store.set_timeout(timedelta(seconds=_STORE_TIMEOUT_SECONDS))
         return rendezvous
+
+    def _refuse(self, refusal: ConfigError) -> NoReturn:
+        self.refuse(str(refusal))
+        raise refusal
 
     def _claim(self, node_rank: int | None) -> int:
         """Take ``node_rank``, or the next node rank no launcher took."""
@@ -110,39 +137,84 @@ class NodeRendezvous:
         while True:
             wanted = node_rank if node_rank is not None else self._store.add(_ARRIVALS, 1)
             if wanted >= self.nnodes:
-                raise ConfigError("--nnodes", f"node 0's job has all of its {self.nnodes} nodes already")
+                self._refuse(ConfigError("--nnodes", f"node 0's job has all of its {self.nnodes} "
+                                         "nodes already"))
             if self._store.compare_set(_NODE.format(wanted), "", me).decode() == me:
                 return wanted
             if node_rank is not None:
-                raise ConfigError("--node-rank", f"another launcher already runs as node {node_rank}")
+                self._refuse(ConfigError("--node-rank", f"another launcher already runs as node "
+                                         f"{node_rank}"))
 
-    def report_failure(self, reason: str) -> None:
-        """Tell every node that this job failed; the first reason stays."""
-        self._call(self._store.compare_set, _FAILED, "", reason)
+    def report_failure(self, when: float, failure: str) -> None:
+        """Tell every node that this job failed: ``failure`` (a worker's exit at unix time
+        ``when``) joins the job's list, and the flag every node polls goes up."""
+        number = self._call(self._store.add, _FAILURE_COUNT, 1)
+        self._call(self._store.set, _FAILURE.format(number), f"{when:.6f} {failure}")
+        self._call(self._store.set, _FAILED, "1")
 
-    def failure(self) -> str | None:
-        """Why some node said the job failed, or None."""
-        if not self._call(self._store.check, [_FAILED]):
-            return None
-        return self._call(self._store.get, _FAILED).decode()
+    def failed(self) -> bool:
+        """Has some node reported a failure of a plain script?"""
+        return bool(self._call(self._store.check, [_FAILED]))
+
+    def failures(self) -> list[str]:
+        """Every failure reported, the earliest exit first: the others are usually its
+        knock-on effects (a peer's collective broke), whichever node reported first."""
+        count = self._call(self._store.add, _FAILURE_COUNT, 0)
+        if count == 0:
+            return []
+        records = self._call(self._store.multi_get, [_FAILURE.format(n + 1) for n in range(count)])
+        timed = sorted(record.decode().split(" ", 1) for record in records)
+        return [failure for _, failure in sorted(timed, key=lambda pair: float(pair[0]))]
+
+    def refuse(self, reason: str) -> None:
+        """A launcher that does not fit node 0's job says why, for node 0 to tell if the job
+        never gets its nodes. (A running job is left alone: the launcher just leaves.)"""
+        self._call(self._store.set, _REFUSED, reason)
+
+    def wait_for_nodes(self, timeout: float, stopping: threading.Event) -> str | None:
+        """Node 0, before any worker starts: wait for every other node to claim its rank.
+        None once they all did, else why the job cannot start (one line)."""
+        deadline = time.monotonic() + timeout
+        while missing := [node for node in range(1, self.nnodes)
+                          if not self._store.check([_NODE.format(node)])]:
+            if stopping.wait(_POLL_SECONDS):
+                return None  # told to stop: the caller says so
+            if time.monotonic() > deadline:
+                refused = self._store.get(_REFUSED).decode() if self._store.check([_REFUSED]) else None
+                return (f"node(s) {', '.join(map(str, missing))} of {self.nnodes} did not join within "
+                        f"{timeout:g} s (--join-timeout)" + (f"; a launcher was refused: {refused}"
+                                                             if refused else ""))
+        return None
+
+    def announce_done(self) -> None:
+        """Node 0's workers are done: the others stop watching its store, which it will close
+        once they finished, or after a while (their own workers may still be at work)."""
+        self._call(self._store.set, _NODE0_DONE, "1")
+
+    def node0_done(self) -> bool:
+        return bool(self._call(self._store.check, [_NODE0_DONE]))
 
     def finish(self) -> None:
         """This node has read the job's outcome: node 0 may stop the store."""
         self._call(self._store.set, _FINISHED.format(self.node_rank), "1")
 
     def unfinished(self) -> list[int]:
-        """The other nodes that have not said they finished (node 0 asks)."""
+        """The other nodes that joined and have not said they finished (node 0 asks)."""
         return [node for node in range(1, self.nnodes)
-                if not self._store.check([_FINISHED.format(node)])]
+                if self._store.check([_NODE.format(node)])
+                and not self._store.check([_FINISHED.format(node)])]
 
     def _call(self, operation, *args):
+        if self._gone is not None:  # once: every call to a dead store logs a C++ stack trace
+            raise NodeGone(self._gone)
         try:
             return operation(*args)
         except RuntimeError as error:  # torch's DistError and its kinds are RuntimeErrors
-            if self.node_rank == 0:
-                raise  # our own store: anything wrong with it is a bug to see
-            raise NodeGone(f"node 0 stopped answering at its store (its launcher hosts the job's "
-                           f"store and coordinator): {_first_line(error)}") from None
+            if self._hosting:
+                raise
+            self._gone = (f"node 0 stopped answering at its store (its launcher hosts the job's "
+                          f"store and coordinator): {_first_line(error)}")
+            raise NodeGone(self._gone) from None
 
 
 def _wait_until_listening(address: str, port: int, deadline: float) -> None:

@@ -20,7 +20,9 @@ import sys
 import threading
 import time
 import uuid
+from typing import Self
 
+import httpx
 import torch.distributed as dist
 
 from shoal.config import ConfigError, RunConfig, check_bindable
@@ -37,8 +39,11 @@ __all__ = ["run_script", "torchrun_env"]
 
 _POLL_SECONDS = 0.25
 """How often a node looks for another node's failure, and node 0 for the others' ends."""
-_EXIT_BARRIER_SECONDS = 60.0
-"""How long node 0 keeps the store up for nodes that have not read the job's outcome."""
+_STATUS_SECONDS = 1.0
+"""How often a node asks the coordinator how the job goes, while its workers run."""
+_EXIT_BARRIER_SECONDS = 300.0
+"""How long node 0 keeps the store up for nodes that have not read the job's outcome
+(torchrun's exit barrier)."""
 _TERMINATE_GRACE_SECONDS = 30.0
 """After SIGTERM, how long the workers may take to leave before SIGKILL (torchrun's)."""
 _DEAD_NODE_SECONDS = 5.0
@@ -92,8 +97,8 @@ class _RemoteJob:
         client = CoordinatorClient(self._url, self._token, retry_seconds=2.0)  # one per thread
         try:
             return request(client)
-        except CoordinatorUnreachable:
-            return None
+        except (CoordinatorUnreachable, PermissionError, httpx.HTTPError):
+            return None  # node 0 gone, or restarting: its store tells the main loop
         finally:
             client.close()
 
@@ -129,7 +134,10 @@ def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
             return None
     membership = Membership(expected_workers=config.world_size, min_workers=config.min_workers,
                             heartbeat_timeout=config.heartbeat_timeout)
-    coordinator = Coordinator(membership, host=config.master_addr, store_port=config.master_port)
+    # With several nodes the coordinator listens on every interface, as the store does: the
+    # name the nodes were given may resolve here to another address than there (127.0.1.1).
+    coordinator = Coordinator(membership, host=config.master_addr, store_port=config.master_port,
+                              bind_all=config.nnodes > 1)
     try:
         coordinator.start()
     except dist.DistNetworkError as error:
@@ -143,24 +151,29 @@ def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
 
 def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob) -> int:
     """Start this node's workers, wait for the job's end here or elsewhere, say how it went."""
-    failures: list[str] = []
-    done = threading.Event()
     where = f", node {config.node_rank}" if config.nnodes > 1 else ""
+    survived: list[str] = []  # an elastic job's losses on this node
+    wake = threading.Event()
+    evicted: set[int] = set()
 
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
         if group.stopping:  # exits we cause while shutting down are not failures
             return
-        elastic = str(worker_id) in job.status().get("workers", {})
         cause = describe_exit(returncode) if returncode else "exited"
-        job.report_exit(worker_id, cause, when)
-        if returncode != 0:
-            failure = f"worker {worker_id} (rank {worker_id}{where}) {cause}"
-            failures.append(failure)
-            if not elastic:  # a plain torchrun script cannot survive a lost rank, on any node
-                _tell_others(rendezvous, failure, failures)
-                done.set()
-        if not group.running():
-            done.set()
+        if worker_id in evicted:
+            cause = "evicted by the coordinator (hung or cut off), then stopped here"
+        try:
+            if returncode != 0:
+                failure = f"worker {worker_id} (rank {worker_id}{where}) {cause}"
+                if str(worker_id) in job.status().get("workers", {}):
+                    survived.append(failure)
+                else:  # a plain torchrun script cannot survive a lost rank, on any node
+                    rendezvous.report_failure(when, failure)
+            job.report_exit(worker_id, cause, when)
+        except NodeGone:
+            pass  # the main loop finds it out too, and says so
+        finally:
+            wake.set()
 
     base_env = {**os.environ, ENV_COORDINATOR: rendezvous.url, ENV_TOKEN: rendezvous.token,
                 ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}",
@@ -171,62 +184,97 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
     group = WorkerGroup([sys.executable, "-u", "-m", "shoal.launch.script_runner", config.script,
                          *config.script_args], env=base_env,
                         on_exit=on_exit, echo=lambda line: print(line, flush=True))
-    # SIGTERM (a scheduler cancelling the job, `docker stop`) ends this node as Ctrl-C does:
-    # its workers run in sessions of their own, and would otherwise outlive it.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    interrupted: BaseException | None = None
-    stopped_how = ""
-    try:
-        for local_rank in range(config.nproc_per_node):
-            rank = config.node_rank * config.nproc_per_node + local_rank
-            env = torchrun_env(rank=rank, local_rank=local_rank, world_size=config.world_size,
-                               local_world_size=config.nproc_per_node, node_rank=config.node_rank,
-                               nnodes=config.nnodes, master_addr=config.master_addr,
-                               master_port=rendezvous.store_port, run_id=rendezvous.run_id)
-            group.spawn(rank, {**env, ENV_WORKER_ID: str(rank)})
-        while not done.wait(_POLL_SECONDS):
-            elsewhere = rendezvous.failure()
-            if elsewhere is not None and elsewhere not in failures:
-                failures.append(elsewhere)
-                break
-        # An elastic job goes on without this node's workers: stay until it ends (node 0
-        # hosts its coordinator; the others report its outcome, not their workers' fate).
-        while _running(job.status()):
-            time.sleep(_POLL_SECONDS)
-    except NodeGone as error:
-        failures.append(str(error))
-    except (KeyboardInterrupt, _Terminated) as stop:
-        interrupted = stop
-        how = "stopped (SIGTERM)" if isinstance(stop, _Terminated) else "interrupted (Ctrl-C)"
-        stopped_how = f"node {config.node_rank}: {how}" if where else how
-        failures.append(stopped_how)
-        if not job.status().get("workers"):  # an elastic job goes on without this node
-            _tell_others(rendezvous, failures[-1], failures)
-    finally:
-        # After SIGTERM the workers get torchrun's 30 s to leave (a shoal.train worker saves
-        # its checkpoint at the next step boundary), then SIGKILL.
-        group.stop_all(grace=_TERMINATE_GRACE_SECONDS if interrupted else 5.0)
-        signal.signal(signal.SIGTERM, previous_handler)
-    status = job.status()
-    if config.node_rank == 0 and interrupted is None:  # told to stop: now, not after the others
+    others: list[str] = []  # why this node stopped, besides its workers' exits
+    status: dict = {}
+    with _StopRequest(group, wake) as stop:
+        try:
+            if config.node_rank == 0 and config.nnodes > 1:  # no worker starts before every node is in
+                not_started = rendezvous.wait_for_nodes(config.join_timeout, wake)
+                if not_started is not None:
+                    rendezvous.report_failure(time.time(), not_started)
+            if not rendezvous.failed() and not stop.how:
+                _spawn_workers(config, rendezvous, group)
+                status = _watch(config, rendezvous, job, group, wake, stop, evicted)
+        except NodeGone as error:
+            others.append(str(error))
+        finally:
+            group.stop_all(grace=_TERMINATE_GRACE_SECONDS if stop.how else 5.0)
+        if stop.how:
+            others.insert(0, f"node {config.node_rank}: {stop.how}" if where else stop.how)
+            if not status.get("workers"):  # an elastic job goes on without this node
+                _tell_others(rendezvous, others[0], others)
+    status = job.status() or status  # node 0 may be gone: the last status seen then
+    if config.node_rank == 0 and config.nnodes > 1 and not stop.how:  # told to stop: now
+        rendezvous.announce_done()
         _wait_for_other_nodes(rendezvous, job, config.nproc_per_node)
-    elif config.node_rank > 0:
+    failures = _failures(rendezvous, others) + [f for f in survived if f not in others]
+    if config.node_rank > 0:
         try:
             rendezvous.finish()
         except NodeGone:
             pass  # node 0 stopped first: nothing waits for us
-    if isinstance(interrupted, _Terminated):
-        print(f"shoal run: {stopped_how}", file=sys.stderr)
+    if stop.how == _SIGTERM:
+        print(f"shoal run: {others[0]}", file=sys.stderr)
         return EXIT_PREEMPTED
     return _verdict(status, failures)
 
 
-class _Terminated(Exception):
-    """SIGTERM reached the launcher."""
+def _spawn_workers(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerGroup) -> None:
+    for local_rank in range(config.nproc_per_node):
+        rank = config.node_rank * config.nproc_per_node + local_rank
+        env = torchrun_env(rank=rank, local_rank=local_rank, world_size=config.world_size,
+                           local_world_size=config.nproc_per_node, node_rank=config.node_rank,
+                           nnodes=config.nnodes, master_addr=config.master_addr,
+                           master_port=rendezvous.store_port, run_id=rendezvous.run_id)
+        group.spawn(rank, {**env, ENV_WORKER_ID: str(rank)})
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated()
+def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,
+           group: WorkerGroup, wake: threading.Event, stop: _StopRequest, evicted: set[int]) -> dict:
+    """Until this node is done: a plain script's failure anywhere ends it; an elastic job
+    ends when the coordinator says so (this node stays while it goes on elsewhere, and stops
+    a worker the coordinator evicted, which may be hung). Returns the job's last status."""
+    status: dict = {}
+    watch_store = True
+    next_status = 0.0
+    while not stop.how:
+        if watch_store:
+            if rendezvous.failed():
+                break
+            # Node 0's workers are done: it will close the store once every node finished, or
+            # after a while, and ours must not be stopped for that.
+            watch_store = config.node_rank == 0 or not rendezvous.node0_done()
+        done_here = not group.running()
+        if done_here or time.monotonic() >= next_status:
+            status = job.status() or status
+            next_status = time.monotonic() + _STATUS_SECONDS
+            if status.get("status") in ("completed", "failed") and status.get("workers"):
+                _stop_unfinished(group, status, evicted)
+            if done_here and not _running(status):
+                break
+        wake.wait(_POLL_SECONDS)
+        wake.clear()
+    return status
+
+
+def _stop_unfinished(group: WorkerGroup, status: dict, evicted: set[int]) -> None:
+    """The elastic job ended: a local worker that did not finish it was evicted (hung, or cut
+    off) and will never hear so. One that finished may still be at the script's own work
+    after ``shoal.train`` returned: it is left to end by itself."""
+    workers = status["workers"]
+    for worker in group.running():
+        if not workers.get(str(worker.worker_id), {}).get("finished"):
+            evicted.add(worker.worker_id)
+            group.kill(worker.worker_id)
+
+
+def _failures(rendezvous: NodeRendezvous, others: list[str]) -> list[str]:
+    """Every plain-script failure any node reported, earliest first, then ``others``."""
+    try:
+        reported = rendezvous.failures()
+    except NodeGone as error:
+        reported = [] if str(error) in others else [str(error)]
+    return reported + [reason for reason in others if reason not in reported]
 
 
 def _running(status: dict) -> bool:
@@ -236,14 +284,44 @@ def _running(status: dict) -> bool:
     return status.get("status") not in ("completed", "failed") and any(w["alive"] for w in workers)
 
 
-def _tell_others(rendezvous: NodeRendezvous, failure: str, failures: list[str]) -> None:
+def _tell_others(rendezvous: NodeRendezvous, failure: str, others: list[str]) -> None:
     """Put ``failure`` in the store for the other nodes (node 0's store being gone is one more)."""
-    if rendezvous.nnodes == 1:
-        return
     try:
-        rendezvous.report_failure(failure)
+        rendezvous.report_failure(time.time(), failure)
     except NodeGone as error:
-        failures.append(str(error))
+        others.append(str(error))
+
+
+_SIGTERM = "stopped (SIGTERM)"
+
+
+class _StopRequest:
+    """SIGTERM or Ctrl-C to the launcher. The first asks this node to stop (its workers get
+    the grace); another one kills them at once. The handler only notes it: a signal comes at
+    any line, and an exception raised there (inside ``Popen``, or while workers are being
+    stopped) would leave a child unregistered or end the launcher in a traceback."""
+
+    def __init__(self, group: WorkerGroup, wake: threading.Event):
+        self._group = group
+        self._wake = wake
+        self.how: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> Self:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _note(self, signum: int, frame) -> None:
+        if self.how is None:
+            self.how = _SIGTERM if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+            self._wake.set()
+        else:
+            self._group.signal_all(signal.SIGKILL)
 
 
 def _wait_for_other_nodes(rendezvous: NodeRendezvous, job: _LocalJob, nproc_per_node: int) -> None:

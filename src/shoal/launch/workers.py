@@ -107,6 +107,10 @@ class WorkerGroup:
                 return False
         return True
 
+    def kill(self, worker_id: int) -> None:
+        """SIGKILL one worker (a hung one: it would not act on SIGTERM)."""
+        _signal(self.workers[worker_id].process, signal.SIGKILL)
+
     def signal_all(self, signum: int) -> None:
         for worker in self.running():
             _signal(worker.process, signum)
