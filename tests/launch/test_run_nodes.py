@@ -134,7 +134,7 @@ def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path
                              (["--nnodes", "3", "--node-rank", "1"], "--node-rank"),
                              (["--nnodes", "3", "--node-rank", "0"], "--master-port")]:
             result = shoal("run", *flags, "--master-addr", "127.0.0.1", "--master-port", port,
-                           "--join-timeout", "20", str(script), timeout=60)
+                           "--join-timeout", "3", str(script), timeout=60)
             assert result.returncode == 2, (flags, result.stderr)
             [line] = result.stderr.strip().splitlines()
             assert line.startswith(f"shoal run: error: {named}: "), line
@@ -324,3 +324,50 @@ def test_a_second_sigterm_kills_workers_that_ignore_the_first(tmp_path):
     assert launcher.returncode == 143
     assert err.strip().splitlines() == ["shoal run: stopped (SIGTERM)"]
     assert psutil.wait_procs([worker], timeout=10)[1] == []
+
+
+def test_a_node_killed_and_started_again_rejoins_the_running_job(tmp_path):
+    """An elastic job of two nodes: node 1's launcher is SIGKILLed mid-run (its worker goes
+    with it) and started again with the same command. It waits for the coordinator to
+    declare the old worker dead, takes rank 1 again, and its worker rejoins: the job ends
+    with two workers, and both nodes exit 0."""
+    script = tmp_path / "slow_elastic.py"
+    script.write_text(
+        "import time, torch, torch.nn.functional as F, shoal\n"
+        "from torch.utils.data import TensorDataset\n"
+        "def loss_fn(model, batch):\n"
+        "    time.sleep(0.05)  # steps long enough to restart a node during the run\n"
+        "    return F.mse_loss(model(batch[0]), batch[1], reduction='sum')\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "print('training', flush=True)\n"
+        "result = shoal.train(model, torch.optim.SGD(model.parameters(), lr=0.01),\n"
+        "                     TensorDataset(torch.randn(512, 4), torch.randn(512, 1)), loss_fn,\n"
+        "                     global_batch_size=8, steps=300)\n"
+        "if result.is_leader:\n"
+        "    print(f'{result.steps} steps, {result.world_size} workers at the end', flush=True)\n"
+    )
+    job = ["--nnodes", "2", "--master-port", str(_free_port()), "--heartbeat-timeout", "2"]
+    first = _launch(script, *job, "--node-rank", "1")
+    node0 = _launch(script, *job, "--node-rank", "0")
+    nodes = [node0, first]
+    try:
+        assert first.stdout.readline().strip() == "[worker 1] training"
+        first.kill()
+        first.wait()
+        again = _launch(script, *job, "--node-rank", "1", "--join-timeout", "60")
+        nodes.append(again)
+        (code0, out0, err0), (code_again, _, err_again) = _outputs([node0, again], timeout=120)
+    finally:
+        _outputs(nodes, timeout=10)
+    assert (code0, code_again) == (0, 0), err0 + err_again
+    assert "[worker 0] 300 steps, 2 workers at the end" in out0
+
+
+def test_a_plain_job_fails_when_another_nodes_launcher_goes_silent(tmp_path):
+    """SIGKILL to node 1's launcher: its worker goes with it, and node 0's worker, which is
+    in no collective that would notice, is stopped once node 1 has been silent for three
+    heartbeat timeouts (15 s here)."""
+    (code0, _, err0), (code1, _, _) = _stop_a_node_once_ready(tmp_path, 1, signal.SIGKILL)
+    assert (code0, code1) == (1, -signal.SIGKILL), err0
+    assert err0.strip().splitlines()[-1] == "shoal run: failed: node 1's launcher went silent for 15 s"

@@ -41,7 +41,6 @@ _TOKEN = "shoal/run/token"
 _RUN_ID = "shoal/run/run-id"
 _SHAPE = "shoal/run/shape"
 """``NNODES NPROC_PER_NODE`` of node 0: every node must say the same."""
-_ARRIVALS = "shoal/run/arrivals"
 _NODE = "shoal/run/node/{}"
 """Claimed by the launcher that runs as that node: two may not."""
 _FAILED = "shoal/run/failed"
@@ -51,6 +50,9 @@ _FAILURE = "shoal/run/failure/{}"
 _REFUSED = "shoal/run/refused"
 _NODE0_DONE = "shoal/run/node-0-done"
 _FINISHED = "shoal/run/finished/{}"
+_BEAT = "shoal/run/beat/{}"
+"""A counter each node's launcher adds to while it lives: node 0 watches it move (one clock,
+node 0's, so no two machines' clocks are compared)."""
 _POLL_SECONDS = 0.25
 _STORE_TIMEOUT_SECONDS = 30.0
 """A joined node's store calls give up after this: node 0 hung or cut off, not just slow."""
@@ -75,6 +77,8 @@ class NodeRendezvous:
         self.run_id = run_id
         self._gone: str | None = None
         self._hosting = False
+        self._beats: dict[int, tuple[int, float]] = {}
+        """Node 0: each node's beat counter, and when it last moved."""
         """Node 0: the store is ours, and anything wrong with it is a bug to see."""
 
     @classmethod
@@ -123,7 +127,7 @@ class NodeRendezvous:
             if mine != node0:
                 rendezvous._refuse(ConfigError(flag, f"node 0's job has {node0!r}, this node "
                                                f"{mine!r}: give every node the same"))
-        rendezvous.node_rank = rendezvous._claim(node_rank)
+        rendezvous.node_rank = rendezvous._claim(node_rank, deadline)
         store.set_timeout(timedelta(seconds=_STORE_TIMEOUT_SECONDS))
         return rendezvous
 
@@ -131,19 +135,45 @@ class NodeRendezvous:
         self.refuse(str(refusal))
         raise refusal
 
-    def _claim(self, node_rank: int | None) -> int:
-        """Take ``node_rank``, or the next node rank no launcher took."""
+    def _claim(self, node_rank: int | None, deadline: float) -> int:
+        """Take ``node_rank``, or the lowest free one. A rank is free again once node 0
+        released it (every worker of that node died: its launcher may come back), so a
+        taken one is waited for until ``deadline``."""
         me = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         while True:
-            wanted = node_rank if node_rank is not None else self._store.add(_ARRIVALS, 1)
-            if wanted >= self.nnodes:
-                self._refuse(ConfigError("--nnodes", f"node 0's job has all of its {self.nnodes} "
-                                         "nodes already"))
-            if self._store.compare_set(_NODE.format(wanted), "", me).decode() == me:
-                return wanted
-            if node_rank is not None:
-                self._refuse(ConfigError("--node-rank", f"another launcher already runs as node "
-                                         f"{node_rank}"))
+            for wanted in [node_rank] if node_rank is not None else range(1, self.nnodes):
+                if self._store.compare_set(_NODE.format(wanted), "", me).decode() == me:
+                    return wanted
+            if time.monotonic() > deadline:
+                self._refuse(ConfigError("--node-rank", f"another launcher runs as node {node_rank}")
+                             if node_rank is not None else
+                             ConfigError("--nnodes", f"node 0's job has all of its {self.nnodes} nodes"))
+            time.sleep(_POLL_SECONDS)
+
+    def release(self, node: int) -> None:
+        """Node 0: ``node``'s launcher is gone; another may run as it (the same command
+        started again)."""
+        for key in (_NODE.format(node), _FINISHED.format(node)):
+            self._store.delete_key(key)
+        self._beats.pop(node, None)
+
+    def beat(self) -> None:
+        """This node's launcher lives (called as it polls)."""
+        self._call(self._store.add, _BEAT.format(self.node_rank), 1)
+
+    def silent_nodes(self, timeout: float) -> list[int]:
+        """Node 0: the nodes that took a rank and whose launcher has not beaten for
+        ``timeout`` seconds (killed with its machine, or its launcher SIGKILLed)."""
+        now, silent = time.monotonic(), []
+        for node in range(1, self.nnodes):
+            if not self._store.check([_NODE.format(node)]):
+                continue
+            count = self._store.add(_BEAT.format(node), 0)
+            if self._beats.get(node, (None, 0.0))[0] != count:
+                self._beats[node] = (count, now)
+            elif now - self._beats[node][1] > timeout:
+                silent.append(node)
+        return silent
 
     def report_failure(self, when: float, failure: str) -> None:
         """Tell every node that this job failed: ``failure`` (a worker's exit at unix time
@@ -171,12 +201,15 @@ class NodeRendezvous:
         never gets its nodes. (A running job is left alone: the launcher just leaves.)"""
         self._call(self._store.set, _REFUSED, reason)
 
-    def wait_for_nodes(self, timeout: float, stopping: threading.Event) -> str | None:
-        """Node 0, before any worker starts: wait for every other node to claim its rank.
-        None once they all did, else why the job cannot start (one line)."""
+    def wait_for_nodes(self, timeout: float, silence: float, stopping: threading.Event) -> str | None:
+        """Node 0, before any worker starts: wait for every other node to claim its rank (a
+        node that took one and went silent for ``silence`` seconds loses it). None once they
+        all did, else why the job cannot start (one line)."""
         deadline = time.monotonic() + timeout
         while missing := [node for node in range(1, self.nnodes)
                           if not self._store.check([_NODE.format(node)])]:
+            for node in self.silent_nodes(silence):
+                self.release(node)
             if stopping.wait(_POLL_SECONDS):
                 return None  # told to stop: the caller says so
             if time.monotonic() > deadline:

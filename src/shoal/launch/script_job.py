@@ -46,6 +46,9 @@ _EXIT_BARRIER_SECONDS = 300.0
 (torchrun's exit barrier)."""
 _TERMINATE_GRACE_SECONDS = 30.0
 """After SIGTERM, how long the workers may take to leave before SIGKILL (torchrun's)."""
+_SILENT_NODE_HEARTBEATS = 3
+"""A node's launcher silent for this many heartbeat timeouts is gone (generous: a plain job
+fails for it)."""
 _DEAD_NODE_SECONDS = 5.0
 """... and for a node whose workers all died: its launcher, if it lives, is polling for the end."""
 
@@ -189,7 +192,8 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
     with _StopRequest(group, wake) as stop:
         try:
             if config.node_rank == 0 and config.nnodes > 1:  # no worker starts before every node is in
-                not_started = rendezvous.wait_for_nodes(config.join_timeout, wake)
+                not_started = rendezvous.wait_for_nodes(
+                    config.join_timeout, _SILENT_NODE_HEARTBEATS * config.heartbeat_timeout, wake)
                 if not_started is not None:
                     rendezvous.report_failure(time.time(), not_started)
             if not rendezvous.failed() and not stop.how:
@@ -239,6 +243,8 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     next_status = 0.0
     while not stop.how:
         if watch_store:
+            if config.node_rank > 0:
+                rendezvous.beat()
             if rendezvous.failed():
                 break
             # Node 0's workers are done: it will close the store once every node finished, or
@@ -250,11 +256,36 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
             next_status = time.monotonic() + _STATUS_SECONDS
             if status.get("status") in ("completed", "failed") and status.get("workers"):
                 _stop_unfinished(group, status, evicted)
+            elif config.node_rank == 0 and config.nnodes > 1:
+                _mind_silent_nodes(rendezvous, job, status, config)
             if done_here and not _running(status):
                 break
         wake.wait(_POLL_SECONDS)
         wake.clear()
     return status
+
+
+def _mind_silent_nodes(rendezvous: NodeRendezvous, job: _LocalJob, status: dict,
+                       config: RunConfig) -> None:
+    """Node 0: a node whose launcher went silent is gone, and so are its workers (they die
+    with their launcher). A plain job cannot go on without them: it fails, naming the node.
+    An elastic one goes on; its rank is freed for a launcher started again with the same
+    command, and its workers that never joined are no longer waited for."""
+    silence = _SILENT_NODE_HEARTBEATS * config.heartbeat_timeout
+    for node in rendezvous.silent_nodes(silence):
+        rendezvous.release(node)
+        cause = f"node {node}'s launcher went silent for {silence:g} s"
+        workers = status.get("workers", {})
+        if not workers:
+            rendezvous.report_failure(time.time(), cause)
+            continue
+        for rank in _node_ranks(node, config.nproc_per_node):
+            if str(rank) not in workers:
+                job.report_exit(rank, cause, time.time())
+
+
+def _node_ranks(node: int, nproc_per_node: int) -> range:
+    return range(node * nproc_per_node, (node + 1) * nproc_per_node)
 
 
 def _stop_unfinished(group: WorkerGroup, status: dict, evicted: set[int]) -> None:
@@ -333,19 +364,19 @@ def _wait_for_other_nodes(rendezvous: NodeRendezvous, job: _LocalJob, nproc_per_
         workers = job.status()["workers"]
         waiting = [node for node in rendezvous.unfinished()
                    if time.monotonic() - started < (_DEAD_NODE_SECONDS if _all_dead(
-                       workers, range(node * nproc_per_node, (node + 1) * nproc_per_node))
-                       else _EXIT_BARRIER_SECONDS)]
+                       workers, _node_ranks(node, nproc_per_node)) else _EXIT_BARRIER_SECONDS)]
         if not waiting:
             break
         time.sleep(_POLL_SECONDS)
     if late := [node for node in rendezvous.unfinished()
-                if not _all_dead(workers, range(node * nproc_per_node, (node + 1) * nproc_per_node))]:
+                if not _all_dead(workers, _node_ranks(node, nproc_per_node))]:
         print(f"shoal run: warning: node(s) {', '.join(map(str, late))} did not say they had ended "
               f"within {_EXIT_BARRIER_SECONDS:g} s; stopping the store and the coordinator",
               file=sys.stderr)
 
 
 def _all_dead(workers: dict, ranks: range) -> bool:
+    """Every one of ``ranks`` joined the job and the coordinator declared it dead."""
     known = [workers.get(str(rank)) for rank in ranks]
     return all(w is not None and not w["alive"] and not w["finished"] for w in known)
 
