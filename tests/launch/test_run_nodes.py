@@ -149,9 +149,10 @@ def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path
 
 def test_node_0_fails_the_job_when_a_node_never_joins_and_says_who_was_refused(tmp_path):
     script, port = _waiting_script(tmp_path), str(_free_port())
-    node0 = _launch(script, "--nnodes", "2", "--master-port", port, "--join-timeout", "6")
-    refused = shoal("run", "--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                    "--master-port", port, str(script), timeout=60)
+    node0 = _launch(script, "--nnodes", "2", "--node-rank", "0", "--master-port", port,
+                    "--join-timeout", "6")
+    refused = shoal("run", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "2",
+                    "--master-addr", "127.0.0.1", "--master-port", port, str(script), timeout=60)
     [(code, out, err)] = _outputs([node0], timeout=60)
     assert refused.returncode == 2 and "--nproc-per-node" in refused.stderr
     assert code == 1 and out == "", err  # no worker started
@@ -343,7 +344,7 @@ def test_a_node_killed_and_started_again_rejoins_the_running_job(tmp_path):
         "print('training', flush=True)\n"
         "result = shoal.train(model, torch.optim.SGD(model.parameters(), lr=0.01),\n"
         "                     TensorDataset(torch.randn(512, 4), torch.randn(512, 1)), loss_fn,\n"
-        "                     global_batch_size=8, steps=300)\n"
+        "                     global_batch_size=8, steps=500)\n"
         "if result.is_leader:\n"
         "    print(f'{result.steps} steps, {result.world_size} workers at the end', flush=True)\n"
     )
@@ -361,7 +362,7 @@ def test_a_node_killed_and_started_again_rejoins_the_running_job(tmp_path):
     finally:
         _outputs(nodes, timeout=10)
     assert (code0, code_again) == (0, 0), err0 + err_again
-    assert "[worker 0] 300 steps, 2 workers at the end" in out0
+    assert "[worker 0] 500 steps, 2 workers at the end" in out0
 
 
 def test_a_plain_job_fails_when_another_nodes_launcher_goes_silent(tmp_path):
@@ -371,3 +372,44 @@ def test_a_plain_job_fails_when_another_nodes_launcher_goes_silent(tmp_path):
     (code0, _, err0), (code1, _, _) = _stop_a_node_once_ready(tmp_path, 1, signal.SIGKILL)
     assert (code0, code1) == (1, -signal.SIGKILL), err0
     assert err0.strip().splitlines()[-1] == "shoal run: failed: node 1's launcher went silent for 15 s"
+
+
+def test_a_node_done_long_before_node_0_waits_for_it_and_is_not_taken_for_gone(tmp_path):
+    """Rank 1 (node 1) is done at once, rank 0 takes 6 s: twice the 3 s after which node 0
+    takes a silent node for gone. Node 1 stays, beating, until node 0 is done."""
+    script = tmp_path / "early.py"
+    script.write_text("import os, time\n"
+                      "if os.environ['RANK'] == '0':\n"
+                      "    time.sleep(6)\n")
+    for code, _, err in _nodes(str(script), 2, 1, "--heartbeat-timeout", "1", timeout=60):
+        assert code == 0, err
+
+
+def test_a_ddp_job_that_loses_a_node_ends_at_once_and_names_it(tmp_path):
+    """Node 1's launcher is SIGKILLed in the middle of a gloo all-reduce loop: node 0's
+    worker fails at once, and node 0, not waiting out its exit barrier for a node that is
+    gone, names the silent node."""
+    script = tmp_path / "ddp_loop.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "value = torch.ones(1)\n"
+        "dist.all_reduce(value)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    dist.all_reduce(value)\n"
+    )
+    launched = []
+
+    def popen(argv, **kwargs):
+        process = subprocess.Popen(argv, **kwargs)
+        launched.insert(0, process)
+        if len(launched) == 2:
+            assert launched[1].stdout.readline().strip() == "[worker 1] ready"
+            launched[1].kill()
+        return process
+
+    (code0, _, err0), (code1, _, _) = _nodes(str(script), 2, 1, "--heartbeat-timeout", "2",
+                                             popen=popen, timeout=60)
+    assert (code0, code1) == (1, -signal.SIGKILL), err0
+    assert "node 1's launcher went silent for 6 s" in err0.strip().splitlines()[-1]

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import NoReturn
 
@@ -44,9 +44,12 @@ _SHAPE = "shoal/run/shape"
 _NODE = "shoal/run/node/{}"
 """Claimed by the launcher that runs as that node: two may not."""
 _FAILED = "shoal/run/failed"
-_FAILURE_COUNT = "shoal/run/failure-count"
+_FAILURE_IDS = "shoal/run/failure-ids"
+"""The ids of the failures reported, each followed by a space (appended once written)."""
 _FAILURE = "shoal/run/failure/{}"
-"""``UNIX_TIME TEXT`` of the n-th failure reported."""
+"""``UNIX_TIME TEXT`` of one failure."""
+_STARTED = "shoal/run/started"
+"""Every node is in: workers may start."""
 _REFUSED = "shoal/run/refused"
 _NODE0_DONE = "shoal/run/node-0-done"
 _FINISHED = "shoal/run/finished/{}"
@@ -166,8 +169,8 @@ class NodeRendezvous:
         ``timeout`` seconds (killed with its machine, or its launcher SIGKILLed)."""
         now, silent = time.monotonic(), []
         for node in range(1, self.nnodes):
-            if not self._store.check([_NODE.format(node)]):
-                continue
+            if not self._store.check([_NODE.format(node)]) or self._store.check([_FINISHED.format(node)]):
+                continue  # not in, or done and gone on purpose
             count = self._store.add(_BEAT.format(node), 0)
             if self._beats.get(node, (None, 0.0))[0] != count:
                 self._beats[node] = (count, now)
@@ -177,9 +180,12 @@ class NodeRendezvous:
 
     def report_failure(self, when: float, failure: str) -> None:
         """Tell every node that this job failed: ``failure`` (a worker's exit at unix time
-        ``when``) joins the job's list, and the flag every node polls goes up."""
-        number = self._call(self._store.add, _FAILURE_COUNT, 1)
-        self._call(self._store.set, _FAILURE.format(number), f"{when:.6f} {failure}")
+        ``when``) joins the job's list, and the flag every node polls goes up. The record is
+        written before its id is listed: a reporter that dies in between leaves nothing
+        half-told."""
+        failure_id = uuid.uuid4().hex[:12]
+        self._call(self._store.set, _FAILURE.format(failure_id), f"{when:.6f} {failure}")
+        self._call(self._store.append, _FAILURE_IDS, f"{failure_id} ")
         self._call(self._store.set, _FAILED, "1")
 
     def failed(self) -> bool:
@@ -188,12 +194,13 @@ class NodeRendezvous:
 
     def failures(self) -> list[str]:
         """Every failure reported, the earliest exit first: the others are usually its
-        knock-on effects (a peer's collective broke), whichever node reported first."""
-        count = self._call(self._store.add, _FAILURE_COUNT, 0)
-        if count == 0:
+        knock-on effects (a peer's collective broke), whichever node reported first. (Exit
+        times from several machines are as close as their clocks.)"""
+        if not self._call(self._store.check, [_FAILURE_IDS]):
             return []
-        records = self._call(self._store.multi_get, [_FAILURE.format(n + 1) for n in range(count)])
-        timed = sorted(record.decode().split(" ", 1) for record in records)
+        ids = self._call(self._store.get, _FAILURE_IDS).decode().split()
+        records = self._call(self._store.multi_get, [_FAILURE.format(i) for i in ids])
+        timed = [record.decode().split(" ", 1) for record in records]
         return [failure for _, failure in sorted(timed, key=lambda pair: float(pair[0]))]
 
     def refuse(self, reason: str) -> None:
@@ -201,23 +208,35 @@ class NodeRendezvous:
         never gets its nodes. (A running job is left alone: the launcher just leaves.)"""
         self._call(self._store.set, _REFUSED, reason)
 
-    def wait_for_nodes(self, timeout: float, silence: float, stopping: threading.Event) -> str | None:
+    def wait_for_nodes(self, timeout: float, silence: float, stopping: Callable[[], bool]) -> str | None:
         """Node 0, before any worker starts: wait for every other node to claim its rank (a
-        node that took one and went silent for ``silence`` seconds loses it). None once they
-        all did, else why the job cannot start (one line)."""
+        node that took one and went silent for ``silence`` seconds loses it), then let the
+        workers of every node start. None once they may, else why the job cannot start."""
         deadline = time.monotonic() + timeout
         while missing := [node for node in range(1, self.nnodes)
                           if not self._store.check([_NODE.format(node)])]:
             for node in self.silent_nodes(silence):
                 self.release(node)
-            if stopping.wait(_POLL_SECONDS):
-                return None  # told to stop: the caller says so
+            if stopping():
+                return None  # the caller says why
             if time.monotonic() > deadline:
                 refused = self._store.get(_REFUSED).decode() if self._store.check([_REFUSED]) else None
                 return (f"node(s) {', '.join(map(str, missing))} of {self.nnodes} did not join within "
                         f"{timeout:g} s (--join-timeout)" + (f"; a launcher was refused: {refused}"
                                                              if refused else ""))
+            time.sleep(_POLL_SECONDS)
+        self._store.set(_STARTED, "1")
         return None
+
+    def wait_started(self, stopping: Callable[[], bool]) -> bool:
+        """A node other than 0: wait, beating, until node 0 lets every node's workers start
+        (True), or the job failed before it could, or this node is told to stop (False)."""
+        while not self._call(self._store.check, [_STARTED]):
+            self.beat()
+            if self.failed() or stopping():
+                return False
+            time.sleep(_POLL_SECONDS)
+        return True
 
     def announce_done(self) -> None:
         """Node 0's workers are done: the others stop watching its store, which it will close

@@ -49,6 +49,8 @@ _TERMINATE_GRACE_SECONDS = 30.0
 _SILENT_NODE_HEARTBEATS = 3
 """A node's launcher silent for this many heartbeat timeouts is gone (generous: a plain job
 fails for it)."""
+_STOPPED_BARRIER_SECONDS = 5.0
+"""Node 0 told to stop waits this long for the others to read why."""
 _DEAD_NODE_SECONDS = 5.0
 """... and for a node whose workers all died: its launcher, if it lives, is polling for the end."""
 
@@ -157,18 +159,16 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
     where = f", node {config.node_rank}" if config.nnodes > 1 else ""
     survived: list[str] = []  # an elastic job's losses on this node
     wake = threading.Event()
-    evicted: set[int] = set()
+    stopped_here: dict[int, str] = {}  # workers this launcher stopped after the job ended: why
 
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
         if group.stopping:  # exits we cause while shutting down are not failures
             return
-        cause = describe_exit(returncode) if returncode else "exited"
-        if worker_id in evicted:
-            cause = "evicted by the coordinator (hung or cut off), then stopped here"
+        cause = stopped_here.get(worker_id) or (describe_exit(returncode) if returncode else "exited")
         try:
             if returncode != 0:
                 failure = f"worker {worker_id} (rank {worker_id}{where}) {cause}"
-                if str(worker_id) in job.status().get("workers", {}):
+                if worker_id in stopped_here or str(worker_id) in job.status().get("workers", {}):
                     survived.append(failure)
                 else:  # a plain torchrun script cannot survive a lost rank, on any node
                     rendezvous.report_failure(when, failure)
@@ -189,38 +189,53 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
                         on_exit=on_exit, echo=lambda line: print(line, flush=True))
     others: list[str] = []  # why this node stopped, besides its workers' exits
     status: dict = {}
-    with _StopRequest(group, wake) as stop:
+    with _StopRequest(group) as stop:
         try:
-            if config.node_rank == 0 and config.nnodes > 1:  # no worker starts before every node is in
-                not_started = rendezvous.wait_for_nodes(
-                    config.join_timeout, _SILENT_NODE_HEARTBEATS * config.heartbeat_timeout, wake)
-                if not_started is not None:
-                    rendezvous.report_failure(time.time(), not_started)
-            if not rendezvous.failed() and not stop.how:
+            if _all_nodes_in(config, rendezvous, stop) and not stop.how:
                 _spawn_workers(config, rendezvous, group)
-                status = _watch(config, rendezvous, job, group, wake, stop, evicted)
+                status = _watch(config, rendezvous, job, group, wake, stop, stopped_here)
         except NodeGone as error:
             others.append(str(error))
         finally:
+            _tell_stop(config, rendezvous, stop, status, others)  # before the workers' grace
             group.stop_all(grace=_TERMINATE_GRACE_SECONDS if stop.how else 5.0)
-        if stop.how:
-            others.insert(0, f"node {config.node_rank}: {stop.how}" if where else stop.how)
-            if not status.get("workers"):  # an elastic job goes on without this node
-                _tell_others(rendezvous, others[0], others)
-    status = job.status() or status  # node 0 may be gone: the last status seen then
-    if config.node_rank == 0 and config.nnodes > 1 and not stop.how:  # told to stop: now
-        rendezvous.announce_done()
-        _wait_for_other_nodes(rendezvous, job, config.nproc_per_node)
-    failures = _failures(rendezvous, others) + [f for f in survived if f not in others]
-    if config.node_rank > 0:
-        try:
-            rendezvous.finish()
-        except NodeGone:
-            pass  # node 0 stopped first: nothing waits for us
+            _tell_stop(config, rendezvous, stop, status, others)  # one that came during it
+        status = job.status() or status  # node 0 may be gone: the last status seen then
+        if config.node_rank == 0 and config.nnodes > 1:
+            rendezvous.announce_done()
+            # Told to stop: a few seconds for the others to read why, not the whole wait.
+            others += _wait_for_other_nodes(rendezvous, job, config,
+                                            _STOPPED_BARRIER_SECONDS if stop.how else _EXIT_BARRIER_SECONDS)
+        elif config.node_rank > 0 and not stop.how:
+            _await_node_0(rendezvous, stop)
+        failures = _failures(rendezvous, others) + [f for f in survived if f not in others]
+        if config.node_rank > 0:
+            try:
+                rendezvous.finish()
+            except NodeGone:
+                pass  # node 0 stopped first: nothing waits for us
     if stop.how == _SIGTERM:
         print(f"shoal run: {others[0]}", file=sys.stderr)
         return EXIT_PREEMPTED
     return _verdict(status, failures)
+
+
+def _all_nodes_in(config: RunConfig, rendezvous: NodeRendezvous, stop: _StopRequest) -> bool:
+    """No worker starts before every node claimed its rank: node 0 waits for them (and fails
+    the job if they do not come), the others for node 0's word."""
+    if config.nnodes == 1:
+        return True
+    if config.node_rank > 0:
+        return rendezvous.wait_started(stop.requested)
+    not_started = rendezvous.wait_for_nodes(config.join_timeout, _silence(config), stop.requested)
+    if not_started is not None:
+        rendezvous.report_failure(time.time(), not_started)
+    return not_started is None
+
+
+def _silence(config: RunConfig) -> float:
+    """How long a node's launcher may be silent before node 0 takes it for gone."""
+    return _SILENT_NODE_HEARTBEATS * config.heartbeat_timeout
 
 
 def _spawn_workers(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerGroup) -> None:
@@ -234,28 +249,36 @@ def _spawn_workers(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerG
 
 
 def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,
-           group: WorkerGroup, wake: threading.Event, stop: _StopRequest, evicted: set[int]) -> dict:
-    """Until this node is done: a plain script's failure anywhere ends it; an elastic job
-    ends when the coordinator says so (this node stays while it goes on elsewhere, and stops
-    a worker the coordinator evicted, which may be hung). Returns the job's last status."""
+           group: WorkerGroup, wake: threading.Event, stop: _StopRequest,
+           stopped_here: dict[int, str]) -> dict:
+    """Until this node's workers are done: a plain script's failure anywhere ends it; an
+    elastic job ends when the coordinator says so (this node stays while it goes on
+    elsewhere, and then stops a local worker that never will: evicted, or never joined).
+    Returns the job's last status."""
     status: dict = {}
-    watch_store = True
-    next_status = 0.0
+    watch_store, node0_done = True, False
+    next_status, ended_at = 0.0, None
     while not stop.how:
         if watch_store:
-            if config.node_rank > 0:
-                rendezvous.beat()
-            if rendezvous.failed():
-                break
-            # Node 0's workers are done: it will close the store once every node finished, or
-            # after a while, and ours must not be stopped for that.
-            watch_store = config.node_rank == 0 or not rendezvous.node0_done()
+            try:
+                if config.node_rank > 0:
+                    rendezvous.beat()
+                if rendezvous.failed():
+                    break
+                node0_done = node0_done or (config.node_rank > 0 and rendezvous.node0_done())
+            except NodeGone:
+                if not node0_done:
+                    raise
+                watch_store = False  # node 0 finished and closed its store: nothing more to hear
         done_here = not group.running()
         if done_here or time.monotonic() >= next_status:
             status = job.status() or status
             next_status = time.monotonic() + _STATUS_SECONDS
             if status.get("status") in ("completed", "failed") and status.get("workers"):
-                _stop_unfinished(group, status, evicted)
+                ended_at = ended_at or time.monotonic()
+                # After a failure the workers hear of it and leave: a heartbeat timeout first.
+                if status["status"] == "completed" or time.monotonic() - ended_at > config.heartbeat_timeout:
+                    _stop_unfinished(group, status, stopped_here)
             elif config.node_rank == 0 and config.nnodes > 1:
                 _mind_silent_nodes(rendezvous, job, status, config)
             if done_here and not _running(status):
@@ -265,13 +288,41 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     return status
 
 
+def _await_node_0(rendezvous: NodeRendezvous, stop: _StopRequest) -> None:
+    """A node whose workers are done stays, beating, until node 0's are too (or the job
+    failed, or node 0 is gone): a failure elsewhere until then is still this job's, and
+    reported by this node too (torchrun's exit barrier)."""
+    try:
+        while not (rendezvous.node0_done() or rendezvous.failed() or stop.how):
+            rendezvous.beat()
+            time.sleep(_POLL_SECONDS)
+    except NodeGone:
+        pass  # _failures says so
+
+
+def _tell_stop(config: RunConfig, rendezvous: NodeRendezvous, stop: _StopRequest, status: dict,
+               others: list[str]) -> None:
+    """Once, when this node was told to stop: say why first, and to every node under a plain
+    script (an elastic job goes on without this node), with the time it was told."""
+    if not stop.how or stop.told:
+        return
+    stop.told = True
+    reason = f"node {config.node_rank}: {stop.how}" if config.nnodes > 1 else stop.how
+    others.insert(0, reason)
+    if not status.get("workers"):
+        try:
+            rendezvous.report_failure(stop.when, reason)
+        except NodeGone as error:
+            others.append(str(error))
+
+
 def _mind_silent_nodes(rendezvous: NodeRendezvous, job: _LocalJob, status: dict,
                        config: RunConfig) -> None:
     """Node 0: a node whose launcher went silent is gone, and so are its workers (they die
     with their launcher). A plain job cannot go on without them: it fails, naming the node.
     An elastic one goes on; its rank is freed for a launcher started again with the same
     command, and its workers that never joined are no longer waited for."""
-    silence = _SILENT_NODE_HEARTBEATS * config.heartbeat_timeout
+    silence = _silence(config)
     for node in rendezvous.silent_nodes(silence):
         rendezvous.release(node)
         cause = f"node {node}'s launcher went silent for {silence:g} s"
@@ -288,23 +339,28 @@ def _node_ranks(node: int, nproc_per_node: int) -> range:
     return range(node * nproc_per_node, (node + 1) * nproc_per_node)
 
 
-def _stop_unfinished(group: WorkerGroup, status: dict, evicted: set[int]) -> None:
-    """The elastic job ended: a local worker that did not finish it was evicted (hung, or cut
-    off) and will never hear so. One that finished may still be at the script's own work
-    after ``shoal.train`` returned: it is left to end by itself."""
+def _stop_unfinished(group: WorkerGroup, status: dict, stopped_here: dict[int, str]) -> None:
+    """The elastic job ended: a local worker the coordinator declared dead (evicted: hung, or
+    cut off) or never heard from will never hear so. One that finished, or is still a live
+    member, is left to end by itself (it may be at the script's own work after
+    ``shoal.train`` returned)."""
     workers = status["workers"]
     for worker in group.running():
-        if not workers.get(str(worker.worker_id), {}).get("finished"):
-            evicted.add(worker.worker_id)
-            group.kill(worker.worker_id)
+        known = workers.get(str(worker.worker_id))
+        if known is not None and (known["alive"] or known["finished"]):
+            continue
+        stopped_here[worker.worker_id] = (
+            "had not joined when the job ended; stopped here" if known is None else
+            "evicted by the coordinator (hung or cut off), then stopped here")
+        group.kill(worker.worker_id)
 
 
 def _failures(rendezvous: NodeRendezvous, others: list[str]) -> list[str]:
     """Every plain-script failure any node reported, earliest first, then ``others``."""
     try:
         reported = rendezvous.failures()
-    except NodeGone as error:
-        reported = [] if str(error) in others else [str(error)]
+    except NodeGone:
+        reported = []  # node 0 finished and closed its store, or is gone: ``others`` says which
     return reported + [reason for reason in others if reason not in reported]
 
 
@@ -315,28 +371,25 @@ def _running(status: dict) -> bool:
     return status.get("status") not in ("completed", "failed") and any(w["alive"] for w in workers)
 
 
-def _tell_others(rendezvous: NodeRendezvous, failure: str, others: list[str]) -> None:
-    """Put ``failure`` in the store for the other nodes (node 0's store being gone is one more)."""
-    try:
-        rendezvous.report_failure(time.time(), failure)
-    except NodeGone as error:
-        others.append(str(error))
-
-
 _SIGTERM = "stopped (SIGTERM)"
 
 
 class _StopRequest:
     """SIGTERM or Ctrl-C to the launcher. The first asks this node to stop (its workers get
-    the grace); another one kills them at once. The handler only notes it: a signal comes at
-    any line, and an exception raised there (inside ``Popen``, or while workers are being
-    stopped) would leave a child unregistered or end the launcher in a traceback."""
+    the grace); another one kills them at once. The handler only notes it, and the loops
+    poll: a signal comes at any line, and an exception raised there (inside ``Popen``) would
+    leave a child unregistered, a lock taken there (an Event's) could be the one the main
+    thread holds."""
 
-    def __init__(self, group: WorkerGroup, wake: threading.Event):
+    def __init__(self, group: WorkerGroup):
         self._group = group
-        self._wake = wake
         self.how: str | None = None
+        self.when = 0.0
+        self.told = False
         self._previous: dict = {}
+
+    def requested(self) -> bool:
+        return self.how is not None
 
     def __enter__(self) -> Self:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -350,29 +403,33 @@ class _StopRequest:
     def _note(self, signum: int, frame) -> None:
         if self.how is None:
             self.how = _SIGTERM if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
-            self._wake.set()
+            self.when = time.time()
         else:
             self._group.signal_all(signal.SIGKILL)
 
 
-def _wait_for_other_nodes(rendezvous: NodeRendezvous, job: _LocalJob, nproc_per_node: int) -> None:
-    """Keep the store and the coordinator up until every other node has read the outcome. A
-    node whose workers the coordinator declared dead may have lost its launcher too (the
-    machine is gone): it gets a few seconds, not the whole wait."""
-    started = time.monotonic()
+def _wait_for_other_nodes(rendezvous: NodeRendezvous, job: _LocalJob, config: RunConfig,
+                          limit: float) -> list[str]:
+    """Keep the store and the coordinator up until every other node has read the outcome, up
+    to ``limit`` seconds. A node whose workers the coordinator declared dead may have lost
+    its launcher too: it gets a few seconds; one whose launcher went silent, none (and that
+    is said). Returns the silent nodes' causes."""
+    started, silent = time.monotonic(), {}
     while True:
         workers = job.status()["workers"]
-        waiting = [node for node in rendezvous.unfinished()
-                   if time.monotonic() - started < (_DEAD_NODE_SECONDS if _all_dead(
-                       workers, _node_ranks(node, nproc_per_node)) else _EXIT_BARRIER_SECONDS)]
+        for node in rendezvous.silent_nodes(_silence(config)):
+            silent[node] = f"node {node}'s launcher went silent for {_silence(config):g} s"
+        waiting = [node for node in rendezvous.unfinished() if node not in silent and
+                   time.monotonic() - started < (_DEAD_NODE_SECONDS if _all_dead(
+                       workers, _node_ranks(node, config.nproc_per_node)) else limit)]
         if not waiting:
             break
         time.sleep(_POLL_SECONDS)
-    if late := [node for node in rendezvous.unfinished()
-                if not _all_dead(workers, _node_ranks(node, nproc_per_node))]:
+    if late := [node for node in rendezvous.unfinished() if node not in silent and
+                not _all_dead(workers, _node_ranks(node, config.nproc_per_node))]:
         print(f"shoal run: warning: node(s) {', '.join(map(str, late))} did not say they had ended "
-              f"within {_EXIT_BARRIER_SECONDS:g} s; stopping the store and the coordinator",
-              file=sys.stderr)
+              f"within {limit:g} s; stopping the store and the coordinator", file=sys.stderr)
+    return list(silent.values())
 
 
 def _all_dead(workers: dict, ranks: range) -> bool:

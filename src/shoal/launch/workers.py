@@ -87,8 +87,9 @@ class WorkerGroup:
 
     def _wait(self, worker: WorkerProcess) -> None:
         returncode = worker.process.wait()
+        exited_at = time.time()  # before the lock, which another exit's handler may hold a while
         with self._lock:
-            worker.exited_at = time.time()
+            worker.exited_at = exited_at
             self.on_exit(worker.worker_id, returncode, worker.exited_at)
 
     def running(self) -> list[WorkerProcess]:
