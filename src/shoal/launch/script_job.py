@@ -111,9 +111,13 @@ class _RemoteJob:
 def run_script(config: RunConfig) -> int:
     hosted = _host(config) if config.node_rank in (0, None) else None
     if hosted is None:  # another node hosts the job
-        rendezvous = NodeRendezvous.join(config.master_addr, config.master_port, config.node_rank,
-                                         config.nnodes, config.nproc_per_node, config.run_id,
-                                         config.join_timeout)
+        try:
+            rendezvous = NodeRendezvous.join(config.master_addr, config.master_port, config.node_rank,
+                                             config.nnodes, config.nproc_per_node, config.run_id,
+                                             config.join_timeout)
+        except KeyboardInterrupt:  # no worker started yet: nothing to stop
+            print("shoal run: interrupted (Ctrl-C) while joining node 0's job", file=sys.stderr)
+            return 1
         config = dataclasses.replace(config, node_rank=rendezvous.node_rank)
         return _run_node(config, rendezvous, _RemoteJob(rendezvous.url, rendezvous.token))
     coordinator, membership = hosted
