@@ -131,6 +131,7 @@ def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path
         for flags, named in [(["--nnodes", "2"], "--nnodes"),
                              (["--nnodes", "3", "--nproc-per-node", "2"], "--nproc-per-node"),
                              (["--nnodes", "3", "--rdzv-id", "job8"], "--rdzv-id"),
+                             (["--nnodes", "3", "--heartbeat-timeout", "9"], "--heartbeat-timeout"),
                              (["--nnodes", "3", "--node-rank", "1"], "--node-rank"),
                              (["--nnodes", "3", "--node-rank", "0"], "--master-port")]:
             result = shoal("run", *flags, "--master-addr", "127.0.0.1", "--master-port", port,

@@ -22,6 +22,7 @@ rendezvous itself. Keep that port inside the cluster's network.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -40,7 +41,7 @@ _URL = "shoal/run/coordinator-url"
 _TOKEN = "shoal/run/token"
 _RUN_ID = "shoal/run/run-id"
 _SHAPE = "shoal/run/shape"
-"""``NNODES NPROC_PER_NODE`` of node 0: every node must say the same."""
+"""Node 0's flags that every node must give alike (JSON: flag -> value)."""
 _NODE = "shoal/run/node/{}"
 """Claimed by the launcher that runs as that node: two may not."""
 _FAILED = "shoal/run/failed"
@@ -85,13 +86,13 @@ class NodeRendezvous:
         """Node 0: the store is ours, and anything wrong with it is a bug to see."""
 
     @classmethod
-    def host(cls, store: dist.TCPStore, nnodes: int, nproc_per_node: int, *, url: str, token: str,
+    def host(cls, store: dist.TCPStore, nnodes: int, shape: dict, *, url: str, token: str,
              run_id: str) -> NodeRendezvous:
         """Node 0: publish what the other nodes need in the store it serves (nothing when it
         is the only node: the token stays out of the store)."""
         if nnodes > 1:
             for key, value in ((_URL, url), (_TOKEN, token), (_RUN_ID, run_id),
-                               (_SHAPE, f"{nnodes} {nproc_per_node}"), (_NODE.format(0), "node 0")):
+                               (_SHAPE, json.dumps(shape)), (_NODE.format(0), "node 0")):
                 store.set(key, value)
         rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=run_id)
         rendezvous._hosting = True
@@ -99,7 +100,7 @@ class NodeRendezvous:
 
     @classmethod
     def join(cls, master_addr: str, master_port: int, node_rank: int | None, nnodes: int,
-             nproc_per_node: int, run_id: str | None, timeout: float) -> NodeRendezvous:
+             shape: dict, run_id: str | None, timeout: float) -> NodeRendezvous:
         """A node other than 0: wait up to ``timeout`` for node 0's store, check that this node
         belongs to node 0's job, and take ``node_rank`` (None: the next free one, torchrun's
         c10d way).
@@ -117,16 +118,16 @@ class NodeRendezvous:
             _wait_until_listening(master_addr, master_port, deadline)
             store = dist.TCPStore(master_addr, master_port, is_master=False,
                                   timeout=timedelta(seconds=max(deadline - time.monotonic(), 10.0)))
-            url, token, theirs, shape = (store.get(key).decode() for key in (_URL, _TOKEN, _RUN_ID, _SHAPE))
+            url, token, theirs, their_shape = (store.get(key).decode()
+                                               for key in (_URL, _TOKEN, _RUN_ID, _SHAPE))
         except (OSError, RuntimeError) as error:  # torch's DistError and its kinds are RuntimeErrors
             raise ConfigError("--master-addr", f"no node 0 answered at {master_addr}:{master_port} "
                               f"within {timeout:g} s (start `shoal run --node-rank 0` there, or "
                               f"give a longer --join-timeout): {_first_line(error)}") from None
         rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=theirs)
-        their_nnodes, their_nproc = map(int, shape.split())
-        for flag, mine, node0 in (("--nnodes", nnodes, their_nnodes),
-                                  ("--nproc-per-node", nproc_per_node, their_nproc),
-                                  ("--rdzv-id", run_id or theirs, theirs)):
+        theirs_shape = json.loads(their_shape)
+        for flag, mine, node0 in [*((flag, value, theirs_shape.get(flag)) for flag, value in shape.items()),
+                                  ("--rdzv-id", run_id or theirs, theirs)]:
             if mine != node0:
                 rendezvous._refuse(ConfigError(flag, f"node 0's job has {node0!r}, this node "
                                                f"{mine!r}: give every node the same"))

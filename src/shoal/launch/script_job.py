@@ -113,7 +113,7 @@ def run_script(config: RunConfig) -> int:
     if hosted is None:  # another node hosts the job
         try:
             rendezvous = NodeRendezvous.join(config.master_addr, config.master_port, config.node_rank,
-                                             config.nnodes, config.nproc_per_node, config.run_id,
+                                             config.nnodes, _shape(config), config.run_id,
                                              config.join_timeout)
         except KeyboardInterrupt:  # no worker started yet: nothing to stop
             print("shoal run: interrupted (Ctrl-C) while joining node 0's job", file=sys.stderr)
@@ -122,12 +122,19 @@ def run_script(config: RunConfig) -> int:
         return _run_node(config, rendezvous, _RemoteJob(rendezvous.url, rendezvous.token))
     coordinator, membership = hosted
     try:
-        rendezvous = NodeRendezvous.host(coordinator.store, config.nnodes, config.nproc_per_node,
+        rendezvous = NodeRendezvous.host(coordinator.store, config.nnodes, _shape(config),
                                          url=coordinator.url, token=coordinator.token,
                                          run_id=config.run_id or uuid.uuid4().hex[:12])
         return _run_node(dataclasses.replace(config, node_rank=0), rendezvous, _LocalJob(membership))
     finally:
         coordinator.stop()
+
+
+def _shape(config: RunConfig) -> dict:
+    """The flags every node must give as node 0 did: the job's size, and the membership
+    rules node 0's coordinator applies (another node's would be ignored)."""
+    return {"--nnodes": config.nnodes, "--nproc-per-node": config.nproc_per_node,
+            "--min-workers": config.min_workers, "--heartbeat-timeout": config.heartbeat_timeout}
 
 
 def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
