@@ -56,14 +56,16 @@ def test_a_workers_death_costs_the_server_nothing_it_applied(tmp_path):
     survivors take it, and only the units in flight are handed out again. Snapshots are
     made too rare to matter here (the server's death is what they are for): going back to
     the last one, as every death once did, would redo every step from 0 in generation 2.
-    Units are handed out in order and at most one per worker is in flight, so steps 0-15
-    were finished before the death and must stay in generation 1."""
+    At most one unit per worker is in flight, so at most four of steps 0-18 can be handed
+    out again (a slow worker may hold an early one: CI once saw step 14 redone, with 15-18
+    and 20 finished before the death); every other one must stay in generation 1."""
     log = tmp_path / "samples.jsonl"
     result = shoal("train", *DIGITS, "--workers", "4", "--kill", "2@19", "--sample-log", str(log),
                    "--output", str(tmp_path / "r.json"), env={**os.environ, "SHOAL_ASYNC_SNAPSHOT_STEPS": "1000"})
     assert result.returncode == 0, result.stderr
     generations = {line["step"]: line["generation"] for line in map(json.loads, log.read_text().splitlines())}
-    assert [generations[step] for step in range(16)] == [1] * 16
+    redone = [step for step in range(19) if generations[step] != 1]
+    assert len(redone) <= 4, redone
     assert max(generations.values()) == 2  # the steps in flight and after: the next generation
     size = len(TASKS["digits"](0).train_dataset())
     assert exactly_once_violations(log, dataset_size=size, steps=40) == []
