@@ -81,9 +81,9 @@ class NodeRendezvous:
         self.run_id = run_id
         self._gone: str | None = None
         self._hosting = False
+        """Node 0: the store is ours, and anything wrong with it is a bug to see."""
         self._beats: dict[int, tuple[int, float]] = {}
         """Node 0: each node's beat counter, and when it last moved."""
-        """Node 0: the store is ours, and anything wrong with it is a bug to see."""
 
     @classmethod
     def host(cls, store: dist.TCPStore, nnodes: int, shape: dict, *, url: str, token: str,
