@@ -219,6 +219,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
                                             _STOPPED_BARRIER_SECONDS if stop.how else _EXIT_BARRIER_SECONDS)
         elif config.node_rank > 0 and not stop.how:
             _await_node_0(rendezvous, stop)
+        _tell_stop(config, rendezvous, stop, status, others)  # one that came while it waited
         failures = _failures(rendezvous, others) + [f for f in survived if f not in others]
         if config.node_rank > 0:
             try:
@@ -226,7 +227,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
             except NodeGone:
                 pass  # node 0 stopped first: nothing waits for us
     if stop.how == _SIGTERM:
-        print(f"shoal run: {others[0]}", file=sys.stderr)
+        print(f"shoal run: {others[0] if stop.told else stop.how}", file=sys.stderr)
         return EXIT_PREEMPTED
     return _verdict(status, failures)
 
