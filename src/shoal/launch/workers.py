@@ -61,6 +61,7 @@ class WorkerGroup:
         # Held while a worker's exit is handled, so that a restart in ``on_exit`` and the
         # exit look like one event to ``running()``.
         self._lock = threading.RLock()
+        self._echo_lock = threading.Lock()
 
     def spawn(self, worker_id: int, extra_env: dict[str, str]) -> WorkerProcess:
         env = {**self.env, **extra_env}
@@ -83,7 +84,8 @@ class WorkerGroup:
 
     def _pump_output(self, worker: WorkerProcess) -> None:
         for line in worker.process.stdout:
-            self.echo(f"[worker {worker.worker_id}] {line.rstrip()}")
+            with self._echo_lock:  # print() writes a line and its newline apart: lines would mix
+                self.echo(f"[worker {worker.worker_id}] {line.rstrip()}")
 
     def _wait(self, worker: WorkerProcess) -> None:
         returncode = worker.process.wait()
