@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from shoal.config import ConfigError
 
-__all__ = ["NodeGone", "NodeRendezvous"]
+__all__ = ["NodeGone", "NodeRendezvous", "first_line"]
 
 _URL = "shoal/run/coordinator-url"
 _TOKEN = "shoal/run/token"
@@ -123,7 +123,7 @@ class NodeRendezvous:
         except (OSError, RuntimeError) as error:  # torch's DistError and its kinds are RuntimeErrors
             raise ConfigError("--master-addr", f"no node 0 answered at {master_addr}:{master_port} "
                               f"within {timeout:g} s (start `shoal run --node-rank 0` there, or "
-                              f"give a longer --join-timeout): {_first_line(error)}") from None
+                              f"give a longer --join-timeout): {first_line(error)}") from None
         rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=theirs)
         theirs_shape = json.loads(their_shape)
         for flag, mine, node0 in [*((flag, value, theirs_shape.get(flag)) for flag, value in shape.items()),
@@ -141,8 +141,8 @@ class NodeRendezvous:
 
     def _claim(self, node_rank: int | None, deadline: float) -> int:
         """Take ``node_rank``, or the lowest free one. A rank is free again once node 0
-        released it (every worker of that node died: its launcher may come back), so a
-        taken one is waited for until ``deadline``."""
+        released it (its launcher went silent, and may come back), so a taken one is
+        waited for until ``deadline``."""
         me = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         while True:
             for wanted in [node_rank] if node_rank is not None else range(1, self.nnodes):
@@ -170,7 +170,7 @@ class NodeRendezvous:
         ``timeout`` seconds (killed with its machine, or its launcher SIGKILLed)."""
         now, silent = time.monotonic(), []
         for node in range(1, self.nnodes):
-            if not self._store.check([_NODE.format(node)]) or self._store.check([_FINISHED.format(node)]):
+            if not self._claimed(node) or self._store.check([_FINISHED.format(node)]):
                 continue  # not in, or done and gone on purpose
             count = self._store.add(_BEAT.format(node), 0)
             if self._beats.get(node, (None, 0.0))[0] != count:
@@ -214,8 +214,7 @@ class NodeRendezvous:
         node that took one and went silent for ``silence`` seconds loses it), then let the
         workers of every node start. None once they may, else why the job cannot start."""
         deadline = time.monotonic() + timeout
-        while missing := [node for node in range(1, self.nnodes)
-                          if not self._store.check([_NODE.format(node)])]:
+        while missing := [node for node in range(1, self.nnodes) if not self._claimed(node)]:
             for node in self.silent_nodes(silence):
                 self.release(node)
             if stopping():
@@ -240,8 +239,9 @@ class NodeRendezvous:
         return True
 
     def announce_done(self) -> None:
-        """Node 0's workers are done: the others stop watching its store, which it will close
-        once they finished, or after a while (their own workers may still be at work)."""
+        """Node 0's workers are done: a node whose workers are done too may finish, and one
+        still at work must not take the store's closing, once the others finished or after
+        a while, for a failure."""
         self._call(self._store.set, _NODE0_DONE, "1")
 
     def node0_done(self) -> bool:
@@ -254,8 +254,10 @@ class NodeRendezvous:
     def unfinished(self) -> list[int]:
         """The other nodes that joined and have not said they finished (node 0 asks)."""
         return [node for node in range(1, self.nnodes)
-                if self._store.check([_NODE.format(node)])
-                and not self._store.check([_FINISHED.format(node)])]
+                if self._claimed(node) and not self._store.check([_FINISHED.format(node)])]
+
+    def _claimed(self, node: int) -> bool:
+        return bool(self._store.check([_NODE.format(node)]))
 
     def _call(self, operation, *args):
         if self._gone is not None:  # once: every call to a dead store logs a C++ stack trace
@@ -266,7 +268,7 @@ class NodeRendezvous:
             if self._hosting:
                 raise
             self._gone = (f"node 0 stopped answering at its store (its launcher hosts the job's "
-                          f"store and coordinator): {_first_line(error)}")
+                          f"store and coordinator): {first_line(error)}")
             raise NodeGone(self._gone) from None
 
 
@@ -280,8 +282,9 @@ def _wait_until_listening(address: str, port: int, deadline: float) -> None:
         except OSError:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(0.25)
+            time.sleep(_POLL_SECONDS)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """What torch's C++ errors say, without the stack trace they carry after it."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

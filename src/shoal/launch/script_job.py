@@ -28,7 +28,7 @@ import torch.distributed as dist
 from shoal.config import ConfigError, RunConfig, check_bindable
 from shoal.coordinator import Coordinator, Membership
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
-from shoal.launch.rendezvous import NodeGone, NodeRendezvous
+from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
 from shoal.launch.script_runner import ENV_LAUNCHER_PID
 from shoal.launch.workers import WorkerGroup, describe_exit
 from shoal.runtime.context import ENV_COORDINATOR, ENV_TOKEN, ENV_WORKER_ID
@@ -161,7 +161,7 @@ def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
         if config.node_rank is None:
             return None
         raise ConfigError("--master-port", f"cannot listen on {config.master_addr}:"
-                          f"{config.master_port}: {str(error).strip().splitlines()[0]}") from None
+                          f"{config.master_port}: {first_line(error)}") from None
     return coordinator, membership
 
 
