@@ -40,6 +40,19 @@ def shoal(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedPro
                           text=True, timeout=timeout, **kwargs)
 
 
+def outputs(processes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each process, once all ended; any left at the timeout
+    is killed (and the test fails on it)."""
+    try:
+        ends = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return [(p.returncode, out, err) for p, (out, err) in zip(processes, ends)]
+
+
 def load_json(path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -522,6 +522,14 @@ class RunConfig:
     join_timeout: float = 300.0
     min_workers: int = 1
     heartbeat_timeout: float = 5.0
+    coordinator: str | None = None
+    """``HOST:PORT`` of a standalone coordinator (``shoal coordinator``) that this node's
+    workers join, instead of meeting at node 0: a ``shoal.train`` script that survives the
+    loss of any node."""
+    token: str | None = None
+    max_restarts: int = 0
+    """With ``coordinator``: how many times each local worker that fails is started again
+    (it rejoins the running job as a newcomer). Without, only 0."""
 
     @property
     def world_size(self) -> int:
@@ -532,6 +540,19 @@ class RunConfig:
             raise ConfigError("script", f"{self.script!r} is not a file")
         if self.nproc_per_node < 1:
             raise ConfigError("--nproc-per-node", f"must be at least 1, got {self.nproc_per_node}")
+        if self.max_restarts < 0:
+            raise ConfigError("--max-restarts", f"must be 0 or more, got {self.max_restarts}")
+        if self.coordinator is not None:
+            self._validate_joining()
+            return self
+        if self.max_restarts != 0:
+            raise ConfigError("--max-restarts", "shoal run restarts a script's workers only with "
+                              "--coordinator, one at a time (torchrun restarts all of them from the "
+                              "script's own checkpoint); without it, a script that uses shoal.train "
+                              "survives failures without a restart")
+        if self.token is not None:
+            raise ConfigError("--token", "is the job token of a standalone coordinator: give "
+                              "--coordinator HOST:PORT with it")
         if self.nnodes < 1:
             raise ConfigError("--nnodes", f"must be at least 1, got {self.nnodes}")
         if self.nnodes == 1:
@@ -556,3 +577,25 @@ class RunConfig:
         if self.node_rank == 0:  # it hosts the store and the coordinator there
             check_bindable("--master-addr", self.master_addr)
         return self
+
+    def _validate_joining(self) -> None:
+        """With ``--coordinator`` there is no node 0: the standalone coordinator owns the job
+        and its membership, and the flags that set up node 0's would be ignored, so they are
+        refused instead."""
+        _split_address("--coordinator", self.coordinator)
+        if not self.token:
+            raise ConfigError("--token", "joining a standalone coordinator needs its job token")
+        for name, flag, why in (
+                ("nnodes", "--nnodes", ("every node runs its own `shoal run --coordinator`; the "
+                 "coordinator counts the workers (shoal coordinator --workers)")),
+                ("node_rank", "--node-rank", "the coordinator numbers the workers as they join"),
+                ("master_addr", "--master-addr", "the workers meet at the coordinator"),
+                ("master_port", "--master-port", "the workers meet at the coordinator"),
+                ("run_id", "--rdzv-id", "the coordinator is the job"),
+                ("join_timeout", "--join-timeout", "it is how long a node waits for node 0")):
+            if _changed(self, name):
+                raise ConfigError(flag, f"not with --coordinator: {why}")
+        for name in ("min_workers", "heartbeat_timeout"):
+            if _changed(self, name):
+                raise ConfigError(_flag(name), "with --coordinator the standalone coordinator sets it: "
+                                  f"give it to `shoal coordinator {_flag(name)}`")

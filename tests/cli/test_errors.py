@@ -245,6 +245,7 @@ def test_bad_run_flags_exit_2(capsys, tmp_path):
     code, _, err = run_main(capsys, "run", str(tmp_path / "missing.py"))
     assert code == 2 and "missing.py" in err
     here = ["--master-addr", "127.0.0.1"]
+    joining = ["--coordinator", "127.0.0.1:1", "--token", "t"]
     for flags, named in [([*here, "--nnodes", "2", "--node-rank", "2"], "--node-rank"),
                          (["--nnodes", "1:4"], "--nnodes"),  # torchrun's elastic range
                          (["--nnodes", "2", "--standalone"], "--standalone"),
@@ -256,7 +257,19 @@ def test_bad_run_flags_exit_2(capsys, tmp_path):
                          (["--rdzv-endpoint", "127.0.0.1:x"], "--rdzv-endpoint"),
                          (["--rdzv-endpoint", "127.0.0.1", "--master-port", "5"], "--rdzv-endpoint"),
                          (["--rdzv-backend", "etcd"], "--rdzv-backend"),
-                         (["--max-restarts", "3"], "--max-restarts")]:
+                         (["--max-restarts", "3"], "--max-restarts"),  # restarts need --coordinator
+                         (["--token", "t"], "--token"),
+                         (["--coordinator", "127.0.0.1:1"], "--token"),
+                         (["--coordinator", "127.0.0.1", "--token", "t"], "--coordinator"),
+                         *[([*joining, *flags], named) for flags, named in [
+                             (["--nnodes", "2"], "--nnodes"), (["--node-rank", "0"], "--node-rank"),
+                             (["--master-port", "29500"], "--master-port"),
+                             (["--rdzv-endpoint", "h:1"], "--rdzv-endpoint"),
+                             (["--rdzv-backend", "c10d"], "--rdzv-backend"),
+                             (["--rdzv-id", "x"], "--rdzv-id"), (["--join-timeout", "9"], "--join-timeout"),
+                             (["--min-workers", "2"], "--min-workers"),
+                             (["--heartbeat-timeout", "9"], "--heartbeat-timeout"),
+                             (["--max-restarts", "-1"], "--max-restarts")]]]:
         code, _, err = run_main(capsys, "run", *flags, "examples/plain_ddp.py")
         assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, (flags, err)
 

@@ -19,7 +19,7 @@ from torch.distributed import TCPStore
 
 import shoal.launch.rendezvous as rendezvous_keys
 from shoal.network import Hosts, namespaces_available
-from tests.conftest import REPO, shoal
+from tests.conftest import REPO, outputs, shoal
 from tests.launch.test_run import elastic_script_losing_rank_1, plain_script_where_rank_1_gives_up
 
 PLAIN = str(REPO / "examples" / "plain_ddp.py")
@@ -42,18 +42,7 @@ def _nodes(script: str, nnodes: int, nproc: int, *flags: str, timeout: float = 1
                         "--nproc-per-node", str(nproc), *flags, script],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ)
                  for node in reversed(range(nnodes))]  # node 0 last: the others wait for it
-    return _outputs(processes, timeout)[::-1]
-
-
-def _outputs(processes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
-    try:
-        outputs = [process.communicate(timeout=timeout) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+    return outputs(processes, timeout)[::-1]
 
 
 def _losses(stdout: str) -> list[str]:
@@ -98,7 +87,7 @@ def test_torchruns_c10d_command_numbers_the_nodes_as_they_come(tmp_path):
     command = [sys.executable, "-m", "shoal.cli.main", "run", "--nnodes=2", "--nproc-per-node=2",
                "--rdzv-id=job7", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
                str(script)]
-    runs = _outputs([subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = outputs([subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                      for _ in range(2)], timeout=120)
     lines = []
     for code, out, err in runs:
@@ -144,8 +133,8 @@ def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path
             assert process.stdout.readline().strip() == f"[worker {node}] ready"
     finally:
         nodes[0].send_signal(signal.SIGTERM)
-        outputs = _outputs(nodes, timeout=60)
-    assert [code for code, _, _ in outputs] == [143, 1, 1]
+        ends = outputs(nodes, timeout=60)
+    assert [code for code, _, _ in ends] == [143, 1, 1]
 
 
 def test_node_0_fails_the_job_when_a_node_never_joins_and_says_who_was_refused(tmp_path):
@@ -154,7 +143,7 @@ def test_node_0_fails_the_job_when_a_node_never_joins_and_says_who_was_refused(t
                     "--join-timeout", "6")
     refused = shoal("run", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "2",
                     "--master-addr", "127.0.0.1", "--master-port", port, str(script), timeout=60)
-    [(code, out, err)] = _outputs([node0], timeout=60)
+    [(code, out, err)] = outputs([node0], timeout=60)
     assert refused.returncode == 2 and "--nproc-per-node" in refused.stderr
     assert code == 1 and out == "", err  # no worker started
     assert err.strip().splitlines()[-1] == (
@@ -360,9 +349,9 @@ def test_a_node_killed_and_started_again_rejoins_the_running_job(tmp_path):
         first.wait()
         again = _launch(script, *job, "--node-rank", "1", "--join-timeout", "60")
         nodes.append(again)
-        (code0, out0, err0), (code_again, _, err_again) = _outputs([node0, again], timeout=120)
+        (code0, out0, err0), (code_again, _, err_again) = outputs([node0, again], timeout=120)
     finally:
-        _outputs(nodes, timeout=10)
+        outputs(nodes, timeout=10)
     assert (code0, code_again) == (0, 0), err0 + err_again
     assert "[worker 0] 500 steps, 2 workers at the end" in out0
 

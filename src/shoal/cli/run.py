@@ -81,7 +81,8 @@ def add_run(commands) -> None:
                      help="the job's id (TORCHELASTIC_RUN_ID); every node must give the same "
                      "(default: node 0 makes one up)")
     run.add_argument(*_flag("max-restarts"), dest="max_restarts", type=int, default=0,
-                     help="torchrun's; only 0: shoal does not restart a script's workers")
+                     help="with --coordinator: how many times each failed worker is started again, "
+                     "rejoining the running job (default 0; without --coordinator only 0)")
     run.add_argument("--standalone", action="store_true",
                      help="torchrun's single-node flag: accepted, it is what one node does anyway")
     run.add_argument(*_flag("join-timeout"), dest="join_timeout", type=float, default=300.0,
@@ -89,6 +90,10 @@ def add_run(commands) -> None:
     run.add_argument(*_flag("min-workers"), dest="min_workers", type=int, default=1,
                      help="an elastic script fails when fewer remain (default 1)")
     run.add_argument(*_flag("heartbeat-timeout"), dest="heartbeat_timeout", type=float, default=5.0)
+    run.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="join the job of a standalone coordinator (`shoal coordinator`) instead of "
+                     "meeting at node 0: a script that uses shoal.train then survives losing any node")
+    run.add_argument("--token", help="the standalone coordinator's job token (with --coordinator)")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(handler=_run)
@@ -103,16 +108,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.rdzv_backend not in ("static", "c10d"):
         raise ConfigError("--rdzv-backend", f"{args.rdzv_backend!r}: shoal's nodes meet at node 0's "
                           "store, which is what static and c10d mean; choose one of them")
-    if args.max_restarts != 0:
-        raise ConfigError("--max-restarts", "shoal run does not restart a script's workers (torchrun "
-                          "restarts all of them from the script's own checkpoint); a script that "
-                          "uses shoal.train survives failures without a restart")
+    if args.coordinator is not None and (args.rdzv_endpoint is not None or args.rdzv_backend != "static"):
+        flag = "--rdzv-endpoint" if args.rdzv_endpoint is not None else "--rdzv-backend"
+        raise ConfigError(flag, "not with --coordinator: the workers meet at the coordinator")
     master_addr, master_port = args.master_addr or "127.0.0.1", args.master_port
     if args.rdzv_endpoint is not None:
         if args.master_addr is not None or args.master_port is not None:
             raise ConfigError("--rdzv-endpoint", "give it or --master-addr/--master-port, not both")
         master_addr, master_port = _endpoint(args.rdzv_endpoint)
-    elif args.nnodes > 1 and args.master_addr is None:
+    elif args.nnodes > 1 and args.master_addr is None and args.coordinator is None:
         # torchrun's default, 127.0.0.1, would make every machine a node 0 of its own job.
         raise ConfigError("--master-addr", "several nodes need node 0's address (or "
                           "--rdzv-endpoint); 127.0.0.1 only if every node is this machine")
@@ -120,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
                        nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
                        node_rank=args.node_rank, master_addr=master_addr, master_port=master_port,
                        run_id=args.rdzv_id, join_timeout=args.join_timeout,
-                       min_workers=args.min_workers, heartbeat_timeout=args.heartbeat_timeout)
+                       min_workers=args.min_workers, heartbeat_timeout=args.heartbeat_timeout,
+                       coordinator=args.coordinator, token=args.token, max_restarts=args.max_restarts)
     return run_script(config.validate())
 
 

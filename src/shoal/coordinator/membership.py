@@ -291,13 +291,16 @@ class Membership:
             self._mark_dead(worker, self._kill_causes.get(worker_id, cause), at or self._clock())
             self._evaluate()
 
-    def report_exit_of_process(self, host: str, pid: int, cause: str) -> None:
-        """A remote launcher saw one of its processes end; it knows the pid, not the id."""
+    def report_exit_of_process(self, host: str, pid: int, cause: str) -> int | None:
+        """A remote launcher saw one of its processes end; it knows the pid, not the id.
+        Returns the worker's id (the newest of that pid: pids are reused), None if the
+        process never joined."""
         with self._lock:
-            for worker in self._workers.values():
-                if worker.alive and worker.host == host and worker.pid == pid:
-                    self.report_exit(worker.worker_id, cause)
-                    return
+            ids = [w.worker_id for w in self._workers.values() if w.host == host and w.pid == pid]
+            if not ids:
+                return None
+            self.report_exit(max(ids), cause)  # one already declared dead is left as it is
+            return max(ids)
 
     def finish(self, worker_id: int, payload: dict) -> None:
         """A worker completed the last step; the leader's ``results`` end the job."""

@@ -200,9 +200,9 @@ class Coordinator:
             self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")))
             return web.json_response({"ok": True})
         if body.get("kind") == "exit":
-            self.membership.report_exit_of_process(str(body["host"]), int(body["pid"]),
-                                                   str(body.get("detail", "exited")))
-            return web.json_response({"ok": True})
+            worker_id = self.membership.report_exit_of_process(str(body["host"]), int(body["pid"]),
+                                                               str(body.get("detail", "exited")))
+            return web.json_response({"ok": True, "worker_id": worker_id})
         worker_id = int(body["worker_id"])
         if body.get("kind") == "kill":
             self.membership.report_kill(worker_id, str(body.get("detail", "")))

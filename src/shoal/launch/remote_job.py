@@ -19,13 +19,12 @@ import socket
 import sys
 import time
 
-import httpx
-
 from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
 from shoal.launch.durable import MetricsFile, Resumption, choose_resume
+from shoal.launch.joining import admission_refusal, final_status
 from shoal.launch.workers import (
     Preemption,
     WorkerGroup,
@@ -41,13 +40,8 @@ from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
 __all__ = ["run_remote"]
 
 _POLL_SECONDS = 0.5
-_LOST_END_SECONDS = 5.0
-"""How long a launcher whose workers all finished waits for a restarted coordinator to learn
-the job's end from other hosts' workers, before it concludes from its own."""
 _METRICS_SECONDS = 2.0
 """metrics.json comes over HTTP here: the whole record, so not every poll."""
-_ADMISSION_RETRY_SECONDS = 10.0
-"""A coordinator started at the same moment as its launchers gets this long to answer."""
 _EVICTED = 3  # a worker's exit code when the coordinator ended its membership
 
 
@@ -64,7 +58,9 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     started = time.time()
     url = coordinator_url(config.coordinator)
     resumption = _choose_resume(config) if config.resume else None
-    refusal = _admission(url, config, resumption.checkpoint.step if resumption else None)
+    resumed_step = resumption.checkpoint.step if resumption else None
+    refusal = admission_refusal(url, config.token, config.coordinator,
+                                config.job_spec() | {"--resume": resumed_step})
     if refusal is not None:
         print(f"shoal train: error: {refusal}", file=sys.stderr)
         return 2
@@ -113,7 +109,8 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
                 # Fetch the record the moment the job completes: our workers may take a
                 # while to exit, and the coordinator lingers only so long after the end.
                 record = _record_once_completed(watcher)
-        status = None if preemption.deadline is not None else _final_status(url, config.token, group)
+        status = (None if preemption.deadline is not None else
+                  final_status(url, config.token, [w.returncode for w in group.workers.values()]))
     except KeyboardInterrupt:
         status = {"status": "interrupted", "reason": "Ctrl-C"}
     finally:
@@ -169,27 +166,6 @@ def _update_metrics(metrics: MetricsFile, client: CoordinatorClient, force: bool
         pass  # restarting, or gone after the end: the last copy written stands
 
 
-def _admission(url: str, config: TrainConfig, resumed_step: int | None) -> str | None:
-    """Ask the coordinator to admit this launcher before any worker starts: why not (one line
-    naming the flag), or None. A wrong address or token, or a job started with another task,
-    batch or strategy, would otherwise surface as worker tracebacks, a hang, or a running
-    job broken by workers that load another model."""
-    client = CoordinatorClient(url, config.token, retry_seconds=_ADMISSION_RETRY_SECONDS)
-    try:
-        client.post("/launcher", {"spec": config.job_spec() | {"--resume": resumed_step}})
-    except CoordinatorUnreachable as error:
-        return f"--coordinator: cannot reach {url} ({error.__cause__})"
-    except PermissionError:
-        return f"--token: the coordinator at {config.coordinator} refused it"
-    except httpx.HTTPStatusError as error:
-        if error.response.status_code != 409:
-            raise
-        return error.response.json()["error"]
-    finally:
-        client.close()
-    return None
-
-
 def _record_once_completed(client: CoordinatorClient) -> JobRecord | None:
     try:
         if client.get("/status")["status"] == "completed":
@@ -233,31 +209,3 @@ def _write_record(url: str, config: TrainConfig, record: JobRecord | None,
         record.steps = earlier_steps + record.steps
         write_sample_log(config.sample_log, record, sampler)
     return True
-
-
-def _final_status(url: str, token: str, group: WorkerGroup) -> dict:
-    """The job's outcome from the coordinator; if it is gone or has lost it, from our workers.
-
-    A worker exits 0 once it committed the last step and the coordinator said the job ended
-    (or could not be reached for long). A coordinator that does not say so restarted since:
-    it may still hear the end from other hosts' workers, which stay until it does.
-    """
-    client = CoordinatorClient(url, token, retry_seconds=5.0)
-    codes = [w.returncode for w in group.workers.values()]
-    deadline = time.monotonic() + _LOST_END_SECONDS
-    try:
-        while True:
-            status = client.get("/status")
-            if status["status"] in ("completed", "failed") or not codes or any(codes):
-                return status
-            if time.monotonic() > deadline:
-                return {"status": "completed", "generation": "?", "step": "?",
-                        "reason": "(every worker of this host finished; the coordinator restarted "
-                                  "after the job ended and lost it)"}
-            time.sleep(_POLL_SECONDS)
-    except CoordinatorUnreachable:
-        # A worker exits 0 only after it committed the last step: the training completed.
-        return {"status": "completed" if 0 in codes else "unknown",
-                "reason": "(the coordinator had already stopped)", "generation": "?", "step": "?"}
-    finally:
-        client.close()

@@ -7,20 +7,19 @@ all-or-nothing: when one process fails, the others are stopped, on every node, a
 command fails, naming the worker. A script that uses ``shoal.train`` joins the coordinator
 instead and survives failures down to ``--min-workers``. With ``--nnodes``, node 0's
 launcher hosts the coordinator and the store, and the nodes meet as in
-``shoal.launch.rendezvous``.
+``shoal.launch.rendezvous``; with ``--coordinator`` the nodes join a standalone one
+(``shoal.launch.remote_script``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-from typing import Self
 
 import httpx
 import torch.distributed as dist
@@ -30,7 +29,7 @@ from shoal.coordinator import Coordinator, Membership
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
 from shoal.launch.script_runner import ENV_LAUNCHER_PID
-from shoal.launch.workers import WorkerGroup, describe_exit
+from shoal.launch.workers import SIGTERM_STOP, StopRequest, WorkerGroup, describe_exit
 from shoal.runtime.context import ENV_COORDINATOR, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.trainer import ENV_LAUNCHER_ID
 from shoal.runtime.worker import EXIT_PREEMPTED
@@ -109,6 +108,10 @@ class _RemoteJob:
 
 
 def run_script(config: RunConfig) -> int:
+    if config.coordinator is not None:
+        from shoal.launch.remote_script import run_joining_script
+
+        return run_joining_script(config)
     hosted = _host(config) if config.node_rank in (0, None) else None
     if hosted is None:  # another node hosts the job
         try:
@@ -200,7 +203,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
                         on_exit=on_exit, echo=lambda line: print(line, flush=True))
     others: list[str] = []  # why this node stopped, besides its workers' exits
     status: dict = {}
-    with _StopRequest(group) as stop:
+    with StopRequest(group) as stop:
         try:
             if _all_nodes_in(config, rendezvous, stop) and not stop.how:
                 _spawn_workers(config, rendezvous, group)
@@ -226,13 +229,13 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
                 rendezvous.finish()
             except NodeGone:
                 pass  # node 0 stopped first: nothing waits for us
-    if stop.how == _SIGTERM:
+    if stop.how == SIGTERM_STOP:
         print(f"shoal run: {others[0] if stop.told else stop.how}", file=sys.stderr)
         return EXIT_PREEMPTED
     return _verdict(status, failures)
 
 
-def _all_nodes_in(config: RunConfig, rendezvous: NodeRendezvous, stop: _StopRequest) -> bool:
+def _all_nodes_in(config: RunConfig, rendezvous: NodeRendezvous, stop: StopRequest) -> bool:
     """No worker starts before every node claimed its rank: node 0 waits for them (and fails
     the job if they do not come), the others for node 0's word."""
     if config.nnodes == 1:
@@ -261,7 +264,7 @@ def _spawn_workers(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerG
 
 
 def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,
-           group: WorkerGroup, wake: threading.Event, stop: _StopRequest,
+           group: WorkerGroup, wake: threading.Event, stop: StopRequest,
            stopped_here: dict[int, str]) -> dict:
     """Until this node's workers are done: a plain script's failure anywhere ends it; an
     elastic job ends when the coordinator says so (this node stays while it goes on
@@ -300,7 +303,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     return status
 
 
-def _await_node_0(rendezvous: NodeRendezvous, stop: _StopRequest) -> None:
+def _await_node_0(rendezvous: NodeRendezvous, stop: StopRequest) -> None:
     """A node whose workers are done stays, beating, until node 0's are too (or the job
     failed, or node 0 is gone): a failure elsewhere until then is still this job's, and
     reported by this node too (torchrun's exit barrier)."""
@@ -312,7 +315,7 @@ def _await_node_0(rendezvous: NodeRendezvous, stop: _StopRequest) -> None:
         pass  # _failures says so
 
 
-def _tell_stop(config: RunConfig, rendezvous: NodeRendezvous, stop: _StopRequest, status: dict,
+def _tell_stop(config: RunConfig, rendezvous: NodeRendezvous, stop: StopRequest, status: dict,
                others: list[str]) -> None:
     """Once, when this node was told to stop: say why first, and to every node under a plain
     script (an elastic job goes on without this node), with the time it was told."""
@@ -381,43 +384,6 @@ def _running(status: dict) -> bool:
     a live worker somewhere (one that will end it, or die: never a wait on nobody)."""
     workers = status.get("workers", {}).values()
     return status.get("status") not in ("completed", "failed") and any(w["alive"] for w in workers)
-
-
-_SIGTERM = "stopped (SIGTERM)"
-
-
-class _StopRequest:
-    """SIGTERM or Ctrl-C to the launcher. The first asks this node to stop (its workers get
-    the grace); another one kills them at once. The handler only notes it, and the loops
-    poll: a signal comes at any line, and an exception raised there (inside ``Popen``) would
-    leave a child unregistered, a lock taken there (an Event's) could be the one the main
-    thread holds."""
-
-    def __init__(self, group: WorkerGroup):
-        self._group = group
-        self.how: str | None = None
-        self.when = 0.0
-        self.told = False
-        self._previous: dict = {}
-
-    def requested(self) -> bool:
-        return self.how is not None
-
-    def __enter__(self) -> Self:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._note)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _note(self, signum: int, frame) -> None:
-        if self.how is None:
-            self.how = _SIGTERM if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
-            self.when = time.time()
-        else:
-            self._group.signal_all(signal.SIGKILL)
 
 
 def _wait_for_other_nodes(rendezvous: NodeRendezvous, job: _LocalJob, config: RunConfig,

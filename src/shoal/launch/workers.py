@@ -10,10 +10,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 from shoal.launch.zygote import ForkedProcess, Zygote
 
-__all__ = ["ENV_FORK_WORKERS", "PREEMPTION_GRACE_SECONDS", "Preemption", "WorkerGroup", "WorkerProcess", "describe_exit", "worker_zygote"]
+__all__ = ["ENV_FORK_WORKERS", "PREEMPTION_GRACE_SECONDS", "SIGTERM_STOP", "Preemption", "StopRequest",
+           "WorkerGroup", "WorkerProcess", "describe_exit", "worker_zygote"]
 
 ENV_FORK_WORKERS = "SHOAL_FORK_WORKERS"
 """``SHOAL_FORK_WORKERS=0`` starts every ``shoal train`` worker as a fresh Python process."""
@@ -177,3 +179,40 @@ class Preemption:
 
     def overdue(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
+
+
+SIGTERM_STOP = "stopped (SIGTERM)"
+
+
+class StopRequest:
+    """SIGTERM or Ctrl-C to the launcher. The first asks this node to stop (its workers get
+    the grace); another one kills them at once. The handler only notes it, and the loops
+    poll: a signal comes at any line, and an exception raised there (inside ``Popen``) would
+    leave a child unregistered, a lock taken there (an Event's) could be the one the main
+    thread holds."""
+
+    def __init__(self, group: WorkerGroup):
+        self._group = group
+        self.how: str | None = None
+        self.when = 0.0
+        self.told = False
+        self._previous: dict = {}
+
+    def requested(self) -> bool:
+        return self.how is not None
+
+    def __enter__(self) -> Self:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _note(self, signum: int, frame) -> None:
+        if self.how is None:
+            self.how = SIGTERM_STOP if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+            self.when = time.time()
+        else:
+            self._group.signal_all(signal.SIGKILL)

@@ -1,0 +1,189 @@
+"""`shoal run --coordinator`: nodes whose script workers join a standalone coordinator, so that
+the job survives losing any node's launcher, and a node started again rejoins it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+
+from tests.conftest import REPO, outputs, shoal
+
+TOKEN = "script-token"
+EXAMPLE = str(REPO / "examples" / "elastic.py")
+
+
+def start_coordinator(*flags: str) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli.main", "coordinator", "--port", "0", "--token", TOKEN,
+         "--heartbeat-timeout", "2", "--linger", "30", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = re.search(r"listening on (\S+)", process.stdout.readline()).group(1)
+    return process, url
+
+
+def status(url: str) -> dict:
+    return httpx.get(f"{url}/status", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+
+
+def node(url: str, script, *flags: str, env: dict | None = None) -> subprocess.Popen:
+    """One node's `shoal run --coordinator`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli.main", "run", "--coordinator", url.removeprefix("http://"),
+         "--token", TOKEN, *flags, str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EPOCHS": "1", **(env or {})})
+
+
+def waiting_for_a_newcomer(path):
+    """examples/elastic.py, whose workers, left alone at step 20 by a lost peer, wait there
+    until the coordinator has formed a generation with the newcomer that the test brings and
+    they have heard of it (so the job cannot end before the newcomer joins). The worker given DIE_ONCE=FILE kills itself at step
+    10, once."""
+    path.write_text(
+        "import os, signal, time, runpy\n"
+        "import httpx\n"
+        "import shoal.runtime.trainer as trainer\n"
+        "step = trainer._Loop._step\n"
+        "def members():\n"
+        "    headers = {'Authorization': 'Bearer ' + os.environ['SHOAL_TOKEN']}\n"
+        "    return httpx.get(os.environ['SHOAL_COORDINATOR'] + '/status', headers=headers).json()['members']\n"
+        "def step_that_waits(self, *args):\n"
+        "    marker = os.environ.get('DIE_ONCE')\n"
+        "    if marker and self.position == 10 and not os.path.exists(marker):\n"
+        "        open(marker, 'w').close()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    if self.position == 20 and len(self.context.members) == 1:\n"
+        "        deadline = time.monotonic() + 120\n"
+        "        while len(members()) < 2 or self.context.latest_generation == self.context.generation:\n"
+        "            assert time.monotonic() < deadline, 'no newcomer came'\n"
+        "            time.sleep(0.05)\n"
+        "    step(self, *args)\n"
+        "trainer._Loop._step = step_that_waits\n"
+        f"runpy.run_path({EXAMPLE!r}, run_name='__main__')\n"
+    )
+    return path
+
+
+def undisturbed_accuracy() -> str:
+    result = subprocess.run([sys.executable, EXAMPLE], capture_output=True, text=True,
+                            env={**os.environ, "EPOCHS": "1"}, check=True)
+    return re.search(r"accuracy (\S+)", result.stdout).group(1)
+
+
+def test_the_job_goes_on_without_a_killed_node_which_rejoins_when_started_again(tmp_path):
+    """Kill any node's launcher (here the first worker's: with --nnodes it would be node 0,
+    and the job would go with it): the others go on; the same command started again joins
+    the running job; the model equals one process's."""
+    coordinator, url = start_coordinator("--workers", "2")
+    script = waiting_for_a_newcomer(tmp_path / "script.py")
+    nodes = [node(url, script), node(url, script)]
+    try:
+        deadline = time.monotonic() + 120
+        while status(url)["step"] < 5:
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
+            time.sleep(0.05)
+        leader_launcher = psutil.Process(status(url)["workers"]["0"]["pid"]).ppid()
+        first, second = sorted(nodes, key=lambda n: n.pid != leader_launcher)
+        first.send_signal(signal.SIGKILL)  # its worker dies with it
+        first.communicate()
+        again = node(url, script)
+        (code, out, err), (code_again, out_again, err_again) = outputs([second, again], timeout=180)
+        final = status(url)
+    finally:
+        for process in (*nodes, coordinator):
+            process.kill()
+            process.communicate()
+    assert code == 0 and code_again == 0, err + err_again
+    assert final["status"] == "completed"
+    printed = re.search(r"(\d+) steps on (\d+) worker\(s\): accuracy (\S+)", out + out_again)
+    assert printed is not None, out + out_again
+    assert printed.groups() == ("29", "2", undisturbed_accuracy()), out + out_again + err + err_again
+
+
+def test_a_failed_worker_is_started_again_and_rejoins_with_max_restarts(tmp_path):
+    coordinator, url = start_coordinator("--workers", "2")
+    script = waiting_for_a_newcomer(tmp_path / "script.py")
+    try:
+        restarting = node(url, script, "--max-restarts", "1", env={"DIE_ONCE": str(tmp_path / "died")})
+        other = node(url, script)
+        (code, out, err), (other_code, other_out, other_err) = outputs([restarting, other], timeout=180)
+        final = status(url)
+    finally:
+        coordinator.kill()
+        coordinator.communicate()
+    assert code == 0 and other_code == 0, err + other_err
+    assert "starting local worker 0 again (restart 1 of 1)" in err
+    assert re.search(r"survived: worker \d \(local rank 0\) killed by SIGKILL", err), err
+    assert final["status"] == "completed" and len(final["workers"]) == 3  # 2 + the newcomer
+    assert "29 steps on 2 worker(s)" in out + other_out
+
+
+def test_a_plain_script_under_coordinator_fails_saying_why(tmp_path):
+    """No RANK or MASTER_ADDR here: a torchrun script cannot meet anyone, and is told how."""
+    coordinator, url = start_coordinator("--workers", "2")
+    try:
+        code, out, err = outputs([node(url, REPO / "examples" / "plain_ddp.py")], timeout=180)[0]
+        waiting = status(url)
+    finally:
+        coordinator.kill()
+        coordinator.communicate()
+    assert code == 1
+    assert "environment variable RANK expected" in out
+    assert err.strip().splitlines()[-1] == (
+        "shoal run: failed: this node's workers are gone (local worker 0 exited with code 1 before "
+        "it joined the job); the job goes on without them: none joined it; a script run with "
+        "--coordinator meets the others through shoal.train, never torchrun's RANK/MASTER_ADDR")
+    assert waiting["status"] == "waiting"
+
+
+def test_a_node_is_refused_before_its_workers_start(tmp_path):
+    """A wrong token, or another script than the job's: exit 2, one line, the job untouched."""
+    coordinator, url = start_coordinator("--workers", "2")
+    other = tmp_path / "other.py"
+    other.write_text("raise SystemExit('never run')\n")
+    try:
+        httpx.post(f"{url}/launcher", json={"spec": {"shoal run SCRIPT": "elastic.py"}},
+                   headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
+        address = url.removeprefix("http://")
+        wrong_token = shoal("run", "--coordinator", address, "--token", "nope", EXAMPLE)
+        wrong_script = shoal("run", "--coordinator", address, "--token", TOKEN, str(other))
+        untouched = status(url)
+    finally:
+        coordinator.kill()
+        coordinator.communicate()
+    assert (wrong_token.returncode, wrong_token.stderr) == (
+        2, f"shoal run: error: --token: the coordinator at {address} refused it\n")
+    assert (wrong_script.returncode, wrong_script.stderr) == (
+        2, ("shoal run: error: shoal run SCRIPT: this job was started with elastic.py, this launcher "
+            "gives other.py\n"))
+    assert untouched["status"] == "waiting" and untouched["workers"] == {}
+
+
+def test_sigterm_stops_a_nodes_workers_and_the_job_goes_on_without_them():
+    """A preempted node: its workers' exits are reported at once (the others re-form without
+    waiting out a heartbeat timeout), and it exits 143 as torchrun does."""
+    coordinator, url = start_coordinator("--workers", "2")
+    nodes = [node(url, EXAMPLE, env={"EPOCHS": "2"}) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while status(url)["step"] < 5:
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
+            time.sleep(0.05)
+        nodes[0].send_signal(signal.SIGTERM)
+        (code, _, err), (other_code, other_out, _) = outputs(nodes, timeout=180)
+        final = status(url)
+    finally:
+        coordinator.kill()
+        coordinator.communicate()
+    assert code == 143 and err.strip().splitlines()[-1] == (
+        "shoal run: stopped (SIGTERM); the job goes on without this node's workers")
+    assert other_code == 0 and "58 steps on 1 worker(s)" in other_out
+    causes = [worker["death_cause"] for worker in final["workers"].values()]
+    assert final["status"] == "completed" and causes.count("killed by SIGTERM") == 1, causes
