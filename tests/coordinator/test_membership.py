@@ -206,6 +206,28 @@ def test_below_min_workers_waits_for_an_expected_rejoin_instead_of_failing():
     assert membership.current.number == 2 and membership.current.members == [0, 1]
 
 
+def test_a_remote_launchers_exit_by_pid_names_the_worker_and_may_announce_its_restart():
+    """`shoal run --coordinator` knows its workers' pids, not their ids."""
+    membership, _ = started(workers=2, min_workers=2)
+    assert membership.report_exit_of_process("host", 101, "killed", restarting=True) == 1
+    assert membership.status == "running" and membership.current.number == 1  # paused for it
+    assert membership.report_exit_of_process("host", 555, "exited with code 1", restarting=True) is None
+    membership.withdraw_rejoin(1)  # its restart died before joining, and none is left
+    assert membership.status == "failed" and "fewer than --min-workers 2" in membership.reason
+
+
+def test_a_process_gone_before_joining_is_no_longer_waited_for():
+    clock = Clock()
+    membership = Membership(expected_workers=2, min_workers=1, clock=clock)
+    membership.join(0, "h", 1)
+    assert membership.report_exit_of_process("h", 2, "exited with code 1") is None
+    assert membership.current.members == [0]  # formed without the one that will not come
+    alone = Membership(expected_workers=1, min_workers=1, clock=clock)
+    alone.report_exit_of_process("h", 2, "exited with code 1")
+    assert alone.status == "failed"
+    assert alone.reason == "a worker on h (pid 2) exited before joining: exited with code 1"
+
+
 def test_with_restarts_a_late_restart_announcement_still_pauses_the_job():
     """Worker 2 went quiet before it died: the silence verdict came before the launcher's
     exit report. The launcher's "restarting it" a moment later must still pause the job."""

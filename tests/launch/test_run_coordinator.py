@@ -108,7 +108,9 @@ def test_the_job_goes_on_without_a_killed_node_which_rejoins_when_started_again(
 
 
 def test_a_failed_worker_is_started_again_and_rejoins_with_max_restarts(tmp_path):
-    coordinator, url = start_coordinator("--workers", "2")
+    """The job cannot go on without it (--min-workers 2): told of the restart, the coordinator
+    waits for the worker to rejoin, under its id, instead of failing the job."""
+    coordinator, url = start_coordinator("--workers", "2", "--min-workers", "2")
     script = waiting_for_a_newcomer(tmp_path / "script.py")
     try:
         restarting = node(url, script, "--max-restarts", "1", env={"DIE_ONCE": str(tmp_path / "died")})
@@ -121,26 +123,27 @@ def test_a_failed_worker_is_started_again_and_rejoins_with_max_restarts(tmp_path
     assert code == 0 and other_code == 0, err + other_err
     assert "starting local worker 0 again (restart 1 of 1)" in err
     assert re.search(r"survived: worker \d \(local rank 0\) killed by SIGKILL", err), err
-    assert final["status"] == "completed" and len(final["workers"]) == 3  # 2 + the newcomer
+    assert final["status"] == "completed" and len(final["workers"]) == 2  # it rejoined as itself
     assert "29 steps on 2 worker(s)" in out + other_out
 
 
 def test_a_plain_script_under_coordinator_fails_saying_why(tmp_path):
-    """No RANK or MASTER_ADDR here: a torchrun script cannot meet anyone, and is told how."""
-    coordinator, url = start_coordinator("--workers", "2")
+    """No RANK or MASTER_ADDR here, not even an outer launcher's: a torchrun script cannot meet
+    anyone, and is told how. The coordinator stops waiting for the worker it will not get."""
+    coordinator, url = start_coordinator("--workers", "1")
+    outer = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     try:
-        code, out, err = outputs([node(url, REPO / "examples" / "plain_ddp.py")], timeout=180)[0]
-        waiting = status(url)
+        code, out, err = outputs([node(url, REPO / "examples" / "plain_ddp.py", env=outer)], timeout=180)[0]
+        failed = status(url)
     finally:
         coordinator.kill()
         coordinator.communicate()
     assert code == 1
     assert "environment variable RANK expected" in out
+    assert failed["status"] == "failed" and "exited before joining: exited with code 1" in failed["reason"]
     assert err.strip().splitlines()[-1] == (
-        "shoal run: failed: this node's workers are gone (local worker 0 exited with code 1 before "
-        "it joined the job); the job goes on without them: none joined it; a script run with "
-        "--coordinator meets the others through shoal.train, never torchrun's RANK/MASTER_ADDR")
-    assert waiting["status"] == "waiting"
+        f"shoal run: failed: the job failed: {failed['reason']}; none of them joined it: a script run "
+        "with --coordinator meets the others through shoal.train, not torchrun's RANK/MASTER_ADDR")
 
 
 def test_a_node_is_refused_before_its_workers_start(tmp_path):
@@ -169,8 +172,8 @@ def test_a_node_is_refused_before_its_workers_start(tmp_path):
 def test_sigterm_stops_a_nodes_workers_and_the_job_goes_on_without_them():
     """A preempted node: its workers' exits are reported at once (the others re-form without
     waiting out a heartbeat timeout), and it exits 143 as torchrun does."""
-    coordinator, url = start_coordinator("--workers", "2")
-    nodes = [node(url, EXAMPLE, env={"EPOCHS": "2"}) for _ in range(2)]
+    coordinator, url = start_coordinator("--workers", "3")
+    nodes = [node(url, EXAMPLE, *flags, env={"EPOCHS": "2"}) for flags in (["--nproc-per-node", "2"], [])]
     try:
         deadline = time.monotonic() + 120
         while status(url)["step"] < 5:
@@ -186,4 +189,4 @@ def test_sigterm_stops_a_nodes_workers_and_the_job_goes_on_without_them():
         "shoal run: stopped (SIGTERM); the job goes on without this node's workers")
     assert other_code == 0 and "58 steps on 1 worker(s)" in other_out
     causes = [worker["death_cause"] for worker in final["workers"].values()]
-    assert final["status"] == "completed" and causes.count("killed by SIGTERM") == 1, causes
+    assert final["status"] == "completed" and causes.count("killed by SIGTERM") == 2, causes

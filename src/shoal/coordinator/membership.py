@@ -277,11 +277,7 @@ class Membership:
         with self._lock:
             worker = self._workers.get(worker_id)
             if worker is None and self.current is None:
-                # It died before joining: stop waiting for it to form the first generation.
-                self.expected_workers -= 1
-                if self.expected_workers < self.min_workers:
-                    self._set_status("failed", f"worker {worker_id} exited before joining: {cause}")
-                self._evaluate()
+                self._lose_expected_worker(f"worker {worker_id} exited before joining: {cause}")
                 return
             if worker is None or not worker.alive:
                 return
@@ -291,16 +287,39 @@ class Membership:
             self._mark_dead(worker, self._kill_causes.get(worker_id, cause), at or self._clock())
             self._evaluate()
 
-    def report_exit_of_process(self, host: str, pid: int, cause: str) -> int | None:
+    def _lose_expected_worker(self, cause: str) -> None:
+        """A worker died before joining: stop waiting for it to form the first generation."""
+        self.expected_workers -= 1
+        if self.expected_workers < self.min_workers:
+            self._set_status("failed", cause)
+        self._evaluate()
+
+    def report_exit_of_process(self, host: str, pid: int, cause: str, *, restarting: bool = False) -> int | None:
         """A remote launcher saw one of its processes end; it knows the pid, not the id.
-        Returns the worker's id (the newest of that pid: pids are reused), None if the
-        process never joined."""
+        ``restarting``: it starts the process again, under the worker's id (see
+        :meth:`expect_rejoin`). Returns the worker's id (a live one's, else the newest
+        dead one's: pids are reused), None if the process never joined; such a process, gone
+        before the first generation and not restarted, is no longer waited for."""
         with self._lock:
-            ids = [w.worker_id for w in self._workers.values() if w.host == host and w.pid == pid]
+            matching = [w for w in self._workers.values() if w.host == host and w.pid == pid]
+            alive = [w.worker_id for w in matching if w.alive]
+            ids = alive or [w.worker_id for w in matching]
             if not ids:
+                if self.current is None and not restarting and self.status == "waiting":
+                    self._lose_expected_worker(f"a worker on {host} (pid {pid}) exited before joining: {cause}")
                 return None
+            if restarting:
+                self._rejoin_expected.add(max(ids))
             self.report_exit(max(ids), cause)  # one already declared dead is left as it is
             return max(ids)
+
+    def withdraw_rejoin(self, worker_id: int) -> None:
+        """The launcher will not start this worker again after all (its restart died before
+        joining, and none is left): a job paused for it goes on, or fails, without it."""
+        with self._lock:
+            if worker_id in self._rejoin_expected:
+                self._rejoin_expected.discard(worker_id)
+                self._evaluate()
 
     def finish(self, worker_id: int, payload: dict) -> None:
         """A worker completed the last step; the leader's ``results`` end the job."""

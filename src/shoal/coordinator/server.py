@@ -197,11 +197,14 @@ class Coordinator:
     async def _report(self, request: web.Request) -> web.Response:
         body = await request.json()
         if body.get("kind") == "exit" and "worker_id" in body:  # ids known to the launcher (shoal run)
+            # A restart that died before joining, with none left: no longer waited for.
+            self.membership.withdraw_rejoin(int(body["worker_id"]))
             self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")))
             return web.json_response({"ok": True})
         if body.get("kind") == "exit":
-            worker_id = self.membership.report_exit_of_process(str(body["host"]), int(body["pid"]),
-                                                               str(body.get("detail", "exited")))
+            worker_id = self.membership.report_exit_of_process(
+                str(body["host"]), int(body["pid"]), str(body.get("detail", "exited")),
+                restarting=bool(body.get("restarting")))
             return web.json_response({"ok": True, "worker_id": worker_id})
         worker_id = int(body["worker_id"])
         if body.get("kind") == "kill":

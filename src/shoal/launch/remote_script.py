@@ -28,6 +28,7 @@ import httpx
 from shoal.config import RunConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.joining import admission_refusal, final_status
+from shoal.launch.script_job import torchrun_env
 from shoal.launch.script_runner import ENV_LAUNCHER_PID
 from shoal.launch.workers import (
     SIGTERM_STOP,
@@ -36,7 +37,7 @@ from shoal.launch.workers import (
     WorkerProcess,
     describe_exit,
 )
-from shoal.runtime.context import ENV_COORDINATOR, ENV_TOKEN
+from shoal.runtime.context import ENV_COORDINATOR, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.trainer import ENV_LAUNCHER_ID
 from shoal.runtime.worker import EXIT_PREEMPTED
 
@@ -49,6 +50,12 @@ _FAILED_JOB_GRACE_SECONDS = 10.0
 there after this long never will."""
 _TERMINATE_GRACE_SECONDS = 30.0
 """After SIGTERM, how long the workers may take to leave before SIGKILL (torchrun's)."""
+
+
+_NOT_INHERITED = frozenset(torchrun_env(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
+                                        nnodes=1, master_addr="", master_port=0, run_id="")) | {ENV_WORKER_ID}
+"""Set by an outer launcher (a PyTorchJob, a SLURM wrapper, torchrun): a plain script would
+meet there and hang instead of failing at once; a worker id would be taken as this one's."""
 
 
 def run_joining_script(config: RunConfig) -> int:
@@ -85,8 +92,10 @@ class _Node:
         self.joined = False
         """Has any local worker ever joined the job?"""
         self.wake = threading.Event()
-        self.reporter = CoordinatorClient(url, config.token, retry_seconds=2.0)  # on_exit's thread
-        env = {**os.environ, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
+        # on_exit's thread, which holds the group's lock: short tries
+        self.reporter = CoordinatorClient(url, config.token, retry_seconds=2.0, timeout=5.0)
+        inherited = {name: value for name, value in os.environ.items() if name not in _NOT_INHERITED}
+        env = {**inherited, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
                ENV_LAUNCHER_ID: f"{self.host}/{os.getpid()}", ENV_LAUNCHER_PID: str(os.getpid()),
                "LOCAL_WORLD_SIZE": str(config.nproc_per_node)}
         if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -103,23 +112,25 @@ class _Node:
                 for local_rank in range(self.config.nproc_per_node):
                     self._spawn(local_rank)
                 self._watch(watcher)
-                if self.stop.how:
+                stopped = self.stop.how  # one that comes later changes nothing: the workers are done
+                if stopped:
                     self._leave()
                 self.group.stop_all()
-                if not self.stop.how:  # a signal from here on changes nothing: the workers are done
+                if not stopped:
                     codes = [worker.returncode for worker in self.group.workers.values()]
                     status = final_status(self.url, self.config.token, codes)
         finally:
             watcher.close()
             self.reporter.close()
-        if self.stop.how:
-            print(f"shoal run: {self.stop.how}; the job goes on without this node's workers",
-                  file=sys.stderr)
-            return EXIT_PREEMPTED if self.stop.how == SIGTERM_STOP else 1
+        if stopped:
+            print(f"shoal run: {stopped}; the job goes on without this node's workers", file=sys.stderr)
+            return EXIT_PREEMPTED if stopped == SIGTERM_STOP else 1
         return self._verdict(status)
 
     def _spawn(self, local_rank: int) -> None:
-        self.group.spawn(local_rank, {"LOCAL_RANK": str(local_rank)})
+        """A restarted worker joins under its old id: the coordinator waits for that one."""
+        rejoining = {ENV_WORKER_ID: str(self.ids[local_rank])} if local_rank in self.ids else {}
+        self.group.spawn(local_rank, {"LOCAL_RANK": str(local_rank), **rejoining})
 
     def _watch(self, watcher: CoordinatorClient) -> None:
         """Until this node's workers are done (or it is told to stop): follow the job, and once
@@ -130,6 +141,8 @@ class _Node:
                 self.status = watcher.get("/status")
             except (CoordinatorUnreachable, PermissionError, httpx.HTTPError):
                 pass  # restarting: the workers carry on meanwhile, and so do we
+            for worker in self.group.running():
+                self._id_of(worker)  # known before it exits, should the coordinator be away then
             if self.status.get("status") in ("completed", "failed"):
                 ended_at = ended_at or time.monotonic()
                 # After a failure the workers hear of it and leave: a heartbeat timeout first.
@@ -155,56 +168,82 @@ class _Node:
 
     def _id_of(self, worker: WorkerProcess) -> int | None:
         """The job's id for a local worker, from the coordinator's view of this host's pids."""
-        if worker.worker_id not in self.ids:
-            for worker_id, known in self.status.get("workers", {}).items():
-                if known["host"] == self.host and known["pid"] == worker.process.pid:
-                    self.ids[worker.worker_id] = int(worker_id)
-                    self.joined = True
+        for worker_id, known in self.status.get("workers", {}).items():
+            if known["host"] == self.host and known["pid"] == worker.process.pid and known["alive"]:
+                self.ids[worker.worker_id] = int(worker_id)
+                self.joined = True
         return self.ids.get(worker.worker_id)
 
     def _leave(self) -> None:
         """Told to stop: SIGTERM to the workers (a ``shoal.train`` script with checkpoints
-        leaves at a step boundary, one without at once), each exit reported as it comes so
-        that the others go on at once; SIGKILL after torchrun's grace."""
+        leaves at a step boundary, one without at once), SIGKILL after torchrun's grace;
+        each exit reported as it comes, so that the others go on at once."""
         self.group.signal_all(signal.SIGTERM)
         self.group.signal_all(signal.SIGCONT)  # a stopped (hung) worker must see it too
-        self.group.wait_all(_TERMINATE_GRACE_SECONDS)
+        if not self._all_handled(_TERMINATE_GRACE_SECONDS):
+            self.group.signal_all(signal.SIGKILL)
+            self._all_handled(_TERMINATE_GRACE_SECONDS)
+
+    def _all_handled(self, seconds: float) -> bool:
+        """Wait until every worker's exit was handled (reported), not just reaped."""
+        deadline = time.monotonic() + seconds
+        while self.group.running():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _on_exit(self, local_rank: int, returncode: int, when: float) -> None:
-        """Runs as each worker ends (one at a time: under the group's lock)."""
+        """Runs as each worker ends (one at a time, under the group's lock): tell the
+        coordinator, and start the worker again if it failed and restarts are left."""
         if self.group.stopping:
             return
         process = self.group.workers[local_rank].process
         cause = self.stopped_here.get(local_rank) or (describe_exit(returncode) if returncode else "exited")
+        restart = returncode != 0 and self._may_restart(local_rank)
+        joined = self._report_exit(local_rank, process.pid, cause, returncode, restart)
+        if returncode != 0:
+            self._note_loss(local_rank, cause, joined)
+        if restart:
+            self.restarts[local_rank] += 1
+            print(f"shoal run: starting local worker {local_rank} again (restart {self.restarts[local_rank]} "
+                  f"of {self.config.max_restarts}): it rejoins the job", file=sys.stderr, flush=True)
+            self._spawn(local_rank)
+        self.wake.set()
+
+    def _may_restart(self, local_rank: int) -> bool:
+        return (not self.stop.how and local_rank not in self.stopped_here
+                and self.restarts[local_rank] < self.config.max_restarts and self._job_goes_on())
+
+    def _report_exit(self, local_rank: int, pid: int, cause: str, returncode: int, restart: bool) -> bool:
+        """Tell the coordinator (a restart: it waits for the worker rather than fail the job
+        below its --min-workers). Returns whether the process had joined the job."""
+        if returncode == 0 and not self._job_goes_on():
+            return True  # it finished the job: nothing to tell (a coordinator past --linger is gone)
         try:
-            reply = self.reporter.post("/report", {"kind": "exit", "host": self.host, "pid": process.pid,
-                                                   "detail": cause})
+            reply = self.reporter.post("/report", {"kind": "exit", "host": self.host, "pid": pid,
+                                                   "detail": cause, "restarting": restart})
             if reply.get("worker_id") is not None:
                 self.ids[local_rank] = reply["worker_id"]
                 self.joined = True
+                return True
+            if local_rank in self.ids and not restart:
+                # A restart that died before joining, with none left: no longer waited for.
+                self.reporter.post("/report", {"kind": "exit", "worker_id": self.ids[local_rank],
+                                               "detail": cause})
         except (CoordinatorUnreachable, PermissionError, httpx.HTTPError) as error:
-            # the coordinator also notices the missing heartbeats
-            print(f"shoal run: could not report the exit of local worker {local_rank}: {error}",
-                  file=sys.stderr, flush=True)
-        if returncode != 0:
-            self._lost(local_rank, cause)
-        self.wake.set()
+            if returncode != 0:  # the coordinator also notices the missing heartbeats
+                print(f"shoal run: could not report the exit of local worker {local_rank}: {error}",
+                      file=sys.stderr, flush=True)
+        return False
 
-    def _lost(self, local_rank: int, cause: str) -> None:
+    def _note_loss(self, local_rank: int, cause: str, joined: bool) -> None:
         worker_id = self.ids.get(local_rank)
-        if worker_id is not None:
+        if worker_id is not None and joined:
             self.losses.append(f"worker {worker_id} (local rank {local_rank}) {cause}")
         else:
             joining = "" if local_rank in self.stopped_here else " before it joined the job"
             self.losses.append(f"local worker {local_rank} {cause}{joining}")
-        if (self.stop.how or local_rank in self.stopped_here
-                or self.restarts[local_rank] >= self.config.max_restarts or not self._job_goes_on()):
-            return
-        self.restarts[local_rank] += 1
-        print(f"shoal run: starting local worker {local_rank} again (restart {self.restarts[local_rank]} "
-              f"of {self.config.max_restarts}): it rejoins the job", file=sys.stderr, flush=True)
-        self.ids.pop(local_rank, None)
-        self._spawn(local_rank)
 
     def _job_goes_on(self) -> bool:
         """Asked afresh: a worker that left because the job ended must not be started again."""
@@ -223,11 +262,11 @@ class _Node:
                 print(f"shoal run: survived: {loss}", file=sys.stderr)
             return 0
         if status["status"] == "failed":
-            print(f"shoal run: failed: the job failed: {status['reason']}".rstrip(": "), file=sys.stderr)
-            return 1
-        lost = "; ".join(self.losses) or "they exited"
-        hint = "" if self.joined else (": none joined it; a script run with --coordinator meets the "
-                                       "others through shoal.train, never torchrun's RANK/MASTER_ADDR")
-        print(f"shoal run: failed: this node's workers are gone ({lost}); the job goes on without "
-              f"them{hint}", file=sys.stderr)
+            failure = f"the job failed: {status['reason']}".rstrip(": ")
+        else:
+            lost = "; ".join(self.losses) or "they exited"
+            failure = f"this node's workers are gone ({lost}); the job goes on without them"
+        hint = "" if self.joined else ("; none of them joined it: a script run with --coordinator "
+                                       "meets the others through shoal.train, not torchrun's RANK/MASTER_ADDR")
+        print(f"shoal run: failed: {failure}{hint}", file=sys.stderr)
         return 1
