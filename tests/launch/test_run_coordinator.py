@@ -41,13 +41,13 @@ def node(url: str, script, *flags: str, env: dict | None = None) -> subprocess.P
         env={**os.environ, "EPOCHS": "1", **(env or {})})
 
 
-def waiting_for_a_newcomer(path):
-    """examples/elastic.py, whose workers, left alone at step 20 by a lost peer, wait there
-    until the coordinator has formed a generation with the newcomer that the test brings and
-    they have heard of it (so the job cannot end before the newcomer joins). The worker given DIE_ONCE=FILE kills itself at step
-    10, once."""
-    path.write_text(
-        "import os, signal, time, runpy\n"
+def newcomer_wait(at_step: int) -> str:
+    """Source that makes a script's ``shoal.train`` workers, left alone at ``at_step`` by a
+    lost peer, wait there until the coordinator has formed a generation with the newcomer that
+    the test brings and they have heard of it (so the job cannot end before the newcomer
+    joins). The worker given DIE_ONCE=FILE kills itself at step 10, once."""
+    return (
+        "import os, signal, time\n"
         "import httpx\n"
         "import shoal.runtime.trainer as trainer\n"
         "step = trainer._Loop._step\n"
@@ -59,15 +59,19 @@ def waiting_for_a_newcomer(path):
         "    if marker and self.position == 10 and not os.path.exists(marker):\n"
         "        open(marker, 'w').close()\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    if self.position == 20 and len(self.context.members) == 1:\n"
+        f"    if self.position == {at_step} and len(self.context.members) == 1:\n"
         "        deadline = time.monotonic() + 120\n"
         "        while len(members()) < 2 or self.context.latest_generation == self.context.generation:\n"
         "            assert time.monotonic() < deadline, 'no newcomer came'\n"
         "            time.sleep(0.05)\n"
         "    step(self, *args)\n"
         "trainer._Loop._step = step_that_waits\n"
-        f"runpy.run_path({EXAMPLE!r}, run_name='__main__')\n"
     )
+
+
+def waiting_for_a_newcomer(path):
+    """examples/elastic.py with :func:`newcomer_wait` at step 20."""
+    path.write_text(newcomer_wait(20) + f"import runpy\nrunpy.run_path({EXAMPLE!r}, run_name='__main__')\n")
     return path
 
 

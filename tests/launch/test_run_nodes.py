@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import psutil
@@ -21,6 +22,7 @@ import shoal.launch.rendezvous as rendezvous_keys
 from shoal.network import Hosts, namespaces_available
 from tests.conftest import REPO, outputs, shoal
 from tests.launch.test_run import elastic_script_losing_rank_1, plain_script_where_rank_1_gives_up
+from tests.launch.test_run_coordinator import newcomer_wait
 
 PLAIN = str(REPO / "examples" / "plain_ddp.py")
 
@@ -311,6 +313,7 @@ def test_a_second_sigterm_kills_workers_that_ignore_the_first(tmp_path):
     launcher.send_signal(signal.SIGTERM)
     while not noted.exists():  # the worker got the first SIGTERM and goes on
         assert launcher.poll() is None
+        time.sleep(0.01)
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=20)  # well inside the 30 s grace
     assert launcher.returncode == 143
@@ -323,19 +326,19 @@ def test_a_node_killed_and_started_again_rejoins_the_running_job(tmp_path):
     with it) and started again with the same command. It waits for the coordinator to
     declare the old worker dead, takes rank 1 again, and its worker rejoins: the job ends
     with two workers, and both nodes exit 0."""
-    script = tmp_path / "slow_elastic.py"
+    script = tmp_path / "elastic.py"
     script.write_text(
-        "import time, torch, torch.nn.functional as F, shoal\n"
+        newcomer_wait(50) +  # node 0's worker, alone, waits there for the node started again
+        "import torch, torch.nn.functional as F, shoal\n"
         "from torch.utils.data import TensorDataset\n"
         "def loss_fn(model, batch):\n"
-        "    time.sleep(0.05)  # steps long enough to restart a node during the run\n"
         "    return F.mse_loss(model(batch[0]), batch[1], reduction='sum')\n"
         "torch.manual_seed(0)\n"
         "model = torch.nn.Linear(4, 1)\n"
         "print('training', flush=True)\n"
         "result = shoal.train(model, torch.optim.SGD(model.parameters(), lr=0.01),\n"
         "                     TensorDataset(torch.randn(512, 4), torch.randn(512, 1)), loss_fn,\n"
-        "                     global_batch_size=8, steps=500)\n"
+        "                     global_batch_size=8, steps=100)\n"
         "if result.is_leader:\n"
         "    print(f'{result.steps} steps, {result.world_size} workers at the end', flush=True)\n"
     )
@@ -353,7 +356,7 @@ def test_a_node_killed_and_started_again_rejoins_the_running_job(tmp_path):
     finally:
         outputs(nodes, timeout=10)
     assert (code0, code_again) == (0, 0), err0 + err_again
-    assert "[worker 0] 500 steps, 2 workers at the end" in out0
+    assert "[worker 0] 100 steps, 2 workers at the end" in out0
 
 
 def test_a_plain_job_fails_when_another_nodes_launcher_goes_silent(tmp_path):
