@@ -177,7 +177,7 @@ def test_sigterm_stops_a_nodes_workers_and_the_job_goes_on_without_them():
     """A preempted node: its workers' exits are reported at once (the others re-form without
     waiting out a heartbeat timeout), and it exits 143 as torchrun does."""
     coordinator, url = start_coordinator("--workers", "3")
-    nodes = [node(url, EXAMPLE, *flags, env={"EPOCHS": "2"}) for flags in (["--nproc-per-node", "2"], [])]
+    nodes = [node(url, EXAMPLE, *flags, env={"EPOCHS": "3"}) for flags in (["--nproc-per-node", "2"], [])]
     try:
         deadline = time.monotonic() + 120
         while status(url)["step"] < 5:
@@ -191,6 +191,6 @@ def test_sigterm_stops_a_nodes_workers_and_the_job_goes_on_without_them():
         coordinator.communicate()
     assert code == 143 and err.strip().splitlines()[-1] == (
         "shoal run: stopped (SIGTERM); the job goes on without this node's workers")
-    assert other_code == 0 and "58 steps on 1 worker(s)" in other_out
+    assert other_code == 0 and "87 steps on 1 worker(s)" in other_out
     causes = [worker["death_cause"] for worker in final["workers"].values()]
     assert final["status"] == "completed" and causes.count("killed by SIGTERM") == 2, causes

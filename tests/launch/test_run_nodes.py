@@ -408,3 +408,22 @@ def test_a_ddp_job_that_loses_a_node_ends_at_once_and_names_it(tmp_path):
                                              popen=popen, timeout=60)
     assert (code0, code1) == (1, -signal.SIGKILL), err0
     assert "node 1's launcher went silent for 6 s" in err0.strip().splitlines()[-1]
+
+
+def test_a_node_beats_while_its_launcher_waits_on_something_else():
+    """Beats come from a thread of their own: a launcher whose main loop waits (on the
+    coordinator's answer, on an exit being handled) for longer than node 0's silence limit is
+    not taken for gone; one that finished is no longer watched."""
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    shape = {"--nnodes": 2}
+    node0 = rendezvous_keys.NodeRendezvous.host(store, 2, shape, url="http://x", token="t", run_id="r")
+    node1 = rendezvous_keys.NodeRendezvous.join("127.0.0.1", store.port, None, 2, shape, None, timeout=30)
+    try:
+        assert node0.silent_nodes(0.5) == []  # the first look: node 1's count noted
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # node 1's main loop busy elsewhere all along
+            assert node0.silent_nodes(0.5) == []
+            time.sleep(0.1)
+    finally:
+        node1.finish()
+    assert node1._beater is not None and not node1._beater.is_alive()

@@ -45,6 +45,8 @@ __all__ = ["run_joining_script"]
 
 _STATUS_SECONDS = 1.0
 """How often the launcher asks the coordinator how the job goes."""
+_POLL_SECONDS = 0.1
+"""How often it looks for a signal, and for its workers' exits."""
 _FAILED_JOB_GRACE_SECONDS = 10.0
 """After the job failed, its workers hear of it with their next heartbeat and leave: one still
 there after this long never will."""
@@ -135,8 +137,13 @@ class _Node:
     def _watch(self, watcher: CoordinatorClient) -> None:
         """Until this node's workers are done (or it is told to stop): follow the job, and once
         it ended stop a local worker that will never hear so."""
-        ended_at = None
+        ended_at, next_status = None, 0.0
         while self.group.running() and not self.stop.how:
+            self.wake.wait(_POLL_SECONDS)  # short: a signal is only noted, and read here
+            self.wake.clear()
+            if time.monotonic() < next_status:
+                continue
+            next_status = time.monotonic() + _STATUS_SECONDS
             try:
                 self.status = watcher.get("/status")
             except (CoordinatorUnreachable, PermissionError, httpx.HTTPError):
@@ -148,8 +155,6 @@ class _Node:
                 # After a failure the workers hear of it and leave: a heartbeat timeout first.
                 if self.status["status"] == "completed" or time.monotonic() - ended_at > _FAILED_JOB_GRACE_SECONDS:
                     self._stop_unfinished()
-            self.wake.wait(_STATUS_SECONDS)
-            self.wake.clear()
 
     def _stop_unfinished(self) -> None:
         """The job ended: a local worker the coordinator declared dead (evicted: hung, or cut

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -55,8 +56,8 @@ _REFUSED = "shoal/run/refused"
 _NODE0_DONE = "shoal/run/node-0-done"
 _FINISHED = "shoal/run/finished/{}"
 _BEAT = "shoal/run/beat/{}"
-"""A counter each node's launcher adds to while it lives: node 0 watches it move (one clock,
-node 0's, so no two machines' clocks are compared)."""
+"""A counter each node's launcher adds to while it lives (from a thread of its own): node 0
+watches it move (one clock, node 0's, so no two machines' clocks are compared)."""
 _POLL_SECONDS = 0.25
 _STORE_TIMEOUT_SECONDS = 30.0
 """A joined node's store calls give up after this: node 0 hung or cut off, not just slow."""
@@ -84,6 +85,8 @@ class NodeRendezvous:
         """Node 0: the store is ours, and anything wrong with it is a bug to see."""
         self._beats: dict[int, tuple[int, float]] = {}
         """Node 0: each node's beat counter, and when it last moved."""
+        self._beating: threading.Event | None = None
+        self._beater: threading.Thread | None = None
 
     @classmethod
     def host(cls, store: dist.TCPStore, nnodes: int, shape: dict, *, url: str, token: str,
@@ -133,6 +136,7 @@ class NodeRendezvous:
                                                f"{mine!r}: give every node the same"))
         rendezvous.node_rank = rendezvous._claim(node_rank, deadline)
         store.set_timeout(timedelta(seconds=_STORE_TIMEOUT_SECONDS))
+        rendezvous._start_beating(master_addr, master_port)
         return rendezvous
 
     def _refuse(self, refusal: ConfigError) -> NoReturn:
@@ -161,9 +165,31 @@ class NodeRendezvous:
             self._store.delete_key(key)
         self._beats.pop(node, None)
 
-    def beat(self) -> None:
-        """This node's launcher lives (called as it polls)."""
-        self._call(self._store.add, _BEAT.format(self.node_rank), 1)
+    def _start_beating(self, master_addr: str, master_port: int) -> None:
+        """A node other than 0, once it holds its rank: say that its launcher lives, from a
+        thread of its own on a connection of its own, until :meth:`finish`. Its main loop
+        can wait seconds on an answer of the coordinator or on a worker's exit being handled,
+        and a node that merely waited must not be taken for gone (node 0 would free its rank,
+        or fail a plain job)."""
+        store = dist.TCPStore(master_addr, master_port, is_master=False,
+                              timeout=timedelta(seconds=_STORE_TIMEOUT_SECONDS))
+        self._beating = threading.Event()
+        self._beater = threading.Thread(target=self._beat, args=(store, self._beating),
+                                        name="shoal-node-beat", daemon=True)
+        self._beater.start()
+
+    def _beat(self, store: dist.TCPStore, stop: threading.Event) -> None:
+        key = _BEAT.format(self.node_rank)
+        while not stop.wait(_POLL_SECONDS) and self._gone is None:
+            try:
+                store.add(key, 1)
+            except RuntimeError:  # torch's DistError: node 0 is gone, as the main loop finds out
+                return
+
+    def _stop_beating(self) -> None:
+        if self._beating is not None:
+            self._beating.set()
+            self._beater.join(timeout=4 * _POLL_SECONDS)  # not for a call stuck on a hung node 0
 
     def silent_nodes(self, timeout: float) -> list[int]:
         """Node 0: the nodes that took a rank and whose launcher has not beaten for
@@ -229,10 +255,9 @@ class NodeRendezvous:
         return None
 
     def wait_started(self, stopping: Callable[[], bool]) -> bool:
-        """A node other than 0: wait, beating, until node 0 lets every node's workers start
+        """A node other than 0: wait until node 0 lets every node's workers start
         (True), or the job failed before it could, or this node is told to stop (False)."""
         while not self._call(self._store.check, [_STARTED]):
-            self.beat()
             if self.failed() or stopping():
                 return False
             time.sleep(_POLL_SECONDS)
@@ -249,6 +274,7 @@ class NodeRendezvous:
 
     def finish(self) -> None:
         """This node has read the job's outcome: node 0 may stop the store."""
+        self._stop_beating()
         self._call(self._store.set, _FINISHED.format(self.node_rank), "1")
 
     def unfinished(self) -> list[int]:

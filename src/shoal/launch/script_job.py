@@ -276,8 +276,6 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     while not stop.how:
         if watch_store:
             try:
-                if config.node_rank > 0:
-                    rendezvous.beat()
                 if rendezvous.failed():
                     break
                 node0_done = node0_done or (config.node_rank > 0 and rendezvous.node0_done())
@@ -304,12 +302,11 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
 
 
 def _await_node_0(rendezvous: NodeRendezvous, stop: StopRequest) -> None:
-    """A node whose workers are done stays, beating, until node 0's are too (or the job
+    """A node whose workers are done stays (its launcher beating) until node 0's are too (or the job
     failed, or node 0 is gone): a failure elsewhere until then is still this job's, and
     reported by this node too (torchrun's exit barrier)."""
     try:
         while not (rendezvous.node0_done() or rendezvous.failed() or stop.how):
-            rendezvous.beat()
             time.sleep(_POLL_SECONDS)
     except NodeGone:
         pass  # _failures says so
