@@ -216,6 +216,16 @@ def test_a_remote_launchers_exit_by_pid_names_the_worker_and_may_announce_its_re
     assert membership.status == "failed" and "fewer than --min-workers 2" in membership.reason
 
 
+def test_an_exit_by_pid_is_the_reporting_launchers_worker_even_where_hosts_and_pids_repeat():
+    """Two containers on one machine (host networking): one host name, pids counted apart."""
+    membership = Membership(expected_workers=2, min_workers=1, clock=Clock())
+    membership.join(0, "node", 7, launcher="node/1/aaaa")
+    membership.join(1, "node", 7, launcher="node/1/bbbb")
+    assert membership.report_exit_of_process("node", 7, "killed", launcher="node/1/aaaa") == 0
+    assert membership.current.members == [1]
+    assert membership.snapshot()["workers"]["1"]["alive"]
+
+
 def test_a_process_gone_before_joining_is_no_longer_waited_for():
     clock = Clock()
     membership = Membership(expected_workers=2, min_workers=1, clock=clock)

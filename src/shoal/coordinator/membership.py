@@ -58,10 +58,12 @@ class _Worker:
     died_at: float | None = None
     declared_silent_at: float | None = None
     """When the coordinator declared it dead for silence (None for any other death)."""
+    launcher: str = ""
+    """The id of the launcher that started it (``SHOAL_LAUNCHER_ID``), if it said."""
 
 
 _KEPT_WORKER_FIELDS = ("worker_id", "host", "pid", "alive", "finished", "committed_step", "bytes_sent",
-                       "death_cause", "died_at")
+                       "death_cause", "died_at", "launcher")
 """What ``export_state`` keeps of a worker: not its last heartbeat (a restart hears anew)."""
 
 
@@ -164,7 +166,7 @@ class Membership:
         with self._lock:
             self._rejoin_expected.add(worker_id)
 
-    def join(self, worker_id: int | None, host: str, pid: int) -> int:
+    def join(self, worker_id: int | None, host: str, pid: int, launcher: str = "") -> int:
         with self._lock:
             self._rejoin_expected.discard(worker_id)
             if worker_id is None:
@@ -172,7 +174,7 @@ class Membership:
             existing = self._workers.get(worker_id)
             if existing is not None and existing.alive:
                 raise ValueError(f"worker {worker_id} is already a live member")
-            self._workers[worker_id] = _Worker(worker_id, host, pid, last_seen=self._clock())
+            self._workers[worker_id] = _Worker(worker_id, host, pid, last_seen=self._clock(), launcher=launcher)
             self._announce()
             current = self.current
             if existing is not None and current is not None and worker_id in current.members \
@@ -225,7 +227,8 @@ class Membership:
         if worker_id in self.current.members:
             now = self._clock()
             self._workers[worker_id] = _Worker(worker_id, str(payload.get("host", "?")),
-                                               int(payload.get("pid", 0)), last_seen=now)
+                                               int(payload.get("pid", 0)), last_seen=now,
+                                               launcher=str(payload.get("launcher", "")))
 
     def _take_over(self, generation: Generation, now: float) -> None:
         """We run ``generation`` without having formed it (from the workers' heartbeats, or a
@@ -294,14 +297,17 @@ class Membership:
             self._set_status("failed", cause)
         self._evaluate()
 
-    def report_exit_of_process(self, host: str, pid: int, cause: str, *, restarting: bool = False) -> int | None:
-        """A remote launcher saw one of its processes end; it knows the pid, not the id.
+    def report_exit_of_process(self, host: str, pid: int, cause: str, *, restarting: bool = False,
+                               launcher: str = "") -> int | None:
+        """A remote launcher saw one of its processes end; it knows the pid, not the id, and
+        says which launcher it is (two containers may share a host name and pids).
         ``restarting``: it starts the process again, under the worker's id (see
         :meth:`expect_rejoin`). Returns the worker's id (a live one's, else the newest
         dead one's: pids are reused), None if the process never joined; such a process, gone
         before the first generation and not restarted, is no longer waited for."""
         with self._lock:
-            matching = [w for w in self._workers.values() if w.host == host and w.pid == pid]
+            matching = [w for w in self._workers.values() if w.pid == pid and (
+                w.launcher == launcher if launcher and w.launcher else w.host == host)]
             alive = [w.worker_id for w in matching if w.alive]
             ids = alive or [w.worker_id for w in matching]
             if not ids:
@@ -478,6 +484,7 @@ class Membership:
                         "finished": w.finished,
                         "host": w.host,
                         "pid": w.pid,
+                        "launcher": w.launcher,
                         "committed_step": w.committed_step,
                         "heartbeat_age": round(now - w.last_seen, 3),
                         "death_cause": w.death_cause,

@@ -146,7 +146,7 @@ class Coordinator:
         body = await request.json()
         try:
             worker_id = self.membership.join(body.get("worker_id"), body.get("host", "?"),
-                                             int(body.get("pid", 0)))
+                                             int(body.get("pid", 0)), str(body.get("launcher", "")))
         except ValueError as error:
             return web.json_response({"error": str(error)}, status=409)
         return web.json_response({
@@ -204,7 +204,7 @@ class Coordinator:
         if body.get("kind") == "exit":
             worker_id = self.membership.report_exit_of_process(
                 str(body["host"]), int(body["pid"]), str(body.get("detail", "exited")),
-                restarting=bool(body.get("restarting")))
+                restarting=bool(body.get("restarting")), launcher=str(body.get("launcher", "")))
             return web.json_response({"ok": True, "worker_id": worker_id})
         worker_id = int(body["worker_id"])
         if body.get("kind") == "kill":

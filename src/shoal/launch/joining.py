@@ -5,13 +5,16 @@ the local workers' exit codes."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+import uuid
 
 import httpx
 
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 
-__all__ = ["ADMISSION_RETRY_SECONDS", "admission_refusal", "final_status"]
+__all__ = ["ADMISSION_RETRY_SECONDS", "admission_refusal", "final_status", "launcher_id"]
 
 ADMISSION_RETRY_SECONDS = 10.0
 """A coordinator started at the same moment as its launchers gets this long to answer."""
@@ -19,6 +22,13 @@ _LOST_END_SECONDS = 5.0
 """How long a launcher whose workers all finished waits for a restarted coordinator to learn
 the job's end from other hosts' workers, before it concludes from its own."""
 _POLL_SECONDS = 0.5
+
+
+def launcher_id() -> str:
+    """This launcher's ``SHOAL_LAUNCHER_ID``: its workers name it when they join, and it
+    names them by it and their pids when they exit. Unique: two containers of one machine
+    may share its host name (host networking) and their processes' pids."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
 def admission_refusal(url: str, token: str, address: str, spec: dict) -> str | None:

@@ -24,7 +24,7 @@ from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
 from shoal.launch.durable import MetricsFile, Resumption, choose_resume
-from shoal.launch.joining import admission_refusal, final_status
+from shoal.launch.joining import admission_refusal, final_status, launcher_id
 from shoal.launch.workers import (
     Preemption,
     WorkerGroup,
@@ -33,8 +33,12 @@ from shoal.launch.workers import (
     worker_zygote,
 )
 from shoal.launch.zygote import Zygote
-from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN
-from shoal.runtime.trainer import ENV_LAUNCHER_ID
+from shoal.runtime.context import (
+    ENV_COORDINATOR,
+    ENV_HEARTBEAT_INTERVAL,
+    ENV_LAUNCHER_ID,
+    ENV_TOKEN,
+)
 from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
 
 __all__ = ["run_remote"]
@@ -65,7 +69,7 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
         print(f"shoal train: error: {refusal}", file=sys.stderr)
         return 2
     client = CoordinatorClient(url, config.token)
-    host = socket.gethostname()
+    host, launcher = socket.gethostname(), launcher_id()
     restarts = collections.Counter()
 
     def echo(line: str) -> None:
@@ -77,7 +81,8 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
         process = group.workers[local_index].process
         cause = describe_exit(returncode) if returncode else "exited"
         try:
-            client.post("/report", {"kind": "exit", "host": host, "pid": process.pid, "detail": cause})
+            client.post("/report", {"kind": "exit", "host": host, "launcher": launcher, "pid": process.pid,
+                                    "detail": cause})
         except Exception as error:  # the coordinator also notices the missing heartbeats
             echo(f"shoal: could not report the exit of local worker {local_index}: {error}")
         if returncode not in (0, _EVICTED) and config.restart and restarts[local_index] < config.max_restarts:
@@ -87,7 +92,7 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
 
     env = {**os.environ, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
            ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),
-           ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
+           ENV_LAUNCHER_ID: launcher}
     group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit, echo=echo,
                         zygote=zygote)
     record = None

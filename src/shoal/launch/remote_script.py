@@ -27,7 +27,7 @@ import httpx
 
 from shoal.config import RunConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
-from shoal.launch.joining import admission_refusal, final_status
+from shoal.launch.joining import admission_refusal, final_status, launcher_id
 from shoal.launch.script_job import torchrun_env
 from shoal.launch.script_runner import ENV_LAUNCHER_PID
 from shoal.launch.workers import (
@@ -37,8 +37,7 @@ from shoal.launch.workers import (
     WorkerProcess,
     describe_exit,
 )
-from shoal.runtime.context import ENV_COORDINATOR, ENV_TOKEN, ENV_WORKER_ID
-from shoal.runtime.trainer import ENV_LAUNCHER_ID
+from shoal.runtime.context import ENV_COORDINATOR, ENV_LAUNCHER_ID, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.worker import EXIT_PREEMPTED
 
 __all__ = ["run_joining_script"]
@@ -81,7 +80,7 @@ class _Node:
 
     def __init__(self, config: RunConfig, url: str):
         self.config, self.url = config, url
-        self.host = socket.gethostname()
+        self.host, self.launcher = socket.gethostname(), launcher_id()
         self.losses: list[str] = []
         """Local workers that failed while the job went on: what the job survived."""
         self.ids: dict[int, int] = {}
@@ -98,7 +97,7 @@ class _Node:
         self.reporter = CoordinatorClient(url, config.token, retry_seconds=2.0, timeout=5.0)
         inherited = {name: value for name, value in os.environ.items() if name not in _NOT_INHERITED}
         env = {**inherited, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
-               ENV_LAUNCHER_ID: f"{self.host}/{os.getpid()}", ENV_LAUNCHER_PID: str(os.getpid()),
+               ENV_LAUNCHER_ID: self.launcher, ENV_LAUNCHER_PID: str(os.getpid()),
                "LOCAL_WORLD_SIZE": str(config.nproc_per_node)}
         if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
@@ -174,7 +173,7 @@ class _Node:
     def _id_of(self, worker: WorkerProcess) -> int | None:
         """The job's id for a local worker, from the coordinator's view of this host's pids."""
         for worker_id, known in self.status.get("workers", {}).items():
-            if known["host"] == self.host and known["pid"] == worker.process.pid and known["alive"]:
+            if known["launcher"] == self.launcher and known["pid"] == worker.process.pid and known["alive"]:
                 self.ids[worker.worker_id] = int(worker_id)
                 self.joined = True
         return self.ids.get(worker.worker_id)
@@ -226,8 +225,8 @@ class _Node:
         if returncode == 0 and not self._job_goes_on():
             return True  # it finished the job: nothing to tell (a coordinator past --linger is gone)
         try:
-            reply = self.reporter.post("/report", {"kind": "exit", "host": self.host, "pid": pid,
-                                                   "detail": cause, "restarting": restart})
+            reply = self.reporter.post("/report", {"kind": "exit", "host": self.host, "launcher": self.launcher,
+                                                   "pid": pid, "detail": cause, "restarting": restart})
             if reply.get("worker_id") is not None:
                 self.ids[local_rank] = reply["worker_id"]
                 self.joined = True

@@ -30,8 +30,7 @@ from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
 from shoal.launch.script_runner import ENV_LAUNCHER_PID
 from shoal.launch.workers import SIGTERM_STOP, StopRequest, WorkerGroup, describe_exit
-from shoal.runtime.context import ENV_COORDINATOR, ENV_TOKEN, ENV_WORKER_ID
-from shoal.runtime.trainer import ENV_LAUNCHER_ID
+from shoal.runtime.context import ENV_COORDINATOR, ENV_LAUNCHER_ID, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.worker import EXIT_PREEMPTED
 
 __all__ = ["run_script", "torchrun_env"]

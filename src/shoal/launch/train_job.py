@@ -26,8 +26,13 @@ from shoal.launch.workers import (
     worker_zygote,
 )
 from shoal.launch.zygote import Zygote
-from shoal.runtime.context import ENV_COORDINATOR, ENV_HEARTBEAT_INTERVAL, ENV_TOKEN, ENV_WORKER_ID
-from shoal.runtime.trainer import ENV_LAUNCHER_ID
+from shoal.runtime.context import (
+    ENV_COORDINATOR,
+    ENV_HEARTBEAT_INTERVAL,
+    ENV_LAUNCHER_ID,
+    ENV_TOKEN,
+    ENV_WORKER_ID,
+)
 from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
 from shoal.tasks import TASKS
 from shoal.tracking import build_results, write_json, write_sample_log

@@ -26,6 +26,10 @@ ENV_COORDINATOR = "SHOAL_COORDINATOR"
 ENV_TOKEN = "SHOAL_TOKEN"
 ENV_WORKER_ID = "SHOAL_WORKER_ID"
 ENV_HEARTBEAT_INTERVAL = "SHOAL_HEARTBEAT_INTERVAL"
+ENV_LAUNCHER_ID = "SHOAL_LAUNCHER_ID"
+"""Set by launchers, unique to each: workers started by one launcher share a host
+(hierarchical strategies), and a remote launcher names its workers to the coordinator by it
+and their pids (two containers may share a host name and pids)."""
 
 
 _ENDING_WAIT_SECONDS = 10.0
@@ -133,7 +137,7 @@ class Context:
             return
         self._client = CoordinatorClient(self.url, self.token)
         reply = self._client.post("/join", {"worker_id": self.worker_id, "host": socket.gethostname(),
-                                            "pid": os.getpid()})
+                                            "pid": os.getpid(), "launcher": os.environ.get(ENV_LAUNCHER_ID, "")})
         self.worker_id = reply["worker_id"]
         self._incarnation = reply.get("incarnation")
         self.joined_running_job = bool(reply.get("running"))
@@ -183,6 +187,7 @@ class Context:
             "worker_id": self.worker_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "launcher": os.environ.get(ENV_LAUNCHER_ID, ""),
             # what a restarted coordinator needs to adopt the running generation
             "generation": self.generation,
             "failed_generation": self.failed_generation,

@@ -29,12 +29,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from shoal.checkpoint import (AsyncSaver, Checkpoint, CheckpointError, Checkpointing, CheckpointStore,
-                              check_resumable, job_identity)
+from shoal.checkpoint import (
+    AsyncSaver,
+    Checkpoint,
+    CheckpointError,
+    Checkpointing,
+    CheckpointStore,
+    check_resumable,
+    job_identity,
+)
 from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions
 from shoal.data import GlobalBatchSampler, fetch
 from shoal.runtime.async_worker import keep_served_state, run_async
-from shoal.runtime.context import Context, GenerationMoved, JobStopped
+from shoal.runtime.context import ENV_LAUNCHER_ID, Context, GenerationMoved, JobStopped
 from shoal.runtime.faults import maybe_kill
 from shoal.runtime.heal import FRESH, HealReport, deserialize, heal
 from shoal.runtime.reshard import ShardsLost, restore_from_members
@@ -49,10 +56,6 @@ _MAX_FAILURES_WITHOUT_PROGRESS = 5
 """A step that keeps failing while no member changes is a bug, not a fault: give up."""
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
-
-ENV_LAUNCHER_ID = "SHOAL_LAUNCHER_ID"
-"""Set by launchers: workers started by one launcher share a host (hierarchical strategies)."""
-
 
 class Preempted(JobStopped):
     """SIGTERM (a preemption notice): the leader saved a checkpoint (if asked to) and every
