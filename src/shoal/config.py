@@ -157,6 +157,16 @@ def _changed(config, name: str) -> bool:
     return getattr(config, name) != type(config).__dataclass_fields__[name].default
 
 
+ENV_TOKEN = "SHOAL_TOKEN"
+"""The job token, for a launcher joining a standalone coordinator (``--token``'s default: a
+variable keeps it out of the process list) and for every worker."""
+
+
+def joining_token(token: str | None, coordinator: str | None) -> str | None:
+    """``--token``, or with ``--coordinator`` the ``SHOAL_TOKEN`` variable."""
+    return token if token is not None or coordinator is None else os.environ.get(ENV_TOKEN)
+
+
 def coordinator_url(address: str) -> str:
     host, port = _split_address("--coordinator", address)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

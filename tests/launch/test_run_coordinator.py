@@ -151,7 +151,8 @@ def test_a_plain_script_under_coordinator_fails_saying_why(tmp_path):
 
 
 def test_a_node_is_refused_before_its_workers_start(tmp_path):
-    """A wrong token, or another script than the job's: exit 2, one line, the job untouched."""
+    """A wrong token (here from $SHOAL_TOKEN), or another script than the job's: exit 2, one
+    line, the job untouched."""
     coordinator, url = start_coordinator("--workers", "2")
     other = tmp_path / "other.py"
     other.write_text("raise SystemExit('never run')\n")
@@ -159,7 +160,8 @@ def test_a_node_is_refused_before_its_workers_start(tmp_path):
         httpx.post(f"{url}/launcher", json={"spec": {"shoal run SCRIPT": "elastic.py"}},
                    headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
         address = url.removeprefix("http://")
-        wrong_token = shoal("run", "--coordinator", address, "--token", "nope", EXAMPLE)
+        wrong_token = shoal("run", "--coordinator", address, EXAMPLE,  # the token by its variable
+                            env={**os.environ, "SHOAL_TOKEN": "nope"})
         wrong_script = shoal("run", "--coordinator", address, "--token", TOKEN, str(other))
         untouched = status(url)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
 import sys
 import threading
@@ -16,7 +17,7 @@ def add_coordinator(commands) -> None:
     parser = commands.add_parser("coordinator", help="run a standalone coordinator")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind (default: any free)")
-    parser.add_argument("--token", help="job token (default: a new random one, printed)")
+    parser.add_argument("--token", help="job token (default: $SHOAL_TOKEN, else a new random one, printed)")
     parser.add_argument("--workers", type=int, default=1,
                         help="workers to wait for before the first generation (default 1)")
     parser.add_argument("--min-workers", type=int, default=1)
@@ -112,7 +113,7 @@ def _keep_state(path: str, token: str, membership):
 
 
 def _coordinator(args: argparse.Namespace) -> int:
-    from shoal.config import ConfigError, check_bindable, check_heartbeat_timeout
+    from shoal.config import ENV_TOKEN, ConfigError, check_bindable, check_heartbeat_timeout
     from shoal.coordinator import Coordinator, Membership
 
     if args.workers < 1:
@@ -127,7 +128,7 @@ def _coordinator(args: argparse.Namespace) -> int:
     if args.token is not None and not args.token:
         raise ConfigError("--token", "must not be empty (leave it out for a random one)")
     check_bindable("--host", args.host)
-    token = args.token or secrets.token_hex(16)
+    token = args.token or os.environ.get(ENV_TOKEN) or secrets.token_hex(16)
     membership = Membership(expected_workers=args.workers, min_workers=args.min_workers,
                             heartbeat_timeout=args.heartbeat_timeout)
     state_file = _keep_state(args.state, token, membership) if args.state else None

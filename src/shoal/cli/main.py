@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions, TrainConfig
+from shoal.config import (
+    ConfigError,
+    KillSpec,
+    Slowdown,
+    StrategyOptions,
+    TrainConfig,
+    joining_token,
+)
 from shoal.strategies import STRATEGIES
 from shoal.tasks import TASKS
 
@@ -121,7 +128,7 @@ def _add_train(commands) -> None:
                        help="address the embedded coordinator binds (default 127.0.0.1)")
     train.add_argument("--coordinator", metavar="HOST:PORT",
                        help="join a standalone `shoal coordinator` instead of embedding one")
-    train.add_argument("--token", help="the job token printed by that coordinator")
+    train.add_argument("--token", help="the job token printed by that coordinator (default: $SHOAL_TOKEN)")
     durable = train.add_argument_group("checkpoints (see docs/CHECKPOINTS.md)")
     durable.add_argument("--checkpoint-dir", metavar="DIR",
                          help="save the committed state in DIR every --checkpoint-every steps, "
@@ -155,7 +162,7 @@ def _train(args: argparse.Namespace) -> int:
         restart=args.restart,
         max_restarts=args.max_restarts, max_workers=args.max_workers, quiet=args.quiet,
         heartbeat_timeout=args.heartbeat_timeout, host=args.host,
-        coordinator=args.coordinator, token=args.token, checkpoint_dir=args.checkpoint_dir,
+        coordinator=args.coordinator, token=joining_token(args.token, args.coordinator), checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
         resume=args.resume,
     )

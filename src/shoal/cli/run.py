@@ -93,14 +93,15 @@ def add_run(commands) -> None:
     run.add_argument("--coordinator", metavar="HOST:PORT",
                      help="join the job of a standalone coordinator (`shoal coordinator`) instead of "
                      "meeting at node 0: a script that uses shoal.train then survives losing any node")
-    run.add_argument("--token", help="the standalone coordinator's job token (with --coordinator)")
+    run.add_argument("--token", help="the standalone coordinator's job token (with --coordinator; "
+                     "default: $SHOAL_TOKEN)")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from shoal.config import ConfigError, RunConfig
+    from shoal.config import ConfigError, RunConfig, joining_token
     from shoal.launch.script_job import run_script
 
     if args.standalone and args.nnodes != 1:
@@ -125,7 +126,8 @@ def _run(args: argparse.Namespace) -> int:
                        node_rank=args.node_rank, master_addr=master_addr, master_port=master_port,
                        run_id=args.rdzv_id, join_timeout=args.join_timeout,
                        min_workers=args.min_workers, heartbeat_timeout=args.heartbeat_timeout,
-                       coordinator=args.coordinator, token=args.token, max_restarts=args.max_restarts)
+                       coordinator=args.coordinator, token=joining_token(args.token, args.coordinator),
+                       max_restarts=args.max_restarts)
     return run_script(config.validate())
 
 

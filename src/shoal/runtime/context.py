@@ -17,13 +17,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shoal.config import ConfigError
+from shoal.config import ENV_TOKEN, ConfigError
 from shoal.coordinator.client import RETRY_SECONDS, CoordinatorClient, CoordinatorUnreachable
 
 __all__ = ["Context", "JobStopped", "GenerationMoved"]
 
 ENV_COORDINATOR = "SHOAL_COORDINATOR"
-ENV_TOKEN = "SHOAL_TOKEN"
 ENV_WORKER_ID = "SHOAL_WORKER_ID"
 ENV_HEARTBEAT_INTERVAL = "SHOAL_HEARTBEAT_INTERVAL"
 ENV_LAUNCHER_ID = "SHOAL_LAUNCHER_ID"
