@@ -226,6 +226,31 @@ def test_an_exit_by_pid_is_the_reporting_launchers_worker_even_where_hosts_and_p
     assert membership.snapshot()["workers"]["1"]["alive"]
 
 
+def test_a_restart_that_never_joins_stops_holding_the_job_after_a_while():
+    """Its launcher (or machine) was lost after announcing it: the paused job fails rather
+    than waiting forever."""
+    membership, clock = started(workers=2, min_workers=2)
+    membership.report_exit_of_process("host", 101, "killed", restarting=True)
+    for _ in range(28):  # worker 0 keeps beating for 112 s: the job stays paused for the restart
+        advance(membership, clock, 4, step=0.5)
+        membership.heartbeat(0, {"generation": 1, "members": [0, 1]})
+    assert membership.status == "running" and membership.current.number == 1
+    for _ in range(3):
+        advance(membership, clock, 4, step=0.5)
+        membership.heartbeat(0, {"generation": 1, "members": [0, 1]})
+    assert membership.status == "failed" and "fewer than --min-workers 2" in membership.reason
+
+
+def test_a_taken_over_members_process_is_known_from_its_own_heartbeat():
+    """A coordinator restarted without a state file learns the members from one heartbeat
+    (placeholders), and each one's host, pid and launcher from its own: exits by pid match."""
+    membership = Membership(expected_workers=2, min_workers=1, clock=Clock())
+    membership.heartbeat(0, {"generation": 3, "members": [0, 1], "host": "a", "pid": 10, "launcher": "a/1/x"})
+    membership.heartbeat(1, {"generation": 3, "members": [0, 1], "host": "b", "pid": 20, "launcher": "b/1/y"})
+    assert membership.report_exit_of_process("b", 20, "killed", launcher="b/1/y") == 1
+    assert membership.current.members == [0]
+
+
 def test_a_process_gone_before_joining_is_no_longer_waited_for():
     clock = Clock()
     membership = Membership(expected_workers=2, min_workers=1, clock=clock)

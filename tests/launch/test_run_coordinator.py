@@ -45,7 +45,8 @@ def newcomer_wait(at_step: int) -> str:
     """Source that makes a script's ``shoal.train`` workers, left alone at ``at_step`` by a
     lost peer, wait there until the coordinator has formed a generation with the newcomer that
     the test brings and they have heard of it (so the job cannot end before the newcomer
-    joins). The worker given DIE_ONCE=FILE kills itself at step 10, once."""
+    joins). The worker given DIE_ONCE=FILE kills itself at step 10, once; worker 0, given
+    HOLD_WORKER_0=FILE, creates FILE at step 5 and waits there to be killed."""
     return (
         "import os, signal, time\n"
         "import httpx\n"
@@ -55,6 +56,10 @@ def newcomer_wait(at_step: int) -> str:
         "    headers = {'Authorization': 'Bearer ' + os.environ['SHOAL_TOKEN']}\n"
         "    return httpx.get(os.environ['SHOAL_COORDINATOR'] + '/status', headers=headers).json()['members']\n"
         "def step_that_waits(self, *args):\n"
+        "    held = os.environ.get('HOLD_WORKER_0')\n"
+        "    if held and self.position == 5 and self.context.worker_id == 0 and not os.path.exists(held):\n"
+        "        open(held, 'w').close()\n"
+        "        time.sleep(600)  # until the test kills it\n"
         "    marker = os.environ.get('DIE_ONCE')\n"
         "    if marker and self.position == 10 and not os.path.exists(marker):\n"
         "        open(marker, 'w').close()\n"
@@ -86,11 +91,11 @@ def test_the_job_goes_on_without_a_killed_node_which_rejoins_when_started_again(
     and the job would go with it): the others go on; the same command started again joins
     the running job; the model equals one process's."""
     coordinator, url = start_coordinator("--workers", "2")
-    script = waiting_for_a_newcomer(tmp_path / "script.py")
-    nodes = [node(url, script), node(url, script)]
+    script, held = waiting_for_a_newcomer(tmp_path / "script.py"), tmp_path / "held"
+    nodes = [node(url, script, env={"HOLD_WORKER_0": str(held)}) for _ in range(2)]
     try:
         deadline = time.monotonic() + 120
-        while status(url)["step"] < 5:
+        while not held.exists():  # worker 0 at step 5, the job waiting for it
             assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
             time.sleep(0.05)
         leader_launcher = psutil.Process(status(url)["workers"]["0"]["pid"]).ppid()
@@ -104,11 +109,12 @@ def test_the_job_goes_on_without_a_killed_node_which_rejoins_when_started_again(
         for process in (*nodes, coordinator):
             process.kill()
             process.communicate()
-    assert code == 0 and code_again == 0, err + err_again
-    assert final["status"] == "completed"
+    everything = out + err + out_again + err_again
+    assert code == 0 and code_again == 0, everything
+    assert final["status"] == "completed", (final, everything)
     printed = re.search(r"(\d+) steps on (\d+) worker\(s\): accuracy (\S+)", out + out_again)
-    assert printed is not None, out + out_again
-    assert printed.groups() == ("29", "2", undisturbed_accuracy()), out + out_again + err + err_again
+    assert printed is not None, everything
+    assert printed.groups() == ("29", "2", undisturbed_accuracy()), everything
 
 
 def test_a_failed_worker_is_started_again_and_rejoins_with_max_restarts(tmp_path):

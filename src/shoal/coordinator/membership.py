@@ -62,6 +62,10 @@ class _Worker:
     """The id of the launcher that started it (``SHOAL_LAUNCHER_ID``), if it said."""
 
 
+_REJOIN_PATIENCE_SECONDS = 120.0
+"""How long a job below ``--min-workers`` waits for a restarted worker to join: a script's
+restart imports torch and its own modules first, on a machine that may be loaded."""
+
 _KEPT_WORKER_FIELDS = ("worker_id", "host", "pid", "alive", "finished", "committed_step", "bytes_sent",
                        "death_cause", "died_at", "launcher")
 """What ``export_state`` keeps of a worker: not its last heartbeat (a restart hears anew)."""
@@ -138,7 +142,8 @@ class Membership:
         self._changes: list[dict] = []
         self._kill_causes: dict[int, str] = {}
         self.fired_faults: set[str] = set()
-        self._rejoin_expected: set[int] = set()
+        self._rejoin_expected: dict[int, float] = {}
+        """Workers a launcher is restarting, and since when (see ``_REJOIN_PATIENCE_SECONDS``)."""
         """Planned faults that went off: a restarted worker must not fire them again."""
         self._listeners: list[Callable[[], None]] = []
         self._keep_state: Callable[[dict], None] | None = None
@@ -164,11 +169,11 @@ class Membership:
     def expect_rejoin(self, worker_id: int) -> None:
         """The launcher is restarting this worker: count it toward ``min_workers`` meanwhile."""
         with self._lock:
-            self._rejoin_expected.add(worker_id)
+            self._rejoin_expected[worker_id] = self._clock()
 
     def join(self, worker_id: int | None, host: str, pid: int, launcher: str = "") -> int:
         with self._lock:
-            self._rejoin_expected.discard(worker_id)
+            self._rejoin_expected.pop(worker_id, None)
             if worker_id is None:
                 worker_id = max(self._workers, default=-1) + 1
             existing = self._workers.get(worker_id)
@@ -196,6 +201,9 @@ class Membership:
                 return {"evicted": True, "generation": self.current_number, "status": self.status,
                         "incarnation": self.incarnation}
             worker.last_seen, worker.forgiven = self._clock(), 0.0
+            if worker.pid == 0:  # a placeholder of a generation taken over: now we know its process
+                worker.host, worker.pid = str(payload.get("host", "?")), int(payload.get("pid", 0))
+                worker.launcher = str(payload.get("launcher", ""))
             self._note_heard(worker_id)
             worker.committed_step = payload.get("committed_step", worker.committed_step)
             worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
@@ -315,7 +323,7 @@ class Membership:
                     self._lose_expected_worker(f"a worker on {host} (pid {pid}) exited before joining: {cause}")
                 return None
             if restarting:
-                self._rejoin_expected.add(max(ids))
+                self._rejoin_expected[max(ids)] = self._clock()
             self.report_exit(max(ids), cause)  # one already declared dead is left as it is
             return max(ids)
 
@@ -323,8 +331,7 @@ class Membership:
         """The launcher will not start this worker again after all (its restart died before
         joining, and none is left): a job paused for it goes on, or fails, without it."""
         with self._lock:
-            if worker_id in self._rejoin_expected:
-                self._rejoin_expected.discard(worker_id)
+            if self._rejoin_expected.pop(worker_id, None) is not None:
                 self._evaluate()
 
     def finish(self, worker_id: int, payload: dict) -> None:
@@ -680,7 +687,7 @@ class Membership:
             keep = [m for m in (previous.members if previous else []) if m in live]
             live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
         self._failure_reported_at = None
-        if len(live) < self.min_workers and len(live) + len(self._rejoin_expected) >= self.min_workers:
+        if len(live) < self.min_workers and len(live) + self._restarts_coming() >= self.min_workers:
             return  # pause: survivors wait in their long-poll until the restarted workers join
         if len(live) < self.min_workers and self._may_still_announce_a_restart():
             return
@@ -707,6 +714,13 @@ class Membership:
                 }
             )
         self._set_status("running", "")
+
+    def _restarts_coming(self) -> int:
+        """Restarts announced within ``_REJOIN_PATIENCE_SECONDS``: one not joined by then is
+        not coming (its launcher, or its machine, was lost since), and a job paused for it
+        must fail rather than wait forever."""
+        now = self._clock()
+        return sum(now - since < _REJOIN_PATIENCE_SECONDS for since in self._rejoin_expected.values())
 
     def _may_still_announce_a_restart(self) -> bool:
         """With restarts, give the launcher one heartbeat timeout to announce one.

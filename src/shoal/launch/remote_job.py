@@ -38,6 +38,7 @@ from shoal.runtime.context import (
     ENV_HEARTBEAT_INTERVAL,
     ENV_LAUNCHER_ID,
     ENV_TOKEN,
+    ENV_WORKER_ID,
 )
 from shoal.runtime.worker import ENV_CONFIG, EXIT_PREEMPTED
 
@@ -80,15 +81,19 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
             return
         process = group.workers[local_index].process
         cause = describe_exit(returncode) if returncode else "exited"
+        restart = returncode not in (0, _EVICTED) and config.restart and restarts[local_index] < config.max_restarts
+        rejoining = {}  # a restart joins under the worker's id: the coordinator waits for that one
         try:
-            client.post("/report", {"kind": "exit", "host": host, "launcher": launcher, "pid": process.pid,
-                                    "detail": cause})
+            reply = client.post("/report", {"kind": "exit", "host": host, "launcher": launcher,
+                                            "pid": process.pid, "detail": cause, "restarting": restart})
+            if reply.get("worker_id") is not None:
+                rejoining = {ENV_WORKER_ID: str(reply["worker_id"])}
         except Exception as error:  # the coordinator also notices the missing heartbeats
             echo(f"shoal: could not report the exit of local worker {local_index}: {error}")
-        if returncode not in (0, _EVICTED) and config.restart and restarts[local_index] < config.max_restarts:
+        if restart:
             restarts[local_index] += 1
             echo(f"shoal: restarting local worker {local_index}")
-            group.spawn(local_index, {})
+            group.spawn(local_index, rejoining)
 
     env = {**os.environ, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
            ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),

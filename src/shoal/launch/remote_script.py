@@ -118,7 +118,8 @@ class _Node:
                     self._leave()
                 self.group.stop_all()
                 if not stopped:
-                    codes = [worker.returncode for worker in self.group.workers.values()]
+                    # Exit codes tell an end the coordinator lost only of workers that were in it.
+                    codes = [worker.returncode for worker in self.group.workers.values()] if self.joined else []
                     status = final_status(self.url, self.config.token, codes)
         finally:
             watcher.close()
@@ -152,8 +153,10 @@ class _Node:
             if self.status.get("status") in ("completed", "failed"):
                 ended_at = ended_at or time.monotonic()
                 # After a failure the workers hear of it and leave: a heartbeat timeout first.
-                if self.status["status"] == "completed" or time.monotonic() - ended_at > _FAILED_JOB_GRACE_SECONDS:
+                if self.status["status"] == "completed":
                     self._stop_unfinished()
+                elif time.monotonic() - ended_at > _FAILED_JOB_GRACE_SECONDS:
+                    self._stop_all_left(f"still running {_FAILED_JOB_GRACE_SECONDS:g} s after the job failed; stopped here")
 
     def _stop_unfinished(self) -> None:
         """The job ended: a local worker the coordinator declared dead (evicted: hung, or cut
@@ -170,10 +173,16 @@ class _Node:
                 "evicted by the coordinator (hung or cut off), then stopped here")
             self.group.kill(worker.worker_id)
 
+    def _stop_all_left(self, why: str) -> None:
+        """The job failed: a worker still here (stuck, or deaf to the coordinator) never leaves."""
+        for worker in self.group.running():
+            self.stopped_here[worker.worker_id] = why
+            self.group.kill(worker.worker_id)
+
     def _id_of(self, worker: WorkerProcess) -> int | None:
         """The job's id for a local worker, from the coordinator's view of this host's pids."""
         for worker_id, known in self.status.get("workers", {}).items():
-            if known["launcher"] == self.launcher and known["pid"] == worker.process.pid and known["alive"]:
+            if known.get("launcher") == self.launcher and known["pid"] == worker.process.pid and known["alive"]:
                 self.ids[worker.worker_id] = int(worker_id)
                 self.joined = True
         return self.ids.get(worker.worker_id)
@@ -205,10 +214,12 @@ class _Node:
         process = self.group.workers[local_rank].process
         cause = self.stopped_here.get(local_rank) or (describe_exit(returncode) if returncode else "exited")
         restart = returncode != 0 and self._may_restart(local_rank)
-        joined = self._report_exit(local_rank, process.pid, cause, returncode, restart)
+        joined, reported = self._report_exit(local_rank, process.pid, cause, returncode, restart)
         if returncode != 0:
             self._note_loss(local_rank, cause, joined)
         if restart:
+            if not reported:  # the coordinator may still hold it for alive: a newcomer, not it
+                self.ids.pop(local_rank, None)
             self.restarts[local_rank] += 1
             print(f"shoal run: starting local worker {local_rank} again (restart {self.restarts[local_rank]} "
                   f"of {self.config.max_restarts}): it rejoins the job", file=sys.stderr, flush=True)
@@ -219,18 +230,20 @@ class _Node:
         return (not self.stop.how and local_rank not in self.stopped_here
                 and self.restarts[local_rank] < self.config.max_restarts and self._job_goes_on())
 
-    def _report_exit(self, local_rank: int, pid: int, cause: str, returncode: int, restart: bool) -> bool:
+    def _report_exit(self, local_rank: int, pid: int, cause: str, returncode: int,
+                     restart: bool) -> tuple[bool, bool]:
         """Tell the coordinator (a restart: it waits for the worker rather than fail the job
-        below its --min-workers). Returns whether the process had joined the job."""
+        below its --min-workers). Returns whether the process had joined the job, and whether
+        the coordinator heard of its exit."""
         if returncode == 0 and not self._job_goes_on():
-            return True  # it finished the job: nothing to tell (a coordinator past --linger is gone)
+            return True, True  # it finished the job: nothing to tell (a coordinator past --linger is gone)
         try:
             reply = self.reporter.post("/report", {"kind": "exit", "host": self.host, "launcher": self.launcher,
                                                    "pid": pid, "detail": cause, "restarting": restart})
             if reply.get("worker_id") is not None:
                 self.ids[local_rank] = reply["worker_id"]
                 self.joined = True
-                return True
+                return True, True
             if local_rank in self.ids and not restart:
                 # A restart that died before joining, with none left: no longer waited for.
                 self.reporter.post("/report", {"kind": "exit", "worker_id": self.ids[local_rank],
@@ -239,7 +252,8 @@ class _Node:
             if returncode != 0:  # the coordinator also notices the missing heartbeats
                 print(f"shoal run: could not report the exit of local worker {local_rank}: {error}",
                       file=sys.stderr, flush=True)
-        return False
+            return False, False
+        return False, True
 
     def _note_loss(self, local_rank: int, cause: str, joined: bool) -> None:
         worker_id = self.ids.get(local_rank)

@@ -136,7 +136,11 @@ class NodeRendezvous:
                                                f"{mine!r}: give every node the same"))
         rendezvous.node_rank = rendezvous._claim(node_rank, deadline)
         store.set_timeout(timedelta(seconds=_STORE_TIMEOUT_SECONDS))
-        rendezvous._start_beating(master_addr, master_port)
+        try:
+            rendezvous._start_beating(master_addr, master_port)
+        except RuntimeError as error:  # torch's DistError: node 0 went as this node came
+            raise ConfigError("--master-addr", f"node 0 at {master_addr}:{master_port} stopped "
+                              f"answering as this node joined: {first_line(error)}") from None
         return rendezvous
 
     def _refuse(self, refusal: ConfigError) -> NoReturn:
