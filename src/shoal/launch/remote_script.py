@@ -152,7 +152,7 @@ class _Node:
                 self._id_of(worker)  # known before it exits, should the coordinator be away then
             if self.status.get("status") in ("completed", "failed"):
                 ended_at = ended_at or time.monotonic()
-                # After a failure the workers hear of it and leave: a heartbeat timeout first.
+                # After a failure the workers hear of it and leave: a grace first.
                 if self.status["status"] == "completed":
                     self._stop_unfinished()
                 elif time.monotonic() - ended_at > _FAILED_JOB_GRACE_SECONDS:
@@ -180,7 +180,8 @@ class _Node:
             self.group.kill(worker.worker_id)
 
     def _id_of(self, worker: WorkerProcess) -> int | None:
-        """The job's id for a local worker, from the coordinator's view of this host's pids."""
+        """The job's id for a local worker, from the coordinator's view of this launcher's
+        workers (their launcher id and pid)."""
         for worker_id, known in self.status.get("workers", {}).items():
             if known.get("launcher") == self.launcher and known["pid"] == worker.process.pid and known["alive"]:
                 self.ids[worker.worker_id] = int(worker_id)
