@@ -167,6 +167,19 @@ def joining_token(token: str | None, coordinator: str | None) -> str | None:
     return token if token is not None or coordinator is None else os.environ.get(ENV_TOKEN)
 
 
+def _check_joining(config) -> None:
+    """``--coordinator`` and ``--token`` of a launcher joining a standalone coordinator, which
+    owns membership: the flags that configure an embedded one would be ignored, so they are
+    refused instead."""
+    _split_address("--coordinator", config.coordinator)
+    if not config.token:
+        raise ConfigError("--token", "joining a standalone coordinator needs its job token")
+    for name in ("min_workers", "heartbeat_timeout"):
+        if _changed(config, name):
+            raise ConfigError(_flag(name), "with --coordinator the standalone coordinator sets it: "
+                              f"give it to `shoal coordinator {_flag(name)}`")
+
+
 def coordinator_url(address: str) -> str:
     host, port = _split_address("--coordinator", address)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -429,13 +442,7 @@ class TrainConfig:
     def _validate_joining(self) -> None:
         """With ``--coordinator`` the standalone coordinator owns membership: the flags that
         configure an embedded one would be ignored, so they are refused instead."""
-        _split_address("--coordinator", self.coordinator)
-        if not self.token:
-            raise ConfigError("--token", "joining a standalone coordinator needs its job token")
-        for name in ("min_workers", "heartbeat_timeout"):
-            if _changed(self, name):
-                raise ConfigError(_flag(name), "with --coordinator the standalone coordinator sets it: "
-                                  f"give it to `shoal coordinator {_flag(name)}`")
+        _check_joining(self)
         if self.max_workers is not None:
             raise ConfigError("--max-workers", "not supported with --coordinator")
         if _changed(self, "host"):
@@ -592,9 +599,7 @@ class RunConfig:
         """With ``--coordinator`` there is no node 0: the standalone coordinator owns the job
         and its membership, and the flags that set up node 0's would be ignored, so they are
         refused instead."""
-        _split_address("--coordinator", self.coordinator)
-        if not self.token:
-            raise ConfigError("--token", "joining a standalone coordinator needs its job token")
+        _check_joining(self)
         for name, flag, why in (
                 ("nnodes", "--nnodes", ("every node runs its own `shoal run --coordinator`; the "
                  "coordinator counts the workers (shoal coordinator --workers)")),
@@ -605,7 +610,3 @@ class RunConfig:
                 ("join_timeout", "--join-timeout", "it is how long a node waits for node 0")):
             if _changed(self, name):
                 raise ConfigError(flag, f"not with --coordinator: {why}")
-        for name in ("min_workers", "heartbeat_timeout"):
-            if _changed(self, name):
-                raise ConfigError(_flag(name), "with --coordinator the standalone coordinator sets it: "
-                                  f"give it to `shoal coordinator {_flag(name)}`")

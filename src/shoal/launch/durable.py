@@ -16,7 +16,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shoal.checkpoint import Checkpoint, CheckpointError, CheckpointStore, check_resumable, job_identity
+from shoal.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+    check_resumable,
+    job_identity,
+)
 from shoal.config import ConfigError, TrainConfig
 from shoal.coordinator.record import CommittedStep, JobRecord
 from shoal.tracking import write_json

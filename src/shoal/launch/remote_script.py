@@ -28,12 +28,11 @@ import httpx
 from shoal.config import RunConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.joining import admission_refusal, final_status, launcher_id
-from shoal.launch.script_job import torchrun_env
-from shoal.launch.script_runner import ENV_LAUNCHER_PID
+from shoal.launch.script_job import script_workers, stop_unfinished, torchrun_env
 from shoal.launch.workers import (
     SIGTERM_STOP,
+    TERMINATE_GRACE_SECONDS,
     StopRequest,
-    WorkerGroup,
     WorkerProcess,
     describe_exit,
 )
@@ -49,8 +48,6 @@ _POLL_SECONDS = 0.1
 _FAILED_JOB_GRACE_SECONDS = 10.0
 """After the job failed, its workers hear of it with their next heartbeat and leave: one still
 there after this long never will."""
-_TERMINATE_GRACE_SECONDS = 30.0
-"""After SIGTERM, how long the workers may take to leave before SIGKILL (torchrun's)."""
 
 
 _NOT_INHERITED = frozenset(torchrun_env(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
@@ -96,14 +93,9 @@ class _Node:
         # on_exit's thread, which holds the group's lock: short tries
         self.reporter = CoordinatorClient(url, config.token, retry_seconds=2.0, timeout=5.0)
         inherited = {name: value for name, value in os.environ.items() if name not in _NOT_INHERITED}
-        env = {**inherited, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
-               ENV_LAUNCHER_ID: self.launcher, ENV_LAUNCHER_PID: str(os.getpid()),
-               "LOCAL_WORLD_SIZE": str(config.nproc_per_node)}
-        if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
-            env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
-        self.group = WorkerGroup([sys.executable, "-u", "-m", "shoal.launch.script_runner",
-                                  config.script, *config.script_args],
-                                 env=env, on_exit=self._on_exit, echo=lambda line: print(line, flush=True))
+        self.group = script_workers(config, {**inherited, ENV_COORDINATOR: url, ENV_TOKEN: config.token,
+                                             ENV_LAUNCHER_ID: self.launcher,
+                                             "LOCAL_WORLD_SIZE": str(config.nproc_per_node)}, self._on_exit)
         self.stop: StopRequest | None = None
 
     def run(self) -> int:
@@ -154,24 +146,9 @@ class _Node:
                 ended_at = ended_at or time.monotonic()
                 # After a failure the workers hear of it and leave: a grace first.
                 if self.status["status"] == "completed":
-                    self._stop_unfinished()
+                    stop_unfinished(self.group, self.status.get("workers", {}), self._id_of, self.stopped_here)
                 elif time.monotonic() - ended_at > _FAILED_JOB_GRACE_SECONDS:
                     self._stop_all_left(f"still running {_FAILED_JOB_GRACE_SECONDS:g} s after the job failed; stopped here")
-
-    def _stop_unfinished(self) -> None:
-        """The job ended: a local worker the coordinator declared dead (evicted: hung, or cut
-        off) or never heard from will never hear so. One that finished, or is still a live
-        member, is left to end by itself (it may be at the script's own work after
-        ``shoal.train`` returned)."""
-        workers = self.status.get("workers", {})
-        for worker in self.group.running():
-            known = workers.get(str(self._id_of(worker)))
-            if known is not None and (known["alive"] or known["finished"]):
-                continue
-            self.stopped_here[worker.worker_id] = (
-                "had not joined when the job ended; stopped here" if known is None else
-                "evicted by the coordinator (hung or cut off), then stopped here")
-            self.group.kill(worker.worker_id)
 
     def _stop_all_left(self, why: str) -> None:
         """The job failed: a worker still here (stuck, or deaf to the coordinator) never leaves."""
@@ -194,18 +171,9 @@ class _Node:
         each exit reported as it comes, so that the others go on at once."""
         self.group.signal_all(signal.SIGTERM)
         self.group.signal_all(signal.SIGCONT)  # a stopped (hung) worker must see it too
-        if not self._all_handled(_TERMINATE_GRACE_SECONDS):
+        if not self.group.wait_handled(TERMINATE_GRACE_SECONDS):
             self.group.signal_all(signal.SIGKILL)
-            self._all_handled(_TERMINATE_GRACE_SECONDS)
-
-    def _all_handled(self, seconds: float) -> bool:
-        """Wait until every worker's exit was handled (reported), not just reaped."""
-        deadline = time.monotonic() + seconds
-        while self.group.running():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+            self.group.wait_handled(TERMINATE_GRACE_SECONDS)
 
     def _on_exit(self, local_rank: int, returncode: int, when: float) -> None:
         """Runs as each worker ends (one at a time, under the group's lock): tell the

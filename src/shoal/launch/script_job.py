@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 import torch.distributed as dist
@@ -29,11 +30,18 @@ from shoal.coordinator import Coordinator, Membership
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
 from shoal.launch.script_runner import ENV_LAUNCHER_PID
-from shoal.launch.workers import SIGTERM_STOP, StopRequest, WorkerGroup, describe_exit
+from shoal.launch.workers import (
+    SIGTERM_STOP,
+    TERMINATE_GRACE_SECONDS,
+    StopRequest,
+    WorkerGroup,
+    WorkerProcess,
+    describe_exit,
+)
 from shoal.runtime.context import ENV_COORDINATOR, ENV_LAUNCHER_ID, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.worker import EXIT_PREEMPTED
 
-__all__ = ["run_script", "torchrun_env"]
+__all__ = ["run_script", "script_workers", "stop_unfinished", "torchrun_env"]
 
 _POLL_SECONDS = 0.25
 """How often a node looks for another node's failure, and node 0 for the others' ends."""
@@ -42,8 +50,6 @@ _STATUS_SECONDS = 1.0
 _EXIT_BARRIER_SECONDS = 300.0
 """How long node 0 keeps the store up for nodes that have not read the job's outcome
 (torchrun's exit barrier)."""
-_TERMINATE_GRACE_SECONDS = 30.0
-"""After SIGTERM, how long the workers may take to leave before SIGKILL (torchrun's)."""
 _SILENT_NODE_HEARTBEATS = 3
 """A node's launcher silent for this many heartbeat timeouts is gone (generous: a plain job
 fails for it)."""
@@ -191,15 +197,8 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
         finally:
             wake.set()
 
-    base_env = {**os.environ, ENV_COORDINATOR: rendezvous.url, ENV_TOKEN: rendezvous.token,
-                ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}",
-                ENV_LAUNCHER_PID: str(os.getpid())}
-    if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
-        base_env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
-    # The script runs as `python -u SCRIPT`, through a runner that survives torch's teardown.
-    group = WorkerGroup([sys.executable, "-u", "-m", "shoal.launch.script_runner", config.script,
-                         *config.script_args], env=base_env,
-                        on_exit=on_exit, echo=lambda line: print(line, flush=True))
+    group = script_workers(config, {**os.environ, ENV_COORDINATOR: rendezvous.url, ENV_TOKEN: rendezvous.token,
+                                    ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}, on_exit)
     others: list[str] = []  # why this node stopped, besides its workers' exits
     status: dict = {}
     with StopRequest(group) as stop:
@@ -211,7 +210,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
             others.append(str(error))
         finally:
             _tell_stop(config, rendezvous, stop, status, others)  # before the workers' grace
-            group.stop_all(grace=_TERMINATE_GRACE_SECONDS if stop.how else 5.0)
+            group.stop_all(grace=TERMINATE_GRACE_SECONDS if stop.how else 5.0)
             _tell_stop(config, rendezvous, stop, status, others)  # one that came during it
         status = job.status() or status  # node 0 may be gone: the last status seen then
         if config.node_rank == 0 and config.nnodes > 1:
@@ -232,6 +231,20 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
         print(f"shoal run: {others[0] if stop.told else stop.how}", file=sys.stderr)
         return EXIT_PREEMPTED
     return _verdict(status, failures)
+
+
+def script_workers(config: RunConfig, env: dict[str, str],
+                   on_exit: Callable[[int, int, float], None]) -> WorkerGroup:
+    """The worker group of a ``shoal run`` node: each worker runs the script as `python -u
+    SCRIPT` would, through a runner that survives torch's teardown, with ``env`` and what
+    every script worker gets (its launcher's pid, to die with it; one thread each when
+    several share the node)."""
+    env = {**env, ENV_LAUNCHER_PID: str(os.getpid())}
+    if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
+    return WorkerGroup([sys.executable, "-u", "-m", "shoal.launch.script_runner", config.script,
+                        *config.script_args], env=env, on_exit=on_exit,
+                       echo=lambda line: print(line, flush=True))
 
 
 def _all_nodes_in(config: RunConfig, rendezvous: NodeRendezvous, stop: StopRequest) -> bool:
@@ -290,7 +303,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
                 ended_at = ended_at or time.monotonic()
                 # After a failure the workers hear of it and leave: a heartbeat timeout first.
                 if status["status"] == "completed" or time.monotonic() - ended_at > config.heartbeat_timeout:
-                    _stop_unfinished(group, status, stopped_here)
+                    stop_unfinished(group, status["workers"], lambda worker: worker.worker_id, stopped_here)
             elif config.node_rank == 0 and config.nnodes > 1:
                 _mind_silent_nodes(rendezvous, job, status, config)
             if done_here and not _running(status):
@@ -350,14 +363,15 @@ def _node_ranks(node: int, nproc_per_node: int) -> range:
     return range(node * nproc_per_node, (node + 1) * nproc_per_node)
 
 
-def _stop_unfinished(group: WorkerGroup, status: dict, stopped_here: dict[int, str]) -> None:
-    """The elastic job ended: a local worker the coordinator declared dead (evicted: hung, or
-    cut off) or never heard from will never hear so. One that finished, or is still a live
-    member, is left to end by itself (it may be at the script's own work after
-    ``shoal.train`` returned)."""
-    workers = status["workers"]
+def stop_unfinished(group: WorkerGroup, workers: dict, id_of: Callable[[WorkerProcess], int | None],
+                    stopped_here: dict[int, str]) -> None:
+    """The elastic job ended: a local worker the coordinator (``workers``: its status's, by
+    the job's ids; ``id_of``: a local worker's) declared dead (evicted: hung, or cut off) or
+    never heard from will never hear so. One that finished, or is still a live member, is
+    left to end by itself (it may be at the script's own work after ``shoal.train``
+    returned). ``stopped_here`` says why for each one stopped."""
     for worker in group.running():
-        known = workers.get(str(worker.worker_id))
+        known = workers.get(str(id_of(worker)))
         if known is not None and (known["alive"] or known["finished"]):
             continue
         stopped_here[worker.worker_id] = (

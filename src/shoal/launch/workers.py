@@ -14,8 +14,8 @@ from typing import Self
 
 from shoal.launch.zygote import ForkedProcess, Zygote
 
-__all__ = ["ENV_FORK_WORKERS", "PREEMPTION_GRACE_SECONDS", "SIGTERM_STOP", "Preemption", "StopRequest",
-           "WorkerGroup", "WorkerProcess", "describe_exit", "worker_zygote"]
+__all__ = ["ENV_FORK_WORKERS", "PREEMPTION_GRACE_SECONDS", "SIGTERM_STOP", "TERMINATE_GRACE_SECONDS", "Preemption",
+           "StopRequest", "WorkerGroup", "WorkerProcess", "describe_exit", "worker_zygote"]
 
 ENV_FORK_WORKERS = "SHOAL_FORK_WORKERS"
 """``SHOAL_FORK_WORKERS=0`` starts every ``shoal train`` worker as a fresh Python process."""
@@ -112,6 +112,16 @@ class WorkerGroup:
                 return False
         return True
 
+    def wait_handled(self, timeout: float) -> bool:
+        """Wait until every worker's exit was handled (``on_exit`` returned), not just reaped:
+        what ``on_exit`` tells others (an exit reported) is told by then."""
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def kill(self, worker_id: int) -> None:
         """SIGKILL one worker (a hung one: it would not act on SIGTERM)."""
         _signal(self.workers[worker_id].process, signal.SIGKILL)
@@ -182,6 +192,9 @@ class Preemption:
 
 
 SIGTERM_STOP = "stopped (SIGTERM)"
+TERMINATE_GRACE_SECONDS = 30.0
+"""After SIGTERM to ``shoal run``, how long its workers may take to leave before SIGKILL
+(torchrun's)."""
 
 
 class StopRequest:

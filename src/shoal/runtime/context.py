@@ -79,6 +79,8 @@ class Context:
         self.url, self.token = url, token
         self.worker_id = worker_id
         self.heartbeat_interval = heartbeat_interval
+        self.launcher_id = os.environ.get(ENV_LAUNCHER_ID, "")
+        """The launcher that started this worker, as it names itself to the coordinator."""
         self.heartbeat_timeout = 5.0
         self.generation = 0
         self.members: list[int] = []
@@ -136,7 +138,7 @@ class Context:
             return
         self._client = CoordinatorClient(self.url, self.token)
         reply = self._client.post("/join", {"worker_id": self.worker_id, "host": socket.gethostname(),
-                                            "pid": os.getpid(), "launcher": os.environ.get(ENV_LAUNCHER_ID, "")})
+                                            "pid": os.getpid(), "launcher": self.launcher_id})
         self.worker_id = reply["worker_id"]
         self._incarnation = reply.get("incarnation")
         self.joined_running_job = bool(reply.get("running"))
@@ -186,7 +188,7 @@ class Context:
             "worker_id": self.worker_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "launcher": os.environ.get(ENV_LAUNCHER_ID, ""),
+            "launcher": self.launcher_id,
             # what a restarted coordinator needs to adopt the running generation
             "generation": self.generation,
             "failed_generation": self.failed_generation,
