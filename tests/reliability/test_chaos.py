@@ -10,6 +10,7 @@ from shoal.network import namespaces_available
 from shoal.reliability.chaos import (
     CLUSTER_KINDS,
     KINDS,
+    SCRIPT_KINDS,
     ChaosSettings,
     TrialOutcome,
     TrialPlan,
@@ -60,6 +61,38 @@ def test_link_cut_and_coordinator_restart_trials_keep_every_promise():
     assert cut.detection_seconds and cut.recovery_seconds  # the cut-off host was evicted
     if LONG:
         assert outcomes[1].outage_steps > 0  # the workers kept training while the coordinator was down
+
+
+def test_the_script_plan_covers_every_kind_and_strikes_where_a_worker_is():
+    settings = ChaosSettings(trials=len(SCRIPT_KINDS) + 20, seed=5, steps=600, workers=3, cluster=True,
+                             launcher="run")
+    plans = plan_trials(settings)
+    assert [p.kind for p in plans][:len(SCRIPT_KINDS)] == list(SCRIPT_KINDS)
+    for plan in plans:
+        event = plan.event
+        assert 5 <= event["step"] < 400
+        if "local_rank" in event:  # host 1 runs two of the three workers, host 2 one
+            assert event["local_rank"] < {1: 2, 2: 1}[event["host"]]
+        if plan.kind in ("worker-restart", "node-kill-and-return"):
+            assert event["step"] < 150  # early: there are steps left to rejoin
+    assert [p.event for p in plans] == [p.event for p in plan_trials(settings)]
+
+
+@pytest.mark.skipif(namespaces_available() is not None, reason=namespaces_available() or "")
+def test_a_users_script_survives_its_node_killed_and_started_again():
+    """`shoal run --coordinator` with a shoal.train script on two namespace hosts and
+    `shoal coordinator` on a third: host 2's launcher and workers are SIGKILLed together at
+    step 10 and the same command is started again half a second later. Every launcher that
+    was not killed exits 0, the new node's workers join the running job, the model equals the
+    script's run in one plain process, and the coordinator's record commits every sample
+    once. (With SHOAL_LONG_TESTS=1: every kind of `shoal chaos --launcher run` once.)"""
+    settings = ChaosSettings(trials=len(SCRIPT_KINDS), seed=6, steps=600, workers=4, cluster=True, launcher="run")
+    plans = [TrialPlan(0, "node-kill-and-return", [], event={"step": 10, "host": 2, "down": 0.5})]
+    if LONG:
+        plans += plan_trials(settings)
+    outcomes = run_chaos(settings, plans=plans, report=lambda line: None)
+    assert summarize(outcomes)["failures"] == []
+    assert outcomes[0].rejoins >= 1 and outcomes[0].detection_seconds  # the node went and came back
 
 
 def test_zero_survives_a_death_while_it_rebuilds_the_state_from_shards():

@@ -23,6 +23,11 @@ def add_chaos(commands) -> None:
     parser.add_argument("--compress", default="none", metavar="NAME",
                         help="compression every trial trains with: none, fp16, int8, onebit, powersgd "
                              "(default none); checked by the distance to the task's optimum")
+    parser.add_argument("--launcher", choices=("train", "run"), default="train",
+                        help="what every trial runs: shoal train (default), or a shoal.train script under "
+                             "shoal run --coordinator on three namespace hosts (root), faults done from outside: "
+                             "workers killed or stopped, a node killed and started again, a link cut, "
+                             "the coordinator restarted")
     parser.add_argument("--workers", type=int, default=4, help="workers per trial (default 4)")
     parser.add_argument("--steps", type=int, default=600, help="steps per trial (default 600)")
     parser.add_argument("--markdown", metavar="PATH",
@@ -53,8 +58,13 @@ def _chaos(args: argparse.Namespace) -> int:
     if args.task is not None and args.task not in TASKS:
         raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
     StrategyOptions(compress=args.compress).validate(args.strategy)
+    if args.launcher == "run" and (args.strategy, args.compress) != ("allreduce", "none"):
+        flag = "--strategy" if args.strategy != "allreduce" else "--compress"
+        raise ConfigError(flag, "--launcher run trains with allreduce, uncompressed, and checks each trial "
+                                "against the script run in one process; drop it, or use --launcher train")
     settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task or "", strategy=args.strategy,
-                             workers=args.workers, steps=args.steps, compress=args.compress)
+                             workers=args.workers, steps=args.steps, compress=args.compress,
+                             launcher=args.launcher)
     if settings.checked_by_optimum and not TASKS[settings.task].knows_optimum:
         runs = f"--compress {args.compress}" if args.compress != "none" else f"--strategy {args.strategy}"
         raise ConfigError("--task", f"{runs} runs are checked by their distance to the task's optimum: "
@@ -63,6 +73,8 @@ def _chaos(args: argparse.Namespace) -> int:
     check_writable_file("--markdown", args.markdown)
     check_writable_file("--json", args.json)
     unavailable = namespaces_available()
+    if unavailable is not None and args.launcher == "run":
+        raise ConfigError("--launcher", f"run's trials need network namespaces: {unavailable}")
     if unavailable is not None:
         print(f"shoal chaos: no link-cut or coordinator-restart trials: {unavailable}", file=sys.stderr)
     settings.cluster = unavailable is None

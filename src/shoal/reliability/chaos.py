@@ -25,16 +25,29 @@ from pathlib import Path
 
 from shoal.reliability.checks import (exactly_once_violations, kill_processes, leftover_processes,
                                       relative_difference)
+from shoal.reliability import chaos_script
 from shoal.reliability.cluster import run_cluster_trial, strategy_flags
+from shoal.reliability.script_cluster import (
+    SCRIPT_KINDS,
+    STEP_SECONDS,
+    node_shares,
+    run_script_trial,
+    script_environment,
+)
 from shoal.tasks import TASKS
 
-__all__ = ["ARRIVAL_ORDER_STRATEGIES", "CLUSTER_KINDS", "KINDS", "LOCAL_STATE_STRATEGIES", "ChaosSettings",
-           "TrialOutcome", "TrialPlan", "default_task", "plan_trials", "run_chaos"]
+__all__ = ["ARRIVAL_ORDER_STRATEGIES", "CLUSTER_KINDS", "KINDS", "LAUNCHERS", "LOCAL_STATE_STRATEGIES",
+           "SCRIPT_KINDS", "ChaosSettings", "TrialOutcome", "TrialPlan", "default_task", "plan_trials",
+           "run_chaos"]
 
 KINDS = ("kill", "hang", "exception", "kill-rank0", "two-in-one-step", "kill-and-rejoin",
          "killed-again-after-rejoin", "kill-during-commit", "kill-during-heal", "lost-answer")
 CLUSTER_KINDS = ("link-cut", "coordinator-restart")
 """Kinds that run on several namespace hosts (``ChaosSettings.cluster``)."""
+LAUNCHERS = ("train", "run")
+"""What every trial runs: ``shoal train`` (the built-in task, with its own fault flags), or
+``shoal run --coordinator`` on namespace hosts (a ``shoal.train`` script, faults done to its
+processes and links from outside: ``SCRIPT_KINDS``)."""
 _TOLERANCE = 1e-5
 LOCAL_STATE_STRATEGIES = ("localsgd", "diloco")
 """Strategies whose members each keep their own inner optimizer state, which a death loses:
@@ -68,12 +81,16 @@ class ChaosSettings:
     """Include link cuts and coordinator restarts (needs root for network namespaces)."""
     compress: str = "none"
     """``--compress`` for every run."""
+    launcher: str = "train"
+    """One of ``LAUNCHERS``; ``run`` needs ``cluster``."""
 
     def __post_init__(self):
         self.task = self.task or default_task(self.strategy)
 
     @property
     def kinds(self) -> tuple[str, ...]:
+        if self.launcher == "run":
+            return SCRIPT_KINDS
         # async's members agree on no step, so none can miss the answer of one
         agreeing = self.strategy not in ARRIVAL_ORDER_STRATEGIES
         local = tuple(kind for kind in KINDS if kind != "lost-answer" or agreeing)
@@ -105,6 +122,16 @@ class TrialPlan:
     for a coordinator restart."""
 
     def describe(self, workers: int) -> str:
+        event = self.event or {}
+        if self.kind in ("worker-kill", "worker-restart", "worker-hang"):
+            verb = {"worker-kill": "SIGKILL", "worker-restart": "SIGKILL (--max-restarts 1)",
+                    "worker-hang": "SIGSTOP"}[self.kind]
+            return f"{verb} host {event['host']}'s local worker {event['local_rank']} at step {event['step']}"
+        if self.kind == "node-kill-and-return":
+            return (f"SIGKILL host {event['host']}'s node at step {event['step']}, "
+                    f"back after {event['down']:g} s")
+        if self.kind == "link-cut" and event.get("restarts"):
+            return f"cut host {event['host']}'s link at step {event['step']} (--max-restarts 1)"
         if self.kind == "link-cut":
             return f"cut host {self.event['host']}'s link at step {self.event['step']}"
         if self.kind == "coordinator-restart":
@@ -149,6 +176,9 @@ def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
         rank = rng.randrange(settings.workers)
         step = rng.randrange(5, last)
         other = (rank + 1 + rng.randrange(settings.workers - 1)) % settings.workers
+        if settings.launcher == "run":
+            plans.append(TrialPlan(index, kind, [], event=_script_event(kind, rng, settings, step, early)))
+            continue
         faults, restart = {
             "kill": ([["--kill", f"{rank}@{step}"]], False),
             "hang": ([["--hang", f"{rank}@{step}"]], False),
@@ -173,6 +203,23 @@ def plan_trials(settings: ChaosSettings) -> list[TrialPlan]:
     return plans
 
 
+def _script_event(kind: str, rng: random.Random, settings: ChaosSettings, step: int, early: int) -> dict:
+    """Where and when a trial of ``shoal run --coordinator`` strikes. A worker restarted, or a
+    node started again, strikes early: it should rejoin before the job ends."""
+    host = rng.choice((1, 2))
+    local_rank = rng.randrange(node_shares(settings.workers)[host])
+    return {
+        "worker-kill": lambda: {"step": step, "host": host, "local_rank": local_rank},
+        "worker-hang": lambda: {"step": step, "host": host, "local_rank": local_rank},
+        "worker-restart": lambda: {"step": rng.randrange(5, early), "host": host, "local_rank": local_rank,
+                                   "restarts": True},
+        "node-kill-and-return": lambda: {"step": rng.randrange(5, early), "host": host,
+                                         "down": round(rng.uniform(0.0, 2.0), 1)},
+        "link-cut": lambda: {"step": step, "host": host, "restarts": True},
+        "coordinator-restart": lambda: {"step": step, "outage": round(rng.uniform(0.2, 3.0), 1)},
+    }[kind]()
+
+
 def _train(settings: ChaosSettings, directory: Path, extra: list[str], marker: str):
     command = [
         sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
@@ -186,6 +233,18 @@ def _train(settings: ChaosSettings, directory: Path, extra: list[str], marker: s
     env = {**os.environ, "SHOAL_CHAOS_TRIAL": marker}
     return subprocess.run(command, capture_output=True, text=True, env=env,
                           timeout=settings.trial_timeout)
+
+
+def _reference(settings: ChaosSettings, directory: Path) -> subprocess.CompletedProcess:
+    """The undisturbed run every trial must equal: ``shoal train`` with no fault, or under
+    ``--launcher run`` the script in one plain process (``python script.py``), which is the
+    promise itself: the job's model equals one process's."""
+    if settings.launcher == "train":
+        return _train(settings, directory, [], uuid.uuid4().hex)
+    env = {**os.environ, **script_environment(settings, directory / "model.pt"),
+           "SHOAL_CHAOS_TRIAL": uuid.uuid4().hex}
+    return subprocess.run([sys.executable, chaos_script.__file__], capture_output=True, text=True, env=env,
+                          timeout=settings.trial_timeout, check=False)
 
 
 def _emulated_hosts(settings: ChaosSettings) -> list[str]:
@@ -204,9 +263,9 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
     marker = uuid.uuid4().hex
     started = time.monotonic()
     outcome = TrialOutcome(plan, passed=False)
-    if plan.kind in CLUSTER_KINDS:
-        run = run_cluster_trial(plan.kind, plan.event, settings, directory,
-                                {**os.environ, "SHOAL_CHAOS_TRIAL": marker})
+    if settings.launcher == "run" or plan.kind in CLUSTER_KINDS:
+        trial = run_script_trial if settings.launcher == "run" else run_cluster_trial
+        run = trial(plan.kind, plan.event, settings, directory, {**os.environ, "SHOAL_CHAOS_TRIAL": marker})
         outcome.problems += run.problems
         outcome.fault_skipped = run.fault_skipped
         if run.notes or run.problems:  # keep the stderr (stacks included) past the temporary root
@@ -292,7 +351,7 @@ def run_chaos(settings: ChaosSettings, *, report=print,
     with tempfile.TemporaryDirectory(prefix="shoal-chaos-") as temporary:
         root = Path(temporary)
         (root / "reference").mkdir()
-        result = _train(settings, root / "reference", [], uuid.uuid4().hex)
+        result = _reference(settings, root / "reference")
         if result.returncode != 0:
             raise RuntimeError(f"the undisturbed reference run failed: {result.stderr[-500:]}")
         outcomes = []
@@ -316,7 +375,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def summarize(outcomes: list[TrialOutcome]) -> dict:
     by_kind: dict[str, dict] = {}
-    for kind in KINDS + CLUSTER_KINDS:
+    for kind in dict.fromkeys(KINDS + CLUSTER_KINDS + SCRIPT_KINDS):
         chosen = [o for o in outcomes if o.plan.kind == kind]
         if not chosen:
             continue
@@ -338,6 +397,19 @@ def summarize(outcomes: list[TrialOutcome]) -> dict:
             "optimum_ratio_max": max(ratios) if ratios else None,
             "failures": [asdict(o) for o in outcomes if not o.passed],
             "notes": [f"trial {o.plan.index} ({o.plan.kind}): {note}" for o in outcomes for note in o.notes]}
+
+
+_SCRIPT_TRIALS = """Every trial runs a `shoal.train` script (`src/shoal/reliability/chaos_script.py`: the task, \
+its optimizer, the leader saving the model) under `shoal run --coordinator` on three network-namespace \
+hosts: `shoal coordinator --state FILE` on one, a node's launcher with half the workers on each of \
+the others. The faults come from outside, as machines suffer them: a worker SIGKILLed (without and \
+with `--max-restarts 1`) or SIGSTOPped, a node's launcher and workers SIGKILLed together and the \
+same command started again after a while, a host's link cut until the others re-form and then \
+reconnected (`--max-restarts 1`: its workers rejoin), the coordinator SIGKILLed and restarted on \
+its address. The sample log is built from the coordinator's record, as `shoal train --coordinator` \
+builds it. Each step's compute is stretched by {pause:g} ms, so that a node started again finds \
+steps left to join.
+"""
 
 
 def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: str) -> str:
@@ -367,12 +439,20 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
                        "network namespaces).\n")
     compression = "" if settings.compress == "none" else f" with --compress {settings.compress}"
     model_check = "the final model equals the undisturbed run's within 1e-5 relative"
+    if settings.launcher == "run":
+        cluster = _SCRIPT_TRIALS.format(pause=STEP_SECONDS * 1000)
+        model_check = ("every node's launcher that was not killed exits 0; the final model equals the "
+                       "script's run in one plain process within 1e-5 relative")
     if settings.checked_by_optimum:
         ratios = ("" if summary["optimum_ratio_max"] is None else
                   f" (trials: median {summary['optimum_ratio_median']:.2f}x, at most "
                   f"{summary['optimum_ratio_max']:.2f}x)")
         model_check = (f"the final model ends at most {_OPTIMUM_FACTOR:g}x as far from the task's optimum as "
                        f"the undisturbed run's{ratios}: {settings.checked_by_optimum}")
+    source = "coordinator's record" if settings.launcher == "run" else "run's results.json"
+    rejoins = ('"rejoins" counts the generations that workers joined before the run ended: restarted ones, '
+               "a node's started again, a cut-off host's." if settings.launcher == "run" else
+               '"rejoins"\ncounts restarted workers that were back in a generation before the run ended.')
     failures = "\n".join(f"- trial {f['plan']['index']} ({f['plan']['kind']}): "
                          f"{'; '.join(f['problems'])}" for f in summary["failures"]) or "- none"
     notes = "\n".join(f"- {note}" for note in summary["notes"]) or "- none"
@@ -386,8 +466,7 @@ strategy {settings.strategy}{compression}, {settings.workers} workers, {settings
 
 Each trial asserts: the run completes; {model_check}; every sample counts exactly once per epoch (sample log); no process is left.
 Detection is death to the next generation, recovery is death to the next committed step
-(seconds, from the run's results.json); a rejoin's recovery is from its join. "rejoins"
-counts restarted workers that were back in a generation before the run ended.
+(seconds, from the {source}); a rejoin's recovery is from its join. {rejoins}
 {cluster}
 | fault | trials | passed | rejoins | detection p50 | detection p95 | recovery p50 | recovery p95 |
 | --- | --- | --- | --- | --- | --- | --- | --- |

@@ -23,20 +23,40 @@ import psutil
 from shoal.launch.zygote import WORKER_NAME
 from shoal.network import Hosts
 
-__all__ = ["ClusterRun", "run_cluster_trial", "strategy_flags"]
+__all__ = [
+    "TOKEN",
+    "ClusterRun",
+    "StatusWatcher",
+    "judge_models",
+    "run_cluster_trial",
+    "start_coordinator",
+    "strategy_flags",
+    "wait_reading_stacks",
+]
 
-_TOKEN = "shoal-chaos"
+TOKEN = "shoal-chaos"
 _EVICTED = 3  # a remote launcher's exit code when the coordinator evicted its host
+_WORKER_MODULES = ("shoal.runtime.worker", "shoal.launch.script_runner")
+"""What a worker runs (``python -m MODULE``): ``shoal train``'s, and ``shoal run``'s (chaos's
+script prints its stacks on SIGUSR1 too)."""
 _SLOW_EXIT_SECONDS = 15.0
 """How long after the job ended a launcher may take to exit before its stacks are read."""
-# Polls the coordinator from inside host 0's namespace (the harness cannot reach it).
+# Polls the coordinator from inside host 0's namespace (the harness cannot reach it); once
+# the job has ended, also its record (again after a restart: the new one may know more).
 _WATCH = """
-import sys, time, httpx
-with httpx.Client(headers={"Authorization": "Bearer " + sys.argv[2]}, timeout=2) as client:
+import json, sys, time, httpx
+url, token = sys.argv[1:]
+ended = False
+with httpx.Client(headers={"Authorization": "Bearer " + token}, timeout=2) as client:
     while True:
         try:
-            print(client.get(sys.argv[1]).text, flush=True)
+            status = client.get(url + "/status").json()
+            if status.get("status") in ("completed", "failed") and not ended:
+                print(json.dumps({"record": client.get(url + "/record").json()}), flush=True)
+            ended = status.get("status") in ("completed", "failed")
+            print(json.dumps(status), flush=True)
         except httpx.HTTPError:
+            ended = False
             print("{}", flush=True)
         time.sleep(0.05)
 """
@@ -59,20 +79,26 @@ class ClusterRun:
     """The job had ended before a link cut's step was seen: nothing was cut."""
 
 
-class _StatusWatcher:
+class StatusWatcher:
     """The coordinator's latest ``/status``, kept fresh by a poller inside host 0."""
 
     def __init__(self, hosts: Hosts, address: str, env: dict):
-        self._process = hosts.popen(0, [sys.executable, "-c", _WATCH, f"http://{address}/status", _TOKEN],
+        self._process = hosts.popen(0, [sys.executable, "-c", _WATCH, f"http://{address}", TOKEN],
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.latest: dict = {}
+        self.record: dict | None = None
+        """The coordinator's ``GET /record`` as the job ended (None before)."""
         self._changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self._process.stdout:
+            seen = json.loads(line)
             with self._changed:
-                self.latest = json.loads(line)
+                if "record" in seen:
+                    self.record = seen["record"]
+                else:
+                    self.latest = seen
                 self._changed.notify_all()
 
     def wait(self, condition, timeout: float, goal: str) -> dict:
@@ -87,14 +113,15 @@ class _StatusWatcher:
         self._process.wait()
 
 
-def _start_coordinator(hosts: Hosts, settings, port: int, state: Path,
-                       env: dict) -> tuple[subprocess.Popen, str]:
+def start_coordinator(hosts: Hosts, settings, port: int, state: Path, env: dict,
+                      linger: float = 10.0) -> tuple[subprocess.Popen, str]:
     """``shoal coordinator`` on host 0, keeping the job's record in ``state`` as users are told
-    to: a restart, even after the job's end, then loses nothing."""
+    to: a restart, even after the job's end, then loses nothing. It answers ``linger``
+    seconds after the job's end: the launchers ask it how the job went."""
     process = hosts.popen(0, [sys.executable, "-m", "shoal.cli.main", "coordinator", "--host",
-                              hosts.addresses[0], "--port", str(port), "--token", _TOKEN,
+                              hosts.addresses[0], "--port", str(port), "--token", TOKEN,
                               "--workers", str(settings.workers), "--state", str(state),
-                              "--heartbeat-timeout", str(settings.heartbeat_timeout), "--linger", "10"],
+                              "--heartbeat-timeout", str(settings.heartbeat_timeout), "--linger", f"{linger:g}"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     found = re.search(r"listening on http://(\S+)", process.stdout.readline())
     if found is None:
@@ -121,7 +148,7 @@ def _start_launcher(hosts: Hosts, index: int, workers: int, settings, address: s
     command = [sys.executable, "-m", "shoal.cli.main", "train", "--task", settings.task,
                "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
                "--seed", str(settings.seed), "--workers", str(workers), "--quiet",
-               "--coordinator", address, "--token", _TOKEN,
+               "--coordinator", address, "--token", TOKEN,
                "--output", str(directory / "results.json"),
                "--sample-log", str(directory / "samples.jsonl"),
                "--save-model", str(directory / "model.pt"), *strategy_flags(settings, None)]
@@ -137,12 +164,12 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
     processes: dict[str, subprocess.Popen] = {}
     try:
         state = directory / "coordinator-state.jsonl"
-        processes["coordinator"], address = _start_coordinator(hosts, settings, 0, state, env)
+        processes["coordinator"], address = start_coordinator(hosts, settings, 0, state, env)
         shares = {1: (settings.workers + 1) // 2, 2: settings.workers // 2}
         for index, workers in shares.items():
             processes[f"host {index}"] = _start_launcher(hosts, index, workers, settings, address,
                                                          directory / f"host-{index}", env)
-        watcher = _StatusWatcher(hosts, address, env)
+        watcher = StatusWatcher(hosts, address, env)
         deadline = settings.trial_timeout / 2
         before = watcher.wait(lambda s: s.get("step", -1) >= event["step"], deadline,
                               f"step {event['step']} (before the fault)")
@@ -167,13 +194,13 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
             killed = time.time()
             time.sleep(event["outage"])  # the fault itself: how long the coordinator stays down
             port = int(address.rsplit(":", 1)[1])
-            processes["coordinator"], _ = _start_coordinator(hosts, settings, port, state, env)
+            processes["coordinator"], _ = start_coordinator(hosts, settings, port, state, env)
             run.outage = (killed, time.time())
         watcher.wait(lambda s: s.get("status") in ("completed", "failed"), settings.trial_timeout,
                      "the job's end")
         for name, process in processes.items():  # the launchers; the coordinator lingers
             if name != "coordinator":
-                run.codes[name] = _wait_reading_stacks(run, name, process, settings.trial_timeout)
+                run.codes[name] = wait_reading_stacks(run, name, process, settings.trial_timeout)
         run.codes["coordinator"] = processes["coordinator"].wait(timeout=settings.trial_timeout)
     except (TimeoutError, subprocess.TimeoutExpired, RuntimeError) as error:
         run.problems.append(str(error))
@@ -191,7 +218,7 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
     return run
 
 
-def _wait_reading_stacks(run: ClusterRun, name: str, process: subprocess.Popen, timeout: float) -> int:
+def wait_reading_stacks(run: ClusterRun, name: str, process: subprocess.Popen, timeout: float) -> int:
     """Wait for a process that should exit now that the job has ended. One still running
     after a while has its workers print their stacks (SIGUSR1) into its stderr, and the
     run notes it: a slow exit is a bug to read, even when the trial passes."""
@@ -206,7 +233,7 @@ def _wait_reading_stacks(run: ClusterRun, name: str, process: subprocess.Popen, 
         children = []
     for child in children:
         try:  # any of them may be exiting as we look
-            if child.name() == WORKER_NAME or "shoal.runtime.worker" in " ".join(child.cmdline()):
+            if child.name() == WORKER_NAME or any(module in child.cmdline() for module in _WORKER_MODULES):
                 child.send_signal(signal.SIGUSR1)
                 signalled.append(child.pid)
         except psutil.Error:
@@ -225,8 +252,15 @@ def _judge_exits(run: ClusterRun, kind: str, event: dict, directory: Path) -> No
         elif code != 0:
             tail = run.stderr[name].strip().splitlines()[-1:] or ["(no output)"]
             run.problems.append(f"{name} exited {code}: {tail[0]}")
-    completed = [directory / f"host-{i}" for i in (1, 2) if run.codes.get(f"host {i}") == 0]
-    models = [d for d in (directory / "host-1", directory / "host-2") if (d / "model.pt").exists()]
+    judge_models(run, [directory / f"host-{i}" for i in (1, 2)],
+                 [directory / f"host-{i}" for i in (1, 2) if run.codes.get(f"host {i}") == 0])
+
+
+def judge_models(run: ClusterRun, directories: list[Path], completed: list[Path]) -> None:
+    """Exactly one of the launchers' ``directories`` holds the model (its workers' leader
+    saved it); ``run.directory`` becomes the first of ``completed`` (launchers that saw the job
+    complete), with the model linked in."""
+    models = [d for d in directories if (d / "model.pt").exists()]
     if len(models) != 1:
         run.problems.append(f"{len(models)} launchers' workers saved the model, not 1")
     if completed:

@@ -1,0 +1,52 @@
+"""The user's script of ``shoal chaos --launcher run``: a ``shoal.train`` script as users
+write one, run by ``shoal run --coordinator`` on each node, and plainly (one process) for
+the reference that every trial must equal.
+
+It trains the chaos task with the library API and the leader saves the final model. The
+environment says what to train and where the model goes (``SHOAL_CHAOS_*``); each step's
+compute may be stretched (``SHOAL_CHAOS_STEP_SECONDS``) so that a node's launcher started
+again has steps left to join: the pause changes when steps happen, not what they compute.
+"""
+
+import faulthandler
+import os
+import signal
+import time
+
+import torch
+
+import shoal
+from shoal._io import atomic_write
+from shoal.tasks import TASKS
+
+ENV_TASK = "SHOAL_CHAOS_TASK"
+ENV_STEPS = "SHOAL_CHAOS_STEPS"
+ENV_BATCH = "SHOAL_CHAOS_BATCH"
+ENV_SEED = "SHOAL_CHAOS_SEED"
+ENV_MODEL = "SHOAL_CHAOS_MODEL"
+ENV_STEP_SECONDS = "SHOAL_CHAOS_STEP_SECONDS"
+
+
+def main() -> None:
+    # A launcher slow to exit after the job ended has its workers' stacks read (SIGUSR1).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    seed = int(os.environ[ENV_SEED])
+    torch.manual_seed(seed)
+    task = TASKS[os.environ[ENV_TASK]](seed)
+    model = task.build_model()
+    optimizer = task.build_optimizer(model, task.defaults.lr)
+    pause = float(os.environ.get(ENV_STEP_SECONDS, "0"))
+
+    def loss_fn(model, batch):
+        time.sleep(pause)  # stands for a heavier model's compute
+        return task.loss(model, batch)
+
+    result = shoal.train(model, optimizer, task.train_dataset(), loss_fn,
+                         global_batch_size=int(os.environ[ENV_BATCH]), steps=int(os.environ[ENV_STEPS]),
+                         seed=seed)
+    if result.is_leader:
+        atomic_write(os.environ[ENV_MODEL], lambda f: torch.save(model.state_dict(), f))
+
+
+if __name__ == "__main__":
+    main()
