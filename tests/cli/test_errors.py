@@ -184,6 +184,7 @@ BAD_CHAOS_FLAGS = [
     (["--launcher", "run", "--strategy", "zero"], "--strategy"),  # checked against one process
     (["--launcher", "run", "--compress", "int8"], "--compress"),
     (["--launcher", "nodes"], "--launcher"),
+    (["--launcher", "run", "--steps", "100"], "--steps"),  # a node started again needs steps left
 ]
 
 

@@ -420,6 +420,33 @@ def test_a_coordinator_restarted_with_its_state_keeps_what_the_workers_cannot_re
     assert restored.snapshot()["takeover"] == {"generation": 2, "members": [0, 1], "heard": {"0": 3.0}}
 
 
+@pytest.mark.parametrize("launcher", ["shoal train", "shoal run --coordinator"])
+def test_a_job_paused_for_a_restart_stays_paused_across_a_coordinator_restart_with_the_state(launcher):
+    """Worker 1's launcher restarts it below --min-workers 2 and the coordinator is restarted
+    (with its state file) during the pause: the new one knows worker 1 is dead and coming
+    back, waits for it, and forms the group when it joins, at once or later. Without the
+    expectation in the state it failed the job after a heartbeat timeout; without the death
+    it took worker 1 for a live member and refused its restart."""
+    membership, clock = started(workers=2, min_workers=2)
+    states = []
+    membership.keep_state_with(states.append, lambda worker, batch: None)
+    if launcher == "shoal train":  # it knows the id: announces the restart, then the exit
+        membership.expect_rejoin(1)
+        membership.report_exit(1, "killed")
+    else:  # it knows the pid, and says both at once
+        assert membership.report_exit_of_process("host", 101, "killed", restarting=True) == 1
+    assert membership.status == "running" and states  # paused, and that is kept
+    for late in (False, True):
+        restored = Membership(expected_workers=2, min_workers=2, heartbeat_timeout=5.0, clock=clock)
+        restored.restore_state(json.loads(json.dumps(states[-1])))
+        for _ in range(5 if late else 0):  # 20 s: worker 0 beats, the restart takes its time
+            advance(restored, clock, 4, step=0.5)
+            restored.heartbeat(0, {"generation": 1, "members": [0, 1]})
+        assert restored.status == "running", restored.reason
+        restored.join(1, "host", 300)
+        assert restored.current.number == 2 and restored.current.members == [0, 1]
+
+
 def test_the_end_of_the_job_survives_a_restart_with_the_state():
     """A coordinator killed right after the job completed: the launchers that had not yet
     read the record get it, with the leader's results, from the restarted one."""
@@ -443,9 +470,10 @@ def test_the_state_is_kept_before_anyone_hears_of_a_change_and_commits_as_they_c
     membership.keep_state_with(states.append, lambda worker, batch: commits.append((worker, batch)))
     membership.report_exit(1, "killed by SIGKILL")
     assert [g["number"] for g in states[-1]["generations"]] == [1, 2]  # before report_exit returned
+    kept = len(states)  # the death, then the generation formed without it
     membership.heartbeat(0, {"commits": [[0, 2, clock.now, 0.1]]})
     membership.heartbeat(0, {})
-    assert commits == [(0, [[0, 2, clock.now, 0.1]])] and len(states) == 1
+    assert commits == [(0, [[0, 2, clock.now, 0.1]])] and len(states) == kept == 2
     restored = Membership(expected_workers=2, min_workers=1, clock=clock)
     restored.restore_state(states[-1], commits)
     assert restored.record().to_json() == membership.record().to_json()

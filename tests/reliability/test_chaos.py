@@ -87,12 +87,23 @@ def test_a_users_script_survives_its_node_killed_and_started_again():
     script's run in one plain process, and the coordinator's record commits every sample
     once. (With SHOAL_LONG_TESTS=1: every kind of `shoal chaos --launcher run` once.)"""
     settings = ChaosSettings(trials=len(SCRIPT_KINDS), seed=6, steps=600, workers=4, cluster=True, launcher="run")
-    plans = [TrialPlan(0, "node-kill-and-return", [], event={"step": 10, "host": 2, "down": 0.5})]
+    plans = [TrialPlan(len(SCRIPT_KINDS), "node-kill-and-return", [], event={"step": 10, "host": 2, "down": 0.5})]
     if LONG:
         plans += plan_trials(settings)
     outcomes = run_chaos(settings, plans=plans, report=lambda line: None)
     assert summarize(outcomes)["failures"] == []
     assert outcomes[0].rejoins >= 1 and outcomes[0].detection_seconds  # the node went and came back
+
+
+@pytest.mark.skipif(not LONG or namespaces_available() is not None,
+                    reason="SHOAL_LONG_TESTS=1 and network namespaces (root) run it")
+def test_a_node_whose_only_worker_is_killed_says_its_workers_are_gone():
+    """Three workers: host 2 runs one, SIGKILLed without restarts. The job completes on host
+    1's two; host 2's launcher exits 1, saying its workers are gone, and the trial holds."""
+    settings = ChaosSettings(seed=6, steps=300, workers=3, cluster=True, launcher="run")
+    plan = TrialPlan(0, "worker-kill", [], event={"step": 50, "host": 2, "local_rank": 0})
+    outcomes = run_chaos(settings, plans=[plan], report=lambda line: None)
+    assert summarize(outcomes)["failures"] == []
 
 
 def test_zero_survives_a_death_while_it_rebuilds_the_state_from_shards():

@@ -47,6 +47,7 @@ def _chaos(args: argparse.Namespace) -> int:
         run_chaos,
         summarize,
     )
+    from shoal.reliability.script_cluster import MIN_STEPS
     from shoal.tasks import TASKS
 
     if args.trials < 1:
@@ -58,6 +59,9 @@ def _chaos(args: argparse.Namespace) -> int:
     if args.task is not None and args.task not in TASKS:
         raise ConfigError("--task", f"unknown task {args.task!r} (choose from {', '.join(TASKS)})")
     StrategyOptions(compress=args.compress).validate(args.strategy)
+    if args.launcher == "run" and args.steps < MIN_STEPS:
+        raise ConfigError("--steps", f"--launcher run needs at least {MIN_STEPS} steps, got {args.steps} "
+                                     "(a node started again must find steps left to join)")
     if args.launcher == "run" and (args.strategy, args.compress) != ("allreduce", "none"):
         flag = "--strategy" if args.strategy != "allreduce" else "--compress"
         raise ConfigError(flag, "--launcher run trains with allreduce, uncompressed, and checks each trial "

@@ -170,6 +170,7 @@ class Membership:
         """The launcher is restarting this worker: count it toward ``min_workers`` meanwhile."""
         with self._lock:
             self._rejoin_expected[worker_id] = self._clock()
+            self._keep()
 
     def join(self, worker_id: int | None, host: str, pid: int, launcher: str = "") -> int:
         with self._lock:
@@ -325,6 +326,8 @@ class Membership:
             if restarting:
                 self._rejoin_expected[max(ids)] = self._clock()
             self.report_exit(max(ids), cause)  # one already declared dead is left as it is
+            if restarting:
+                self._keep()  # a job paused for the restart forms nothing: nothing else keeps it
             return max(ids)
 
     def withdraw_rejoin(self, worker_id: int) -> None:
@@ -332,6 +335,7 @@ class Membership:
         joining, and none is left): a job paused for it goes on, or fails, without it."""
         with self._lock:
             if self._rejoin_expected.pop(worker_id, None) is not None:
+                self._keep()
                 self._evaluate()
 
     def finish(self, worker_id: int, payload: dict) -> None:
@@ -514,9 +518,12 @@ class Membership:
     def export_state(self) -> dict:
         """As JSON, what a restarted coordinator could not learn back from the workers, but
         for the commits (``commits_by_worker``): the job's status and results, its generations
-        and changes, the workers as last known, the faults that fired, the job's spec.
-        ``restore_state`` takes it back."""
+        and changes, the workers as last known, the faults that fired, the job's spec, the
+        restarts announced (with when, in unix time: a job paused for one stays paused across
+        a restart, and the 120 s it is waited for count the outage). ``restore_state`` takes
+        it back."""
         with self._lock:
+            now = self._clock()
             return {
                 "status": self.status, "reason": self.reason, "rejected": self.rejected,
                 "results": self.results, "job_spec": self.job_spec,
@@ -528,6 +535,8 @@ class Membership:
                 "redone": sorted(self._redone),
                 "workers": [{name: getattr(w, name) for name in _KEPT_WORKER_FIELDS}
                             for w in self._workers.values()],
+                "rejoin_expected": {str(w): round(time.time() - (now - since), 3)
+                                    for w, since in self._rejoin_expected.items()},
             }
 
     def commits_by_worker(self) -> list[tuple[int, list]]:
@@ -565,6 +574,8 @@ class Membership:
             for worker_id, batch in commits:
                 self._record_commits(worker_id, batch)
             self._workers = {w["worker_id"]: _Worker(**w, last_seen=now) for w in state["workers"]}
+            self._rejoin_expected = {int(w): now - max(0.0, time.time() - announced)
+                                     for w, announced in state.get("rejoin_expected", {}).items()}
             current = self.current
             if self.status == "running" and current is not None:
                 self._take_over(current, now)
@@ -607,6 +618,9 @@ class Membership:
         worker.alive = False
         worker.death_cause = cause
         worker.died_at = at
+        # Kept even when no generation is formed (a job paused below --min-workers): a
+        # restarted coordinator that took the worker for alive would refuse its restart.
+        self._keep()
 
     def _evaluate(self) -> None:
         if self.status in ("completed", "failed"):

@@ -28,7 +28,12 @@ import httpx
 from shoal.config import RunConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.joining import admission_refusal, final_status, launcher_id
-from shoal.launch.script_job import script_workers, stop_unfinished, torchrun_env
+from shoal.launch.script_job import (
+    NOT_JOINED_WHEN_IT_ENDED,
+    script_workers,
+    stop_unfinished,
+    torchrun_env,
+)
 from shoal.launch.workers import (
     SIGTERM_STOP,
     TERMINATE_GRACE_SECONDS,
@@ -80,6 +85,8 @@ class _Node:
         self.host, self.launcher = socket.gethostname(), launcher_id()
         self.losses: list[str] = []
         """Local workers that failed while the job went on: what the job survived."""
+        self.late: list[str] = []
+        """Local workers stopped because the job ended before they joined (a node started late)."""
         self.ids: dict[int, int] = {}
         """Local worker -> its id in the job (known once it joined)."""
         self.status: dict = {}
@@ -228,6 +235,8 @@ class _Node:
         worker_id = self.ids.get(local_rank)
         if worker_id is not None and joined:
             self.losses.append(f"worker {worker_id} (local rank {local_rank}) {cause}")
+        elif self.stopped_here.get(local_rank) == NOT_JOINED_WHEN_IT_ENDED:  # nothing the job had to survive
+            self.late.append(f"local worker {local_rank} {cause}")
         else:
             joining = "" if local_rank in self.stopped_here else " before it joined the job"
             self.losses.append(f"local worker {local_rank} {cause}{joining}")
@@ -247,11 +256,13 @@ class _Node:
         if status["status"] == "completed":
             for loss in self.losses:
                 print(f"shoal run: survived: {loss}", file=sys.stderr)
+            for late in self.late:
+                print(f"shoal run: {late}", file=sys.stderr)
             return 0
         if status["status"] == "failed":
             failure = f"the job failed: {status['reason']}".rstrip(": ")
         else:
-            lost = "; ".join(self.losses) or "they exited"
+            lost = "; ".join(self.losses + self.late) or "they exited"
             failure = f"this node's workers are gone ({lost}); the job goes on without them"
         hint = "" if self.joined else ("; none of them joined it: a script run with --coordinator "
                                        "meets the others through shoal.train, not torchrun's RANK/MASTER_ADDR")

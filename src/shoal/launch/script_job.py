@@ -41,7 +41,7 @@ from shoal.launch.workers import (
 from shoal.runtime.context import ENV_COORDINATOR, ENV_LAUNCHER_ID, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.worker import EXIT_PREEMPTED
 
-__all__ = ["run_script", "script_workers", "stop_unfinished", "torchrun_env"]
+__all__ = ["NOT_JOINED_WHEN_IT_ENDED", "run_script", "script_workers", "stop_unfinished", "torchrun_env"]
 
 _POLL_SECONDS = 0.25
 """How often a node looks for another node's failure, and node 0 for the others' ends."""
@@ -363,6 +363,11 @@ def _node_ranks(node: int, nproc_per_node: int) -> range:
     return range(node * nproc_per_node, (node + 1) * nproc_per_node)
 
 
+NOT_JOINED_WHEN_IT_ENDED = "had not joined when the job ended; stopped here"
+"""Why ``stop_unfinished`` stopped a worker the coordinator never heard of: one that came
+too late (a node started as the job ended), not a loss the job survived."""
+
+
 def stop_unfinished(group: WorkerGroup, workers: dict, id_of: Callable[[WorkerProcess], int | None],
                     stopped_here: dict[int, str]) -> None:
     """The elastic job ended: a local worker the coordinator (``workers``: its status's, by
@@ -374,8 +379,7 @@ def stop_unfinished(group: WorkerGroup, workers: dict, id_of: Callable[[WorkerPr
         known = workers.get(str(id_of(worker)))
         if known is not None and (known["alive"] or known["finished"]):
             continue
-        stopped_here[worker.worker_id] = (
-            "had not joined when the job ended; stopped here" if known is None else
+        stopped_here[worker.worker_id] = NOT_JOINED_WHEN_IT_ENDED if known is None else (
             "evicted by the coordinator (hung or cut off), then stopped here")
         group.kill(worker.worker_id)
 

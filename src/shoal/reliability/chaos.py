@@ -23,14 +23,17 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shoal.reliability.checks import (exactly_once_violations, kill_processes, leftover_processes,
-                                      relative_difference)
 from shoal.reliability import chaos_script
-from shoal.reliability.cluster import run_cluster_trial, strategy_flags
+from shoal.reliability.checks import (
+    exactly_once_violations,
+    kill_processes,
+    leftover_processes,
+    relative_difference,
+)
+from shoal.reliability.cluster import node_shares, run_cluster_trial, strategy_flags
 from shoal.reliability.script_cluster import (
     SCRIPT_KINDS,
     STEP_SECONDS,
-    node_shares,
     run_script_trial,
     script_environment,
 )
@@ -119,21 +122,21 @@ class TrialPlan:
     """Survivors wait for the restarted worker (``--min-workers`` = all), so a heal happens."""
     event: dict | None = None
     """A cluster fault: ``{"step", "host"}`` for a link cut, ``{"step", "outage"}`` (seconds)
-    for a coordinator restart."""
+    for a coordinator restart; under ``--launcher run`` also the local rank of a worker
+    struck, a node's time away, and whether the launchers restart workers (``_script_event``)."""
 
     def describe(self, workers: int) -> str:
         event = self.event or {}
+        restarts = " (--max-restarts 1)" if event.get("restarts") else ""
         if self.kind in ("worker-kill", "worker-restart", "worker-hang"):
-            verb = {"worker-kill": "SIGKILL", "worker-restart": "SIGKILL (--max-restarts 1)",
-                    "worker-hang": "SIGSTOP"}[self.kind]
-            return f"{verb} host {event['host']}'s local worker {event['local_rank']} at step {event['step']}"
+            verb = "SIGSTOP" if self.kind == "worker-hang" else "SIGKILL"
+            return (f"{verb} host {event['host']}'s local worker {event['local_rank']} at step "
+                    f"{event['step']}{restarts}")
         if self.kind == "node-kill-and-return":
             return (f"SIGKILL host {event['host']}'s node at step {event['step']}, "
                     f"back after {event['down']:g} s")
-        if self.kind == "link-cut" and event.get("restarts"):
-            return f"cut host {event['host']}'s link at step {event['step']} (--max-restarts 1)"
         if self.kind == "link-cut":
-            return f"cut host {self.event['host']}'s link at step {self.event['step']}"
+            return f"cut host {event['host']}'s link at step {event['step']}{restarts}"
         if self.kind == "coordinator-restart":
             return f"coordinator down {self.event['outage']:g} s at step {self.event['step']}"
         return " ".join(self.flags(workers))
@@ -208,9 +211,10 @@ def _script_event(kind: str, rng: random.Random, settings: ChaosSettings, step: 
     node started again, strikes early: it should rejoin before the job ends."""
     host = rng.choice((1, 2))
     local_rank = rng.randrange(node_shares(settings.workers)[host])
+    struck = {"step": step, "host": host, "local_rank": local_rank}
     return {
-        "worker-kill": lambda: {"step": step, "host": host, "local_rank": local_rank},
-        "worker-hang": lambda: {"step": step, "host": host, "local_rank": local_rank},
+        "worker-kill": lambda: struck,
+        "worker-hang": lambda: struck,
         "worker-restart": lambda: {"step": rng.randrange(5, early), "host": host, "local_rank": local_rank,
                                    "restarts": True},
         "node-kill-and-return": lambda: {"step": rng.randrange(5, early), "host": host,

@@ -4,8 +4,10 @@ the reference that every trial must equal.
 
 It trains the chaos task with the library API and the leader saves the final model. The
 environment says what to train and where the model goes (``SHOAL_CHAOS_*``); each step's
-compute may be stretched (``SHOAL_CHAOS_STEP_SECONDS``) so that a node's launcher started
-again has steps left to join: the pause changes when steps happen, not what they compute.
+compute may be stretched (``SHOAL_CHAOS_STEP_SECONDS``, or longer while the file
+``SHOAL_CHAOS_SLOW_WHILE`` exists: the harness's workers are on their way back), so that a
+node's launcher started again has steps left to join. The pause changes when steps happen,
+not what they compute.
 """
 
 import faulthandler
@@ -25,6 +27,8 @@ ENV_BATCH = "SHOAL_CHAOS_BATCH"
 ENV_SEED = "SHOAL_CHAOS_SEED"
 ENV_MODEL = "SHOAL_CHAOS_MODEL"
 ENV_STEP_SECONDS = "SHOAL_CHAOS_STEP_SECONDS"
+ENV_SLOW_WHILE = "SHOAL_CHAOS_SLOW_WHILE"
+ENV_SLOW_STEP_SECONDS = "SHOAL_CHAOS_SLOW_STEP_SECONDS"
 
 
 def main() -> None:
@@ -36,9 +40,12 @@ def main() -> None:
     model = task.build_model()
     optimizer = task.build_optimizer(model, task.defaults.lr)
     pause = float(os.environ.get(ENV_STEP_SECONDS, "0"))
+    slow_while = os.environ.get(ENV_SLOW_WHILE)
+    slow_pause = float(os.environ.get(ENV_SLOW_STEP_SECONDS, "0"))
 
     def loss_fn(model, batch):
-        time.sleep(pause)  # stands for a heavier model's compute
+        # stands for a heavier model's compute
+        time.sleep(slow_pause if slow_while and os.path.exists(slow_while) else pause)
         return task.loss(model, batch)
 
     result = shoal.train(model, optimizer, task.train_dataset(), loss_fn,

@@ -23,16 +23,8 @@ import psutil
 from shoal.launch.zygote import WORKER_NAME
 from shoal.network import Hosts
 
-__all__ = [
-    "TOKEN",
-    "ClusterRun",
-    "StatusWatcher",
-    "judge_models",
-    "run_cluster_trial",
-    "start_coordinator",
-    "strategy_flags",
-    "wait_reading_stacks",
-]
+__all__ = ["TOKEN", "ClusterRun", "StatusWatcher", "judge_models", "node_shares", "note_exit", "restart_coordinator",
+           "run_cluster_trial", "start_coordinator", "strategy_flags", "wait_reading_stacks"]
 
 TOKEN = "shoal-chaos"
 _EVICTED = 3  # a remote launcher's exit code when the coordinator evicted its host
@@ -113,6 +105,11 @@ class StatusWatcher:
         self._process.wait()
 
 
+def node_shares(workers: int) -> dict[int, int]:
+    """Workers of the launchers on hosts 1 and 2 (host 0 runs the coordinator)."""
+    return {1: (workers + 1) // 2, 2: workers // 2}
+
+
 def start_coordinator(hosts: Hosts, settings, port: int, state: Path, env: dict,
                       linger: float = 10.0) -> tuple[subprocess.Popen, str]:
     """``shoal coordinator`` on host 0, keeping the job's record in ``state`` as users are told
@@ -128,6 +125,27 @@ def start_coordinator(hosts: Hosts, settings, port: int, state: Path, env: dict,
         process.kill()
         raise RuntimeError(f"the coordinator did not start: {process.stderr.read()[-500:]}")
     return process, found.group(1)
+
+
+def restart_coordinator(run: ClusterRun, processes: dict, hosts: Hosts, settings, address: str, state: Path,
+                        env: dict, outage: float, linger: float = 10.0) -> None:
+    """SIGKILL ``processes["coordinator"]`` and start it again on its address from its state
+    file ``outage`` seconds later; ``run.outage`` says when it was away."""
+    processes["coordinator"].send_signal(signal.SIGKILL)
+    processes["coordinator"].wait()
+    run.stderr["coordinator (killed)"] = processes["coordinator"].stderr.read()
+    processes["coordinator"].stderr.close()
+    killed = time.time()
+    time.sleep(outage)  # the fault itself: how long the coordinator stays down
+    port = int(address.rsplit(":", 1)[1])
+    processes["coordinator"], _ = start_coordinator(hosts, settings, port, state, env, linger)
+    run.outage = (killed, time.time())
+
+
+def note_exit(run: ClusterRun, name: str, code: int | None) -> None:
+    """A process exited ``code`` where 0 was expected: a problem, with its last line of stderr."""
+    tail = run.stderr[name].strip().splitlines()[-1:] or ["(no output)"]
+    run.problems.append(f"{name} exited {code}: {tail[0]}")
 
 
 def strategy_flags(settings, checkpoints: Path | None) -> list[str]:
@@ -165,7 +183,7 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
     try:
         state = directory / "coordinator-state.jsonl"
         processes["coordinator"], address = start_coordinator(hosts, settings, 0, state, env)
-        shares = {1: (settings.workers + 1) // 2, 2: settings.workers // 2}
+        shares = node_shares(settings.workers)
         for index, workers in shares.items():
             processes[f"host {index}"] = _start_launcher(hosts, index, workers, settings, address,
                                                          directory / f"host-{index}", env)
@@ -188,14 +206,7 @@ def run_cluster_trial(kind: str, event: dict, settings, directory: Path, env: di
             if ended:
                 run.notes.append(f"the job had ended before step {event['step']} was seen: "
                                  "the coordinator was restarted after the end")
-            processes["coordinator"].send_signal(signal.SIGKILL)
-            processes["coordinator"].wait()
-            run.stderr["coordinator (killed)"] = processes["coordinator"].stderr.read()
-            killed = time.time()
-            time.sleep(event["outage"])  # the fault itself: how long the coordinator stays down
-            port = int(address.rsplit(":", 1)[1])
-            processes["coordinator"], _ = start_coordinator(hosts, settings, port, state, env)
-            run.outage = (killed, time.time())
+            restart_coordinator(run, processes, hosts, settings, address, state, env, event["outage"])
         watcher.wait(lambda s: s.get("status") in ("completed", "failed"), settings.trial_timeout,
                      "the job's end")
         for name, process in processes.items():  # the launchers; the coordinator lingers
@@ -250,8 +261,7 @@ def _judge_exits(run: ClusterRun, kind: str, event: dict, directory: Path) -> No
             if code not in (0, _EVICTED) or (code == _EVICTED and "evicted" not in run.stderr[name]):
                 run.problems.append(f"the cut-off {name} exited {code}, not 3 (evicted) or 0")
         elif code != 0:
-            tail = run.stderr[name].strip().splitlines()[-1:] or ["(no output)"]
-            run.problems.append(f"{name} exited {code}: {tail[0]}")
+            note_exit(run, name, code)
     judge_models(run, [directory / f"host-{i}" for i in (1, 2)],
                  [directory / f"host-{i}" for i in (1, 2) if run.codes.get(f"host {i}") == 0])
 

@@ -32,83 +32,103 @@ from shoal.reliability.cluster import (
     ClusterRun,
     StatusWatcher,
     judge_models,
+    node_shares,
+    note_exit,
+    restart_coordinator,
     start_coordinator,
     wait_reading_stacks,
 )
 from shoal.tasks import TASKS
 from shoal.tracking import build_results, write_json, write_sample_log
 
-__all__ = ["SCRIPT_KINDS", "node_shares", "run_script_trial", "script_environment"]
+__all__ = ["MIN_STEPS", "REJOIN_KINDS", "SCRIPT_KINDS", "STEP_SECONDS", "run_script_trial", "script_environment"]
 
 SCRIPT_KINDS = ("worker-kill", "worker-restart", "worker-hang", "node-kill-and-return", "link-cut",
                 "coordinator-restart")
 """What ``shoal chaos --launcher run`` does to the nodes (all on namespace hosts)."""
+REJOIN_KINDS = ("worker-restart", "node-kill-and-return", "link-cut")
+"""Kinds after which workers come back (restarted, a node started again, a host reconnected):
+the trial fails unless they rejoin the job before it ends."""
+STEP_SECONDS = 0.01
+"""Each step's compute is stretched by this much (it stands for a real model's)."""
+_WAITING_STEP_SECONDS = 0.1
+"""A step's stretch while workers are on their way back: a node started again imports torch
+for seconds before it joins, and the run must not end before it does. The pace changes when
+steps happen, not what they compute."""
+MIN_STEPS = 200
+"""Shorter runs would end before a node started again could join."""
 _LINGER_SECONDS = 5.0
 """The coordinator's ``--linger``: the nodes' launchers look at the job's status every second."""
-STEP_SECONDS = 0.01
-"""Each step's compute is stretched by this much, so that a node started again after it was
-killed (a second or more to import torch and join) finds steps left to take part in."""
 
 
-def node_shares(workers: int) -> dict[int, int]:
-    """Workers of the nodes on hosts 1 and 2 (host 0 runs the coordinator)."""
-    return {1: (workers + 1) // 2, 2: workers // 2}
-
-
-def script_environment(settings, model: Path, step_seconds: float = 0.0) -> dict[str, str]:
-    """What the chaos script reads: the task, the steps, the batch, the seed, where the model goes."""
-    return {chaos_script.ENV_TASK: settings.task, chaos_script.ENV_STEPS: str(settings.steps),
-            chaos_script.ENV_BATCH: str(settings.batch_size), chaos_script.ENV_SEED: str(settings.seed),
-            chaos_script.ENV_MODEL: str(model), chaos_script.ENV_STEP_SECONDS: str(step_seconds)}
+def script_environment(settings, model: Path, step_seconds: float = 0.0,
+                       slow_while: Path | None = None) -> dict[str, str]:
+    """What the chaos script reads: the task, the steps, the batch, the seed, where the model
+    goes, each step's stretch (longer while ``slow_while`` exists)."""
+    env = {chaos_script.ENV_TASK: settings.task, chaos_script.ENV_STEPS: str(settings.steps),
+           chaos_script.ENV_BATCH: str(settings.batch_size), chaos_script.ENV_SEED: str(settings.seed),
+           chaos_script.ENV_MODEL: str(model), chaos_script.ENV_STEP_SECONDS: str(step_seconds)}
+    if slow_while is not None:
+        env[chaos_script.ENV_SLOW_WHILE] = str(slow_while)
+        env[chaos_script.ENV_SLOW_STEP_SECONDS] = str(_WAITING_STEP_SECONDS)
+    return env
 
 
 class _Trial:
-    """One trial's hosts and processes: the coordinator, and each node's launcher by name."""
+    """One trial's processes on ``hosts``: the coordinator, and each node's launcher by name."""
 
-    def __init__(self, settings, directory: Path, env: dict, restarts: bool):
-        self.settings, self.directory, self.env, self.restarts = settings, directory, env, restarts
-        self.hosts = Hosts(3)
+    def __init__(self, settings, hosts: Hosts, directory: Path, env: dict, restarts: bool):
+        self.settings, self.hosts, self.directory, self.env = settings, hosts, directory, env
+        self.restarts = restarts
         self.processes: dict[str, subprocess.Popen] = {}
         self.killed: set[str] = set()
         """Launchers this trial SIGKILLed: their exit code is the trial's doing."""
+        self.bereft: set[str] = set()
+        """Launchers whose only worker the trial killed for good: they exit 1, saying so."""
+        self.slow = directory / "workers-on-their-way"
+        """While it exists, the script's steps are slower (``_WAITING_STEP_SECONDS``)."""
         self.state = directory / "coordinator-state.jsonl"
         self.shares = node_shares(settings.workers)
-        self.processes["coordinator"], self.address = start_coordinator(self.hosts, settings, 0, self.state, env,
-                                                                        _LINGER_SECONDS)
+        self.address = ""
+
+    def start_coordinator(self) -> None:
+        self.processes["coordinator"], self.address = start_coordinator(
+            self.hosts, self.settings, 0, self.state, self.env, _LINGER_SECONDS)
 
     def start_node(self, host: int, name: str) -> None:
-        """``shoal run --coordinator`` on ``host``, its files (the model) in ``directory/name``."""
+        """``shoal run --coordinator`` on ``host``, its files (model, workers' output) in
+        ``directory/name``."""
         files = self.directory / name.replace(" ", "-")
         files.mkdir()
         restarts = ["--max-restarts", "1"] if self.restarts else []
         command = [sys.executable, "-m", "shoal.cli.main", "run", "--coordinator", self.address,
                    "--token", TOKEN, "--nproc-per-node", str(self.shares[host]), *restarts,
                    chaos_script.__file__]
-        env = {**self.env, **script_environment(self.settings, files / "model.pt", STEP_SECONDS)}
-        self.processes[name] = self.hosts.popen(host, command, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.PIPE, text=True, env=env)
+        env = {**self.env, **script_environment(self.settings, files / "model.pt", STEP_SECONDS, self.slow)}
+        with open(files / "output.txt", "w") as output:  # the workers' lines, their stacks too
+            self.processes[name] = self.hosts.popen(host, command, stdout=output, stderr=subprocess.PIPE,
+                                                    text=True, env=env)
 
-    def workers(self, name: str) -> list[psutil.Process]:
-        """The script workers of a node's launcher, by local rank (their start order)."""
-        children = psutil.Process(self.processes[name].pid).children()
-        return sorted(children, key=lambda child: child.create_time())
+    def worker(self, name: str, local_rank: int) -> psutil.Process:
+        """A node's script worker (a child of its launcher, which sets its LOCAL_RANK)."""
+        for child in psutil.Process(self.processes[name].pid).children():
+            try:
+                if child.environ().get("LOCAL_RANK") == str(local_rank):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        raise RuntimeError(f"{name} had no local worker {local_rank} to strike")
 
     def kill_node(self, name: str) -> None:
         """The machine goes: its launcher and its workers SIGKILLed at once."""
-        for process in [psutil.Process(self.processes[name].pid), *self.workers(name)]:
-            process.kill()
+        launcher = psutil.Process(self.processes[name].pid)
+        for process in [launcher, *launcher.children()]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:  # a worker the kernel took with its launcher
+                continue
         self.processes[name].wait()
         self.killed.add(name)
-
-    def restart_coordinator(self, outage: float) -> tuple[float, float]:
-        self.processes["coordinator"].kill()
-        self.processes["coordinator"].wait()
-        killed = time.time()
-        time.sleep(outage)  # the fault itself: how long the coordinator stays down
-        port = int(self.address.rsplit(":", 1)[1])
-        self.processes["coordinator"], _ = start_coordinator(self.hosts, self.settings, port, self.state,
-                                                             self.env, _LINGER_SECONDS)
-        return killed, time.time()
 
     def close(self, run: ClusterRun) -> None:
         for name, process in self.processes.items():
@@ -117,25 +137,34 @@ class _Trial:
                 process.wait()
             run.codes.setdefault(name, process.returncode)
             run.stderr[name] = process.stderr.read()
-        self.hosts.close()
+            output = self.directory / name.replace(" ", "-") / "output.txt"
+            if output.exists():
+                run.stderr[f"{name}: its workers' output"] = output.read_text()
 
 
 def run_script_trial(kind: str, event: dict, settings, directory: Path, env: dict) -> ClusterRun:
     """Run one trial of ``SCRIPT_KINDS``; ``event`` says where and when (``plan_trials``)."""
     run = ClusterRun()
-    trial = watcher = None
+    hosts = Hosts(3)
+    trial = _Trial(settings, hosts, directory, env, restarts=event.get("restarts", False))
+    watcher = None
     try:
-        trial = _Trial(settings, directory, env, restarts=event.get("restarts", False))
+        trial.start_coordinator()
         for host in trial.shares:
             trial.start_node(host, f"host {host}")
-        watcher = StatusWatcher(trial.hosts, trial.address, env)
+        watcher = StatusWatcher(hosts, trial.address, env)
         before = watcher.wait(lambda s: s.get("step", -1) >= event["step"], settings.trial_timeout / 2,
                               f"step {event['step']} (before the fault)")
-        if before.get("status") != "running":  # a short run can end between two looks
+        if before.get("status") == "running":
+            _fault(kind, event, trial, watcher, before, run)
+        elif kind == "coordinator-restart":  # after the end too: the record must survive it
+            run.notes.append(f"the job had ended before step {event['step']} was seen: "
+                             "the coordinator was restarted after the end")
+            restart_coordinator(run, trial.processes, hosts, settings, trial.address, trial.state, env,
+                                event["outage"], _LINGER_SECONDS)
+        else:  # a short run can end between two looks
             run.notes.append(f"the job had ended before step {event['step']} was seen: no fault")
             run.fault_skipped = True
-        else:
-            run.outage = _fault(kind, event, trial, watcher, before, settings)
         watcher.wait(lambda s: s.get("status") in ("completed", "failed") and watcher.record is not None,
                      settings.trial_timeout, "the job's end")
         for name, process in trial.processes.items():  # the launchers; the coordinator lingers
@@ -147,21 +176,25 @@ def run_script_trial(kind: str, event: dict, settings, directory: Path, env: dic
     finally:
         if watcher is not None:
             watcher.close()
-        if trial is not None:
-            trial.close(run)
-    if trial is not None and not run.problems:
+        trial.close(run)
+        hosts.close()
+    if not run.problems:
         _judge(run, trial, watcher.record, settings)
     return run
 
 
-def _fault(kind: str, event: dict, trial: _Trial, watcher: StatusWatcher, before: dict,
-           settings) -> tuple[float, float] | None:
-    """Do the trial's fault; for a coordinator restart, (killed, answering again) in unix time."""
-    name = f"host {event['host']}" if "host" in event else None
+def _fault(kind: str, event: dict, trial: _Trial, watcher: StatusWatcher, before: dict, run: ClusterRun) -> None:
+    """Do the trial's fault; after one that workers come back from, wait until they did."""
+    settings = trial.settings
+    name = f"host {event['host']}" if "host" in event else ""
+    if kind in REJOIN_KINDS:
+        trial.slow.touch()
     if kind in ("worker-kill", "worker-restart"):
-        trial.workers(name)[event["local_rank"]].kill()
+        trial.worker(name, event["local_rank"]).kill()
+        if kind == "worker-kill" and trial.shares[event["host"]] == 1:
+            trial.bereft.add(name)
     elif kind == "worker-hang":
-        trial.workers(name)[event["local_rank"]].suspend()
+        trial.worker(name, event["local_rank"]).suspend()
     elif kind == "node-kill-and-return":
         trial.kill_node(name)
         time.sleep(event["down"])  # how long the machine is away
@@ -174,27 +207,42 @@ def _fault(kind: str, event: dict, trial: _Trial, watcher: StatusWatcher, before
                      "a generation without the cut-off host")
         trial.hosts.reconnect(event["host"])
     elif kind == "coordinator-restart":
-        return trial.restart_coordinator(event["outage"])
+        restart_coordinator(run, trial.processes, trial.hosts, settings, trial.address, trial.state,
+                            trial.env, event["outage"], _LINGER_SECONDS)
     else:
         raise ValueError(f"unknown script trial kind {kind!r}")
-    return None
+    if kind in REJOIN_KINDS:
+        back = watcher.wait(lambda s: s.get("status") in ("completed", "failed") or (
+            s.get("generation", 0) > before["generation"] and len(s.get("members", [])) == settings.workers),
+            settings.trial_timeout / 2, f"all {settings.workers} workers back in the job")
+        trial.slow.unlink()
+        if back.get("status") in ("completed", "failed"):
+            run.problems.append(f"the job ended ({back.get('status')}) before its {settings.workers} "
+                                "workers were back in it")
 
 
 def _judge(run: ClusterRun, trial: _Trial, record: dict, settings) -> None:
     """Every launcher the trial did not kill exits 0 (the job completed, whatever it
-    survived); one of them saved the model; results.json and the sample log from the record."""
+    survived), or 1 if it lost its only worker for good; one of them saved the model;
+    results.json and the sample log from the record."""
     for name, code in run.codes.items():
-        if name not in trial.killed and code != 0:
-            tail = run.stderr[name].strip().splitlines()[-1:] or ["(no output)"]
-            run.problems.append(f"{name} exited {code}: {tail[0]}")
+        if name in trial.bereft:
+            if code != 1 or "workers are gone" not in run.stderr[name]:
+                run.problems.append(f"{name}, whose only worker was killed, exited {code}, not 1 "
+                                    "(its workers are gone)")
+        elif name not in trial.killed and code != 0:
+            note_exit(run, name, code)
     launchers = [name for name in trial.processes if name != "coordinator"]
     directories = [trial.directory / name.replace(" ", "-") for name in launchers]
-    judge_models(run, directories, [d for name, d in zip(launchers, directories) if name not in trial.killed])
+    judge_models(run, directories, [d for name, d in zip(launchers, directories)
+                                    if name not in trial.killed | trial.bereft])
+    job = JobRecord.from_json(record)
+    if job.steps_redone:
+        run.problems.append(f"{job.steps_redone} committed steps were trained again")
     if run.directory is None:
         return
-    job = JobRecord.from_json(record)
-    task = TASKS[settings.task]
-    sampler = GlobalBatchSampler(task.train_samples(settings.seed), settings.batch_size, settings.seed)
+    sampler = GlobalBatchSampler(TASKS[settings.task].train_samples(settings.seed), settings.batch_size,
+                                 settings.seed)
     config = {"task": settings.task, "script": os.path.basename(chaos_script.__file__)}
     write_json(str(run.directory / "results.json"),
                build_results(record=job, config=config, sampler=sampler, wall_seconds=0.0, units=("samples", 1)))
