@@ -34,6 +34,7 @@ from shoal.reliability.cluster import node_shares, run_cluster_trial, strategy_f
 from shoal.reliability.script_cluster import (
     SCRIPT_KINDS,
     STEP_SECONDS,
+    WAITING_STEP_SECONDS,
     run_script_trial,
     script_environment,
 )
@@ -379,7 +380,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def summarize(outcomes: list[TrialOutcome]) -> dict:
     by_kind: dict[str, dict] = {}
-    for kind in dict.fromkeys(KINDS + CLUSTER_KINDS + SCRIPT_KINDS):
+    for kind in dict.fromkeys(o.plan.kind for o in sorted(outcomes, key=lambda o: o.plan.index)):  # as planned
         chosen = [o for o in outcomes if o.plan.kind == kind]
         if not chosen:
             continue
@@ -411,8 +412,9 @@ with `--max-restarts 1`) or SIGSTOPped, a node's launcher and workers SIGKILLed 
 same command started again after a while, a host's link cut until the others re-form and then \
 reconnected (`--max-restarts 1`: its workers rejoin), the coordinator SIGKILLed and restarted on \
 its address. The sample log is built from the coordinator's record, as `shoal train --coordinator` \
-builds it. Each step's compute is stretched by {pause:g} ms, so that a node started again finds \
-steps left to join.
+builds it. Each step's compute is stretched by {pause:g} ms, and by {waiting:g} ms while workers are on \
+their way back (restarted, a node started again, a host reconnected): the trial waits for them \
+all to be back in the job, and fails if it ends first.
 """
 
 
@@ -444,9 +446,10 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
     compression = "" if settings.compress == "none" else f" with --compress {settings.compress}"
     model_check = "the final model equals the undisturbed run's within 1e-5 relative"
     if settings.launcher == "run":
-        cluster = _SCRIPT_TRIALS.format(pause=STEP_SECONDS * 1000)
-        model_check = ("every node's launcher that was not killed exits 0; the final model equals the "
-                       "script's run in one plain process within 1e-5 relative")
+        cluster = _SCRIPT_TRIALS.format(pause=STEP_SECONDS * 1000, waiting=WAITING_STEP_SECONDS * 1000)
+        model_check = ("every node's launcher that was not killed exits 0 (1, saying its workers are gone, "
+                       "if the trial killed its only worker); the final model equals the script's run in "
+                       "one plain process within 1e-5 relative")
     if settings.checked_by_optimum:
         ratios = ("" if summary["optimum_ratio_max"] is None else
                   f" (trials: median {summary['optimum_ratio_median']:.2f}x, at most "

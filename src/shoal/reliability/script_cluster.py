@@ -41,7 +41,8 @@ from shoal.reliability.cluster import (
 from shoal.tasks import TASKS
 from shoal.tracking import build_results, write_json, write_sample_log
 
-__all__ = ["MIN_STEPS", "REJOIN_KINDS", "SCRIPT_KINDS", "STEP_SECONDS", "run_script_trial", "script_environment"]
+__all__ = ["MIN_STEPS", "REJOIN_KINDS", "SCRIPT_KINDS", "STEP_SECONDS", "WAITING_STEP_SECONDS", "run_script_trial",
+           "script_environment"]
 
 SCRIPT_KINDS = ("worker-kill", "worker-restart", "worker-hang", "node-kill-and-return", "link-cut",
                 "coordinator-restart")
@@ -51,7 +52,7 @@ REJOIN_KINDS = ("worker-restart", "node-kill-and-return", "link-cut")
 the trial fails unless they rejoin the job before it ends."""
 STEP_SECONDS = 0.01
 """Each step's compute is stretched by this much (it stands for a real model's)."""
-_WAITING_STEP_SECONDS = 0.1
+WAITING_STEP_SECONDS = 0.1
 """A step's stretch while workers are on their way back: a node started again imports torch
 for seconds before it joins, and the run must not end before it does. The pace changes when
 steps happen, not what they compute."""
@@ -70,7 +71,7 @@ def script_environment(settings, model: Path, step_seconds: float = 0.0,
            chaos_script.ENV_MODEL: str(model), chaos_script.ENV_STEP_SECONDS: str(step_seconds)}
     if slow_while is not None:
         env[chaos_script.ENV_SLOW_WHILE] = str(slow_while)
-        env[chaos_script.ENV_SLOW_STEP_SECONDS] = str(_WAITING_STEP_SECONDS)
+        env[chaos_script.ENV_SLOW_STEP_SECONDS] = str(WAITING_STEP_SECONDS)
     return env
 
 
@@ -86,7 +87,7 @@ class _Trial:
         self.bereft: set[str] = set()
         """Launchers whose only worker the trial killed for good: they exit 1, saying so."""
         self.slow = directory / "workers-on-their-way"
-        """While it exists, the script's steps are slower (``_WAITING_STEP_SECONDS``)."""
+        """While it exists, the script's steps are slower (``WAITING_STEP_SECONDS``)."""
         self.state = directory / "coordinator-state.jsonl"
         self.shares = node_shares(settings.workers)
         self.address = ""
