@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
@@ -527,6 +528,10 @@ class RunConfig:
 
     script: str
     script_args: list[str] = field(default_factory=list)
+    module: bool = False
+    """``-m``: ``script`` is a module, run as ``python -m`` runs it."""
+    no_python: bool = False
+    """``--no-python``: ``script`` is a program (a shell script, a binary), run as it is."""
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int | None = None
@@ -553,8 +558,7 @@ class RunConfig:
         return self.nnodes * self.nproc_per_node
 
     def validate(self) -> RunConfig:
-        if not os.path.isfile(self.script):
-            raise ConfigError("script", f"{self.script!r} is not a file")
+        self._validate_script()
         if self.nproc_per_node < 1:
             raise ConfigError("--nproc-per-node", f"must be at least 1, got {self.nproc_per_node}")
         if self.max_restarts < 0:
@@ -594,6 +598,24 @@ class RunConfig:
         if self.node_rank == 0:  # it hosts the store and the coordinator there
             check_bindable("--master-addr", self.master_addr)
         return self
+
+    def _validate_script(self) -> None:
+        """The script, module or program exists as each worker will look for it (a module is
+        found by the workers, in this directory: importing it here could run its code)."""
+        if self.module and self.no_python:
+            raise ConfigError("--no-python", "not with -m: a module is run by Python")
+        if self.module:
+            if not all(part.isidentifier() for part in self.script.split(".")):
+                raise ConfigError("-m", f"{self.script!r} is not a module name (such as package.train)")
+        elif self.no_python:
+            found = self.script if os.sep in self.script else shutil.which(self.script)
+            if found is None or not os.path.isfile(found):
+                raise ConfigError("script", f"{self.script!r} is not a file or a program on PATH")
+            if not os.access(found, os.X_OK):
+                raise ConfigError("--no-python", f"{self.script!r} is not executable: chmod +x it, "
+                                  "or run it with Python (without --no-python)")
+        elif not os.path.isfile(self.script):
+            raise ConfigError("script", f"{self.script!r} is not a file")
 
     def _validate_joining(self) -> None:
         """With ``--coordinator`` there is no node 0: the standalone coordinator owns the job

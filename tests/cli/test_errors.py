@@ -248,6 +248,8 @@ def test_bad_run_flags_exit_2(capsys, tmp_path):
     assert code == 2 and "--nproc-per-node" in err
     code, _, err = run_main(capsys, "run", str(tmp_path / "missing.py"))
     assert code == 2 and "missing.py" in err
+    code, _, err = run_main(capsys, "run", "--no-python", "shoal-no-such-program")
+    assert code == 2 and "not a file or a program on PATH" in err
     here = ["--master-addr", "127.0.0.1"]
     joining = ["--coordinator", "127.0.0.1:1", "--token", "t"]
     for flags, named in [([*here, "--nnodes", "2", "--node-rank", "2"], "--node-rank"),
@@ -265,6 +267,9 @@ def test_bad_run_flags_exit_2(capsys, tmp_path):
                          (["--token", "t"], "--token"),
                          (["--coordinator", "127.0.0.1:1"], "--token"),
                          (["--coordinator", "127.0.0.1", "--token", "t"], "--coordinator"),
+                         (["-m"], "-m"),  # a file name is no module name
+                         (["-m", "--no-python"], "--no-python"),
+                         (["--no-python"], "--no-python"),  # not executable
                          *[([*joining, *flags], named) for flags, named in [
                              (["--nnodes", "2"], "--nnodes"), (["--node-rank", "0"], "--node-rank"),
                              (["--master-port", "29500"], "--master-port"),

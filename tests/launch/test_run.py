@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
 
 from tests.conftest import REPO, shoal
 
@@ -28,6 +34,62 @@ def test_torchrun_environment_is_complete(tmp_path):
     assert len(lines) == 3
     for rank, line in enumerate(lines):
         assert line.startswith(f"[worker {rank}] RANK={rank} LOCAL_RANK={rank} WORLD_SIZE=3 ")
+
+
+def test_a_module_runs_as_python_m_runs_it(tmp_path):
+    """`shoal run -m pkg.train ARGS`, as torchrun's -m: the module is found from the current
+    directory, runs as __main__ with its arguments, and imports its package's modules."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text("WHERE = 'from pkg.helper'\n")
+    (package / "train.py").write_text(
+        "import os, sys\n"
+        "from pkg.helper import WHERE\n"
+        "if __name__ == '__main__':\n"
+        "    print(f\"RANK={os.environ['RANK']} {WHERE} {sys.argv[1:]} {os.path.basename(sys.argv[0])}\")\n")
+    result = shoal("run", "--nproc-per-node", "2", "-m", "pkg.train", "--lr", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = sorted(line for line in result.stdout.splitlines() if "RANK=" in line)
+    assert lines == [f"[worker {rank}] RANK={rank} from pkg.helper ['--lr', '3'] train.py" for rank in (0, 1)]
+
+
+def test_a_program_runs_as_it_is_with_no_python_and_goes_with_its_launcher(tmp_path):
+    """`shoal run --no-python PROGRAM ARGS`, as torchrun's: a shell script gets torchrun's
+    environment and its arguments. Run in place of shoal's runner, it still dies with a
+    launcher that is SIGKILLed (the kernel's death signal outlives exec)."""
+    program = tmp_path / "train.sh"
+    program.write_text('#!/bin/sh\necho "RANK=$RANK WORLD_SIZE=$WORLD_SIZE args=$*"\n'
+                       '[ -n "$HOLD" ] && echo $$ > "$HOLD.$RANK" && exec sleep 120\nexit 0\n')
+    program.chmod(0o755)
+    result = shoal("run", "--nproc-per-node", "2", "--no-python", "./train.sh", "a", "b", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = sorted(line for line in result.stdout.splitlines() if "RANK=" in line)
+    assert lines == [f"[worker {rank}] RANK={rank} WORLD_SIZE=2 args=a b" for rank in (0, 1)]
+    hold = tmp_path / "pid"
+    launcher = subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "run", "--nproc-per-node", "2",
+                                 "--no-python", str(program)], env={**os.environ, "HOLD": str(hold)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pids = [int(wait_for_file(Path(f"{hold}.{rank}")).read_text()) for rank in (0, 1)]
+    finally:
+        launcher.kill()
+        launcher.wait()
+    programs = []
+    for pid in pids:
+        try:
+            programs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:  # gone already
+            continue
+    assert psutil.wait_procs(programs, timeout=10)[1] == []
+
+
+def wait_for_file(path: Path, timeout: float = 60) -> Path:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() < deadline, f"{path} never came"
+        time.sleep(0.05)
+    return path
 
 
 def plain_script_where_rank_1_gives_up(path):

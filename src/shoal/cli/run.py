@@ -1,8 +1,9 @@
 """``shoal run``: a user script on N processes per node with torchrun's environment.
 
 torchrun's flags, in both its spellings (``--nproc-per-node`` and ``--nproc_per_node``), so
-that a torchrun command for a script becomes a shoal one by its first word. (Not taken:
-``-m``, ``--no-python``, ``--rdzv-conf``, ``--local-addr``; they exit 2 as unknown.)
+that a torchrun command for a script becomes a shoal one by its first word, ``-m MODULE``
+and ``--no-python PROGRAM`` included. (Not taken: ``--rdzv-conf``, ``--local-addr``; they
+exit 2 as unknown.)
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ def add_run(commands) -> None:
                      "meeting at node 0: a script that uses shoal.train then survives losing any node")
     run.add_argument("--token", help="the standalone coordinator's job token (with --coordinator; "
                      "default: $SHOAL_TOKEN)")
-    run.add_argument("script", help="the Python script to run")
+    run.add_argument("-m", "--module", action="store_true",
+                     help="the script is a module, run as `python -m MODULE` runs it (from this directory)")
+    run.add_argument(*_flag("no-python"), dest="no_python", action="store_true",
+                     help="the script is a program (a shell script, a binary), run as it is, not by Python")
+    run.add_argument("script", help="the Python script to run (a module with -m, a program with --no-python)")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(handler=_run)
 
@@ -121,7 +126,8 @@ def _run(args: argparse.Namespace) -> int:
         # torchrun's default, 127.0.0.1, would make every machine a node 0 of its own job.
         raise ConfigError("--master-addr", "several nodes need node 0's address (or "
                           "--rdzv-endpoint); 127.0.0.1 only if every node is this machine")
-    config = RunConfig(script=args.script, script_args=args.script_args,
+    config = RunConfig(script=args.script, script_args=args.script_args, module=args.module,
+                       no_python=args.no_python,
                        nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
                        node_rank=args.node_rank, master_addr=master_addr, master_port=master_port,
                        run_id=args.rdzv_id, join_timeout=args.join_timeout,

@@ -29,7 +29,7 @@ from shoal.config import ConfigError, RunConfig, check_bindable
 from shoal.coordinator import Coordinator, Membership
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
-from shoal.launch.script_runner import ENV_LAUNCHER_PID
+from shoal.launch.script_runner import ENV_LAUNCHER_PID, MODULE, PROGRAM
 from shoal.launch.workers import (
     SIGTERM_STOP,
     TERMINATE_GRACE_SECONDS,
@@ -242,7 +242,8 @@ def script_workers(config: RunConfig, env: dict[str, str],
     env = {**env, ENV_LAUNCHER_PID: str(os.getpid())}
     if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
-    return WorkerGroup([sys.executable, "-u", "-m", "shoal.launch.script_runner", config.script,
+    how = [MODULE] if config.module else [PROGRAM] if config.no_python else []
+    return WorkerGroup([sys.executable, "-u", "-m", "shoal.launch.script_runner", *how, config.script,
                         *config.script_args], env=env, on_exit=on_exit,
                        echo=lambda line: print(line, flush=True))
 

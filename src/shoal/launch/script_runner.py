@@ -1,10 +1,13 @@
 """The process a ``shoal run`` worker starts: the user's script, run as ``python script.py``
-would run it, then left without the interpreter's teardown (see ``shoal._exit``): on torch
-2.13 gloo's teardown aborts a finished script now and then (SIGABRT, "terminate called
-without an active exception"), and the command would report a worker that did its work
-as failed. Exit handlers run and open files are flushed first, as the teardown would.
+would run it (a module as ``python -m`` would, a program as it is), then left without the
+interpreter's teardown (see ``shoal._exit``): on torch 2.13 gloo's teardown aborts a
+finished script now and then (SIGABRT, "terminate called without an active exception"),
+and the command would report a worker that did its work as failed. Exit handlers run and
+open files are flushed first, as the teardown would.
 
     python -u -m shoal.launch.script_runner SCRIPT [ARGS...]
+    python -u -m shoal.launch.script_runner --module MODULE [ARGS...]
+    python -u -m shoal.launch.script_runner --no-python PROGRAM [ARGS...]
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ import sys
 from shoal._exit import run_then_exit
 from shoal.config import ConfigError
 
+__all__ = ["ENV_LAUNCHER_PID", "MODULE", "PROGRAM"]
+
 ENV_LAUNCHER_PID = "SHOAL_LAUNCHER_PID"
+MODULE = "--module"
+"""The target is a module (``shoal run -m``)."""
+PROGRAM = "--no-python"
+"""The target is a program, executed in place of this process (``shoal run --no-python``)."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -36,11 +45,18 @@ def _die_with_the_launcher() -> None:
 
 def _run_script() -> int:
     _die_with_the_launcher()
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` does
+    how = sys.argv[1] if sys.argv[1] in (MODULE, PROGRAM) else None
+    target, *args = sys.argv[2:] if how else sys.argv[1:]
+    if how == PROGRAM:  # the death signal set above outlives exec
+        os.execvp(target, [target, *args])
+    sys.argv = [target, *args]
     try:
-        runpy.run_path(script, run_name="__main__")
+        if how == MODULE:
+            sys.path[0] = os.getcwd()  # as `python -m` does; run_module puts its file in argv[0]
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            sys.path[0] = os.path.dirname(os.path.abspath(target))  # as `python script.py` does
+            runpy.run_path(target, run_name="__main__")
     except ConfigError as error:
         if not error.reported:
             raise
