@@ -263,6 +263,30 @@ def test_a_process_gone_before_joining_is_no_longer_waited_for():
     assert alone.reason == "a worker on h (pid 2) exited before joining: exited with code 1"
 
 
+def test_a_coordinator_restarted_without_state_does_not_count_out_a_worker_it_has_not_heard_yet():
+    """Restarted without a state file, the coordinator knows no worker until the heartbeats
+    come. An exit reported first (by pid, or by id from a launcher that knows it joined) is
+    of a worker that joined its predecessor: not one gone before joining, which would lower
+    the workers expected and, below --min-workers, fail a job that goes on."""
+    clock = Clock()
+    restarted = Membership(expected_workers=2, min_workers=2, heartbeat_timeout=5.0, clock=clock)
+    assert restarted.report_exit_of_process("b", 20, "killed by SIGKILL", launcher="b/7/y") is None
+    restarted.report_exit(1, "killed by SIGKILL", joined=True)
+    assert restarted.status == "waiting" and restarted.expected_workers == 2
+    restarted.heartbeat(0, {"generation": 3, "members": [0, 1], "host": "a", "pid": 10, "launcher": "a/1/x"})
+    assert restarted.status == "running" and restarted.current.number == 3  # taken over
+    # A launcher it admitted itself: its process gone before joining is not waited for
+    fresh = Membership(expected_workers=3, min_workers=1, clock=clock)
+    fresh.admit_launcher({"--task": "digits"}, "a/1/x")
+    fresh.report_exit_of_process("a", 11, "exited with code 1", launcher="a/1/x")
+    assert fresh.expected_workers == 2
+    kept = json.loads(json.dumps(fresh.export_state()))
+    again = Membership(expected_workers=3, min_workers=1, clock=clock)
+    again.restore_state(kept)  # with its state file, it knows whom it admitted
+    again.report_exit_of_process("a", 12, "exited with code 1", launcher="a/1/x")
+    assert again.expected_workers == 2
+
+
 def test_with_restarts_a_late_restart_announcement_still_pauses_the_job():
     """Worker 2 went quiet before it died: the silence verdict came before the launcher's
     exit report. The launcher's "restarting it" a moment later must still pause the job."""

@@ -155,6 +155,9 @@ class Membership:
         self.results: dict | None = None
         self.job_spec: dict | None = None
         """The first launcher's ``TrainConfig.job_spec``: what later launchers must agree on."""
+        self._admitted: set[str] = set()
+        """Launcher ids admitted (``admit_launcher``): a process of another one that is not
+        known here joined an earlier coordinator (this one restarted without a state file)."""
         self.started_at = clock()
         self._last_evaluated = clock()
 
@@ -284,12 +287,13 @@ class Membership:
             self.fired_faults.add(spec)
             self._announce()
 
-    def report_exit(self, worker_id: int, cause: str, at: float | None = None) -> None:
-        """The launcher saw the worker's process end."""
+    def report_exit(self, worker_id: int, cause: str, at: float | None = None, *, joined: bool = False) -> None:
+        """The launcher saw the worker's process end (one it knows had ``joined`` the job)."""
         with self._lock:
             worker = self._workers.get(worker_id)
             if worker is None and self.current is None:
-                self._lose_expected_worker(f"worker {worker_id} exited before joining: {cause}")
+                if not joined:  # else: we restarted and have not heard the job yet; heartbeats will tell
+                    self._lose_expected_worker(f"worker {worker_id} exited before joining: {cause}")
                 return
             if worker is None or not worker.alive:
                 return
@@ -320,7 +324,10 @@ class Membership:
             alive = [w.worker_id for w in matching if w.alive]
             ids = alive or [w.worker_id for w in matching]
             if not ids:
-                if self.current is None and not restarting and self.status == "waiting":
+                # Only a launcher admitted here: another's workers joined an earlier coordinator
+                # (we restarted without a state file) and their heartbeats will tell us the job.
+                ours = not launcher or launcher in self._admitted
+                if self.current is None and not restarting and self.status == "waiting" and ours:
                     self._lose_expected_worker(f"a worker on {host} (pid {pid}) exited before joining: {cause}")
                 return None
             if restarting:
@@ -370,17 +377,19 @@ class Membership:
         return any(w is not None and w.finished for w in members) and all(
             w is None or w.finished or not w.alive for w in members)
 
-    def admit_launcher(self, spec: dict) -> None:
-        """A launcher about to start workers for this job. The first one's spec becomes the
-        job's; one that differs is refused (ValueError naming the flag) before its workers
-        start, so that it cannot disturb the running job. So is any launcher once the job ended
-        (its workers would have nothing to do; a restored record's job may have long ended)."""
+    def admit_launcher(self, spec: dict, launcher: str = "") -> None:
+        """A launcher (its id, if it gives one) about to start workers for this job. The first
+        one's spec becomes the job's; one that differs is refused (ValueError naming the flag)
+        before its workers start, so that it cannot disturb the running job. So is any
+        launcher once the job ended (its workers would have nothing to do; a restored record's
+        job may have long ended)."""
         with self._lock:
             if self.status in ("completed", "failed"):
                 raise ValueError(f"the job this coordinator runs has already {self.status}: a new job "
                                  "needs a new coordinator (and a new --state file, if it keeps one)")
             if self.job_spec is None:
                 self.job_spec = dict(spec)
+                self._admitted.add(launcher)
                 self._announce()
                 return
             for flag in [*self.job_spec, *(flag for flag in spec if flag not in self.job_spec)]:
@@ -388,6 +397,9 @@ class Membership:
                 if ours != theirs:
                     raise ValueError(f"{flag}: this job was started with {ours}, this launcher "
                                      f"gives {theirs}")
+            if launcher not in self._admitted:
+                self._admitted.add(launcher)
+                self._keep()
 
     def reject(self, detail: str) -> None:
         """A worker refused the job's configuration: something only the model or optimizer
@@ -537,6 +549,7 @@ class Membership:
                             for w in self._workers.values()],
                 "rejoin_expected": {str(w): round(time.time() - (now - since), 3)
                                     for w, since in self._rejoin_expected.items()},
+                "admitted": sorted(self._admitted),
             }
 
     def commits_by_worker(self) -> list[tuple[int, list]]:
@@ -576,6 +589,7 @@ class Membership:
             self._workers = {w["worker_id"]: _Worker(**w, last_seen=now) for w in state["workers"]}
             self._rejoin_expected = {int(w): now - max(0.0, time.time() - announced)
                                      for w, announced in state.get("rejoin_expected", {}).items()}
+            self._admitted = set(state.get("admitted", []))
             current = self.current
             if self.status == "running" and current is not None:
                 self._take_over(current, now)

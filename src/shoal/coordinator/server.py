@@ -137,7 +137,7 @@ class Coordinator:
     async def _launcher(self, request: web.Request) -> web.Response:
         body = await request.json()
         try:
-            self.membership.admit_launcher(body["spec"])
+            self.membership.admit_launcher(body["spec"], str(body.get("launcher", "")))
         except ValueError as error:
             return web.json_response({"error": str(error)}, status=409)
         return web.json_response({"ok": True})
@@ -199,7 +199,7 @@ class Coordinator:
         if body.get("kind") == "exit" and "worker_id" in body:  # ids known to the launcher (shoal run)
             # A restart that died before joining, with none left: no longer waited for.
             self.membership.withdraw_rejoin(int(body["worker_id"]))
-            self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")))
+            self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")), joined=True)
             return web.json_response({"ok": True})
         if body.get("kind") == "exit":
             worker_id = self.membership.report_exit_of_process(

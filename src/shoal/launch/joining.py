@@ -31,14 +31,14 @@ def launcher_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
-def admission_refusal(url: str, token: str, address: str, spec: dict) -> str | None:
-    """Ask the coordinator at ``address`` to admit this launcher before any worker starts:
+def admission_refusal(url: str, token: str, address: str, spec: dict, launcher: str) -> str | None:
+    """Ask the coordinator at ``address`` to admit this launcher (``launcher_id()``) before any worker starts:
     why not (one line naming the flag), or None. A wrong address or token, or a job started
     with another task, batch, strategy or script, would otherwise surface as worker
     tracebacks, a hang, or a running job broken by workers that load another model."""
     client = CoordinatorClient(url, token, retry_seconds=ADMISSION_RETRY_SECONDS)
     try:
-        client.post("/launcher", {"spec": spec})
+        client.post("/launcher", {"spec": spec, "launcher": launcher})
     except CoordinatorUnreachable as error:
         return f"--coordinator: cannot reach {url} ({error.__cause__})"
     except PermissionError:

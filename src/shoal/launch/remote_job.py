@@ -64,13 +64,13 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     url = coordinator_url(config.coordinator)
     resumption = _choose_resume(config) if config.resume else None
     resumed_step = resumption.checkpoint.step if resumption else None
+    host, launcher = socket.gethostname(), launcher_id()
     refusal = admission_refusal(url, config.token, config.coordinator,
-                                config.job_spec() | {"--resume": resumed_step})
+                                config.job_spec() | {"--resume": resumed_step}, launcher)
     if refusal is not None:
         print(f"shoal train: error: {refusal}", file=sys.stderr)
         return 2
     client = CoordinatorClient(url, config.token)
-    host, launcher = socket.gethostname(), launcher_id()
     restarts = collections.Counter()
 
     def echo(line: str) -> None:

@@ -62,11 +62,11 @@ meet there and hang instead of failing at once; a worker id would be taken as th
 
 
 def run_joining_script(config: RunConfig) -> int:
-    url = coordinator_url(config.coordinator)
+    url, launcher = coordinator_url(config.coordinator), launcher_id()
     # Launchers of one job run one script; where it lies may differ from machine to machine.
     try:
         refusal = admission_refusal(url, config.token, config.coordinator,
-                                    {"shoal run SCRIPT": os.path.basename(config.script)})
+                                    {"shoal run SCRIPT": os.path.basename(config.script)}, launcher)
     except KeyboardInterrupt:  # no worker started yet: nothing to stop
         print("shoal run: interrupted (Ctrl-C) while asking the coordinator to admit this node",
               file=sys.stderr)
@@ -74,15 +74,15 @@ def run_joining_script(config: RunConfig) -> int:
     if refusal is not None:
         print(f"shoal run: error: {refusal}", file=sys.stderr)
         return 2
-    return _Node(config, url).run()
+    return _Node(config, url, launcher).run()
 
 
 class _Node:
     """This node's workers, as members of the coordinator's job."""
 
-    def __init__(self, config: RunConfig, url: str):
+    def __init__(self, config: RunConfig, url: str, launcher: str):
         self.config, self.url = config, url
-        self.host, self.launcher = socket.gethostname(), launcher_id()
+        self.host, self.launcher = socket.gethostname(), launcher
         self.losses: list[str] = []
         """Local workers that failed while the job went on: what the job survived."""
         self.late: list[str] = []
