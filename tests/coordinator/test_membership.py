@@ -285,6 +285,9 @@ def test_a_coordinator_restarted_without_state_does_not_count_out_a_worker_it_ha
     again.restore_state(kept)  # with its state file, it knows whom it admitted
     again.report_exit_of_process("a", 12, "exited with code 1", launcher="a/1/x")
     assert again.expected_workers == 2
+    nodes = Membership(expected_workers=2, min_workers=1, clock=clock)
+    nodes.report_exit(1, "exited with code 1")  # shoal run --nnodes: rank 1 died before joining
+    assert nodes.expected_workers == 1
 
 
 def test_with_restarts_a_late_restart_announcement_still_pauses_the_job():

@@ -197,9 +197,11 @@ class Coordinator:
     async def _report(self, request: web.Request) -> web.Response:
         body = await request.json()
         if body.get("kind") == "exit" and "worker_id" in body:  # ids known to the launcher (shoal run)
-            # A restart that died before joining, with none left: no longer waited for.
+            # --nnodes: a rank's exit, joined or not. --coordinator: a restart that died before
+            # joining, with none left, of a worker that had joined: no longer waited for.
             self.membership.withdraw_rejoin(int(body["worker_id"]))
-            self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")), joined=True)
+            self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")),
+                                        joined=bool(body.get("joined")))
             return web.json_response({"ok": True})
         if body.get("kind") == "exit":
             worker_id = self.membership.report_exit_of_process(

@@ -223,7 +223,7 @@ class _Node:
             if local_rank in self.ids and not restart:
                 # A restart that died before joining, with none left: no longer waited for.
                 self.reporter.post("/report", {"kind": "exit", "worker_id": self.ids[local_rank],
-                                               "detail": cause})
+                                               "detail": cause, "joined": True})
         except (CoordinatorUnreachable, PermissionError, httpx.HTTPError) as error:
             if returncode != 0:  # the coordinator also notices the missing heartbeats
                 print(f"shoal run: could not report the exit of local worker {local_rank}: {error}",
