@@ -161,6 +161,9 @@ def _changed(config, name: str) -> bool:
 ENV_TOKEN = "SHOAL_TOKEN"
 """The job token, for a launcher joining a standalone coordinator (``--token``'s default: a
 variable keeps it out of the process list) and for every worker."""
+ENV_WORKER_PID = "SHOAL_WORKER_PID"
+"""The pid the launcher knows a worker by, when the worker is a program's child (``shoal run
+--no-python`` with a wrapper that does not exec): what it reports when it joins."""
 
 
 def joining_token(token: str | None, coordinator: str | None) -> str | None:

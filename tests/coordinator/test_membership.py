@@ -288,6 +288,18 @@ def test_a_coordinator_restarted_without_state_does_not_count_out_a_worker_it_ha
     nodes = Membership(expected_workers=2, min_workers=1, clock=clock)
     nodes.report_exit(1, "exited with code 1")  # shoal run --nnodes: rank 1 died before joining
     assert nodes.expected_workers == 1
+    # A launcher of an earlier version gives no id when admitted (but does in its reports),
+    # and a state file of an earlier version names none: any launcher's process counts out
+    older = Membership(expected_workers=3, min_workers=1, clock=clock)
+    older.admit_launcher({"--task": "digits"})
+    older.report_exit_of_process("a", 11, "exited with code 1", launcher="a/1/x")
+    assert older.expected_workers == 2
+    state = json.loads(json.dumps(fresh.export_state()))
+    del state["admitted"]
+    from_older_file = Membership(expected_workers=3, min_workers=1, clock=clock)
+    from_older_file.restore_state(state)
+    from_older_file.report_exit_of_process("b", 12, "exited with code 1", launcher="b/1/y")
+    assert from_older_file.expected_workers == 2
 
 
 def test_with_restarts_a_late_restart_announcement_still_pauses_the_job():

@@ -41,6 +41,29 @@ def node(url: str, script, *flags: str, env: dict | None = None) -> subprocess.P
         env={**os.environ, "EPOCHS": "1", **(env or {})})
 
 
+def test_the_nodes_of_one_job_must_run_one_script_module_or_program():
+    """The admission key: a script's file name (the directory may differ between machines),
+    a module, a program; the same name run in another way is another job's."""
+    from shoal.config import RunConfig
+    from shoal.launch.remote_script import _script_key
+
+    keys = [_script_key(RunConfig(script=script, **how)) for script, how in [
+        ("/a/train.py", {}), ("/b/train.py", {}), ("train.py", {"no_python": True}), ("train", {"module": True})]]
+    assert keys == ["train.py", "train.py", "--no-python train.py", "-m train"]
+
+
+def test_a_wrapper_programs_shoal_train_child_is_known_by_the_pid_its_launcher_started(monkeypatch):
+    """`shoal run --no-python ./wrapper.sh` whose wrapper runs python without exec: the runner
+    names its own pid (the wrapper's) in SHOAL_WORKER_PID, and the worker joins under it, so
+    that the launcher's exit report by pid finds it."""
+    from shoal.runtime.context import _launched_pid
+
+    monkeypatch.delenv("SHOAL_WORKER_PID", raising=False)
+    assert _launched_pid() == os.getpid()
+    monkeypatch.setenv("SHOAL_WORKER_PID", "4242")
+    assert _launched_pid() == 4242
+
+
 def newcomer_wait(at_step: int) -> str:
     """Source that makes a script's ``shoal.train`` workers, left alone at ``at_step`` by a
     lost peer, wait there until the coordinator has formed a generation with the newcomer that

@@ -99,7 +99,8 @@ def add_run(commands) -> None:
     run.add_argument("-m", "--module", action="store_true",
                      help="the script is a module, run as `python -m MODULE` runs it (from this directory)")
     run.add_argument(*_flag("no-python"), dest="no_python", action="store_true",
-                     help="the script is a program (a shell script, a binary), run as it is, not by Python")
+                     help="the script is a program (a shell script, a binary), run as it is, not by Python; "
+                     "a wrapper should exec its last command, or it outlives a launcher that is killed")
     run.add_argument("script", help="the Python script to run (a module with -m, a program with --no-python)")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(handler=_run)

@@ -326,7 +326,7 @@ class Membership:
             if not ids:
                 # Only a launcher admitted here: another's workers joined an earlier coordinator
                 # (we restarted without a state file) and their heartbeats will tell us the job.
-                ours = not launcher or launcher in self._admitted
+                ours = not launcher or launcher in self._admitted or "" in self._admitted  # "": gave no id
                 if self.current is None and not restarting and self.status == "waiting" and ours:
                     self._lose_expected_worker(f"a worker on {host} (pid {pid}) exited before joining: {cause}")
                 return None
@@ -589,7 +589,7 @@ class Membership:
             self._workers = {w["worker_id"]: _Worker(**w, last_seen=now) for w in state["workers"]}
             self._rejoin_expected = {int(w): now - max(0.0, time.time() - announced)
                                      for w, announced in state.get("rejoin_expected", {}).items()}
-            self._admitted = set(state.get("admitted", []))
+            self._admitted = set(state.get("admitted", [""]))  # an older file: ids unknown, any counts
             current = self.current
             if self.status == "running" and current is not None:
                 self._take_over(current, now)

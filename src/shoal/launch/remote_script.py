@@ -66,7 +66,7 @@ def run_joining_script(config: RunConfig) -> int:
     # Launchers of one job run one script; where it lies may differ from machine to machine.
     try:
         refusal = admission_refusal(url, config.token, config.coordinator,
-                                    {"shoal run SCRIPT": os.path.basename(config.script)}, launcher)
+                                    {"shoal run SCRIPT": _script_key(config)}, launcher)
     except KeyboardInterrupt:  # no worker started yet: nothing to stop
         print("shoal run: interrupted (Ctrl-C) while asking the coordinator to admit this node",
               file=sys.stderr)
@@ -75,6 +75,15 @@ def run_joining_script(config: RunConfig) -> int:
         print(f"shoal run: error: {refusal}", file=sys.stderr)
         return 2
     return _Node(config, url, launcher).run()
+
+
+def _script_key(config: RunConfig) -> str:
+    """What the nodes of one job must all run: the script's file name (where it lies may
+    differ from machine to machine), or the module, or the program."""
+    if config.module:
+        return f"-m {config.script}"
+    name = os.path.basename(config.script)
+    return f"--no-python {name}" if config.no_python else name
 
 
 class _Node:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import httpx
 import torch.distributed as dist
 
-from shoal.config import ConfigError, RunConfig, check_bindable
+from shoal.config import ENV_WORKER_PID, ConfigError, RunConfig, check_bindable
 from shoal.coordinator import Coordinator, Membership
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
@@ -239,7 +239,9 @@ def script_workers(config: RunConfig, env: dict[str, str],
     SCRIPT` would, through a runner that survives torch's teardown, with ``env`` and what
     every script worker gets (its launcher's pid, to die with it; one thread each when
     several share the node)."""
-    env = {**env, ENV_LAUNCHER_PID: str(os.getpid())}
+    # SHOAL_WORKER_PID is the runner's to set (--no-python): one inherited from outside would misname them
+    env = {**{name: value for name, value in env.items() if name != ENV_WORKER_PID},
+           ENV_LAUNCHER_PID: str(os.getpid())}
     if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes must not each take every core
     how = [MODULE] if config.module else [PROGRAM] if config.no_python else []

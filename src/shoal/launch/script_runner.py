@@ -19,7 +19,7 @@ import signal
 import sys
 
 from shoal._exit import run_then_exit
-from shoal.config import ConfigError
+from shoal.config import ENV_WORKER_PID, ConfigError
 
 __all__ = ["ENV_LAUNCHER_PID", "MODULE", "PROGRAM"]
 
@@ -47,7 +47,8 @@ def _run_script() -> int:
     _die_with_the_launcher()
     how = sys.argv[1] if sys.argv[1] in (MODULE, PROGRAM) else None
     target, *args = sys.argv[2:] if how else sys.argv[1:]
-    if how == PROGRAM:  # the death signal set above outlives exec
+    if how == PROGRAM:  # the death signal set above outlives exec (but not in the program's children)
+        os.environ[ENV_WORKER_PID] = str(os.getpid())  # a shoal.train child of a wrapper is known by it
         os.execvp(target, [target, *args])
     sys.argv = [target, *args]
     try:

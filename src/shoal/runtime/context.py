@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shoal.config import ENV_TOKEN, ConfigError
+from shoal.config import ENV_TOKEN, ENV_WORKER_PID, ConfigError
 from shoal.coordinator.client import RETRY_SECONDS, CoordinatorClient, CoordinatorUnreachable
 
 __all__ = ["Context", "JobStopped", "GenerationMoved"]
@@ -138,7 +138,7 @@ class Context:
             return
         self._client = CoordinatorClient(self.url, self.token)
         reply = self._client.post("/join", {"worker_id": self.worker_id, "host": socket.gethostname(),
-                                            "pid": os.getpid(), "launcher": self.launcher_id})
+                                            "pid": _launched_pid(), "launcher": self.launcher_id})
         self.worker_id = reply["worker_id"]
         self._incarnation = reply.get("incarnation")
         self.joined_running_job = bool(reply.get("running"))
@@ -187,7 +187,7 @@ class Context:
         return {
             "worker_id": self.worker_id,
             "host": socket.gethostname(),
-            "pid": os.getpid(),
+            "pid": _launched_pid(),
             "launcher": self.launcher_id,
             # what a restarted coordinator needs to adopt the running generation
             "generation": self.generation,
@@ -390,6 +390,11 @@ class Context:
         if self._client is not None:
             self._client.close()
         self.leave_generation()
+
+
+def _launched_pid() -> int:
+    """The pid this worker's launcher started: ours, or a wrapper program's that ran us."""
+    return int(os.environ.get(ENV_WORKER_PID) or os.getpid())
 
 
 def _forget_failed_group() -> None:
