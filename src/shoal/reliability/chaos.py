@@ -129,6 +129,9 @@ class TrialPlan:
     def describe(self, workers: int) -> str:
         event = self.event or {}
         restarts = " (--max-restarts 1)" if event.get("restarts") else ""
+        if self.kind == "coordinator-restart-in-pause":
+            return (f"SIGKILL host {event['host']}'s local worker {event['local_rank']} at step {event['step']}"
+                    f"{restarts}, --min-workers all: coordinator down {event['outage']:g} s in the pause")
         if self.kind in ("worker-kill", "worker-restart", "worker-hang"):
             verb = "SIGSTOP" if self.kind == "worker-hang" else "SIGKILL"
             return (f"{verb} host {event['host']}'s local worker {event['local_rank']} at step "
@@ -222,6 +225,8 @@ def _script_event(kind: str, rng: random.Random, settings: ChaosSettings, step: 
                                          "down": round(rng.uniform(0.0, 2.0), 1)},
         "link-cut": lambda: {"step": step, "host": host, "restarts": True},
         "coordinator-restart": lambda: {"step": step, "outage": round(rng.uniform(0.2, 3.0), 1)},
+        "coordinator-restart-in-pause": lambda: {**struck, "step": rng.randrange(5, early), "restarts": True,
+                                                 "outage": round(rng.uniform(0.2, 1.0), 1)},
     }[kind]()
 
 
@@ -411,7 +416,8 @@ the others. The faults come from outside, as machines suffer them: a worker SIGK
 with `--max-restarts 1`) or SIGSTOPped, a node's launcher and workers SIGKILLed together and the \
 same command started again after a while, a host's link cut until the others re-form and then \
 reconnected (`--max-restarts 1`: its workers rejoin), the coordinator SIGKILLed and restarted on \
-its address. The sample log is built from the coordinator's record, as `shoal train --coordinator` \
+its address (also while the job is paused: with `--min-workers` all, a worker killed and \
+restarted, and the coordinator restarted before it is back). The sample log is built from the coordinator's record, as `shoal train --coordinator` \
 builds it. Each step's compute is stretched by {pause:g} ms, and by {waiting:g} ms while workers are on \
 their way back (restarted, a node started again, a host reconnected): the trial waits for them \
 all to be back in the job, and fails if it ends first.

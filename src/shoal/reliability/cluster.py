@@ -111,14 +111,14 @@ def node_shares(workers: int) -> dict[int, int]:
 
 
 def start_coordinator(hosts: Hosts, settings, port: int, state: Path, env: dict,
-                      linger: float = 10.0) -> tuple[subprocess.Popen, str]:
+                      linger: float = 10.0, flags: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """``shoal coordinator`` on host 0, keeping the job's record in ``state`` as users are told
     to: a restart, even after the job's end, then loses nothing. It answers ``linger``
-    seconds after the job's end: the launchers ask it how the job went."""
+    seconds after the job's end: the launchers ask it how the job went. ``flags``: more of its own."""
     process = hosts.popen(0, [sys.executable, "-m", "shoal.cli.main", "coordinator", "--host",
                               hosts.addresses[0], "--port", str(port), "--token", TOKEN,
                               "--workers", str(settings.workers), "--state", str(state),
-                              "--heartbeat-timeout", str(settings.heartbeat_timeout), "--linger", f"{linger:g}"],
+                              "--heartbeat-timeout", str(settings.heartbeat_timeout), "--linger", f"{linger:g}", *flags],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     found = re.search(r"listening on http://(\S+)", process.stdout.readline())
     if found is None:
@@ -128,7 +128,7 @@ def start_coordinator(hosts: Hosts, settings, port: int, state: Path, env: dict,
 
 
 def restart_coordinator(run: ClusterRun, processes: dict, hosts: Hosts, settings, address: str, state: Path,
-                        env: dict, outage: float, linger: float = 10.0) -> None:
+                        env: dict, outage: float, linger: float = 10.0, flags: tuple[str, ...] = ()) -> None:
     """SIGKILL ``processes["coordinator"]`` and start it again on its address from its state
     file ``outage`` seconds later; ``run.outage`` says when it was away."""
     processes["coordinator"].send_signal(signal.SIGKILL)
@@ -138,7 +138,7 @@ def restart_coordinator(run: ClusterRun, processes: dict, hosts: Hosts, settings
     killed = time.time()
     time.sleep(outage)  # the fault itself: how long the coordinator stays down
     port = int(address.rsplit(":", 1)[1])
-    processes["coordinator"], _ = start_coordinator(hosts, settings, port, state, env, linger)
+    processes["coordinator"], _ = start_coordinator(hosts, settings, port, state, env, linger, flags)
     run.outage = (killed, time.time())
 
 

@@ -45,9 +45,9 @@ __all__ = ["MIN_STEPS", "REJOIN_KINDS", "SCRIPT_KINDS", "STEP_SECONDS", "WAITING
            "script_environment"]
 
 SCRIPT_KINDS = ("worker-kill", "worker-restart", "worker-hang", "node-kill-and-return", "link-cut",
-                "coordinator-restart")
+                "coordinator-restart", "coordinator-restart-in-pause")
 """What ``shoal chaos --launcher run`` does to the nodes (all on namespace hosts)."""
-REJOIN_KINDS = ("worker-restart", "node-kill-and-return", "link-cut")
+REJOIN_KINDS = ("worker-restart", "node-kill-and-return", "link-cut", "coordinator-restart-in-pause")
 """Kinds after which workers come back (restarted, a node started again, a host reconnected):
 the trial fails unless they rejoin the job before it ends."""
 STEP_SECONDS = 0.01
@@ -91,10 +91,16 @@ class _Trial:
         self.state = directory / "coordinator-state.jsonl"
         self.shares = node_shares(settings.workers)
         self.address = ""
+        self.coordinator_flags: tuple[str, ...] = ()
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, flags: tuple[str, ...] = ()) -> None:
+        self.coordinator_flags = flags
         self.processes["coordinator"], self.address = start_coordinator(
-            self.hosts, self.settings, 0, self.state, self.env, _LINGER_SECONDS)
+            self.hosts, self.settings, 0, self.state, self.env, _LINGER_SECONDS, flags)
+
+    def restart_coordinator(self, run: ClusterRun, outage: float) -> None:
+        restart_coordinator(run, self.processes, self.hosts, self.settings, self.address, self.state,
+                            self.env, outage, _LINGER_SECONDS, self.coordinator_flags)
 
     def start_node(self, host: int, name: str) -> None:
         """``shoal run --coordinator`` on ``host``, its files (model, workers' output) in
@@ -150,7 +156,9 @@ def run_script_trial(kind: str, event: dict, settings, directory: Path, env: dic
     trial = _Trial(settings, hosts, directory, env, restarts=event.get("restarts", False))
     watcher = None
     try:
-        trial.start_coordinator()
+        # Every worker needed: a restarted one pauses the job until it is back.
+        trial.start_coordinator(("--min-workers", str(settings.workers)) if kind == "coordinator-restart-in-pause"
+                                else ())
         for host in trial.shares:
             trial.start_node(host, f"host {host}")
         watcher = StatusWatcher(hosts, trial.address, env)
@@ -161,8 +169,7 @@ def run_script_trial(kind: str, event: dict, settings, directory: Path, env: dic
         elif kind == "coordinator-restart":  # after the end too: the record must survive it
             run.notes.append(f"the job had ended before step {event['step']} was seen: "
                              "the coordinator was restarted after the end")
-            restart_coordinator(run, trial.processes, hosts, settings, trial.address, trial.state, env,
-                                event["outage"], _LINGER_SECONDS)
+            trial.restart_coordinator(run, event["outage"])
         else:  # a short run can end between two looks
             run.notes.append(f"the job had ended before step {event['step']} was seen: no fault")
             run.fault_skipped = True
@@ -190,7 +197,7 @@ def _fault(kind: str, event: dict, trial: _Trial, watcher: StatusWatcher, before
     name = f"host {event['host']}" if "host" in event else ""
     if kind in REJOIN_KINDS:
         trial.slow.touch()
-    if kind in ("worker-kill", "worker-restart"):
+    if kind in ("worker-kill", "worker-restart", "coordinator-restart-in-pause"):
         trial.worker(name, event["local_rank"]).kill()
         if kind == "worker-kill" and trial.shares[event["host"]] == 1:
             trial.bereft.add(name)
@@ -208,10 +215,13 @@ def _fault(kind: str, event: dict, trial: _Trial, watcher: StatusWatcher, before
                      "a generation without the cut-off host")
         trial.hosts.reconnect(event["host"])
     elif kind == "coordinator-restart":
-        restart_coordinator(run, trial.processes, trial.hosts, settings, trial.address, trial.state,
-                            trial.env, event["outage"], _LINGER_SECONDS)
+        trial.restart_coordinator(run, event["outage"])
     else:
         raise ValueError(f"unknown script trial kind {kind!r}")
+    if kind == "coordinator-restart-in-pause":  # while the job waits for the restarted worker
+        watcher.wait(lambda s: any(not w["alive"] for w in s.get("workers", {}).values()),
+                     settings.trial_timeout / 2, "the killed worker's death (the pause)")
+        trial.restart_coordinator(run, event["outage"])
     if kind in REJOIN_KINDS:
         back = watcher.wait(lambda s: s.get("status") in ("completed", "failed") or (
             s.get("generation", 0) > before["generation"] and len(s.get("members", [])) == settings.workers),
