@@ -413,6 +413,26 @@ def test_a_worker_that_joins_as_the_job_ends_gets_no_generation_and_the_job_comp
     assert membership.status == "completed"
 
 
+@pytest.mark.parametrize("launcher", ["shoal train", "shoal run --coordinator"])
+def test_a_worker_killed_after_it_finished_and_restarted_does_not_hold_up_the_end(launcher):
+    """Worker 0 finished its part, then died (its launcher saw a non-zero exit) while the
+    others were still finishing, and was started again. Its restart has nothing to do: the
+    job completes when the others finish, without a generation that could never meet.
+    (Before, the rejoin formed one, and the job never completed.)"""
+    membership, _ = started(workers=3)
+    membership.finish(0, {"generation": 1})
+    if launcher == "shoal train":
+        membership.expect_rejoin(0)
+        membership.report_exit(0, "killed by SIGKILL")
+    else:
+        assert membership.report_exit_of_process("host", 100, "killed by SIGKILL", restarting=True) == 0
+    assert membership.join(0, "host", 200) == 0
+    assert membership.current.number == 1 and membership._rejoin_expected == {}
+    membership.finish(1, {"generation": 1})
+    membership.finish(2, {"generation": 1})
+    assert membership.status == "completed", membership.reason
+
+
 def test_the_job_completes_when_the_generation_that_committed_the_last_step_has_finished():
     """The restarted worker joined just before the members reported their end, and a
     generation with it was formed: the members finish in theirs, which committed the last

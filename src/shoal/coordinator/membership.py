@@ -170,10 +170,13 @@ class Membership:
         self._listeners.append(callback)
 
     def expect_rejoin(self, worker_id: int) -> None:
-        """The launcher is restarting this worker: count it toward ``min_workers`` meanwhile."""
+        """The launcher is restarting this worker: count it toward ``min_workers`` meanwhile
+        (not one that had finished its part: it holds nothing up)."""
         with self._lock:
-            self._rejoin_expected[worker_id] = self._clock()
-            self._keep()
+            worker = self._workers.get(worker_id)
+            if worker is None or not worker.finished:
+                self._rejoin_expected[worker_id] = self._clock()
+                self._keep()
 
     def join(self, worker_id: int | None, host: str, pid: int, launcher: str = "") -> int:
         with self._lock:
@@ -183,7 +186,15 @@ class Membership:
             existing = self._workers.get(worker_id)
             if existing is not None and existing.alive:
                 raise ValueError(f"worker {worker_id} is already a live member")
-            self._workers[worker_id] = _Worker(worker_id, host, pid, last_seen=self._clock(), launcher=launcher)
+            # A worker that finished its part and died after (its launcher restarted it):
+            # nothing is left for it to do, and a generation with it would never meet (the
+            # others have finished too), so it waits for the job's end as a finished member.
+            done = existing is not None and existing.finished
+            self._workers[worker_id] = _Worker(worker_id, host, pid, last_seen=self._clock(), launcher=launcher,
+                                               finished=done)
+            if done:
+                self._announce()
+                return worker_id
             self._announce()
             current = self.current
             if existing is not None and current is not None and worker_id in current.members \
@@ -330,7 +341,7 @@ class Membership:
                 if self.current is None and not restarting and self.status == "waiting" and ours:
                     self._lose_expected_worker(f"a worker on {host} (pid {pid}) exited before joining: {cause}")
                 return None
-            if restarting:
+            if restarting and not self._workers[max(ids)].finished:  # a finished one holds nothing up
                 self._rejoin_expected[max(ids)] = self._clock()
             self.report_exit(max(ids), cause)  # one already declared dead is left as it is
             if restarting:

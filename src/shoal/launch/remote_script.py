@@ -213,7 +213,14 @@ class _Node:
 
     def _may_restart(self, local_rank: int) -> bool:
         return (not self.stop.how and local_rank not in self.stopped_here
-                and self.restarts[local_rank] < self.config.max_restarts and self._job_goes_on())
+                and self.restarts[local_rank] < self.config.max_restarts and self._job_goes_on()
+                and not self._finished(local_rank))
+
+    def _finished(self, local_rank: int) -> bool:
+        """Had the worker finished its part (killed while the others finished theirs)? Then a
+        restart has nothing to do: the job ends without it."""
+        known = self.status.get("workers", {}).get(str(self.ids.get(local_rank)))
+        return bool(known and known.get("finished"))
 
     def _report_exit(self, local_rank: int, pid: int, cause: str, returncode: int,
                      restart: bool) -> tuple[bool, bool]:
