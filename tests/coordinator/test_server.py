@@ -25,6 +25,26 @@ def test_requests_without_the_token_are_refused(coordinator):
     assert coordinator.membership.snapshot()["workers"] == {}  # nothing changed
 
 
+def test_a_restart_of_a_finished_worker_is_offered_no_generation_only_the_end(coordinator):
+    """Worker 0 finished its part, died, and its restart joined under its id: a generation
+    (even the current one, which it is in) would have it meet members that are done, so it
+    is told nothing until the job ends, and then that it completed."""
+    membership = coordinator.membership
+    client = CoordinatorClient(coordinator.url, "secret")
+    try:
+        for worker in (0, 1):
+            client.post("/join", {"worker_id": worker, "host": "a", "pid": 10 + worker})
+        membership.finish(0, {"generation": 1})
+        membership.report_exit(0, "killed by SIGKILL")
+        client.post("/join", {"worker_id": 0, "host": "a", "pid": 20})
+        assert client.get("/generation", after=0, timeout=0.2)["generation"]["members"] == [0, 1]
+        assert client.get("/generation", after=0, timeout=0.2, worker=0)["generation"] is None
+        membership.finish(1, {"generation": 1})
+        assert client.get("/generation", after=0, timeout=5, worker=0)["status"] == "completed"
+    finally:
+        client.close()
+
+
 def test_join_forms_a_generation_and_status_reports_it(coordinator):
     client = CoordinatorClient(coordinator.url, "secret")
     try:

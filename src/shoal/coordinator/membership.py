@@ -169,6 +169,12 @@ class Membership:
         workers: the job's spec, a fired fault, the leader's results, a worker's join."""
         self._listeners.append(callback)
 
+    def has_finished(self, worker_id: int) -> bool:
+        """Has this worker finished its part of the job (or joined again after it had)?"""
+        with self._lock:
+            worker = self._workers.get(worker_id)
+            return worker is not None and worker.finished
+
     def expect_rejoin(self, worker_id: int) -> None:
         """The launcher is restarting this worker: count it toward ``min_workers`` meanwhile
         (not one that had finished its part: it holds nothing up)."""

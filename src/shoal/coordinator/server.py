@@ -165,10 +165,13 @@ class Coordinator:
 
     async def _generation(self, request: web.Request) -> web.Response:
         """Long-poll: answers as soon as a generation newer than ``after`` exists, or the job
-        ended. ``end_only``: only the end (a finished worker's wait); ``incarnation``: the
+        ended. ``end_only``: only the end (a finished worker's wait, or that of ``worker`` if it
+        finished its part); ``incarnation``: the
         coordinator the caller knows, answered at once if that is not us (we restarted)."""
         after = int(request.query.get("after", 0))
-        end_only = request.query.get("end_only") == "1"
+        asking = request.query.get("worker")  # a restart of a finished worker has only the end to wait for
+        end_only = request.query.get("end_only") == "1" or (asking is not None and
+                                                              self.membership.has_finished(int(asking)))
         known = request.query.get("incarnation")
         deadline = self._loop.time() + float(request.query.get("timeout", _LONG_POLL_SECONDS))
         incarnation = self.membership.incarnation

@@ -219,7 +219,7 @@ class Context:
         while True:
             if self.evicted:
                 raise JobStopped(f"worker {self.worker_id} was evicted by the coordinator")
-            reply = self._client.get("/generation", after=self.generation, timeout=10)
+            reply = self._client.get("/generation", after=self.generation, timeout=10, worker=self.worker_id)
             if reply["status"] in ("completed", "failed"):
                 raise JobStopped(f"the job {reply['status']}: {reply['reason']}".rstrip(": "),
                                  completed=reply["status"] == "completed")
