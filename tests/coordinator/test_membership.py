@@ -420,6 +420,7 @@ def test_a_worker_killed_after_it_finished_and_restarted_does_not_hold_up_the_en
     job completes when the others finish, without a generation that could never meet.
     (Before, the rejoin formed one, and the job never completed.)"""
     membership, _ = started(workers=3)
+    membership.heartbeat(0, {"committed_step": 9, "bytes_sent": 5000})
     membership.finish(0, {"generation": 1})
     if launcher == "shoal train":
         membership.expect_rejoin(0)
@@ -428,6 +429,9 @@ def test_a_worker_killed_after_it_finished_and_restarted_does_not_hold_up_the_en
         assert membership.report_exit_of_process("host", 100, "killed by SIGKILL", restarting=True) == 0
     assert membership.join(0, "host", 200) == 0
     assert membership.current.number == 1 and membership._rejoin_expected == {}
+    membership.heartbeat(0, {"committed_step": -1, "bytes_sent": 0})  # the restart did nothing
+    assert membership.record().bytes_by_worker["0"] == 5000  # what it did stays on record
+    assert membership.snapshot()["workers"]["0"]["committed_step"] == 9
     membership.finish(1, {"generation": 1})
     membership.finish(2, {"generation": 1})
     assert membership.status == "completed", membership.reason

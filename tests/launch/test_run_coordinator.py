@@ -160,6 +160,43 @@ def test_a_failed_worker_is_started_again_and_rejoins_with_max_restarts(tmp_path
     assert "29 steps on 2 worker(s)" in out + other_out
 
 
+def test_a_worker_killed_after_it_finished_its_part_is_not_restarted_and_the_job_completes(tmp_path):
+    """Node B's worker takes 8 s to report its end (SLOW_FINISH); node A's finished its part
+    and waits for the job's end, and is SIGKILLed there. A restart would have nothing to do
+    (and before, re-formed a group that could never meet): node A's launcher does not start
+    it and says why; both exit 0, and the job completes once B's worker has finished."""
+    coordinator, url = start_coordinator("--workers", "2")
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, time, runpy\n"
+        "import shoal.runtime.context as context\n"
+        "finish = context.Context.finish\n"
+        "def slow_finish(self, *args, **kwargs):\n"
+        "    if os.environ.get('SLOW_FINISH'):\n"
+        "        time.sleep(8)\n"
+        "    finish(self, *args, **kwargs)\n"
+        "context.Context.finish = slow_finish\n"
+        f"runpy.run_path({EXAMPLE!r}, run_name='__main__')\n")
+    try:
+        finishing = node(url, script, "--max-restarts", "1")
+        slow = node(url, script, env={"SLOW_FINISH": "1"})
+        deadline = time.monotonic() + 120
+        while not any(w["finished"] for w in status(url)["workers"].values()):
+            assert time.monotonic() < deadline and finishing.poll() is None and slow.poll() is None
+            time.sleep(0.1)
+        [worker] = psutil.Process(finishing.pid).children()
+        worker.kill()
+        (code, _, err), (slow_code, _, slow_err) = outputs([finishing, slow], timeout=120)
+        final = status(url)
+    finally:
+        coordinator.kill()
+        coordinator.communicate()
+    assert code == 0 and slow_code == 0, err + slow_err
+    assert "starting local worker 0 again" not in err
+    assert re.search(r"survived: worker \d \(local rank 0\) killed by SIGKILL after it finished its part", err), err
+    assert final["status"] == "completed"
+
+
 def test_a_plain_script_under_coordinator_fails_saying_why(tmp_path):
     """No RANK or MASTER_ADDR here, not even an outer launcher's: a torchrun script cannot meet
     anyone, and is told how. The coordinator stops waiting for the worker it will not get."""

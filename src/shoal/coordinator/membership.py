@@ -198,7 +198,9 @@ class Membership:
             done = existing is not None and existing.finished
             self._workers[worker_id] = _Worker(worker_id, host, pid, last_seen=self._clock(), launcher=launcher,
                                                finished=done)
-            if done:
+            if done:  # what it did and how it died stay on record
+                for kept in ("committed_step", "bytes_sent", "death_cause", "died_at"):
+                    setattr(self._workers[worker_id], kept, getattr(existing, kept))
                 self._announce()
                 return worker_id
             self._announce()
@@ -226,8 +228,9 @@ class Membership:
                 worker.host, worker.pid = str(payload.get("host", "?")), int(payload.get("pid", 0))
                 worker.launcher = str(payload.get("launcher", ""))
             self._note_heard(worker_id)
-            worker.committed_step = payload.get("committed_step", worker.committed_step)
-            worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
+            if not worker.finished:  # its figures are final (a finished worker's restart reports none)
+                worker.committed_step = payload.get("committed_step", worker.committed_step)
+                worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
             self._record_history(worker_id, payload)
             self._note_failure(worker, payload.get("failed_generation"),
                                str(payload.get("failure_detail") or ""))
@@ -339,7 +342,9 @@ class Membership:
             matching = [w for w in self._workers.values() if w.pid == pid and (
                 w.launcher == launcher if launcher and w.launcher else w.host == host)]
             alive = [w.worker_id for w in matching if w.alive]
-            ids = alive or [w.worker_id for w in matching]
+            # pids are reused: a live match, else one that had not finished (a finished one is
+            # not restarted, so its record stays), else any
+            ids = alive or [w.worker_id for w in matching if not w.finished] or [w.worker_id for w in matching]
             if not ids:
                 # Only a launcher admitted here: another's workers joined an earlier coordinator
                 # (we restarted without a state file) and their heartbeats will tell us the job.

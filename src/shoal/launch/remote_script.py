@@ -103,6 +103,9 @@ class _Node:
         self.stopped_here: dict[int, str] = {}
         """Local workers this launcher stopped after the job ended, and why."""
         self.restarts = collections.Counter()
+        self.done_before: set[int] = set()
+        """Local workers that died after they finished their part: not restarted, and their
+        exit is not a failure of this node (the job ends without them)."""
         self.joined = False
         """Has any local worker ever joined the job?"""
         self.wake = threading.Event()
@@ -127,7 +130,8 @@ class _Node:
                 self.group.stop_all()
                 if not stopped:
                     # Exit codes tell an end the coordinator lost only of workers that were in it.
-                    codes = [worker.returncode for worker in self.group.workers.values()] if self.joined else []
+                    codes = [0 if local in self.done_before else worker.returncode
+                             for local, worker in self.group.workers.items()] if self.joined else []
                     status = final_status(self.url, self.config.token, codes)
         finally:
             watcher.close()
@@ -199,6 +203,11 @@ class _Node:
         process = self.group.workers[local_rank].process
         cause = self.stopped_here.get(local_rank) or (describe_exit(returncode) if returncode else "exited")
         restart = returncode != 0 and self._may_restart(local_rank)
+        if returncode != 0 and not restart:
+            self._job_goes_on()  # a fresh look (with no restarts left none was taken): had it finished?
+            if self._finished(local_rank):
+                self.done_before.add(local_rank)
+                cause += " after it finished its part"
         joined, reported = self._report_exit(local_rank, process.pid, cause, returncode, restart)
         if returncode != 0:
             self._note_loss(local_rank, cause, joined)
