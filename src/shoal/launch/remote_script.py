@@ -202,12 +202,14 @@ class _Node:
             return
         process = self.group.workers[local_rank].process
         cause = self.stopped_here.get(local_rank) or (describe_exit(returncode) if returncode else "exited")
-        restart = returncode != 0 and self._may_restart(local_rank)
-        if returncode != 0 and not restart:
-            self._job_goes_on()  # a fresh look (with no restarts left none was taken): had it finished?
-            if self._finished(local_rank):
+        restart = False
+        if returncode != 0:
+            goes_on = self._job_goes_on()  # one fresh look: has the job ended, had the worker finished?
+            if self._finished(local_rank):  # a restart would have nothing to do
                 self.done_before.add(local_rank)
                 cause += " after it finished its part"
+            else:
+                restart = goes_on and self._may_restart(local_rank)
         joined, reported = self._report_exit(local_rank, process.pid, cause, returncode, restart)
         if returncode != 0:
             self._note_loss(local_rank, cause, joined)
@@ -222,12 +224,11 @@ class _Node:
 
     def _may_restart(self, local_rank: int) -> bool:
         return (not self.stop.how and local_rank not in self.stopped_here
-                and self.restarts[local_rank] < self.config.max_restarts and self._job_goes_on()
-                and not self._finished(local_rank))
+                and self.restarts[local_rank] < self.config.max_restarts)
 
     def _finished(self, local_rank: int) -> bool:
-        """Had the worker finished its part (killed while the others finished theirs)? Then a
-        restart has nothing to do: the job ends without it."""
+        """Had the worker finished its part (killed while the others finished theirs), as
+        the last status seen says? Then the job ends without it."""
         known = self.status.get("workers", {}).get(str(self.ids.get(local_rank)))
         return bool(known and known.get("finished"))
 

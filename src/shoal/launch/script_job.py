@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from shoal.config import ENV_WORKER_PID, ConfigError, RunConfig, check_bindable
 from shoal.coordinator import Coordinator, Membership
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
+from shoal.launch.joining import launcher_id
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
 from shoal.launch.script_runner import ENV_LAUNCHER_PID, MODULE, PROGRAM
 from shoal.launch.workers import (
@@ -198,7 +198,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
             wake.set()
 
     group = script_workers(config, {**os.environ, ENV_COORDINATOR: rendezvous.url, ENV_TOKEN: rendezvous.token,
-                                    ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}, on_exit)
+                                    ENV_LAUNCHER_ID: launcher_id()}, on_exit)
     others: list[str] = []  # why this node stopped, besides its workers' exits
     status: dict = {}
     with StopRequest(group) as stop:

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -17,6 +16,7 @@ from shoal.config import TrainConfig
 from shoal.coordinator import Coordinator, Membership, describe_change
 from shoal.data import GlobalBatchSampler
 from shoal.launch.durable import MetricsFile, Resumption, choose_resume
+from shoal.launch.joining import launcher_id
 from shoal.launch.progress import Progress
 from shoal.launch.workers import (
     Preemption,
@@ -108,7 +108,7 @@ def _run_local(config: TrainConfig, zygote: Zygote | None) -> int:
 
     env = {**os.environ, ENV_COORDINATOR: coordinator.url, ENV_TOKEN: coordinator.token,
            ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),
-           ENV_LAUNCHER_ID: f"{socket.gethostname()}/{os.getpid()}"}
+           ENV_LAUNCHER_ID: launcher_id()}
     group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit,
                         echo=lambda line: progress.message(line, always=True), zygote=zygote)
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preemption.notice(group))

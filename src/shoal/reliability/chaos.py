@@ -219,8 +219,7 @@ def _script_event(kind: str, rng: random.Random, settings: ChaosSettings, step: 
     return {
         "worker-kill": lambda: struck,
         "worker-hang": lambda: struck,
-        "worker-restart": lambda: {"step": rng.randrange(5, early), "host": host, "local_rank": local_rank,
-                                   "restarts": True},
+        "worker-restart": lambda: {**struck, "step": rng.randrange(5, early), "restarts": True},
         "node-kill-and-return": lambda: {"step": rng.randrange(5, early), "host": host,
                                          "down": round(rng.uniform(0.0, 2.0), 1)},
         "link-cut": lambda: {"step": step, "host": host, "restarts": True},
