@@ -20,6 +20,7 @@ from shoal.reliability.chaos import (
     run_chaos,
     summarize,
 )
+from shoal.reliability.script_cluster import REJOIN_KINDS, SCRIPT_STRATEGIES
 from tests.conftest import LONG
 
 
@@ -79,21 +80,32 @@ def test_the_script_plan_covers_every_kind_and_strikes_where_a_worker_is():
 
 
 @pytest.mark.skipif(namespaces_available() is not None, reason=namespaces_available() or "")
-def test_a_users_script_survives_its_node_killed_and_started_again():
-    """`shoal run --coordinator` with a shoal.train script on two namespace hosts and
-    `shoal coordinator` on a third: host 2's launcher and workers are SIGKILLed together at
-    step 10 and the same command is started again half a second later. Every launcher that
-    was not killed exits 0, the new node's workers join the running job, the model equals the
-    script's run in one plain process, and the coordinator's record commits every sample
-    once. (With SHOAL_LONG_TESTS=1: every kind of `shoal chaos --launcher run` once.)"""
-    settings = ChaosSettings(trials=len(SCRIPT_KINDS), seed=6, steps=300 if not LONG else 600, workers=4,
-                             cluster=True, launcher="run")
-    plans = [TrialPlan(len(SCRIPT_KINDS), "node-kill-and-return", [], event={"step": 10, "host": 2, "down": 0.5})]
-    if LONG:
-        plans += plan_trials(settings)
-    outcomes = run_chaos(settings, plans=plans, report=lambda line: None)
+def test_a_users_zero_script_survives_its_node_killed_and_started_again():
+    """`shoal run --coordinator` with a shoal.train script under strategy zero on two
+    namespace hosts and `shoal coordinator` on a third: host 2's launcher and workers, half
+    of every shard's holders, are SIGKILLed together at step 10 and the same command is
+    started again half a second later. The survivors rebuild the state from the shards host 1
+    holds, with no step trained again; every launcher that was not killed exits 0, the new
+    node's workers join the running job, the model equals the script's run in one plain
+    process, and the coordinator's record commits every sample once."""
+    settings = ChaosSettings(seed=6, steps=300, workers=4, cluster=True, launcher="run", strategy="zero")
+    plan = TrialPlan(0, "node-kill-and-return", [], event={"step": 10, "host": 2, "down": 0.5})
+    outcomes = run_chaos(settings, plans=[plan], report=lambda line: None)
     assert summarize(outcomes)["failures"] == []
     assert outcomes[0].rejoins >= 1 and outcomes[0].detection_seconds  # the node went and came back
+
+
+@pytest.mark.skipif(not LONG or namespaces_available() is not None,
+                    reason="SHOAL_LONG_TESTS=1 and network namespaces (root) run it")
+@pytest.mark.parametrize("strategy", SCRIPT_STRATEGIES)
+def test_every_kind_of_script_trial_under_every_strategy(strategy):
+    """Every kind of `shoal chaos --launcher run` once, under each strategy whose job ends at
+    one process's model."""
+    settings = ChaosSettings(trials=len(SCRIPT_KINDS), seed=6, steps=600, workers=4, cluster=True,
+                             launcher="run", strategy=strategy)
+    outcomes = run_chaos(settings, report=lambda line: None)
+    assert summarize(outcomes)["failures"] == []
+    assert all(o.rejoins >= 1 for o in outcomes if o.plan.kind in REJOIN_KINDS)
 
 
 @pytest.mark.skipif(not LONG or namespaces_available() is not None,

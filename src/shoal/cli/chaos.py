@@ -47,7 +47,7 @@ def _chaos(args: argparse.Namespace) -> int:
         run_chaos,
         summarize,
     )
-    from shoal.reliability.script_cluster import MIN_STEPS
+    from shoal.reliability.script_cluster import MIN_STEPS, SCRIPT_STRATEGIES
     from shoal.tasks import TASKS
 
     if args.trials < 1:
@@ -62,10 +62,13 @@ def _chaos(args: argparse.Namespace) -> int:
     if args.launcher == "run" and args.steps < MIN_STEPS:
         raise ConfigError("--steps", f"--launcher run needs at least {MIN_STEPS} steps, got {args.steps} "
                                      "(a node started again must find steps left to join)")
-    if args.launcher == "run" and (args.strategy, args.compress) != ("allreduce", "none"):
-        flag = "--strategy" if args.strategy != "allreduce" else "--compress"
-        raise ConfigError(flag, "--launcher run trains with allreduce, uncompressed, and checks each trial "
-                                "against the script run in one process; drop it, or use --launcher train")
+    if args.launcher == "run" and args.strategy not in SCRIPT_STRATEGIES:
+        raise ConfigError("--strategy", f"--launcher run checks each trial against the script run in one "
+                                        f"process, which {args.strategy} does not end at; choose "
+                                        f"{', '.join(SCRIPT_STRATEGIES)}, or use --launcher train")
+    if args.launcher == "run" and args.compress != "none":
+        raise ConfigError("--compress", "--launcher run checks each trial against the script run in one "
+                                        "process, uncompressed; drop it, or use --launcher train")
     settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task or "", strategy=args.strategy,
                              workers=args.workers, steps=args.steps, compress=args.compress,
                              launcher=args.launcher)
@@ -92,7 +95,8 @@ def _chaos(args: argparse.Namespace) -> int:
     when = f"{datetime.date.today().isoformat()}, {platform.machine()}, Python {platform.python_version()}"
     if args.markdown:
         with open(args.markdown, "w") as handle:
-            handle.write("# Reliability\n\n" + render_markdown(summary, settings, command, when))
+            title = "# Reliability of `shoal run --coordinator`" if args.launcher == "run" else "# Reliability"
+            handle.write(f"{title}\n\n" + render_markdown(summary, settings, command, when))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2)

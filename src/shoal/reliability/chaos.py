@@ -409,7 +409,7 @@ def summarize(outcomes: list[TrialOutcome]) -> dict:
 
 
 _SCRIPT_TRIALS = """Every trial runs a `shoal.train` script (`src/shoal/reliability/chaos_script.py`: the task, \
-its optimizer, the leader saving the model) under `shoal run --coordinator` on three network-namespace \
+its optimizer, `strategy=`, the leader saving the model) under `shoal run --coordinator` on three network-namespace \
 hosts: `shoal coordinator --state FILE` on one, a node's launcher with half the workers on each of \
 the others. The faults come from outside, as machines suffer them: a worker SIGKILLed (without and \
 with `--max-restarts 1`) or SIGSTOPped, a node's launcher and workers SIGKILLed together and the \
@@ -454,7 +454,11 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
         cluster = _SCRIPT_TRIALS.format(pause=STEP_SECONDS * 1000, waiting=WAITING_STEP_SECONDS * 1000)
         model_check = ("every node's launcher that was not killed exits 0 (1, saying its workers are gone, "
                        "if the trial killed its only worker); the final model equals the script's run in "
-                       "one plain process within 1e-5 relative")
+                       f"one plain process with strategy {settings.strategy} within 1e-5 relative"
+                       + ("" if settings.strategy not in LOCAL_STATE_STRATEGIES else
+                          f" (on {default_task(settings.strategy)}, plain SGD whose every sample's gradient "
+                          "is linear in the parameters with one slope, the members' averaged update is one "
+                          "process's)"))
     if settings.checked_by_optimum:
         ratios = ("" if summary["optimum_ratio_max"] is None else
                   f" (trials: median {summary['optimum_ratio_median']:.2f}x, at most "

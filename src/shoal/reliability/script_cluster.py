@@ -41,7 +41,7 @@ from shoal.reliability.cluster import (
 from shoal.tasks import TASKS
 from shoal.tracking import build_results, write_json, write_sample_log
 
-__all__ = ["MIN_STEPS", "REJOIN_KINDS", "SCRIPT_KINDS", "STEP_SECONDS", "WAITING_STEP_SECONDS", "run_script_trial",
+__all__ = ["MIN_STEPS", "REJOIN_KINDS", "SCRIPT_KINDS", "SCRIPT_STRATEGIES", "STEP_SECONDS", "WAITING_STEP_SECONDS", "run_script_trial",
            "script_environment"]
 
 SCRIPT_KINDS = ("worker-kill", "worker-restart", "worker-hang", "node-kill-and-return", "link-cut",
@@ -50,6 +50,13 @@ SCRIPT_KINDS = ("worker-kill", "worker-restart", "worker-hang", "node-kill-and-r
 REJOIN_KINDS = ("worker-restart", "node-kill-and-return", "link-cut", "coordinator-restart-in-pause")
 """Kinds after which workers come back (restarted, a node started again, a host reconnected):
 the trial fails unless they rejoin the job before it ends."""
+SCRIPT_STRATEGIES = ("allreduce", "hierarchical", "zero", "localsgd", "diloco")
+"""Strategies whose job, disturbed or not, ends at the model of the script run in one
+process with the same strategy: allreduce, hierarchical and zero sum the same gradients as
+one process; localsgd and diloco on ``quadratic-sgd`` (plain SGD, every sample's gradient
+linear in the parameters with one slope) average to one process's update. (async applies
+updates in the order they arrive, and compression loses a dead member's error feedback:
+neither has one model to equal.)"""
 STEP_SECONDS = 0.01
 """Each step's compute is stretched by this much (it stands for a real model's)."""
 WAITING_STEP_SECONDS = 0.1
@@ -68,6 +75,7 @@ def script_environment(settings, model: Path, step_seconds: float = 0.0,
     goes, each step's stretch (longer while ``slow_while`` exists)."""
     env = {chaos_script.ENV_TASK: settings.task, chaos_script.ENV_STEPS: str(settings.steps),
            chaos_script.ENV_BATCH: str(settings.batch_size), chaos_script.ENV_SEED: str(settings.seed),
+           chaos_script.ENV_STRATEGY: settings.strategy,
            chaos_script.ENV_MODEL: str(model), chaos_script.ENV_STEP_SECONDS: str(step_seconds)}
     if slow_while is not None:
         env[chaos_script.ENV_SLOW_WHILE] = str(slow_while)
