@@ -3,11 +3,24 @@ the parameter server itself, with real processes and SIGKILLs."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
+import torch
+from torch import nn
+
+from shoal.config import StrategyOptions
 from shoal.reliability.checks import exactly_once_violations, relative_difference
-from shoal.strategies.asyncsgd import UnitBook
+from shoal.strategies.asyncsgd import (
+    SNAPSHOT_STEPS,
+    WAIT,
+    AsyncSGD,
+    ParameterServer,
+    ServerLink,
+    UnitBook,
+    may_hold_snapshots,
+)
 from shoal.tasks import TASKS
 from tests.conftest import shoal
 from tests.strategies.test_strategies import train
@@ -31,6 +44,49 @@ def test_the_book_finishes_a_step_when_its_last_unit_is_applied_in_any_order():
     assert (copy.shares, copy.prefix, copy.beyond, copy.partial) == (3, 4, set(), {1: [1, 0.5]})
     assert copy.ledger == book.ledger
     assert not copy.is_applied(4) and copy.is_applied(3)
+
+
+def test_the_server_hands_its_snapshots_to_a_worker_off_its_host():
+    """A snapshot is what the survivors go back to when the server dies. A worker on the
+    server's machine dies with it when the machine goes, so where the generation spans
+    several hosts only a worker on another one may hold it: here the near worker pushes every
+    update, the server snapshots twice meanwhile, and the snapshot waits for the far worker.
+    (Any remote worker used to take it: a node killed with the server and that worker sent
+    the survivors back to an older snapshot, redoing recorded steps.)"""
+    assert may_hold_snapshots(["a", "a", "b", "b"], 1) is False  # on the server's host
+    assert may_hold_snapshots(["a", "a", "b", "b"], 2) is True
+    assert may_hold_snapshots(["a", "a", "a"], 1) is True  # one host: any remote worker
+    model = nn.Linear(3, 1)
+
+    def strategy() -> AsyncSGD:
+        copied = copy.deepcopy(model)
+        return AsyncSGD(copied, torch.optim.SGD(copied.parameters(), lr=0.1), StrategyOptions())
+
+    serving = strategy()
+    serving.book.shares = 1
+    snapshots = []
+
+    def snapshot() -> torch.Tensor:
+        snapshots.append(serving.version)
+        return torch.arange(4, dtype=torch.uint8)
+
+    server = ParameterServer(serving, total_units=100, generation=1, snapshot=snapshot, timeout=5.0)
+    address = server.start("127.0.0.1", workers=2)
+    near_strategy, far_strategy = strategy(), strategy()
+    near_strategy.holds_snapshots = False
+    near, far = ServerLink(near_strategy, address, timeout=5.0), ServerLink(far_strategy, address, timeout=5.0)
+    try:
+        answer = near.exchange(WAIT, 0, 0, 0.0, None)
+        for _ in range(2 * SNAPSHOT_STEPS):
+            answer = near.exchange(answer.unit, answer.version, 1, 0.0, torch.zeros(4))
+            assert answer.snapshot is None
+        assert snapshots == [SNAPSHOT_STEPS, 2 * SNAPSHOT_STEPS]
+        held = far.exchange(WAIT, 0, 0, 0.0, None).snapshot
+        assert held is not None and held.tolist() == [0, 1, 2, 3]
+    finally:
+        near.close()
+        far.close()
+        server.stop()
 
 
 def test_async_survives_a_worker_and_the_server_being_killed(tmp_path):

@@ -13,10 +13,14 @@ Commit point. Every ``SNAPSHOT_STEPS * shares`` applied updates the server takes
 optimizer, which units are applied, the loss of every step they finished) and attaches it
 to its next answer to a remote worker. That worker, the *holder*, adopts the snapshot as
 its committed state and reports the finished steps to the coordinator, so a step is
-reported only once its state lives on two members. When a worker dies and the server
-lives, the server's own state goes on: the heal spreads it, and only the units that were
-in flight are handed out again. When the server dies the survivors return to the newest
-snapshot they hold, the heal spreads the newest one (the holder's), and every unit
+reported only once its state lives on two members. Where the generation spans several
+hosts, the holder is a worker off the server's host, so that losing the server's machine
+(its launcher and every worker on it) loses no reported step. (Any remote worker used to
+hold it: a node killed with the server and the holder on it sent the survivors back to an
+older snapshot, to redo steps the coordinator had recorded.) When a worker dies and the
+server lives, the server's own state goes on: the heal spreads it, and only the units that
+were in flight are handed out again. When the server dies the survivors return to the
+newest snapshot they hold, the heal spreads the newest one (the holder's), and every unit
 applied after it is handed out again: each sample still counts once, and no reported step
 is lost with the server.
 """
@@ -41,7 +45,7 @@ from torch.nn.utils import parameters_to_vector
 from shoal.strategies.api import Strategy, register
 
 __all__ = ["DONE", "SERVER", "SNAPSHOT_STEPS", "WAIT", "Answer", "AsyncSGD", "ParameterServer", "ServerLink",
-           "UnitBook"]
+           "UnitBook", "may_hold_snapshots"]
 
 DONE, WAIT = -1, -2
 """Answers instead of a unit: the run is over / nothing to hand out yet, ask again."""
@@ -52,8 +56,9 @@ SNAPSHOT_STEPS = int(os.environ.get("SHOAL_ASYNC_SNAPSHOT_STEPS", "4"))
 may cost again, against the time a snapshot takes (a serialised model and optimizer).
 (The environment variable is for tests that need snapshots to be rare.)"""
 _HEADER = struct.Struct("<qqqqdq")
-"""unit, version, samples (to the server) or snapshot bytes (from it), shares, loss share,
-bytes that follow (float32 gradient or parameters, then the snapshot)."""
+"""unit, version, samples (to the server) or snapshot bytes (from it), whether the worker
+may hold snapshots (to the server) or shares (from it), loss share, bytes that follow
+(float32 gradient or parameters, then the snapshot)."""
 
 
 class UnitBook:
@@ -108,6 +113,13 @@ class UnitBook:
         self.ledger = [(int(s), loss, int(g), t) for s, loss, g, t in state["ledger"].tolist()]
 
 
+def may_hold_snapshots(host_keys: list[str], rank: int) -> bool:
+    """Whether ``rank`` may hold the server's snapshots, the members' hosts being
+    ``host_keys``: if it runs on another host than the server, or no member does."""
+    server = host_keys[SERVER]
+    return host_keys[rank] != server or all(key == server for key in host_keys)
+
+
 @register
 class AsyncSGD(Strategy):
     name = "async"
@@ -128,6 +140,9 @@ class AsyncSGD(Strategy):
         self.served_intact = False
         """This process served the generation that just ended, and its state is whole (no
         update was cut short): newer than any snapshot, it is what the next one starts from."""
+        self.holds_snapshots = True
+        """This worker may hold the server's snapshots: it runs on another host than the
+        server, or no member of the generation does (``setup``)."""
 
     def state_dict(self):
         return {"version": self.version, "book": self.book.state_dict()}
@@ -140,6 +155,9 @@ class AsyncSGD(Strategy):
     def setup(self, host_key):
         if self.book.shares == 0:  # the job's first generation fixes how a step is split
             self.book.shares = dist.get_world_size()
+        keys = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, host_key)
+        self.holds_snapshots = may_hold_snapshots(keys, dist.get_rank())
         return copy.deepcopy(self.model)  # the worker's replica; self.model is the server's
 
     def backward(self, loss):
@@ -304,8 +322,9 @@ class ParameterServer:
         selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
         connections: dict[socket.socket, bytearray] = {}
-        waiting: dict[socket.socket, float] = {}
-        """A request with nothing to hand out yet -> when to answer it WAIT at the latest."""
+        waiting: dict[socket.socket, tuple[float, bool]] = {}
+        """A request with nothing to hand out yet -> when to answer it WAIT at the latest, and
+        whether its worker may hold snapshots."""
         finished = 0
 
         def deliver(connection: socket.socket, answer: Answer) -> None:
@@ -329,13 +348,14 @@ class ParameterServer:
                     request = self._read(key.fileobj, connections[key.fileobj])
                     if request is None:
                         continue
-                    answer = self.exchange(*request, holder=True, may_defer=True)
+                    *arguments, holds = request
+                    answer = self.exchange(*arguments, holder=holds, may_defer=True)
                     if answer is None:
-                        waiting[key.fileobj] = time.monotonic() + self.timeout / 4
+                        waiting[key.fileobj] = (time.monotonic() + self.timeout / 4, holds)
                     else:
                         deliver(key.fileobj, answer)
-                for connection, deadline in list(waiting.items()):
-                    answer = self.exchange(WAIT, 0, 0, 0.0, None, holder=True,
+                for connection, (deadline, holds) in list(waiting.items()):
+                    answer = self.exchange(WAIT, 0, 0, 0.0, None, holder=holds,
                                            may_defer=time.monotonic() < deadline)
                     if answer is not None:
                         del waiting[connection]
@@ -351,14 +371,15 @@ class ParameterServer:
             self._listener.close()
 
     def _read(self, connection: socket.socket, buffer: bytearray) -> tuple | None:
-        """Take what arrived; a whole request once it is complete, else None."""
+        """Take what arrived; a whole request once it is complete, else None: the arguments of
+        :meth:`exchange`, and whether the worker may hold snapshots."""
         chunk = connection.recv(1 << 20)
         if not chunk:
             raise ConnectionError("a worker closed its connection to the parameter server")
         buffer += chunk
         if len(buffer) < _HEADER.size:
             return None
-        unit, version, samples, _, loss_part, size = _HEADER.unpack_from(buffer)
+        unit, version, samples, holds, loss_part, size = _HEADER.unpack_from(buffer)
         if len(buffer) < _HEADER.size + size:
             return None
         gradient = None
@@ -366,7 +387,7 @@ class ParameterServer:
             gradient = torch.frombuffer(bytearray(buffer[_HEADER.size:_HEADER.size + size]),
                                        dtype=torch.float32)
         del buffer[:_HEADER.size + size]
-        return unit, version, samples, loss_part, gradient
+        return unit, version, samples, loss_part, gradient, bool(holds)
 
     def _send(self, connection: socket.socket, answer: Answer) -> None:
         body = [t.numpy().tobytes() for t in (answer.parameters, answer.snapshot) if t is not None]
@@ -392,7 +413,8 @@ class ServerLink:
     def exchange(self, unit: int, version: int, samples: int, loss_part: float,
                  gradient: torch.Tensor | None) -> Answer:
         payload = gradient.numpy().tobytes() if gradient is not None else b""
-        message = _HEADER.pack(unit, version, samples, 0, loss_part, len(payload)) + payload
+        message = _HEADER.pack(unit, version, samples, int(self.strategy.holds_snapshots), loss_part,
+                               len(payload)) + payload
         try:
             self._connection.sendall(message)
             self.strategy.count_bytes(len(message))
