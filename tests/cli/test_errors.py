@@ -181,8 +181,8 @@ BAD_CHAOS_FLAGS = [
     (["--compress", "int8", "--strategy", "zero"], "--compress"),  # as shoal train refuses it
     (["--compress", "int8", "--task", "digits"], "--task"),  # checked by a distance to the optimum
     (["--strategy", "async", "--task", "digits"], "--task"),
-    (["--launcher", "run", "--strategy", "async"], "--strategy"),  # checked against one process
-    (["--launcher", "run", "--compress", "int8"], "--compress"),
+    (["--launcher", "run", "--strategy", "async", "--task", "digits"], "--task"),  # checked by the optimum
+    (["--launcher", "run", "--compress", "int8", "--task", "charlm"], "--task"),
     (["--launcher", "nodes"], "--launcher"),
     (["--launcher", "run", "--steps", "100"], "--steps"),  # a node started again needs steps left
 ]

@@ -20,7 +20,8 @@ from shoal.reliability.chaos import (
     run_chaos,
     summarize,
 )
-from shoal.reliability.script_cluster import REJOIN_KINDS, SCRIPT_STRATEGIES
+from shoal.reliability.script_cluster import REJOIN_KINDS
+from shoal.strategies import STRATEGIES
 from tests.conftest import LONG
 
 
@@ -97,15 +98,17 @@ def test_a_users_zero_script_survives_its_node_killed_and_started_again():
 
 @pytest.mark.skipif(not LONG or namespaces_available() is not None,
                     reason="SHOAL_LONG_TESTS=1 and network namespaces (root) run it")
-@pytest.mark.parametrize("strategy", SCRIPT_STRATEGIES)
-def test_every_kind_of_script_trial_under_every_strategy(strategy):
-    """Every kind of `shoal chaos --launcher run` once, under each strategy whose job ends at
-    one process's model."""
+@pytest.mark.parametrize("strategy, compress", [(s, "none") for s in STRATEGIES] + [("allreduce", "int8")])
+def test_every_kind_of_script_trial_under_every_strategy(strategy, compress):
+    """Every kind of `shoal chaos --launcher run` once, under each strategy (and int8): async's
+    and int8's checked by the distance to the optimum against an undisturbed run of the
+    script on the same hosts, the others' against the script in one process."""
     settings = ChaosSettings(trials=len(SCRIPT_KINDS), seed=6, steps=600, workers=4, cluster=True,
-                             launcher="run", strategy=strategy)
+                             launcher="run", strategy=strategy, compress=compress)
     outcomes = run_chaos(settings, report=lambda line: None)
     assert summarize(outcomes)["failures"] == []
     assert all(o.rejoins >= 1 for o in outcomes if o.plan.kind in REJOIN_KINDS)
+    assert all(o.optimum_ratio is not None for o in outcomes) == bool(settings.checked_by_optimum)
 
 
 @pytest.mark.skipif(not LONG or namespaces_available() is not None,

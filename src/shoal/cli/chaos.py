@@ -47,7 +47,7 @@ def _chaos(args: argparse.Namespace) -> int:
         run_chaos,
         summarize,
     )
-    from shoal.reliability.script_cluster import MIN_STEPS, SCRIPT_STRATEGIES
+    from shoal.reliability.script_cluster import MIN_STEPS
     from shoal.tasks import TASKS
 
     if args.trials < 1:
@@ -62,13 +62,6 @@ def _chaos(args: argparse.Namespace) -> int:
     if args.launcher == "run" and args.steps < MIN_STEPS:
         raise ConfigError("--steps", f"--launcher run needs at least {MIN_STEPS} steps, got {args.steps} "
                                      "(a node started again must find steps left to join)")
-    if args.launcher == "run" and args.strategy not in SCRIPT_STRATEGIES:
-        raise ConfigError("--strategy", f"--launcher run checks each trial against the script run in one "
-                                        f"process, which {args.strategy} does not end at; choose "
-                                        f"{', '.join(SCRIPT_STRATEGIES)}, or use --launcher train")
-    if args.launcher == "run" and args.compress != "none":
-        raise ConfigError("--compress", "--launcher run checks each trial against the script run in one "
-                                        "process, uncompressed; drop it, or use --launcher train")
     settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task or "", strategy=args.strategy,
                              workers=args.workers, steps=args.steps, compress=args.compress,
                              launcher=args.launcher)

@@ -34,6 +34,7 @@ from shoal.reliability.cluster import node_shares, run_cluster_trial, strategy_f
 from shoal.reliability.script_cluster import (
     SCRIPT_KINDS,
     STEP_SECONDS,
+    UNDISTURBED,
     WAITING_STEP_SECONDS,
     run_script_trial,
     script_environment,
@@ -244,16 +245,29 @@ def _train(settings: ChaosSettings, directory: Path, extra: list[str], marker: s
                           timeout=settings.trial_timeout)
 
 
-def _reference(settings: ChaosSettings, directory: Path) -> subprocess.CompletedProcess:
-    """The undisturbed run every trial must equal: ``shoal train`` with no fault, or under
-    ``--launcher run`` the script in one plain process (``python script.py``), which is the
-    promise itself: the job's model equals one process's."""
-    if settings.launcher == "train":
-        return _train(settings, directory, [], uuid.uuid4().hex)
-    env = {**os.environ, **script_environment(settings, directory / "model.pt"),
-           "SHOAL_CHAOS_TRIAL": uuid.uuid4().hex}
-    return subprocess.run([sys.executable, chaos_script.__file__], capture_output=True, text=True, env=env,
-                          timeout=settings.trial_timeout, check=False)
+def _reference(settings: ChaosSettings, directory: Path) -> Path:
+    """Run the undisturbed run every trial must equal; the directory of its files.
+
+    ``shoal train`` with no fault; under ``--launcher run`` the script in one plain process
+    (``python script.py``), which is the promise itself: the job's model equals one
+    process's. Where no one process's model is the job's (``checked_by_optimum``), the script
+    under ``shoal run --coordinator`` on the namespace hosts with no fault (``UNDISTURBED``)."""
+    if settings.launcher == "run" and not settings.checked_by_optimum:
+        env = {**os.environ, **script_environment(settings, directory / "model.pt"),
+               "SHOAL_CHAOS_TRIAL": uuid.uuid4().hex}
+        result = subprocess.run([sys.executable, chaos_script.__file__], capture_output=True, text=True,
+                                env=env, timeout=settings.trial_timeout, check=False)
+    elif settings.launcher == "run":
+        run = run_script_trial(UNDISTURBED, {}, settings, directory,
+                               {**os.environ, "SHOAL_CHAOS_TRIAL": uuid.uuid4().hex})
+        if run.problems or run.directory is None:
+            raise RuntimeError(f"the undisturbed reference run failed: {'; '.join(run.problems)}")
+        return run.directory
+    else:
+        result = _train(settings, directory, [], uuid.uuid4().hex)
+    if result.returncode != 0:
+        raise RuntimeError(f"the undisturbed reference run failed: {result.stderr[-500:]}")
+    return directory
 
 
 def _emulated_hosts(settings: ChaosSettings) -> list[str]:
@@ -360,12 +374,10 @@ def run_chaos(settings: ChaosSettings, *, report=print,
     with tempfile.TemporaryDirectory(prefix="shoal-chaos-") as temporary:
         root = Path(temporary)
         (root / "reference").mkdir()
-        result = _reference(settings, root / "reference")
-        if result.returncode != 0:
-            raise RuntimeError(f"the undisturbed reference run failed: {result.stderr[-500:]}")
+        reference = _reference(settings, root / "reference")
         outcomes = []
         for plan in plans if plans is not None else plan_trials(settings):
-            outcome = _run_trial(plan, settings, root / "reference", root, dataset_size)
+            outcome = _run_trial(plan, settings, reference, root, dataset_size)
             outcomes.append(outcome)
             verdict = "pass" if outcome.passed else "FAIL: " + "; ".join(outcome.problems)
             verdict += "".join(f"; note: {note}" for note in outcome.notes)
@@ -450,11 +462,15 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
                        "network namespaces).\n")
     compression = "" if settings.compress == "none" else f" with --compress {settings.compress}"
     model_check = "the final model equals the undisturbed run's within 1e-5 relative"
+    undisturbed = "the undisturbed run's"
+    exits = ""
     if settings.launcher == "run":
         cluster = _SCRIPT_TRIALS.format(pause=STEP_SECONDS * 1000, waiting=WAITING_STEP_SECONDS * 1000)
-        model_check = ("every node's launcher that was not killed exits 0 (1, saying its workers are gone, "
-                       "if the trial killed its only worker); the final model equals the script's run in "
-                       f"one plain process with strategy {settings.strategy} within 1e-5 relative"
+        exits = ("every node's launcher that was not killed exits 0 (1, saying its workers are gone, if the "
+                 "trial killed its only worker); ")
+        undisturbed = "the script's run undisturbed on the same hosts"
+        model_check = (f"the final model equals the script's run in one plain process with strategy "
+                       f"{settings.strategy} within 1e-5 relative"
                        + ("" if settings.strategy not in LOCAL_STATE_STRATEGIES else
                           f" (on {default_task(settings.strategy)}, plain SGD whose every sample's gradient "
                           "is linear in the parameters with one slope, the members' averaged update is one "
@@ -464,7 +480,8 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
                   f" (trials: median {summary['optimum_ratio_median']:.2f}x, at most "
                   f"{summary['optimum_ratio_max']:.2f}x)")
         model_check = (f"the final model ends at most {_OPTIMUM_FACTOR:g}x as far from the task's optimum as "
-                       f"the undisturbed run's{ratios}: {settings.checked_by_optimum}")
+                       f"{undisturbed}{ratios}: {settings.checked_by_optimum}")
+    model_check = exits + model_check
     source = "coordinator's record" if settings.launcher == "run" else "run's results.json"
     rejoins = ('"rejoins" counts the generations that workers joined before the run ended: restarted ones, '
                "a node's started again, a cut-off host's." if settings.launcher == "run" else

@@ -2,11 +2,12 @@
 write one, run by ``shoal run --coordinator`` on each node, and plainly (one process) for
 the reference that every trial must equal.
 
-It trains the chaos task with the library API and the chosen strategy and the leader saves the final model. The
-environment says what to train and where the model goes (``SHOAL_CHAOS_*``); each step's
-compute may be stretched (``SHOAL_CHAOS_STEP_SECONDS``, or longer while the file
-``SHOAL_CHAOS_SLOW_WHILE`` exists: the harness's workers are on their way back), so that a
-node's launcher started again has steps left to join. The pause changes when steps happen,
+It trains the chaos task with the library API, the chosen strategy and compressor, and the
+leader saves the final model. The environment says what to train, how, and where the model
+goes (``SHOAL_CHAOS_*``); each step's compute may be stretched
+(``SHOAL_CHAOS_STEP_SECONDS``, or longer while the file ``SHOAL_CHAOS_SLOW_WHILE`` exists:
+the harness's workers are on their way back), so that a node's launcher started again has
+steps left to join. The pause changes when steps happen,
 not what they compute.
 """
 
@@ -26,6 +27,7 @@ ENV_STEPS = "SHOAL_CHAOS_STEPS"
 ENV_BATCH = "SHOAL_CHAOS_BATCH"
 ENV_SEED = "SHOAL_CHAOS_SEED"
 ENV_STRATEGY = "SHOAL_CHAOS_STRATEGY"
+ENV_COMPRESS = "SHOAL_CHAOS_COMPRESS"
 ENV_MODEL = "SHOAL_CHAOS_MODEL"
 ENV_STEP_SECONDS = "SHOAL_CHAOS_STEP_SECONDS"
 ENV_SLOW_WHILE = "SHOAL_CHAOS_SLOW_WHILE"
@@ -51,7 +53,8 @@ def main() -> None:
 
     result = shoal.train(model, optimizer, task.train_dataset(), loss_fn,
                          global_batch_size=int(os.environ[ENV_BATCH]), steps=int(os.environ[ENV_STEPS]),
-                         seed=seed, strategy=os.environ.get(ENV_STRATEGY, "allreduce"))
+                         seed=seed, strategy=os.environ.get(ENV_STRATEGY, "allreduce"),
+                         options=shoal.StrategyOptions(compress=os.environ.get(ENV_COMPRESS, "none")))
     if result.is_leader:  # result.model: under zero the whole model, gathered from the shards
         atomic_write(os.environ[ENV_MODEL], lambda f: torch.save(result.model.state_dict(), f))
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
@@ -41,7 +42,8 @@ from shoal.reliability.cluster import (
 from shoal.tasks import TASKS
 from shoal.tracking import build_results, write_json, write_sample_log
 
-__all__ = ["MIN_STEPS", "REJOIN_KINDS", "SCRIPT_KINDS", "SCRIPT_STRATEGIES", "STEP_SECONDS", "WAITING_STEP_SECONDS", "run_script_trial",
+__all__ = ["MIN_STEPS", "REJOIN_KINDS", "SCRIPT_KINDS", "STEP_SECONDS", "UNDISTURBED",
+           "WAITING_STEP_SECONDS", "run_script_trial",
            "script_environment"]
 
 SCRIPT_KINDS = ("worker-kill", "worker-restart", "worker-hang", "node-kill-and-return", "link-cut",
@@ -50,13 +52,14 @@ SCRIPT_KINDS = ("worker-kill", "worker-restart", "worker-hang", "node-kill-and-r
 REJOIN_KINDS = ("worker-restart", "node-kill-and-return", "link-cut", "coordinator-restart-in-pause")
 """Kinds after which workers come back (restarted, a node started again, a host reconnected):
 the trial fails unless they rejoin the job before it ends."""
-SCRIPT_STRATEGIES = ("allreduce", "hierarchical", "zero", "localsgd", "diloco")
-"""Strategies whose job, disturbed or not, ends at the model of the script run in one
-process with the same strategy: allreduce, hierarchical and zero sum the same gradients as
-one process; localsgd and diloco on ``quadratic-sgd`` (plain SGD, every sample's gradient
-linear in the parameters with one slope) average to one process's update. (async applies
-updates in the order they arrive, and compression loses a dead member's error feedback:
-neither has one model to equal.)"""
+UNDISTURBED = "undisturbed"
+"""The trial kind with no fault: the reference where no one process's model is the job's.
+allreduce, hierarchical and zero sum the same gradients as one process, and localsgd and
+diloco on ``quadratic-sgd`` (plain SGD, every sample's gradient linear in the parameters
+with one slope) average to one process's update: their trials equal the script run in one
+process. async applies updates in the order they arrive, and compression loses a dead
+member's error feedback: their trials are checked by the distance to the task's optimum
+against the script run undisturbed on the namespace hosts."""
 STEP_SECONDS = 0.01
 """Each step's compute is stretched by this much (it stands for a real model's)."""
 WAITING_STEP_SECONDS = 0.1
@@ -75,7 +78,7 @@ def script_environment(settings, model: Path, step_seconds: float = 0.0,
     goes, each step's stretch (longer while ``slow_while`` exists)."""
     env = {chaos_script.ENV_TASK: settings.task, chaos_script.ENV_STEPS: str(settings.steps),
            chaos_script.ENV_BATCH: str(settings.batch_size), chaos_script.ENV_SEED: str(settings.seed),
-           chaos_script.ENV_STRATEGY: settings.strategy,
+           chaos_script.ENV_STRATEGY: settings.strategy, chaos_script.ENV_COMPRESS: settings.compress,
            chaos_script.ENV_MODEL: str(model), chaos_script.ENV_STEP_SECONDS: str(step_seconds)}
     if slow_while is not None:
         env[chaos_script.ENV_SLOW_WHILE] = str(slow_while)
@@ -158,7 +161,8 @@ class _Trial:
 
 
 def run_script_trial(kind: str, event: dict, settings, directory: Path, env: dict) -> ClusterRun:
-    """Run one trial of ``SCRIPT_KINDS``; ``event`` says where and when (``plan_trials``)."""
+    """Run one trial of ``SCRIPT_KINDS`` (or ``UNDISTURBED``); ``event`` says where and when
+    (``plan_trials``)."""
     run = ClusterRun()
     hosts = Hosts(3)
     trial = _Trial(settings, hosts, directory, env, restarts=event.get("restarts", False))
@@ -170,17 +174,8 @@ def run_script_trial(kind: str, event: dict, settings, directory: Path, env: dic
         for host in trial.shares:
             trial.start_node(host, f"host {host}")
         watcher = StatusWatcher(hosts, trial.address, env)
-        before = watcher.wait(lambda s: s.get("step", -1) >= event["step"], settings.trial_timeout / 2,
-                              f"step {event['step']} (before the fault)")
-        if before.get("status") == "running":
-            _fault(kind, event, trial, watcher, before, run)
-        elif kind == "coordinator-restart":  # after the end too: the record must survive it
-            run.notes.append(f"the job had ended before step {event['step']} was seen: "
-                             "the coordinator was restarted after the end")
-            trial.restart_coordinator(run, event["outage"])
-        else:  # a short run can end between two looks
-            run.notes.append(f"the job had ended before step {event['step']} was seen: no fault")
-            run.fault_skipped = True
+        if kind != UNDISTURBED:
+            _strike(kind, event, trial, watcher, run)
         watcher.wait(lambda s: s.get("status") in ("completed", "failed") and watcher.record is not None,
                      settings.trial_timeout, "the job's end")
         for name, process in trial.processes.items():  # the launchers; the coordinator lingers
@@ -197,6 +192,23 @@ def run_script_trial(kind: str, event: dict, settings, directory: Path, env: dic
     if not run.problems:
         _judge(run, trial, watcher.record, settings)
     return run
+
+
+def _strike(kind: str, event: dict, trial: _Trial, watcher: StatusWatcher, run: ClusterRun) -> None:
+    """At the event's step, the fault (``_fault``); a job that ended before it was seen gets
+    none, but the coordinator restarted after the end (its record must survive that too)."""
+    settings = trial.settings
+    before = watcher.wait(lambda s: s.get("step", -1) >= event["step"], settings.trial_timeout / 2,
+                          f"step {event['step']} (before the fault)")
+    if before.get("status") == "running":
+        _fault(kind, event, trial, watcher, before, run)
+    elif kind == "coordinator-restart":  # after the end too: the record must survive it
+        run.notes.append(f"the job had ended before step {event['step']} was seen: "
+                         "the coordinator was restarted after the end")
+        trial.restart_coordinator(run, event["outage"])
+    else:  # a short run can end between two looks
+        run.notes.append(f"the job had ended before step {event['step']} was seen: no fault")
+        run.fault_skipped = True
 
 
 def _fault(kind: str, event: dict, trial: _Trial, watcher: StatusWatcher, before: dict, run: ClusterRun) -> None:
@@ -258,11 +270,21 @@ def _judge(run: ClusterRun, trial: _Trial, record: dict, settings) -> None:
     job = JobRecord.from_json(record)
     if job.steps_redone:
         run.problems.append(f"{job.steps_redone} committed steps were trained again")
-    if run.directory is None:
+    if run.directory is None or not (run.directory / "model.pt").exists():
         return
     sampler = GlobalBatchSampler(TASKS[settings.task].train_samples(settings.seed), settings.batch_size,
                                  settings.seed)
-    config = {"task": settings.task, "script": os.path.basename(chaos_script.__file__)}
-    write_json(str(run.directory / "results.json"),
-               build_results(record=job, config=config, sampler=sampler, wall_seconds=0.0, units=("samples", 1)))
+    config = {"task": settings.task, "script": os.path.basename(chaos_script.__file__),
+              "strategy": settings.strategy, "compress": settings.compress}
+    results = build_results(record=job, config=config, sampler=sampler, wall_seconds=0.0, units=("samples", 1))
+    results["eval"] = _evaluate(run.directory / "model.pt", settings)  # a script reports none
+    write_json(str(run.directory / "results.json"), results)
     write_sample_log(str(run.directory / "samples.jsonl"), job, sampler)
+
+
+def _evaluate(model: Path, settings) -> dict:
+    """The task's evaluation of the saved model (its distance to the optimum, where known)."""
+    task = TASKS[settings.task](settings.seed)
+    built = task.build_model()
+    built.load_state_dict(torch.load(model))
+    return task.evaluate(built)
