@@ -6,8 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from shoal.config import StrategyOptions
@@ -87,6 +91,37 @@ def test_the_server_hands_its_snapshots_to_a_worker_off_its_host():
         near.close()
         far.close()
         server.stop()
+
+
+MEMBER = textwrap.dedent("""
+    import os, sys
+    from datetime import timedelta
+    import torch, torch.distributed as dist
+    from shoal.config import StrategyOptions
+    from shoal.strategies.asyncsgd import AsyncSGD
+
+    port, rank, world, key = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    model = torch.nn.Linear(3, 1)
+    strategy = AsyncSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), StrategyOptions())
+    strategy.setup(key)
+    print(int(strategy.holds_snapshots), flush=True)
+    dist.destroy_process_group()
+    os._exit(0)  # as shoal's workers leave (shoal._exit): torch 2.13's gloo teardown can abort
+""")
+
+
+def test_each_generation_finds_which_members_are_off_the_servers_host():
+    """``setup`` gathers the members' host keys over the generation's group: with the server
+    (rank 0) on host a, only host b's workers may hold its snapshots."""
+    keys = ["a", "b", "a", "b"]
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    members = [subprocess.Popen([sys.executable, "-c", MEMBER, str(store.port), str(rank), str(len(keys)), key],
+                                stdout=subprocess.PIPE, text=True) for rank, key in enumerate(keys)]
+    outputs = [member.communicate(timeout=120)[0].strip() for member in members]
+    assert [member.returncode for member in members] == [0] * len(keys)
+    assert outputs == ["0", "1", "0", "1"]
 
 
 def test_async_survives_a_worker_and_the_server_being_killed(tmp_path):

@@ -258,16 +258,28 @@ def _reference(settings: ChaosSettings, directory: Path) -> Path:
         result = subprocess.run([sys.executable, chaos_script.__file__], capture_output=True, text=True,
                                 env=env, timeout=settings.trial_timeout, check=False)
     elif settings.launcher == "run":
-        run = run_script_trial(UNDISTURBED, {}, settings, directory,
-                               {**os.environ, "SHOAL_CHAOS_TRIAL": uuid.uuid4().hex})
-        if run.problems or run.directory is None:
-            raise RuntimeError(f"the undisturbed reference run failed: {'; '.join(run.problems)}")
+        marker = uuid.uuid4().hex
+        run = run_script_trial(UNDISTURBED, {}, settings, directory, {**os.environ, "SHOAL_CHAOS_TRIAL": marker})
+        left = leftover_processes(marker)
+        kill_processes(left)
+        if run.problems or run.directory is None or left:
+            saved = _save_stderr(run, f"shoal-chaos-{marker[:8]}-reference.txt")
+            problems = run.problems + ([f"processes left behind: {left}"] if left else [])
+            raise RuntimeError(f"the undisturbed reference run failed: {'; '.join(problems) or 'no files'} "
+                               f"(the processes' stderr is in {saved})")
         return run.directory
     else:
         result = _train(settings, directory, [], uuid.uuid4().hex)
     if result.returncode != 0:
         raise RuntimeError(f"the undisturbed reference run failed: {result.stderr[-500:]}")
     return directory
+
+
+def _save_stderr(run, name: str) -> Path:
+    """A cluster run's stderr (workers' stacks included), kept past the temporary root."""
+    saved = Path(tempfile.gettempdir()) / name
+    saved.write_text("\n".join(f"==== {process}\n{text}" for process, text in run.stderr.items()))
+    return saved
 
 
 def _emulated_hosts(settings: ChaosSettings) -> list[str]:
@@ -292,8 +304,7 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
         outcome.problems += run.problems
         outcome.fault_skipped = run.fault_skipped
         if run.notes or run.problems:  # keep the stderr (stacks included) past the temporary root
-            saved = Path(tempfile.gettempdir()) / f"shoal-chaos-{marker[:8]}-trial-{plan.index}.txt"
-            saved.write_text("\n".join(f"==== {name}\n{text}" for name, text in run.stderr.items()))
+            saved = _save_stderr(run, f"shoal-chaos-{marker[:8]}-trial-{plan.index}.txt")
             outcome.notes += [f"{note} (saved in {saved})" for note in run.notes]
             if run.problems:
                 outcome.notes.append(f"the processes' stderr is in {saved}")
@@ -421,9 +432,9 @@ def summarize(outcomes: list[TrialOutcome]) -> dict:
 
 
 _SCRIPT_TRIALS = """Every trial runs a `shoal.train` script (`src/shoal/reliability/chaos_script.py`: the task, \
-its optimizer, `strategy=`, the leader saving the model) under `shoal run --coordinator` on three network-namespace \
-hosts: `shoal coordinator --state FILE` on one, a node's launcher with half the workers on each of \
-the others. The faults come from outside, as machines suffer them: a worker SIGKILLed (without and \
+its optimizer, `strategy=` and `options=StrategyOptions(compress=...)`, the leader saving the model) \
+under `shoal run --coordinator` on three network-namespace hosts: `shoal coordinator --state FILE` \
+on one, a node's launcher with half the workers on each of the others. The faults come from outside, as machines suffer them: a worker SIGKILLed (without and \
 with `--max-restarts 1`) or SIGSTOPped, a node's launcher and workers SIGKILLed together and the \
 same command started again after a while, a host's link cut until the others re-form and then \
 reconnected (`--max-restarts 1`: its workers rejoin), the coordinator SIGKILLed and restarted on \
@@ -467,7 +478,8 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
     if settings.launcher == "run":
         cluster = _SCRIPT_TRIALS.format(pause=STEP_SECONDS * 1000, waiting=WAITING_STEP_SECONDS * 1000)
         exits = ("every node's launcher that was not killed exits 0 (1, saying its workers are gone, if the "
-                 "trial killed its only worker); ")
+                 "trial killed its only worker); no step the coordinator recorded as committed is trained "
+                 "again; ")
         undisturbed = "the script's run undisturbed on the same hosts"
         model_check = (f"the final model equals the script's run in one plain process with strategy "
                        f"{settings.strategy} within 1e-5 relative"

@@ -1,6 +1,7 @@
 """The user's script of ``shoal chaos --launcher run``: a ``shoal.train`` script as users
 write one, run by ``shoal run --coordinator`` on each node, and plainly (one process) for
-the reference that every trial must equal.
+the reference that every trial must equal (under async or compression, which no one
+process's run equals, the reference is the script run undisturbed on the same hosts).
 
 It trains the chaos task with the library API, the chosen strategy and compressor, and the
 leader saves the final model. The environment says what to train, how, and where the model

@@ -126,7 +126,9 @@ class Strategy(abc.ABC):
     def setup(self, host_key: str) -> nn.Module:
         """Prepare for the current generation; return the module the loss must be computed with.
 
-        ``host_key`` is the same for workers on one host (hierarchical strategies use it).
+        ``host_key`` is the same for workers of one launcher (a node), or of one emulated host
+        (``--workers-per-host``): hierarchical groups by it, zero places a shard's copies on
+        different ones, async gives its snapshots to a worker off the server's.
         """
 
     @abc.abstractmethod

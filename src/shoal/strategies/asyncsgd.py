@@ -9,20 +9,20 @@ updates applied since (Zhang et al., 2016, "Staleness-aware async-SGD"), or drop
 it is more than ``--max-staleness`` versions old and hands the unit out again. A slow
 worker slows only its own units.
 
-Commit point. Every ``SNAPSHOT_STEPS * shares`` applied updates the server takes a snapshot (model,
-optimizer, which units are applied, the loss of every step they finished) and attaches it
-to its next answer to a remote worker. That worker, the *holder*, adopts the snapshot as
-its committed state and reports the finished steps to the coordinator, so a step is
-reported only once its state lives on two members. Where the generation spans several
-hosts, the holder is a worker off the server's host, so that losing the server's machine
-(its launcher and every worker on it) loses no reported step. (Any remote worker used to
-hold it: a node killed with the server and the holder on it sent the survivors back to an
-older snapshot, to redo steps the coordinator had recorded.) When a worker dies and the
-server lives, the server's own state goes on: the heal spreads it, and only the units that
-were in flight are handed out again. When the server dies the survivors return to the
-newest snapshot they hold, the heal spreads the newest one (the holder's), and every unit
-applied after it is handed out again: each sample still counts once, and no reported step
-is lost with the server.
+Commit point. Every ``SNAPSHOT_STEPS * shares`` applied updates the server takes a
+snapshot (model, optimizer, which units are applied, the loss of every step they finished)
+and attaches it to its next answer to a remote worker. That worker, the *holder*, adopts
+the snapshot as its committed state and reports the finished steps to the coordinator, so
+a step is reported only once its state lives on two members. Where the generation spans
+several hosts (launchers, the nodes of a job), the holder is a worker off the server's
+host, so that losing the server's machine (its launcher and every worker on it) loses no
+reported step. (Any remote worker used to hold it: a node killed with the server and the
+holder on it sent the survivors back to an older snapshot, to redo steps the coordinator
+had recorded.) When a worker dies and the server lives, the server's own state goes on:
+the heal spreads it, and only the units that were in flight are handed out again. When the
+server dies the survivors return to the newest snapshot they hold, the heal spreads the
+newest one (the holder's), and every unit applied after it is handed out again: each
+sample still counts once, and no reported step is lost with the server.
 """
 
 from __future__ import annotations
@@ -271,7 +271,9 @@ class ParameterServer:
         unit = self._take_unit()
         if unit is None:
             unit = DONE if self.finished else WAIT
-            if unit == WAIT and may_defer:
+            # a holder waiting for work still takes a pending snapshot at once: it is what
+            # reports the steps since the last one
+            if unit == WAIT and may_defer and not (holder and self._snapshot is not None):
                 return None
         snapshot = None
         if holder and unit != DONE:
