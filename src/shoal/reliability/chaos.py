@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -316,6 +317,10 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
     outcome.seconds = time.monotonic() - started
     if files is not None:
         _check_files(files, plan, settings, reference, dataset_size, outcome)
+    if outcome.problems and settings.launcher == "train" and plan.kind not in CLUSTER_KINDS:
+        kept = Path(tempfile.gettempdir()) / f"shoal-chaos-{marker[:8]}-trial-{plan.index}"
+        shutil.copytree(directory, kept, dirs_exist_ok=True)  # past the temporary root
+        outcome.notes.append(f"the run's files and stderr are in {kept}")
     left = leftover_processes(marker)
     if left:  # a failure, and also stopped here: they would slow every later trial
         outcome.problems.append(f"processes left behind: {left}")
@@ -332,6 +337,7 @@ def _run_local_trial(plan: TrialPlan, settings: ChaosSettings, directory: Path, 
     except subprocess.TimeoutExpired:
         outcome.problems.append(f"did not finish in {settings.trial_timeout:g} s")
         return None
+    (directory / "stderr.txt").write_text(result.stderr)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
         outcome.problems.append(f"exit code {result.returncode}: {tail[0]}")
