@@ -164,7 +164,9 @@ def test_a_worker_killed_after_it_finished_its_part_is_not_restarted_and_the_job
     """Node B's worker takes 8 s to report its end (SLOW_FINISH); node A's finished its part
     and waits for the job's end, and is SIGKILLed there. A restart would have nothing to do
     (and before, re-formed a group that could never meet): node A's launcher does not start
-    it and says why; both exit 0, and the job completes once B's worker has finished."""
+    it and says why; both exit 0, and the job completes once B's worker has finished.
+    Node A looks at the job only every 30 s, so its worker joins and finishes unseen: the
+    launcher learns its id as it exits (CI once raced into a restart that way)."""
     coordinator, url = start_coordinator("--workers", "2")
     script = tmp_path / "script.py"
     script.write_text(
@@ -178,7 +180,7 @@ def test_a_worker_killed_after_it_finished_its_part_is_not_restarted_and_the_job
         "context.Context.finish = slow_finish\n"
         f"runpy.run_path({EXAMPLE!r}, run_name='__main__')\n")
     try:
-        finishing = node(url, script, "--max-restarts", "1")
+        finishing = node(url, script, "--max-restarts", "1", env={"SHOAL_RUN_STATUS_SECONDS": "30"})
         slow = node(url, script, env={"SLOW_FINISH": "1"})
         deadline = time.monotonic() + 120
         while not any(w["finished"] for w in status(url)["workers"].values()):

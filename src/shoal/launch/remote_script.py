@@ -46,8 +46,9 @@ from shoal.runtime.worker import EXIT_PREEMPTED
 
 __all__ = ["run_joining_script"]
 
-_STATUS_SECONDS = 1.0
-"""How often the launcher asks the coordinator how the job goes."""
+_STATUS_SECONDS = float(os.environ.get("SHOAL_RUN_STATUS_SECONDS", "1.0"))
+"""How often the launcher asks the coordinator how the job goes. (The environment variable
+is for a test that needs a worker to join and finish between two looks.)"""
 _POLL_SECONDS = 0.1
 """How often it looks for a signal, and for its workers' exits."""
 _FAILED_JOB_GRACE_SECONDS = 10.0
@@ -205,6 +206,9 @@ class _Node:
         restart = False
         if returncode != 0:
             goes_on = self._job_goes_on()  # one fresh look: has the job ended, had the worker finished?
+            # Its id from that look, if no earlier one had it (a worker can join and finish its
+            # part between two of them); its record stays alive until its exit is reported.
+            self._id_of(self.group.workers[local_rank])
             if self._finished(local_rank):  # a restart would have nothing to do
                 self.done_before.add(local_rank)
                 cause += " after it finished its part"
