@@ -253,27 +253,41 @@ def _reference(settings: ChaosSettings, directory: Path) -> Path:
     (``python script.py``), which is the promise itself: the job's model equals one
     process's. Where no one process's model is the job's (``checked_by_optimum``), the script
     under ``shoal run --coordinator`` on the namespace hosts with no fault (``UNDISTURBED``)."""
-    if settings.launcher == "run" and not settings.checked_by_optimum:
+    if settings.launcher == "run" and settings.checked_by_optimum:
+        return _undisturbed_script_run(settings, directory)
+    if settings.launcher == "run":
         env = {**os.environ, **script_environment(settings, directory / "model.pt"),
                "SHOAL_CHAOS_TRIAL": uuid.uuid4().hex}
         result = subprocess.run([sys.executable, chaos_script.__file__], capture_output=True, text=True,
                                 env=env, timeout=settings.trial_timeout, check=False)
-    elif settings.launcher == "run":
-        marker = uuid.uuid4().hex
-        run = run_script_trial(UNDISTURBED, {}, settings, directory, {**os.environ, "SHOAL_CHAOS_TRIAL": marker})
-        left = leftover_processes(marker)
-        kill_processes(left)
-        if run.problems or run.directory is None or left:
-            saved = _save_stderr(run, f"shoal-chaos-{marker[:8]}-reference.txt")
-            problems = run.problems + ([f"processes left behind: {left}"] if left else [])
-            raise RuntimeError(f"the undisturbed reference run failed: {'; '.join(problems) or 'no files'} "
-                               f"(the processes' stderr is in {saved})")
-        return run.directory
     else:
         result = _train(settings, directory, [], uuid.uuid4().hex)
     if result.returncode != 0:
         raise RuntimeError(f"the undisturbed reference run failed: {result.stderr[-500:]}")
     return directory
+
+
+def _undisturbed_script_run(settings: ChaosSettings, directory: Path) -> Path:
+    """The script under ``shoal run --coordinator`` on the namespace hosts, no fault: the
+    directory of its files, checked as a trial's are."""
+    marker = uuid.uuid4().hex
+    run = run_script_trial(UNDISTURBED, {}, settings, directory, {**os.environ, "SHOAL_CHAOS_TRIAL": marker})
+    problems = run.problems + _leftovers(marker)
+    if problems or run.directory is None:
+        saved = _save_stderr(run, f"shoal-chaos-{marker[:8]}-reference.txt")
+        raise RuntimeError(f"the undisturbed reference run failed: {'; '.join(problems) or 'no files'} "
+                           f"(the processes' stderr is in {saved})")
+    return run.directory
+
+
+def _leftovers(marker: str) -> list[str]:
+    """A run's processes still there, killed (they would slow every later trial): its
+    problem, if any."""
+    left = leftover_processes(marker)
+    if not left:
+        return []
+    kill_processes(left)
+    return [f"processes left behind: {left}"]
 
 
 def _save_stderr(run, name: str) -> Path:
@@ -321,10 +335,7 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
         kept = Path(tempfile.gettempdir()) / f"shoal-chaos-{marker[:8]}-trial-{plan.index}"
         shutil.copytree(directory, kept, dirs_exist_ok=True)  # past the temporary root
         outcome.notes.append(f"the run's files and stderr are in {kept}")
-    left = leftover_processes(marker)
-    if left:  # a failure, and also stopped here: they would slow every later trial
-        outcome.problems.append(f"processes left behind: {left}")
-        kill_processes(left)
+    outcome.problems += _leftovers(marker)
     outcome.passed = not outcome.problems
     return outcome
 
@@ -437,18 +448,19 @@ def summarize(outcomes: list[TrialOutcome]) -> dict:
             "notes": [f"trial {o.plan.index} ({o.plan.kind}): {note}" for o in outcomes for note in o.notes]}
 
 
-_SCRIPT_TRIALS = """Every trial runs a `shoal.train` script (`src/shoal/reliability/chaos_script.py`: the task, \
-its optimizer, `strategy=` and `options=StrategyOptions(compress=...)`, the leader saving the model) \
+_SCRIPT_TRIALS = """Every trial runs a `shoal.train` script (`src/shoal/reliability/chaos_script.py`: the task, its \
+optimizer, `strategy=` and `options=StrategyOptions(compress=...)`, the leader saving the model) \
 under `shoal run --coordinator` on three network-namespace hosts: `shoal coordinator --state FILE` \
-on one, a node's launcher with half the workers on each of the others. The faults come from outside, as machines suffer them: a worker SIGKILLed (without and \
-with `--max-restarts 1`) or SIGSTOPped, a node's launcher and workers SIGKILLed together and the \
-same command started again after a while, a host's link cut until the others re-form and then \
-reconnected (`--max-restarts 1`: its workers rejoin), the coordinator SIGKILLed and restarted on \
-its address (also while the job is paused: with `--min-workers` all, a worker killed and \
-restarted, and the coordinator restarted before it is back). The sample log is built from the coordinator's record, as `shoal train --coordinator` \
-builds it. Each step's compute is stretched by {pause:g} ms, and by {waiting:g} ms while workers are on \
-their way back (restarted, a node started again, a host reconnected): the trial waits for them \
-all to be back in the job, and fails if it ends first.
+on one, a node's launcher with half the workers on each of the others. The faults come from outside, \
+as machines suffer them: a worker SIGKILLed (without and with `--max-restarts 1`) or SIGSTOPped, a \
+node's launcher and workers SIGKILLed together and the same command started again after a while, a \
+host's link cut until the others re-form and then reconnected (`--max-restarts 1`: its workers \
+rejoin), the coordinator SIGKILLed and restarted on its address (also while the job is paused: with \
+`--min-workers` all, a worker killed and restarted, and the coordinator restarted before it is \
+back). The sample log is built from the coordinator's record, as `shoal train --coordinator` builds \
+it. Each step's compute is stretched by {pause:g} ms, and by {waiting:g} ms while workers are on \
+their way back (restarted, a node started again, a host reconnected): the trial waits for them all \
+to be back in the job, and fails if it ends first.
 """
 
 

@@ -8,8 +8,7 @@ leader saves the final model. The environment says what to train, how, and where
 goes (``SHOAL_CHAOS_*``); each step's compute may be stretched
 (``SHOAL_CHAOS_STEP_SECONDS``, or longer while the file ``SHOAL_CHAOS_SLOW_WHILE`` exists:
 the harness's workers are on their way back), so that a node's launcher started again has
-steps left to join. The pause changes when steps happen,
-not what they compute.
+steps left to join. The pause changes when steps happen, not what they compute.
 """
 
 import faulthandler
