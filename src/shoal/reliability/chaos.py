@@ -331,7 +331,8 @@ def _run_trial(plan: TrialPlan, settings: ChaosSettings, reference: Path, root: 
     outcome.seconds = time.monotonic() - started
     if files is not None:
         _check_files(files, plan, settings, reference, dataset_size, outcome)
-    if outcome.problems and settings.launcher == "train" and plan.kind not in CLUSTER_KINDS:
+    local = settings.launcher == "train" and plan.kind not in CLUSTER_KINDS
+    if outcome.problems and local and any(directory.iterdir()):  # (a run timed out wrote nothing)
         kept = Path(tempfile.gettempdir()) / f"shoal-chaos-{marker[:8]}-trial-{plan.index}"
         shutil.copytree(directory, kept, dirs_exist_ok=True)  # past the temporary root
         outcome.notes.append(f"the run's files and stderr are in {kept}")
