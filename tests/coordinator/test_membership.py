@@ -5,6 +5,7 @@ import json
 import pytest
 
 from shoal.coordinator import Membership
+from shoal.coordinator.membership import MAX_TIMEOUT_GROWTH
 
 
 class Clock:
@@ -105,7 +106,59 @@ def test_failure_report_waits_until_every_member_proves_it_is_alive():
     assert membership.current.members == [0, 1, 2]
     # The change names what the first reporter saw: with everyone alive, the only clue to why
     assert membership.membership_changes()[-1]["cause"] == (
-        "collective failed; all members alive; worker 0: RuntimeError: [gloo] Timed out waiting 2000ms for recv")
+        "collective failed; all members alive; worker 0: RuntimeError: [gloo] Timed out waiting 2000ms for recv"
+        "; collective timeout now 10 s")
+
+
+def reform_after(membership, clock, *details):
+    """Every member reports ``details[rank]`` for the current generation: the next one forms."""
+    clock.now += 1
+    number = membership.current.number
+    for worker, detail in zip(membership.current.members, details):
+        membership.report_failure(worker, number, detail)
+    assert membership.current.number == number + 1
+    return membership.current
+
+
+def test_a_collective_that_timed_out_among_live_members_doubles_the_next_timeout():
+    """A slow link or a straggler, not a dead peer: the next generation waits twice as long,
+    up to MAX_TIMEOUT_GROWTH heartbeat timeouts. A peer that left (a closed connection) is
+    no reason to wait longer."""
+    membership, clock = started(workers=2, timeout=5.0)
+    assert membership.current.collective_timeout == 5.0
+    assert reform_after(membership, clock, "connection closed by peer", "reset").collective_timeout == 5.0
+    # one timeout among the reports is enough: the peer it waited for saw the others leave
+    assert reform_after(membership, clock, "Connection closed by peer",
+                        "RuntimeError: Timed out waiting 5000ms for recv").collective_timeout == 10.0
+    timeouts = [reform_after(membership, clock, "Timed out", "Timed out").collective_timeout for _ in range(6)]
+    assert timeouts == [20.0, 40.0, 80.0, 160.0, 160.0, 160.0] and MAX_TIMEOUT_GROWTH * 5.0 == 160.0
+    assert membership.membership_changes()[-1]["cause"].endswith(
+        "; the collective timeout stays at its limit, 160 s")
+
+
+def test_a_hung_member_does_not_lengthen_the_timeout():
+    """A SIGSTOPped member's peers time out too, but it stops beating: it is declared dead
+    and the survivors' generation keeps the heartbeat timeout."""
+    membership, clock = started(workers=3, timeout=2.0)
+    clock.now += 0.1
+    membership.report_failure(0, 1, "Timed out waiting 2000ms for recv")
+    membership.report_failure(1, 1, "Timed out waiting 2000ms for recv")
+    for _ in range(5):  # workers 0 and 1 keep beating; worker 2 says nothing
+        advance(membership, clock, 0.5)
+        membership.heartbeat(0, {})
+        membership.heartbeat(1, {})
+    assert membership.current.members == [0, 1] and membership.current.collective_timeout == 2.0
+
+
+def test_a_restarted_coordinator_keeps_the_lengthened_timeout():
+    membership, clock = started(workers=2, timeout=5.0)
+    reform_after(membership, clock, "Timed out", "Timed out")
+    restarted = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=5.0, clock=clock)
+    restarted.restore_state(json.loads(json.dumps(membership.export_state())))
+    assert restarted.current.collective_timeout == 10.0
+    restarted.heartbeat(0, {"generation": 2, "members": [0, 1]})
+    restarted.heartbeat(1, {"generation": 2, "members": [0, 1]})
+    assert reform_after(restarted, clock, "Timed out", "Timed out").collective_timeout == 20.0
 
 
 def test_too_few_workers_fails_the_job_with_a_reason():
@@ -172,7 +225,8 @@ def test_a_restarted_coordinator_forms_the_next_generation_for_members_that_left
     assert membership.current.number == 5 and membership.current.members == [0, 1]
     # the heartbeat carries what the lost report said (its first line, without where in C++)
     assert membership.membership_changes()[-1]["cause"] == (
-        "collective failed; all members alive; worker 0: RuntimeError: Timed out waiting 2000ms for recv")
+        "collective failed; all members alive; worker 0: RuntimeError: Timed out waiting 2000ms for recv"
+        "; collective timeout now 10 s")
     clock.now += 0.25
     membership.heartbeat(1, left)  # still waiting to connect: an old generation's failure
     assert membership.current.number == 5

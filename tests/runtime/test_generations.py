@@ -90,7 +90,7 @@ VETERAN_AND_NEWCOMER = textwrap.dedent("""
     context._store = dist.TCPStore("127.0.0.1", port, is_master=False)
     context.world_size = 2
     if role == "veteran":  # generation 1: the newcomer never comes, the connection times out
-        context.generation, context.rank, context.heartbeat_timeout = 1, 0, 1.0
+        context.generation, context.rank, context.collective_timeout = 1, 0, 1.0
         try:
             context._init_process_group()
         except RuntimeError:
@@ -98,7 +98,7 @@ VETERAN_AND_NEWCOMER = textwrap.dedent("""
         else:
             raise SystemExit("generation 1 formed without its second member")
     context.generation, context.rank = 2, 0 if role == "veteran" else 1
-    context.heartbeat_timeout = 20.0  # the two may reach generation 2 seconds apart
+    context.collective_timeout = 20.0  # the two may reach generation 2 seconds apart
     context._init_process_group()
     total = torch.tensor([1.0])
     dist.all_reduce(total)

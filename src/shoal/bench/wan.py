@@ -59,7 +59,8 @@ class WanSettings:
     seed: int = 0
     target_loss: float = 2.5
     heartbeat_timeout: float = 20.0
-    """Generous: a collective over a slow link must not look like a hang."""
+    """Generous, so that no collective over a slow link times out (the coordinator would
+    lengthen the timeout, at the cost of a re-form, and time)."""
     runs: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RUNS
     bound: bool = True
     """Also train allreduce with unlimited links, for the communication bound."""

@@ -20,6 +20,8 @@ def add_bench(commands) -> None:
     wan.add_argument("--hosts", type=int, default=4, help="worker hosts, one worker each (default 4)")
     wan.add_argument("--mbit", type=float, default=50.0, help="link rate in Mbit/s (default 50)")
     wan.add_argument("--steps", type=int, default=150, help="steps per run (default 150)")
+    wan.add_argument("--heartbeat-timeout", type=float, default=20.0,
+                     help="the coordinator's, where collective timeouts start (default 20 s)")
     wan.add_argument("--target-loss", type=float, default=2.5,
                      help="smoothed training loss to reach (default 2.5)")
     wan.add_argument("--only", action="append", default=[], metavar="LABEL",
@@ -116,7 +118,7 @@ def _check_target_loss(value: float) -> None:
 def _wan(args: argparse.Namespace) -> int:
     from shoal.bench.report import wan_markdown
     from shoal.bench.wan import DEFAULT_RUNS, WanSettings, run_wan, to_json
-    from shoal.config import ConfigError
+    from shoal.config import ConfigError, check_heartbeat_timeout
     from shoal.network import namespaces_available
 
     _check_task(args)
@@ -127,6 +129,7 @@ def _wan(args: argparse.Namespace) -> int:
     _check_target_loss(args.target_loss)
     if args.steps < 1:
         raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
+    check_heartbeat_timeout(args.heartbeat_timeout)
     labels = [label for label, _ in DEFAULT_RUNS]
     unknown = [label for label in args.only if label not in labels]
     if unknown:
@@ -138,7 +141,8 @@ def _wan(args: argparse.Namespace) -> int:
         return 2
     runs = tuple(r for r in DEFAULT_RUNS if not args.only or r[0] in args.only)
     settings = WanSettings(task=args.task, hosts=args.hosts, mbit=args.mbit, steps=args.steps,
-                           target_loss=args.target_loss, runs=runs, bound=not args.no_bound)
+                           target_loss=args.target_loss, runs=runs, bound=not args.no_bound,
+                           heartbeat_timeout=args.heartbeat_timeout)
     results = run_wan(settings, report=lambda line: print(line, flush=True))
     _write_outputs(args, "wan", to_json(settings, results), results, wan_markdown, settings,
                    title=f"{args.task}, {args.hosts} hosts at {args.mbit:g} Mbit/s")

@@ -8,6 +8,11 @@ generation is formed when a member dies (its process exited, or it missed heartb
 ``heartbeat_timeout``), when members report a failed collective and every member has since
 proven it is alive, or when new workers wait to join. Survivors find out through the
 long-poll on ``/generation`` or the reply to their next heartbeat.
+
+Each generation carries its collective timeout. It starts at the heartbeat timeout, so that
+survivors blocked on a hung peer leave when the coordinator declares it dead; it doubles
+when a collective timed out while every member stayed alive (a slow link, a straggler), up to
+``MAX_TIMEOUT_GROWTH`` times the heartbeat timeout.
 """
 
 from __future__ import annotations
@@ -27,9 +32,18 @@ _SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\] ?")
 """Where in torch's or gloo's C++ an error was raised, as "[/__w/pytorch/.../unbound_buffer.cc:129] ":
 long enough to push what the error says past the cause's length."""
 
-__all__ = ["Generation", "Membership", "describe_change"]
+__all__ = ["MAX_TIMEOUT_GROWTH", "Generation", "Membership", "describe_change"]
 
 _STALL_SECONDS = 0.5
+
+MAX_TIMEOUT_GROWTH = 32
+"""The collective timeout grows to at most this many heartbeat timeouts (160 s at the default
+5 s). Beyond it a collective that never ends among live members is a bug, not a slow link,
+and the workers' own limit on failures without progress ends the job."""
+
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+"""A failure report that says the collective ran out of time (gloo: "Timed out waiting 5000ms
+for recv operation to complete"), rather than that a peer's connection closed."""
 
 
 @dataclass(slots=True)
@@ -37,9 +51,13 @@ class Generation:
     number: int
     members: list[int]
     formed_at: float
+    collective_timeout: float = 0.0
+    """Seconds a member's collective may take in this generation; 0: not known (a generation
+    learned from a worker's history, or from an older state file)."""
 
     def to_json(self) -> dict:
-        return {"number": self.number, "members": self.members, "formed_at": self.formed_at}
+        return {"number": self.number, "members": self.members, "formed_at": self.formed_at,
+                "collective_timeout": self.collective_timeout}
 
 
 @dataclass(slots=True)
@@ -119,6 +137,8 @@ class Membership:
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.heartbeat_timeout = heartbeat_timeout
+        self.collective_timeout = heartbeat_timeout
+        """The next generation's; see the module's docstring."""
         self.restarts = restarts
         """The launcher restarts dead workers: below ``min_workers``, wait for it to say so."""
         self._below_minimum_since: float | None = None
@@ -136,6 +156,8 @@ class Membership:
         """Tells workers that a restarted coordinator needs their whole commit history."""
         self._failure_reported_at: float | None = None
         self._failure_detail = ""
+        self._failure_timed_out = False
+        """A member of the current generation reported a collective that ran out of time."""
         self._steps: dict[int, _StepRecord] = {}
         self._redone: set[int] = set()
         """Steps committed again by a later generation (zero goes back to its checkpoint)."""
@@ -251,7 +273,7 @@ class Membership:
             return
         if generation > self.current_number:
             now = self._clock()
-            self._generations.append(Generation(generation, members, now))
+            self._generations.append(Generation(generation, members, now, self.collective_timeout))
             for member in members:
                 self._workers.setdefault(member, _Worker(member, "?", 0, last_seen=now))
             self._take_over(self.current, now)
@@ -292,6 +314,7 @@ class Membership:
         if (generation is None or current is None or generation != current.number
                 or worker.worker_id not in current.members or worker.finished):
             return
+        self._failure_timed_out |= bool(_TIMED_OUT.search(detail))
         if self._failure_reported_at is None:
             self._failure_reported_at = worker.last_seen
             # What the first reporter saw: with every member alive, the only clue to why
@@ -572,6 +595,7 @@ class Membership:
                 "rejoin_expected": {str(w): round(time.time() - (now - since), 3)
                                     for w, since in self._rejoin_expected.items()},
                 "admitted": sorted(self._admitted),
+                "collective_timeout": self.collective_timeout,
             }
 
     def commits_by_worker(self) -> list[tuple[int, list]]:
@@ -612,6 +636,7 @@ class Membership:
             self._rejoin_expected = {int(w): now - max(0.0, time.time() - announced)
                                      for w, announced in state.get("rejoin_expected", {}).items()}
             self._admitted = set(state.get("admitted", [""]))  # an older file: ids unknown, any counts
+            self.collective_timeout = float(state.get("collective_timeout", self.heartbeat_timeout))
             current = self.current
             if self.status == "running" and current is not None:
                 self._take_over(current, now)
@@ -690,14 +715,26 @@ class Membership:
         elif self._failure_reported_at is not None and all(
             m.finished or m.last_seen >= self._failure_reported_at for m in members
         ):
-            self._form(cause=f"collective failed; all members alive{self._failure_detail}",
-                       failed_at=self._failure_reported_at)
+            cause = f"collective failed; all members alive{self._failure_detail}"
+            if self._failure_timed_out:
+                cause += self._lengthen_collective_timeout()
+            self._form(cause=cause, failed_at=self._failure_reported_at)
         elif waiting and not any(m.finished for m in members) and (
                 self.max_workers is None or len(current.members) < self.max_workers):
             # Not once a member has finished: the last step is committed and the job is
             # ending. A generation formed now would hold the joiner and whoever had not yet
             # reported its end, and the joiner would wait for them to connect forever.
             self._form(cause="workers joined", failed_at=now)
+
+    def _lengthen_collective_timeout(self) -> str:
+        """A collective ran out of time while every member stayed alive: it was slow, not
+        stuck on a dead peer (a hung one stops its heartbeats and is declared dead instead).
+        Double the timeout, as TCP backs off its retransmission timer; what to add to the cause."""
+        longest = MAX_TIMEOUT_GROWTH * self.heartbeat_timeout
+        if self.collective_timeout >= longest:
+            return f"; the collective timeout stays at its limit, {self.collective_timeout:g} s"
+        self.collective_timeout = min(2 * self.collective_timeout, longest)
+        return f"; collective timeout now {self.collective_timeout:g} s"
 
     def _awaiting_correlated_silence(self, members: list[_Worker], dead: list[_Worker],
                                      now: float) -> bool:
@@ -736,7 +773,7 @@ class Membership:
         if self.max_workers is not None:
             keep = [m for m in (previous.members if previous else []) if m in live]
             live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
-        self._failure_reported_at = None
+        self._failure_reported_at, self._failure_timed_out = None, False
         if len(live) < self.min_workers and len(live) + self._restarts_coming() >= self.min_workers:
             return  # pause: survivors wait in their long-poll until the restarted workers join
         if len(live) < self.min_workers and self._may_still_announce_a_restart():
@@ -748,7 +785,7 @@ class Membership:
             )
             return
         self._below_minimum_since = None
-        generation = Generation(self.current_number + 1, live, self._clock())
+        generation = Generation(self.current_number + 1, live, self._clock(), self.collective_timeout)
         self._generations.append(generation)
         if previous is not None:
             self._changes.append(

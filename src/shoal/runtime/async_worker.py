@@ -34,7 +34,7 @@ def run_async(loop, replica: nn.Module, total_steps: int) -> None:
         server = strategy.server = ParameterServer(
             strategy, total_steps * strategy.book.shares, context.generation,
             snapshot=lambda: _commit_on_server(loop, alone=world == 1),
-            timeout=context.heartbeat_timeout)
+            timeout=context.collective_timeout)
         store.set("shoal/parameter-server", server.start(context.reachable_host(), world - 1))
         ask = _LocalLink(server, context).exchange
     else:
@@ -42,7 +42,7 @@ def run_async(loop, replica: nn.Module, total_steps: int) -> None:
             context.check_generation()
             time.sleep(0.01)
         address = store.get("shoal/parameter-server").decode()
-        strategy.link = ServerLink(strategy, address, timeout=context.heartbeat_timeout)
+        strategy.link = ServerLink(strategy, address, timeout=context.collective_timeout)
         ask = strategy.link.exchange
     answer = ask(WAIT, 0, 0, 0.0, None)
     while answer.unit != DONE:

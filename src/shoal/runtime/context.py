@@ -82,6 +82,9 @@ class Context:
         self.launcher_id = os.environ.get(ENV_LAUNCHER_ID, "")
         """The launcher that started this worker, as it names itself to the coordinator."""
         self.heartbeat_timeout = 5.0
+        self.collective_timeout = 5.0
+        """How long a collective of this generation may take: the coordinator's choice (the
+        heartbeat timeout, longer after collectives timed out among live members)."""
         self.generation = 0
         self.members: list[int] = []
         self.rank = 0
@@ -143,6 +146,7 @@ class Context:
         self._incarnation = reply.get("incarnation")
         self.joined_running_job = bool(reply.get("running"))
         self.heartbeat_timeout = float(reply["heartbeat_timeout"])
+        self.collective_timeout = self.heartbeat_timeout
         self._connect_store(reply["store_host"], reply["store_port"])
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="shoal-heartbeat",
                                                   daemon=True)
@@ -238,6 +242,7 @@ class Context:
             self._generation_members[self.generation] = self.members
             self.rank = self.members.index(self.worker_id)
             self.world_size = len(self.members)
+            self.collective_timeout = generation.get("collective_timeout") or self.heartbeat_timeout
             try:
                 self._init_process_group()
             except GenerationMoved:
@@ -253,7 +258,7 @@ class Context:
             self.await_members("joined")
         # Connecting a full mesh gets longer than an operation: on a loaded machine the members
         # that passed the wait above can still reach the rendezvous seconds apart.
-        timeout = timedelta(seconds=self.heartbeat_timeout)
+        timeout = timedelta(seconds=self.collective_timeout)
         try:
             dist.init_process_group(default_backend(), store=store, rank=self.rank,
                                     world_size=self.world_size, timeout=3 * timeout)

@@ -324,7 +324,9 @@ class _Loop:
                     self._stop_for_preemption()
                 # A peer died or the group broke mid-collective: report it (which also proves
                 # this worker is alive) and let the coordinator form the next generation.
-                key = (self.position, tuple(self.context.members))
+                # (a longer collective timeout is a new try: the coordinator lengthens it
+                # after a collective among live members ran out of time)
+                key = (self.position, tuple(self.context.members), self.context.collective_timeout)
                 failures = failures + 1 if key == last_failure else 1
                 last_failure = key
                 if failures >= _MAX_FAILURES_WITHOUT_PROGRESS:
@@ -465,7 +467,7 @@ class _Loop:
         background = self.saver.background and not wait
         if background and self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(
-                backend="gloo", timeout=timedelta(seconds=self.context.heartbeat_timeout))
+                backend="gloo", timeout=timedelta(seconds=self.context.collective_timeout))
         position, extras = self.position, self._sharded_extras()
         group = self._checkpoint_group if background else None
         self.saver.save_staged(position, lambda: save_sharded(

@@ -171,7 +171,7 @@ STRATEGIES: dict[str, type[Strategy]] = {}
 
 
 def _generation_timeout(device: str):
-    """The timeout of the generation's own group (the heartbeat timeout, set by the context).
+    """The timeout of the generation's own group (its collective timeout, set by the context).
 
     Groups a strategy makes with ``new_group`` or a device mesh get torch's default instead
     (30 minutes on gloo), so a collective on one would wait that long for a member that hung:

@@ -203,7 +203,7 @@ class ParameterServer:
         self.take_snapshot = snapshot
         """Makes the current state the server's committed one and returns it serialised."""
         self.timeout = timeout
-        """The job's heartbeat timeout: a worker waits no longer for an answer, so a request
+        """The generation's collective timeout: a worker waits no longer for an answer, so a request
         with nothing to hand out is answered WAIT well before it."""
         self._cursor = self.book.prefix
         self._again: list[int] = []
