@@ -83,6 +83,9 @@ class WanRun:
     seconds_to_target: float | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since the start, smoothed training loss) per committed step."""
+    membership_changes: list[str] = field(default_factory=list)
+    """Why the group re-formed, if it did (a collective that outlasted its timeout): each
+    re-form costs time that no strategy's communication explains."""
     error: str | None = None
 
 
@@ -105,6 +108,7 @@ def read_results(run: WanRun, output: Path, sample_log: Path, *, workers: int,
     run.train_seconds = results["train_seconds"]
     run.payload_bytes_per_step = results["payload_bytes_per_step"] / workers
     run.final_train_loss = results["final_train_loss"]
+    run.membership_changes = [change["cause"] for change in results["membership_changes"]]
     run.eval = results["eval"]
     run.curve = loss_curve(sample_log, results["started_at"])
     run.step_seconds = steady_step_seconds(committed_times(sample_log), _WARMUP)
@@ -171,7 +175,8 @@ def run_wan(settings: WanSettings, *, report=print) -> list[WanRun]:
             runs.append(run)
             outcome = run.error or (f"{run.train_seconds:.1f} s, payload {run.payload_bytes_per_step / 1e6:.3f} "
                                     f"MB/step, wire {run.wire_bytes_per_step / 1e6:.3f} MB/step, "
-                                    f"loss {loss_text(run.final_train_loss)}")
+                                    f"loss {loss_text(run.final_train_loss)}"
+                                    + "".join(f"; re-formed: {cause}" for cause in run.membership_changes))
             report(f"{label:24s} {outcome} ({time.monotonic() - started:.0f} s in all)")
     return runs
 
