@@ -185,6 +185,10 @@ BAD_CHAOS_FLAGS = [
     (["--launcher", "run", "--compress", "int8", "--task", "charlm"], "--task"),
     (["--launcher", "nodes"], "--launcher"),
     (["--launcher", "run", "--steps", "100"], "--steps"),  # a node started again needs steps left
+    (["--link-mbit", "10"], "--link-mbit"),  # shoal train's trials run on one launcher, no hosts
+    (["--launcher", "run", "--link-mbit", "0"], "--link-mbit"),
+    (["--launcher", "run", "--ballast-mb", "1", "--task", "digits"], "--ballast-mb"),  # not a sum of squares
+    (["--launcher", "run", "--ballast-mb", "-1"], "--ballast-mb"),
 ]
 
 

@@ -5,6 +5,7 @@ import re
 
 import psutil
 import pytest
+import torch
 
 from shoal.network import namespaces_available
 from shoal.reliability.chaos import (
@@ -20,8 +21,10 @@ from shoal.reliability.chaos import (
     run_chaos,
     summarize,
 )
+from shoal.reliability.chaos_script import Ballasted
 from shoal.reliability.script_cluster import REJOIN_KINDS
 from shoal.strategies import STRATEGIES
+from shoal.tasks import TASKS
 from tests.conftest import LONG
 
 
@@ -191,6 +194,24 @@ def test_powersgd_heals_a_newcomer_while_its_sender_dies():
     outcomes = run_chaos(settings, plans=[plan], report=lambda line: None)
     assert summarize(outcomes)["failures"] == []
     assert outcomes[0].rejoins >= 2 and outcomes[0].optimum_ratio is not None
+
+
+def test_the_ballast_adds_half_its_square_per_sample_and_leaves_the_task_model_whole():
+    """--ballast-mb: every sample's loss gains 0.5 * ||ballast||^2 (so its gradient is the
+    ballast times the samples), and what is saved loads back into the task's own model."""
+    task = TASKS["quadratic"](0)
+    model = Ballasted(task.build_model(), 5)
+    with torch.no_grad():
+        model.ballast.copy_(torch.arange(5.0))
+    (points,) = batch = (task.samples[:3],)
+    loss = task.loss(model, batch)
+    assert torch.allclose(loss, task.loss(model.model, batch) + 0.5 * 3 * 30.0)
+    loss.backward()
+    assert torch.equal(model.ballast.grad, 3 * torch.arange(5.0))
+    assert torch.equal(model.model.weight.grad, (model.model.weight - points).sum(0).detach())
+    plain = task.build_model()
+    plain.load_state_dict(Ballasted.task_state(model.state_dict()))  # strict: no key more or less
+    assert torch.equal(plain.weight, model.model.weight)
 
 
 def test_the_distance_check_fails_a_model_left_far_from_the_optimum(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import shlex
 import sys
@@ -28,6 +29,12 @@ def add_chaos(commands) -> None:
                              "shoal run --coordinator on three namespace hosts (root), faults done from outside: "
                              "workers killed or stopped, a node killed and started again, a link cut, "
                              "the coordinator restarted")
+    parser.add_argument("--link-mbit", type=float, metavar="MBIT",
+                        help="with --launcher run: limit every host's link to MBIT Mbit/s each way (tbf)")
+    parser.add_argument("--ballast-mb", type=float, default=0.0, metavar="MB",
+                        help="with --launcher run on quadratic or quadratic-sgd: add MB of parameters to the "
+                             "script's model, which every sample's loss pulls to zero: the task's numerics, "
+                             "with a payload that feels --link-mbit (default 0)")
     parser.add_argument("--workers", type=int, default=4, help="workers per trial (default 4)")
     parser.add_argument("--steps", type=int, default=600, help="steps per trial (default 600)")
     parser.add_argument("--markdown", metavar="PATH",
@@ -62,9 +69,20 @@ def _chaos(args: argparse.Namespace) -> int:
     if args.launcher == "run" and args.steps < MIN_STEPS:
         raise ConfigError("--steps", f"--launcher run needs at least {MIN_STEPS} steps, got {args.steps} "
                                      "(a node started again must find steps left to join)")
+    for flag, given in (("--link-mbit", args.link_mbit is not None), ("--ballast-mb", args.ballast_mb != 0)):
+        if given and args.launcher != "run":
+            raise ConfigError(flag, "only with --launcher run, whose trials all run on namespace hosts")
+    if args.link_mbit is not None and not 0 < args.link_mbit < math.inf:
+        raise ConfigError("--link-mbit", f"must be positive and finite, got {args.link_mbit:g}")
+    if not 0 <= args.ballast_mb <= 1024:
+        raise ConfigError("--ballast-mb", f"must be between 0 and 1024, got {args.ballast_mb:g}")
+    if args.ballast_mb and not (args.task or default_task(args.strategy)).startswith("quadratic"):
+        raise ConfigError("--ballast-mb", "only on quadratic or quadratic-sgd, whose loss (half the sum of "
+                                          "squares of the model's output) pulls the ballast to zero")
     settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task or "", strategy=args.strategy,
                              workers=args.workers, steps=args.steps, compress=args.compress,
-                             launcher=args.launcher)
+                             launcher=args.launcher, link_mbit=args.link_mbit,
+                             ballast=round(args.ballast_mb * 1e6 / 4))
     if settings.checked_by_optimum and not TASKS[settings.task].knows_optimum:
         runs = f"--compress {args.compress}" if args.compress != "none" else f"--strategy {args.strategy}"
         raise ConfigError("--task", f"{runs} runs are checked by their distance to the task's optimum: "

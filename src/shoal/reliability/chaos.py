@@ -89,6 +89,10 @@ class ChaosSettings:
     """``--compress`` for every run."""
     launcher: str = "train"
     """One of ``LAUNCHERS``; ``run`` needs ``cluster``."""
+    link_mbit: float | None = None
+    """``--launcher run``: every namespace host's link limited to this many Mbit/s (``tbf``)."""
+    ballast: int = 0
+    """``--launcher run``: parameters added to the script's model, for a payload (``chaos_script``)."""
 
     def __post_init__(self):
         self.task = self.task or default_task(self.strategy)
@@ -491,6 +495,10 @@ def render_markdown(summary: dict, settings: ChaosSettings, command: str, when: 
                        "Link cuts and coordinator restarts were not run (they need root for "
                        "network namespaces).\n")
     compression = "" if settings.compress == "none" else f" with --compress {settings.compress}"
+    if settings.ballast:
+        compression += f", {settings.ballast * 4 / 1e6:g} MB of ballast parameters"
+    if settings.link_mbit is not None:
+        compression += f", every host's link {settings.link_mbit:g} Mbit/s"
     model_check = "the final model equals the undisturbed run's within 1e-5 relative"
     undisturbed = "the undisturbed run's"
     exits = ""

@@ -9,6 +9,10 @@ goes (``SHOAL_CHAOS_*``); each step's compute may be stretched
 (``SHOAL_CHAOS_STEP_SECONDS``, or longer while the file ``SHOAL_CHAOS_SLOW_WHILE`` exists:
 the harness's workers are on their way back), so that a node's launcher started again has
 steps left to join. The pause changes when steps happen, not what they compute.
+
+``SHOAL_CHAOS_BALLAST`` adds that many parameters to a quadratic task's model, which every
+sample's loss pulls to zero (``Ballasted``): quadratic's numerics with a payload big enough
+to feel a slow link in every all-reduce and heal. They are saved and compared with the model.
 """
 
 import faulthandler
@@ -32,6 +36,27 @@ ENV_MODEL = "SHOAL_CHAOS_MODEL"
 ENV_STEP_SECONDS = "SHOAL_CHAOS_STEP_SECONDS"
 ENV_SLOW_WHILE = "SHOAL_CHAOS_SLOW_WHILE"
 ENV_SLOW_STEP_SECONDS = "SHOAL_CHAOS_SLOW_STEP_SECONDS"
+ENV_BALLAST = "SHOAL_CHAOS_BALLAST"
+
+
+class Ballasted(torch.nn.Module):
+    """A quadratic task's model and ``size`` more parameters. The forward appends them to
+    each sample's displacement, so the task's loss (half the sum of squares) gains
+    ``0.5 * ||ballast||^2`` per sample: they go to zero, and every all-reduce carries them.
+    They are used in the forward, where DDP and FSDP hook in."""
+
+    def __init__(self, model: torch.nn.Module, size: int):
+        super().__init__()
+        self.model = model
+        self.ballast = torch.nn.Parameter(torch.ones(size))
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model(points), self.ballast.expand(len(points), -1)], dim=1)
+
+    @staticmethod
+    def task_state(state: dict) -> dict:
+        """The task model's part of a saved state dict (the ballast's left out)."""
+        return {name.removeprefix("model."): value for name, value in state.items() if name != "ballast"}
 
 
 def main() -> None:
@@ -41,6 +66,10 @@ def main() -> None:
     torch.manual_seed(seed)
     task = TASKS[os.environ[ENV_TASK]](seed)
     model = task.build_model()
+    ballast = int(os.environ.get(ENV_BALLAST, "0"))
+    if ballast:
+        model = Ballasted(model, ballast)
+        torch.set_flush_denormal(True)  # long runs take the ballast that near zero: keep it fast
     optimizer = task.build_optimizer(model, task.defaults.lr)
     pause = float(os.environ.get(ENV_STEP_SECONDS, "0"))
     slow_while = os.environ.get(ENV_SLOW_WHILE)

@@ -79,7 +79,8 @@ def script_environment(settings, model: Path, step_seconds: float = 0.0,
     env = {chaos_script.ENV_TASK: settings.task, chaos_script.ENV_STEPS: str(settings.steps),
            chaos_script.ENV_BATCH: str(settings.batch_size), chaos_script.ENV_SEED: str(settings.seed),
            chaos_script.ENV_STRATEGY: settings.strategy, chaos_script.ENV_COMPRESS: settings.compress,
-           chaos_script.ENV_MODEL: str(model), chaos_script.ENV_STEP_SECONDS: str(step_seconds)}
+           chaos_script.ENV_MODEL: str(model), chaos_script.ENV_STEP_SECONDS: str(step_seconds),
+           chaos_script.ENV_BALLAST: str(settings.ballast)}
     if slow_while is not None:
         env[chaos_script.ENV_SLOW_WHILE] = str(slow_while)
         env[chaos_script.ENV_SLOW_STEP_SECONDS] = str(WAITING_STEP_SECONDS)
@@ -165,6 +166,9 @@ def run_script_trial(kind: str, event: dict, settings, directory: Path, env: dic
     (``plan_trials``)."""
     run = ClusterRun()
     hosts = Hosts(3)
+    if settings.link_mbit is not None:  # every host's, the coordinator's too: a WAN throughout
+        for index in range(3):
+            hosts.limit(index, settings.link_mbit)
     trial = _Trial(settings, hosts, directory, env, restarts=event.get("restarts", False))
     watcher = None
     try:
@@ -270,6 +274,10 @@ def _judge(run: ClusterRun, trial: _Trial, record: dict, settings) -> None:
     job = JobRecord.from_json(record)
     if job.steps_redone:
         run.problems.append(f"{job.steps_redone} committed steps were trained again")
+    slow = [c["cause"] for c in job.membership_changes if "collective timeout" in c["cause"]]
+    if slow:  # no fault: a slow link, say (--link-mbit); the job waited longer, and went on
+        run.notes.append(f"a collective outlasted its timeout with every member alive {len(slow)} time(s), "
+                         f"last: {slow[-1]}")
     if run.directory is None or not (run.directory / "model.pt").exists():
         return
     sampler = GlobalBatchSampler(TASKS[settings.task].train_samples(settings.seed), settings.batch_size,
@@ -286,5 +294,5 @@ def _evaluate(model: Path, settings) -> dict:
     """The task's evaluation of the saved model (its distance to the optimum, where known)."""
     task = TASKS[settings.task](settings.seed)
     built = task.build_model()
-    built.load_state_dict(torch.load(model))
+    built.load_state_dict(chaos_script.Ballasted.task_state(torch.load(model)))
     return task.evaluate(built)
