@@ -4,14 +4,13 @@ The library API is one call: :func:`train` runs an ordinary model, optimizer, da
 loss function on every worker of the job and keeps going when workers die.
 """
 
+from shoal._protocol import VERSION as __version__  # noqa: F401  (the package's version)
 from shoal.checkpoint import CheckpointError, Checkpointing
 from shoal.compression import COMPRESSORS, Compressor
 from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions, TrainConfig
 from shoal.runtime import Context, HealReport, JobStopped, LRSchedule, Preempted, TrainResult, train
 from shoal.strategies import STRATEGIES, Strategy
 from shoal.tasks import TASKS, Task
-
-__version__ = "0.1.0"
 
 __all__ = [
     "COMPRESSORS",

@@ -1,11 +1,18 @@
 """`shoal train --coordinator`: a launcher that cannot or must not join is refused before
 any of its workers starts (one line, exit 2), and the job it tried to join is untouched."""
 
+import http.server
+import json
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
+
+from shoal import _protocol
 from shoal.coordinator import Coordinator, Membership
+from shoal.launch.joining import admission_refusal
 from tests.conftest import shoal
 
 JOB = ["--task", "digits", "--steps", "20", "--batch-size", "32", "--workers", "1", "--quiet"]
@@ -41,6 +48,59 @@ def test_a_launcher_for_another_job_is_refused_and_the_job_goes_on(tmp_path):
         first.kill()
         first.wait()
         coordinator.stop()
+
+
+def test_a_launcher_and_a_coordinator_of_other_shoal_protocols_do_not_mix(monkeypatch):
+    """This coordinator (in this process) speaks protocol 99: a launcher of this shoal (a
+    fresh process: ours) is refused before any worker starts (one line, exit 2), and so
+    is a launcher that sends no protocol at all."""
+    ours = _protocol.PROTOCOL
+    monkeypatch.setattr(_protocol, "PROTOCOL", 99)
+    membership = Membership(expected_workers=1, min_workers=1)
+    coordinator = Coordinator(membership, token="t").start()
+    try:
+        address = coordinator.url.removeprefix("http://")
+        refused = shoal("train", *JOB, "--coordinator", address, "--token", "t", timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().splitlines() == [(
+            f"shoal train: error: this launcher runs shoal {_protocol.VERSION} (protocol {ours}), the coordinator "
+            f"shoal {_protocol.VERSION} (protocol 99): run one shoal version on every machine")]
+        older = httpx.post(f"{coordinator.url}/launcher", json={"spec": {}}, headers={"Authorization": "Bearer t"})
+        assert older.status_code == 409 and "older than protocol 1" in older.json()["error"]
+        assert membership.snapshot()["workers"] == {} and membership.job_spec is None
+    finally:
+        coordinator.stop()
+
+
+class _OlderCoordinator(http.server.BaseHTTPRequestHandler):
+    """A coordinator from before protocols: it admits any launcher and says nothing more."""
+
+    def do_POST(self):  # http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"ok": True}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_launcher_refuses_a_coordinator_that_admits_it_without_a_protocol():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OlderCoordinator)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        refusal = admission_refusal(f"http://{address}", "t", address, {}, "here/1/x")
+    finally:
+        server.shutdown()
+        thread.join()
+    assert refusal == (f"--coordinator: the coordinator at {address} runs a shoal older than protocol 1 "
+                       f"(it sends no protocol), this launcher {_protocol.describe()}: run one shoal version "
+                       "on every machine")
 
 
 def test_an_unreachable_coordinator_is_one_line():

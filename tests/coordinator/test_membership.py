@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from shoal import _protocol
 from shoal.coordinator import Membership
 from shoal.coordinator.membership import MAX_TIMEOUT_GROWTH
 
@@ -433,6 +434,20 @@ def test_launchers_of_one_job_must_agree_on_what_it_trains():
         membership.admit_launcher(spec | {"--lr": 0.5})
     with pytest.raises(ValueError, match=r"^--compress: .* with None, this launcher gives int8$"):
         membership.admit_launcher(spec | {"--compress": "int8"})
+    assert membership.job_spec == spec
+
+
+def test_a_launcher_of_another_shoal_protocol_is_refused_naming_both():
+    membership = Membership(expected_workers=2, min_workers=1)
+    spec = {"--task": "digits"}
+    with pytest.raises(ValueError, match=r"^this launcher runs shoal 0.2.0 \(protocol 7\), the coordinator "
+                                         r"shoal \S+ \(protocol \d+\): run one shoal version on every machine$"):
+        membership.admit_launcher(spec, protocol=7, version="0.2.0")
+    with pytest.raises(ValueError, match=r"^this launcher runs a shoal older than protocol 1 \(it sends no "
+                                         r"protocol\), the coordinator"):
+        membership.admit_launcher(spec, protocol=None)
+    assert membership.job_spec is None  # neither became the job's
+    membership.admit_launcher(spec, protocol=_protocol.PROTOCOL, version=_protocol.VERSION)
     assert membership.job_spec == spec
 
 

@@ -13,6 +13,7 @@ import time
 import httpx
 import psutil
 
+from shoal import _protocol
 from tests.conftest import REPO, outputs, shoal
 
 TOKEN = "script-token"
@@ -225,7 +226,8 @@ def test_a_node_is_refused_before_its_workers_start(tmp_path):
     other = tmp_path / "other.py"
     other.write_text("raise SystemExit('never run')\n")
     try:
-        httpx.post(f"{url}/launcher", json={"spec": {"shoal run SCRIPT": "elastic.py"}},
+        httpx.post(f"{url}/launcher", json={"spec": {"shoal run SCRIPT": "elastic.py"},
+                                            "protocol": _protocol.PROTOCOL},
                    headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
         address = url.removeprefix("http://")
         wrong_token = shoal("run", "--coordinator", address, EXAMPLE,  # the token by its variable

@@ -19,6 +19,7 @@ import pytest
 from torch.distributed import TCPStore
 
 import shoal.launch.rendezvous as rendezvous_keys
+from shoal import _protocol
 from shoal.network import Hosts, namespaces_available
 from tests.conftest import REPO, outputs, shoal
 from tests.launch.test_run import elastic_script_losing_rank_1, plain_script_where_rank_1_gives_up
@@ -110,7 +111,7 @@ def _waiting_script(tmp_path):
     return script
 
 
-def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path, capsys):
+def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path, capsys, monkeypatch):
     """Nodes 0 and 1 of three wait for node 2; launchers that do not fit their job are
     refused before any worker starts, and the job, left alone, starts when node 2 comes.
     (The refused launchers run in this process: six fresh interpreters took half a minute
@@ -135,6 +136,13 @@ def test_a_node_that_disagrees_with_node_0s_job_exits_2_naming_the_flag(tmp_path
             assert code == 2, (flags, err)
             [line] = err.strip().splitlines()
             assert line.startswith(f"shoal run: error: {named}: "), line
+        ours = _protocol.describe()
+        monkeypatch.setattr(_protocol, "PROTOCOL", 99)  # a launcher of another shoal
+        code = main(["run", *job, "--master-addr", "127.0.0.1", "--join-timeout", "3", str(script)])
+        monkeypatch.undo()
+        assert (code, capsys.readouterr().err.strip().splitlines()) == (2, [(
+            f"shoal run: error: --master-addr: node 0 at 127.0.0.1:{port} runs {ours}, this node "
+            f"shoal {_protocol.VERSION} (protocol 99): run one shoal version on every node")])
         nodes.append(_launch(script, *job))  # no --node-rank: the next free one, 2
         for node, process in enumerate(nodes):
             assert process.stdout.readline().strip() == f"[worker {node}] ready"

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from shoal import _protocol
 from shoal.coordinator.record import CommittedStep, JobRecord
 
 _SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\] ?")
@@ -422,12 +423,17 @@ class Membership:
         return any(w is not None and w.finished for w in members) and all(
             w is None or w.finished or not w.alive for w in members)
 
-    def admit_launcher(self, spec: dict, launcher: str = "") -> None:
+    def admit_launcher(self, spec: dict, launcher: str = "", *, protocol: int | None = -1,
+                       version: str | None = None) -> None:
         """A launcher (its id, if it gives one) about to start workers for this job. The first
         one's spec becomes the job's; one that differs is refused (ValueError naming the flag)
         before its workers start, so that it cannot disturb the running job. So is any
         launcher once the job ended (its workers would have nothing to do; a restored record's
-        job may have long ended)."""
+        job may have long ended), and one of another shoal protocol than ours (-1, the
+        default: ours; None: from before protocols were numbered)."""
+        if protocol not in (-1, _protocol.PROTOCOL):
+            raise ValueError(f"this launcher runs {_protocol.describe(protocol, version)}, the coordinator "
+                             f"{_protocol.describe()}: run one shoal version on every machine")
         with self._lock:
             if self.status in ("completed", "failed"):
                 raise ValueError(f"the job this coordinator runs has already {self.status}: a new job "

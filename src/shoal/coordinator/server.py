@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch.distributed as dist
 from aiohttp import web
 
+from shoal import _protocol
 from shoal.coordinator.membership import Membership
 
 __all__ = ["Coordinator"]
@@ -137,10 +138,11 @@ class Coordinator:
     async def _launcher(self, request: web.Request) -> web.Response:
         body = await request.json()
         try:
-            self.membership.admit_launcher(body["spec"], str(body.get("launcher", "")))
+            self.membership.admit_launcher(body["spec"], str(body.get("launcher", "")),
+                                           protocol=body.get("protocol"), version=body.get("version"))
         except ValueError as error:
             return web.json_response({"error": str(error)}, status=409)
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": True, "protocol": _protocol.PROTOCOL, "version": _protocol.VERSION})
 
     async def _join(self, request: web.Request) -> web.Response:
         body = await request.json()

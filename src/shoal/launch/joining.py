@@ -12,6 +12,7 @@ import uuid
 
 import httpx
 
+from shoal import _protocol
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 
 __all__ = ["ADMISSION_RETRY_SECONDS", "admission_refusal", "final_status", "launcher_id"]
@@ -38,7 +39,8 @@ def admission_refusal(url: str, token: str, address: str, spec: dict, launcher: 
     tracebacks, a hang, or a running job broken by workers that load another model."""
     client = CoordinatorClient(url, token, retry_seconds=ADMISSION_RETRY_SECONDS)
     try:
-        client.post("/launcher", {"spec": spec, "launcher": launcher})
+        reply = client.post("/launcher", {"spec": spec, "launcher": launcher,
+                                          "protocol": _protocol.PROTOCOL, "version": _protocol.VERSION})
     except CoordinatorUnreachable as error:
         return f"--coordinator: cannot reach {url} ({error.__cause__})"
     except PermissionError:
@@ -49,6 +51,10 @@ def admission_refusal(url: str, token: str, address: str, spec: dict, launcher: 
         return error.response.json()["error"]
     finally:
         client.close()
+    theirs = reply.get("protocol")
+    if theirs != _protocol.PROTOCOL:  # an older coordinator admits anyone: we refuse it
+        return (f"--coordinator: the coordinator at {address} runs {_protocol.describe(theirs, reply.get('version'))}, "
+                f"this launcher {_protocol.describe()}: run one shoal version on every machine")
     return None
 
 

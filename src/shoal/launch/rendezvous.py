@@ -34,6 +34,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
+from shoal import _protocol
 from shoal.config import ConfigError
 
 __all__ = ["NodeGone", "NodeRendezvous", "first_line"]
@@ -42,6 +43,8 @@ _URL = "shoal/run/coordinator-url"
 _TOKEN = "shoal/run/token"
 _RUN_ID = "shoal/run/run-id"
 _SHAPE = "shoal/run/shape"
+_PROTOCOL, _VERSION = "shoal protocol", "shoal version"
+"""Node 0's, published with its shape (``shoal._protocol``)."""
 """Node 0's flags that every node must give alike (JSON: flag -> value)."""
 _NODE = "shoal/run/node/{}"
 """Claimed by the launcher that runs as that node: two may not."""
@@ -95,7 +98,8 @@ class NodeRendezvous:
         is the only node: the token stays out of the store)."""
         if nnodes > 1:
             for key, value in ((_URL, url), (_TOKEN, token), (_RUN_ID, run_id),
-                               (_SHAPE, json.dumps(shape)), (_NODE.format(0), "node 0")):
+                               (_SHAPE, json.dumps(shape | {_PROTOCOL: _protocol.PROTOCOL, _VERSION: _protocol.VERSION})),
+                               (_NODE.format(0), "node 0")):
                 store.set(key, value)
         rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=run_id)
         rendezvous._hosting = True
@@ -129,6 +133,11 @@ class NodeRendezvous:
                               f"give a longer --join-timeout): {first_line(error)}") from None
         rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=theirs)
         theirs_shape = json.loads(their_shape)
+        protocol, version = theirs_shape.pop(_PROTOCOL, None), theirs_shape.pop(_VERSION, None)
+        if protocol != _protocol.PROTOCOL:
+            rendezvous._refuse(ConfigError("--master-addr", f"node 0 at {master_addr}:{master_port} runs "
+                                           f"{_protocol.describe(protocol, version)}, this node "
+                                           f"{_protocol.describe()}: run one shoal version on every node"))
         for flag, mine, node0 in [*((flag, value, theirs_shape.get(flag)) for flag, value in shape.items()),
                                   ("--rdzv-id", run_id or theirs, theirs)]:
             if mine != node0:
