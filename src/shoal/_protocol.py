@@ -19,10 +19,13 @@ coordinator's HTTP API, the keys in its store, the workers' messages and blobs. 
 first numbered protocol (2026-12-07); processes from before it send none."""
 
 
-def describe(protocol: int | None = -1, version: str | None = None) -> str:
+_MINE = object()
+
+
+def describe(protocol: object = _MINE, version: str | None = None) -> str:
     """"shoal 0.1.0 (protocol 1)": this process's by default, else another's (``None``: an
     older process that sends no protocol)."""
-    if protocol == -1:
+    if protocol is _MINE:
         protocol, version = PROTOCOL, VERSION
     if protocol is None:
         return "a shoal older than protocol 1 (it sends no protocol)"

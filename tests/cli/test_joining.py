@@ -2,6 +2,7 @@
 any of its workers starts (one line, exit 2), and the job it tried to join is untouched."""
 
 import http.server
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 
 import httpx
 
+import shoal as shoal_package
 from shoal import _protocol
 from shoal.coordinator import Coordinator, Membership
 from shoal.launch.joining import admission_refusal
@@ -70,6 +72,10 @@ def test_a_launcher_and_a_coordinator_of_other_shoal_protocols_do_not_mix(monkey
         assert membership.snapshot()["workers"] == {} and membership.job_spec is None
     finally:
         coordinator.stop()
+
+
+def test_the_version_a_refusal_names_is_the_installed_packages():
+    assert _protocol.VERSION == importlib.metadata.version("shoal") == shoal_package.__version__
 
 
 class _OlderCoordinator(http.server.BaseHTTPRequestHandler):

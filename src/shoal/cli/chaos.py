@@ -35,6 +35,8 @@ def add_chaos(commands) -> None:
                         help="with --launcher run on quadratic or quadratic-sgd: add MB of parameters to the "
                              "script's model, which every sample's loss pulls to zero: the task's numerics, "
                              "with a payload that feels --link-mbit (default 0)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=2.0, metavar="S",
+                        help="every trial's (default 2 s): where its collective timeout starts")
     parser.add_argument("--workers", type=int, default=4, help="workers per trial (default 4)")
     parser.add_argument("--steps", type=int, default=600, help="steps per trial (default 600)")
     parser.add_argument("--markdown", metavar="PATH",
@@ -44,7 +46,7 @@ def add_chaos(commands) -> None:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from shoal.config import ConfigError, StrategyOptions, check_writable_file
+    from shoal.config import ConfigError, StrategyOptions, check_heartbeat_timeout, check_writable_file
     from shoal.network import namespaces_available
     from shoal.reliability.chaos import (
         LOCAL_STATE_STRATEGIES,
@@ -74,14 +76,16 @@ def _chaos(args: argparse.Namespace) -> int:
             raise ConfigError(flag, "only with --launcher run, whose trials all run on namespace hosts")
     if args.link_mbit is not None and not 0 < args.link_mbit < math.inf:
         raise ConfigError("--link-mbit", f"must be positive and finite, got {args.link_mbit:g}")
-    if not 0 <= args.ballast_mb <= 1024:
-        raise ConfigError("--ballast-mb", f"must be between 0 and 1024, got {args.ballast_mb:g}")
+    if not 0 <= args.ballast_mb <= 64:  # every worker holds it with its gradient and momentum
+        raise ConfigError("--ballast-mb", f"must be between 0 and 64, got {args.ballast_mb:g}")
+    check_heartbeat_timeout(args.heartbeat_timeout)
     if args.ballast_mb and not (args.task or default_task(args.strategy)).startswith("quadratic"):
         raise ConfigError("--ballast-mb", "only on quadratic or quadratic-sgd, whose loss (half the sum of "
                                           "squares of the model's output) pulls the ballast to zero")
     settings = ChaosSettings(trials=args.trials, seed=args.seed, task=args.task or "", strategy=args.strategy,
                              workers=args.workers, steps=args.steps, compress=args.compress,
                              launcher=args.launcher, link_mbit=args.link_mbit,
+                             heartbeat_timeout=args.heartbeat_timeout,
                              ballast=round(args.ballast_mb * 1e6 / 4))
     if settings.checked_by_optimum and not TASKS[settings.task].knows_optimum:
         runs = f"--compress {args.compress}" if args.compress != "none" else f"--strategy {args.strategy}"

@@ -37,14 +37,20 @@ __all__ = ["MAX_TIMEOUT_GROWTH", "Generation", "Membership", "describe_change"]
 
 _STALL_SECONDS = 0.5
 
+_OURS = object()
+"""``admit_launcher``'s default protocol: this process's (a caller in it, not a request)."""
+
 MAX_TIMEOUT_GROWTH = 32
 """The collective timeout grows to at most this many heartbeat timeouts (160 s at the default
 5 s). Beyond it a collective that never ends among live members is a bug, not a slow link,
 and the workers' own limit on failures without progress ends the job."""
 
-_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
-"""A failure report that says the collective ran out of time (gloo: "Timed out waiting 5000ms
-for recv operation to complete"), rather than that a peer's connection closed."""
+_TIMED_OUT = re.compile(r"Timed out waiting \d+ms for (?:send|recv)|"
+                        r"the parameter server did not answer: timed out")
+"""A failure report that says an operation of the generation's group ran out of time (gloo's
+words), or async's request to its server did, rather than that a peer's connection closed
+or anything else timed out (the store, a checkpoint's writing): only those are what the
+collective timeout bounds."""
 
 
 @dataclass(slots=True)
@@ -272,6 +278,10 @@ class Membership:
         members = [int(m) for m in payload.get("members", [])]
         if generation < 1 or worker_id not in members or self.status in ("completed", "failed"):
             return
+        # The generation's collective timeout, as its members run it: we may have restarted
+        # without a state file, knowing only the heartbeat timeout.
+        self.collective_timeout = self._bounded_timeout(
+            max(self.collective_timeout, float(payload.get("collective_timeout") or 0.0)))
         if generation > self.current_number:
             now = self._clock()
             self._generations.append(Generation(generation, members, now, self.collective_timeout))
@@ -423,15 +433,15 @@ class Membership:
         return any(w is not None and w.finished for w in members) and all(
             w is None or w.finished or not w.alive for w in members)
 
-    def admit_launcher(self, spec: dict, launcher: str = "", *, protocol: int | None = -1,
+    def admit_launcher(self, spec: dict, launcher: str = "", *, protocol: object = _OURS,
                        version: str | None = None) -> None:
         """A launcher (its id, if it gives one) about to start workers for this job. The first
         one's spec becomes the job's; one that differs is refused (ValueError naming the flag)
         before its workers start, so that it cannot disturb the running job. So is any
         launcher once the job ended (its workers would have nothing to do; a restored record's
-        job may have long ended), and one of another shoal protocol than ours (-1, the
-        default: ours; None: from before protocols were numbered)."""
-        if protocol not in (-1, _protocol.PROTOCOL):
+        job may have long ended), and one of another shoal protocol than ours (by default
+        ours; None: from before protocols were numbered)."""
+        if protocol is not _OURS and (type(protocol) is not int or protocol != _protocol.PROTOCOL):
             raise ValueError(f"this launcher runs {_protocol.describe(protocol, version)}, the coordinator "
                              f"{_protocol.describe()}: run one shoal version on every machine")
         with self._lock:
@@ -642,7 +652,7 @@ class Membership:
             self._rejoin_expected = {int(w): now - max(0.0, time.time() - announced)
                                      for w, announced in state.get("rejoin_expected", {}).items()}
             self._admitted = set(state.get("admitted", [""]))  # an older file: ids unknown, any counts
-            self.collective_timeout = float(state.get("collective_timeout", self.heartbeat_timeout))
+            self.collective_timeout = self._bounded_timeout(float(state.get("collective_timeout", 0.0)))
             current = self.current
             if self.status == "running" and current is not None:
                 self._take_over(current, now)
@@ -731,6 +741,11 @@ class Membership:
             # ending. A generation formed now would hold the joiner and whoever had not yet
             # reported its end, and the joiner would wait for them to connect forever.
             self._form(cause="workers joined", failed_at=now)
+
+    def _bounded_timeout(self, seconds: float) -> float:
+        """``seconds`` within what this coordinator's heartbeat timeout allows (a state file or
+        a worker's heartbeat may come from a run with another)."""
+        return min(max(seconds, self.heartbeat_timeout), MAX_TIMEOUT_GROWTH * self.heartbeat_timeout)
 
     def _lengthen_collective_timeout(self) -> str:
         """A collective ran out of time while every member stayed alive: it was slow, not

@@ -48,7 +48,8 @@ class Ballasted(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, size: int):
         super().__init__()
         self.model = model
-        self.ballast = torch.nn.Parameter(torch.ones(size))
+        # random, not constant: a compressor (PowerSGD, say) must find it as hard as a gradient
+        self.ballast = torch.nn.Parameter(torch.randn(size, generator=torch.Generator().manual_seed(size)))
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.model(points), self.ballast.expand(len(points), -1)], dim=1)

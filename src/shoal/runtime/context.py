@@ -195,6 +195,7 @@ class Context:
             "launcher": self.launcher_id,
             # what a restarted coordinator needs to adopt the running generation
             "generation": self.generation,
+            "collective_timeout": self.collective_timeout,
             "failed_generation": self.failed_generation,
             "failure_detail": self.failure_detail if self.failed_generation is not None else "",
             "members": self.members,
@@ -293,7 +294,8 @@ class Context:
         leave (``GenerationMoved``/``JobStopped``) as soon as the coordinator gives up on one.
 
         A collective that waits for a slow peer's long local work would hit its timeout (the
-        heartbeat timeout) although the peer is alive; this wait is bounded by liveness instead.
+        generation's collective timeout) although the peer is alive; this wait is bounded by
+        liveness instead.
         """
         store = self.generation_store
         store.set(f"shoal/ready/{tag}/{self.rank}", b"1")
