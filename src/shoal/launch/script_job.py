@@ -25,7 +25,7 @@ import httpx
 import torch.distributed as dist
 
 from shoal.config import ENV_WORKER_PID, ConfigError, RunConfig, check_bindable
-from shoal.coordinator import Coordinator, Membership
+from shoal.coordinator import Coordinator, Membership, describe_change
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.joining import launcher_id
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
@@ -86,6 +86,9 @@ class _LocalJob:
     def report_exit(self, worker_id: int, cause: str, when: float) -> None:
         self._membership.report_exit(worker_id, cause, when)
 
+    def changes(self) -> list[dict]:
+        return self._membership.membership_changes()
+
 
 class _RemoteJob:
     """The job as the other nodes see it: node 0's coordinator, over HTTP."""
@@ -96,6 +99,9 @@ class _RemoteJob:
     def status(self) -> dict:
         """``GET /status``, or ``{}`` when node 0 is gone (the exits then tell the outcome)."""
         return self._ask(lambda client: client.get("/status")) or {}
+
+    def changes(self) -> list[dict]:
+        return []  # node 0, which holds the membership, tells them
 
     def report_exit(self, worker_id: int, cause: str, when: float) -> None:
         # Workers' ids are their ranks, known here: a death before joining counts too.
@@ -288,6 +294,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     status: dict = {}
     watch_store, node0_done = True, False
     next_status, ended_at = 0.0, None
+    told = 0
     while not stop.how:
         if watch_store:
             try:
@@ -302,6 +309,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
         if done_here or time.monotonic() >= next_status:
             status = job.status() or status
             next_status = time.monotonic() + _STATUS_SECONDS
+            told = _tell_slow_collectives(job.changes(), told)
             if status.get("status") in ("completed", "failed") and status.get("workers"):
                 ended_at = ended_at or time.monotonic()
                 # After a failure the workers hear of it and leave: a heartbeat timeout first.
@@ -314,6 +322,16 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
         wake.wait(_POLL_SECONDS)
         wake.clear()
     return status
+
+
+def _tell_slow_collectives(changes: list[dict], told: int) -> int:
+    """Say when the job waits longer for its collectives (a slow link, a straggler): it slows
+    down for a reason the user should see. Deaths are told at the end, as survived. Returns
+    how many changes have been looked at."""
+    for change in changes[told:]:
+        if "collective timeout" in change["cause"]:
+            print(f"shoal run: {describe_change(change)}", file=sys.stderr, flush=True)
+    return len(changes)
 
 
 def _await_node_0(rendezvous: NodeRendezvous, stop: StopRequest) -> None:
