@@ -731,10 +731,8 @@ class Membership:
         elif self._failure_reported_at is not None and all(
             m.finished or m.last_seen >= self._failure_reported_at for m in members
         ):
-            cause = f"collective failed; all members alive{self._failure_detail}"
-            if self._failure_timed_out:
-                cause += self._lengthen_collective_timeout()
-            self._form(cause=cause, failed_at=self._failure_reported_at)
+            self._form(cause=f"collective failed; all members alive{self._failure_detail}",
+                       failed_at=self._failure_reported_at, lengthen=self._failure_timed_out)
         elif waiting and not any(m.finished for m in members) and (
                 self.max_workers is None or len(current.members) < self.max_workers):
             # Not once a member has finished: the last step is committed and the job is
@@ -788,7 +786,9 @@ class Membership:
             for worker in self._workers.values():
                 worker.forgiven += gap
 
-    def _form(self, *, cause: str, failed_at: float) -> None:
+    def _form(self, *, cause: str, failed_at: float, lengthen: bool = False) -> None:
+        """The next generation, of the live workers (unless too few: then a pause, or the
+        job fails); ``lengthen``: with a longer collective timeout."""
         previous = self.current
         live = sorted(w.worker_id for w in self._workers.values() if w.alive and not w.finished)
         if self.max_workers is not None:
@@ -806,6 +806,8 @@ class Membership:
             )
             return
         self._below_minimum_since = None
+        if lengthen:  # only a generation that forms: the change that says so is recorded with it
+            cause += self._lengthen_collective_timeout()
         generation = Generation(self.current_number + 1, live, self._clock(), self.collective_timeout)
         self._generations.append(generation)
         if previous is not None:
