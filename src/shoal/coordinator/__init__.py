@@ -1,10 +1,15 @@
 """The coordinator: the single source of truth for membership. It never touches tensors."""
 
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
-from shoal.coordinator.membership import Generation, Membership, describe_change
+from shoal.coordinator.membership import (
+    Generation,
+    Membership,
+    describe_change,
+    for_slow_collective,
+)
 
 __all__ = ["Coordinator", "CoordinatorClient", "CoordinatorUnreachable", "Generation", "Membership",
-           "describe_change"]
+           "describe_change", "for_slow_collective"]
 
 
 def __getattr__(name: str):

@@ -33,7 +33,7 @@ _SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\] ?")
 """Where in torch's or gloo's C++ an error was raised, as "[/__w/pytorch/.../unbound_buffer.cc:129] ":
 long enough to push what the error says past the cause's length."""
 
-__all__ = ["MAX_TIMEOUT_GROWTH", "Generation", "Membership", "describe_change"]
+__all__ = ["MAX_TIMEOUT_GROWTH", "Generation", "Membership", "describe_change", "for_slow_collective"]
 
 _STALL_SECONDS = 0.5
 
@@ -113,6 +113,17 @@ class _StepRecord:
             parts = self.loss_parts.values()
             return math.nan if None in parts else sum(parts)
         return None
+
+
+_TIMEOUT_CHANGED = "collective timeout"
+"""In the cause of a re-form for a collective that outlasted its timeout with every member
+alive: "...; collective timeout now 10 s" (or "...; the collective timeout stays at its limit")."""
+
+
+def for_slow_collective(change: dict) -> bool:
+    """A membership change that no fault made: a collective outlasted its timeout with every
+    member alive (a slow link, a straggler), and the next generation waits longer."""
+    return _TIMEOUT_CHANGED in change["cause"]
 
 
 def describe_change(change: dict) -> str:
@@ -749,11 +760,11 @@ class Membership:
         """A collective ran out of time while every member stayed alive: it was slow, not
         stuck on a dead peer (a hung one stops its heartbeats and is declared dead instead).
         Double the timeout, as TCP backs off its retransmission timer; what to add to the cause."""
-        longest = MAX_TIMEOUT_GROWTH * self.heartbeat_timeout
-        if self.collective_timeout >= longest:
-            return f"; the collective timeout stays at its limit, {self.collective_timeout:g} s"
-        self.collective_timeout = min(2 * self.collective_timeout, longest)
-        return f"; collective timeout now {self.collective_timeout:g} s"
+        lengthened = self._bounded_timeout(2 * self.collective_timeout)
+        if lengthened == self.collective_timeout:
+            return f"; the {_TIMEOUT_CHANGED} stays at its limit, {lengthened:g} s"
+        self.collective_timeout = lengthened
+        return f"; {_TIMEOUT_CHANGED} now {lengthened:g} s"
 
     def _awaiting_correlated_silence(self, members: list[_Worker], dead: list[_Worker],
                                      now: float) -> bool:

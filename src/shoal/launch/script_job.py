@@ -25,7 +25,7 @@ import httpx
 import torch.distributed as dist
 
 from shoal.config import ENV_WORKER_PID, ConfigError, RunConfig, check_bindable
-from shoal.coordinator import Coordinator, Membership, describe_change
+from shoal.coordinator import Coordinator, Membership, describe_change, for_slow_collective
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.joining import launcher_id
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
@@ -329,7 +329,7 @@ def _tell_slow_collectives(changes: list[dict], told: int) -> int:
     down for a reason the user should see. Deaths are told at the end, as survived. Returns
     how many changes have been looked at."""
     for change in changes[told:]:
-        if "collective timeout" in change["cause"]:
+        if for_slow_collective(change):
             print(f"shoal run: {describe_change(change)}", file=sys.stderr, flush=True)
     return len(changes)
 

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shoal.coordinator import for_slow_collective
 from shoal.reliability import chaos_script
 from shoal.reliability.checks import (
     exactly_once_violations,
@@ -380,7 +381,7 @@ def _check_files(files: Path, plan: TrialPlan, settings: ChaosSettings, referenc
                                                 dataset_size=dataset_size, steps=settings.steps)
     # A re-form for a slow collective (every member alive, the timeout lengthened) is no
     # fault's doing: it neither shows that the fault struck nor how fast it was found.
-    changes = [c for c in results["membership_changes"] if "collective timeout" not in c["cause"]]
+    changes = [c for c in results["membership_changes"] if not for_slow_collective(c)]
     outcome.detection_seconds = [c["detection_seconds"] for c in changes
                                  if c["cause"] != "workers joined"]
     outcome.recovery_seconds = [c["recovery_seconds"] for c in changes

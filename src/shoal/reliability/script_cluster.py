@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from shoal.coordinator import for_slow_collective
 from shoal.coordinator.record import JobRecord
 from shoal.data import GlobalBatchSampler
 from shoal.network import Hosts
@@ -274,7 +275,7 @@ def _judge(run: ClusterRun, trial: _Trial, record: dict, settings) -> None:
     job = JobRecord.from_json(record)
     if job.steps_redone:
         run.problems.append(f"{job.steps_redone} committed steps were trained again")
-    slow = [c["cause"] for c in job.membership_changes if "collective timeout" in c["cause"]]
+    slow = [c["cause"] for c in job.membership_changes if for_slow_collective(c)]
     if slow:  # no fault: a slow link, say (--link-mbit); the job waited longer, and went on
         run.notes.append(f"a collective outlasted its timeout with every member alive {len(slow)} time(s), "
                          f"last: {slow[-1]}")
