@@ -7,6 +7,7 @@ import pytest
 from shoal import _protocol
 from shoal.coordinator import Membership
 from shoal.coordinator.membership import MAX_TIMEOUT_GROWTH
+from shoal.coordinator.timeouts import SHRINK_WINDOW, START, STEP
 
 
 class Clock:
@@ -108,7 +109,7 @@ def test_failure_report_waits_until_every_member_proves_it_is_alive():
     # The change names what the first reporter saw: with everyone alive, the only clue to why
     assert membership.membership_changes()[-1]["cause"] == (
         "collective failed; all members alive; worker 0: RuntimeError: [gloo] Timed out waiting 2000ms for recv"
-        "; collective timeout now 10 s")
+        "; collective timeout now 10 s; step timeout now 10 s")
 
 
 def reform_after(membership, clock, *details):
@@ -139,7 +140,7 @@ def test_a_collective_that_timed_out_among_live_members_doubles_the_next_timeout
     timeouts = [reform_after(membership, clock, GLOO_TIMEOUT, GLOO_TIMEOUT).collective_timeout for _ in range(6)]
     assert timeouts == [20.0, 40.0, 80.0, 160.0, 160.0, 160.0] and MAX_TIMEOUT_GROWTH * 5.0 == 160.0
     assert membership.membership_changes()[-1]["cause"].endswith(
-        "; the collective timeout stays at its limit, 160 s")
+        "; the collective timeout stays at its limit, 160 s; the step timeout stays at its limit, 160 s")
 
 
 def test_a_hung_member_does_not_lengthen_the_timeout():
@@ -168,7 +169,7 @@ def test_a_restarted_coordinator_keeps_the_lengthened_timeout():
     # one restarted with a shorter --heartbeat-timeout keeps it within its own limit
     shorter = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=0.5, clock=clock)
     shorter.restore_state(json.loads(json.dumps(restarted.export_state())))
-    assert shorter.collective_timeout == 16.0
+    assert shorter.timeouts.collective == 16.0
 
 
 def test_a_coordinator_restarted_without_its_state_learns_the_timeout_from_the_workers():
@@ -180,6 +181,132 @@ def test_a_coordinator_restarted_without_its_state_learns_the_timeout_from_the_w
     membership.heartbeat(1, {"generation": 4, "members": [0, 1], "collective_timeout": 40.0})
     assert membership.current.collective_timeout == 40.0
     assert reform_after(membership, clock, GLOO_TIMEOUT, GLOO_TIMEOUT).collective_timeout == 80.0
+
+
+def reform_after_timeout(membership, clock, phase):
+    """Both members' ``phase`` ran out of time (one's report says where, the other's not)."""
+    clock.now += 1
+    number = membership.current.number
+    membership.report_failure(0, number, GLOO_TIMEOUT, phase)
+    membership.report_failure(1, number, "RuntimeError: Connection closed by peer")
+    assert membership.current.number == number + 1
+    return membership.current
+
+
+def test_a_step_that_timed_out_lengthens_the_step_timeout_and_one_outside_steps_the_collective_timeout():
+    """A step's collectives and the rest (a heal carries two to three times a step's bytes)
+    have timeouts of their own; the collective timeout is never the shorter. One outside a
+    step lengthens both (the first step over so slow a link would time out next). A report
+    that does not say where (a worker from before step timeouts) is taken for outside a step."""
+    membership, clock = started(workers=2, timeout=5.0)
+    assert (membership.current.collective_timeout, membership.current.step_timeout) == (5.0, 5.0)
+    after_step = reform_after_timeout(membership, clock, STEP)
+    assert (after_step.collective_timeout, after_step.step_timeout) == (10.0, 10.0)
+    assert membership.membership_changes()[-1]["cause"].endswith("; step timeout now 10 s")
+    after_heal = reform_after_timeout(membership, clock, START)
+    assert (after_heal.collective_timeout, after_heal.step_timeout) == (20.0, 20.0)
+    assert membership.membership_changes()[-1]["cause"].endswith(
+        "; collective timeout now 20 s; step timeout now 20 s")
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 0.5)  # quick steps: back to 5 s
+    after_step = reform_after_timeout(membership, clock, STEP)  # the collective timeout stays
+    assert (after_step.collective_timeout, after_step.step_timeout) == (20.0, 10.0)
+    unsaid = reform_after_timeout(membership, clock, None)
+    assert (unsaid.collective_timeout, unsaid.step_timeout) == (40.0, 20.0)
+    assert membership.heartbeat(0, {})["step_timeout"] == 20.0
+
+
+def commit_steps(membership, clock, steps, seconds_apart, first=0):
+    """Both members commit ``steps`` steps of the current generation, ``seconds_apart``."""
+    generation = membership.current.number
+    for step in range(first, first + steps):
+        clock.now += seconds_apart
+        for worker in (0, 1):
+            membership.heartbeat(worker, {"commits": [[step, generation, clock.now + worker * 0.01, 0.1]]})
+
+
+def test_the_step_timeout_shrinks_again_once_steps_are_quick():
+    """A straggler's episode doubled it twice; a window of steps that came 0.5 s apart
+    brings it back to the heartbeat timeout (4 x 0.5 s is less), and says so."""
+    membership, clock = started(workers=2, timeout=5.0)
+    reform_after_timeout(membership, clock, STEP)
+    reform_after_timeout(membership, clock, STEP)
+    assert membership.timeouts.step == 20.0
+    commit_steps(membership, clock, SHRINK_WINDOW - 1, 0.5)
+    assert membership.timeouts.step == 20.0  # not yet a whole window of intervals
+    commit_steps(membership, clock, 2, 0.5, first=SHRINK_WINDOW - 1)
+    assert membership.timeouts.step == 5.0
+    assert membership.heartbeat(0, {})["step_timeout"] == 5.0
+    [change] = membership.timeout_changes()
+    assert change["step_timeout"] == 5.0 and change["cause"] == (
+        f"step timeout now 5 s: the last {SHRINK_WINDOW} steps came at most 0.5 s apart (x 4)")
+    assert membership.record().timeout_changes == [change]
+    # the collective timeout (a heal's, a checkpoint's) does not shrink
+    assert membership.timeouts.collective == 20.0
+
+
+def test_the_step_timeout_shrinks_only_by_half_or_more_and_never_below_what_steps_take():
+    membership, clock = started(workers=2, timeout=1.0)
+    for _ in range(5):
+        reform_after_timeout(membership, clock, STEP)
+    assert membership.timeouts.step == 32.0
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 5.0)  # 4 x 5 s: more than half of 32 s
+    assert membership.timeouts.step == 32.0 and membership.timeout_changes() == []
+    # (a window starts with the other member's interval of the step that ended the last)
+    commit_steps(membership, clock, 2 * SHRINK_WINDOW, 2.0, first=SHRINK_WINDOW + 1)
+    assert membership.timeouts.step == 8.0  # 4 x 2 s
+
+
+def test_steps_committed_together_are_one_interval():
+    """localsgd commits a round's steps at once: only the time between rounds is measured
+    (else a round's zero intervals would shrink the timeout below a round's exchange)."""
+    membership, clock = started(workers=2, timeout=1.0)
+    for _ in range(3):
+        reform_after_timeout(membership, clock, STEP)
+    generation = membership.current.number
+    for round_ in range(SHRINK_WINDOW - 1):
+        clock.now += 1.0
+        steps = [[round_ * 10 + i, generation, clock.now, 0.1] for i in range(10)]
+        membership.heartbeat(0, {"commits": steps})
+    assert membership.timeouts.step == 8.0  # 99 rounds: 98 intervals
+    clock.now += 1.0
+    membership.heartbeat(0, {"commits": [[990 + i, generation, clock.now, 0.1] for i in range(10)]})
+    clock.now += 1.0
+    membership.heartbeat(0, {"commits": [[1000, generation, clock.now, 0.1]]})
+    assert membership.timeouts.step == 4.0  # 4 x 1 s between rounds
+
+
+def test_a_step_timeout_after_a_shrink_doubles_the_margin():
+    """Steps that are quick for a window and then, once, slow: the shrink was too far. The
+    timeout doubles as always, and the next shrink leaves twice the room (x 8): a job
+    with uneven steps pays a few re-forms, not one per slow step."""
+    membership, clock = started(workers=2, timeout=1.0)
+    for _ in range(4):
+        reform_after_timeout(membership, clock, STEP)
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 1.0)
+    assert membership.timeouts.step == 4.0
+    reform_after_timeout(membership, clock, STEP)
+    assert membership.timeouts.step == 8.0 and membership.timeouts.margin == 8.0
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 0.25, first=1000)
+    assert membership.timeouts.step == 2.0  # 8 x 0.25 s
+    assert membership.timeout_changes()[-1]["cause"].endswith("(x 8)")
+
+
+def test_a_restarted_coordinator_keeps_the_step_timeout_and_its_shrinks():
+    membership, clock = started(workers=2, timeout=1.0)
+    for _ in range(3):
+        reform_after_timeout(membership, clock, STEP)
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 0.5)
+    assert membership.timeouts.step == 2.0 and len(membership.timeout_changes()) == 1
+    restarted = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=1.0, clock=clock)
+    restarted.restore_state(json.loads(json.dumps(membership.export_state())), membership.commits_by_worker())
+    assert restarted.timeouts.step == 2.0 and restarted.timeout_changes() == membership.timeout_changes()
+    assert (restarted.timeouts.collective, restarted.timeouts.margin) == (8.0, 4.0)
+    # one restarted without its state learns the members' from their heartbeats
+    bare = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=1.0, clock=clock)
+    for worker in (0, 1):
+        bare.heartbeat(worker, {"generation": 4, "members": [0, 1], "collective_timeout": 8.0,
+                                "step_timeout": 2.1})
+    assert (bare.current.collective_timeout, bare.current.step_timeout) == (8.0, 2.1)
 
 
 def test_too_few_workers_fails_the_job_with_a_reason():
@@ -216,7 +343,7 @@ def test_a_restarted_coordinator_adopts_the_running_generation():
     membership = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=5.0, clock=clock)
     reply = membership.heartbeat(1, {"generation": 4, "members": [0, 1, 2], "committed_step": 99})
     assert reply == {"evicted": False, "generation": 4, "status": "running",
-                     "incarnation": membership.incarnation}
+                     "incarnation": membership.incarnation, "step_timeout": 5.0}
     assert membership.current.members == [0, 1, 2]
     for _ in range(2):  # workers 0 and 1 keep beating; worker 2 never comes back
         advance(membership, clock, 3)
@@ -247,7 +374,7 @@ def test_a_restarted_coordinator_forms_the_next_generation_for_members_that_left
     # the heartbeat carries what the lost report said (its first line, without where in C++)
     assert membership.membership_changes()[-1]["cause"] == (
         "collective failed; all members alive; worker 0: RuntimeError: Timed out waiting 2000ms for recv"
-        "; collective timeout now 10 s")
+        "; collective timeout now 10 s; step timeout now 10 s")
     clock.now += 0.25
     membership.heartbeat(1, left)  # still waiting to connect: an old generation's failure
     assert membership.current.number == 5

@@ -24,7 +24,7 @@ def test_the_log_gives_back_the_last_state_and_every_commit_even_when_torn(tmp_p
     state, commits = loaded.load()
     loaded.close()
     assert state["generations"] == [{"number": 1, "members": [0, 1], "formed_at": state["generations"][0]["formed_at"],
-                                    "collective_timeout": 5.0}]
+                                    "collective_timeout": 5.0, "step_timeout": 5.0}]
     assert commits == [(0, [[0, 1, 5.0, 0.25]]), (1, [[0, 1, 5.5, 0.5]])]
     # A coordinator started on it rewrites it compacted, whole again
     restored = Membership(expected_workers=2, min_workers=1)

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from shoal.coordinator.timeouts import SHRINK_WINDOW
 from tests.conftest import shoal
 
 STRAGGLER = """
@@ -17,17 +18,23 @@ import shoal
 from shoal.tasks import TASKS
 
 straggler_seconds = float(sys.argv[1])
+straggles = int(sys.argv[3]) if len(sys.argv) > 3 else None  # forwards that lag (None: every one)
+steps = int(sys.argv[4]) if len(sys.argv) > 4 else 4
 task = TASKS["quadratic"](0)
 torch.manual_seed(0)
 model = task.build_model()
 optimizer = task.build_optimizer(model, task.defaults.lr)
 
+forwards = 0
+
 def loss_fn(model, batch):
-    if os.environ.get("RANK") == "1":  # alive and beating, but slow at every step
-        time.sleep(straggler_seconds)
+    global forwards
+    forwards += 1
+    if os.environ.get("RANK") == "1" and (straggles is None or forwards <= straggles):
+        time.sleep(straggler_seconds)  # alive and beating, but slow
     return task.loss(model, batch)
 
-result = shoal.train(model, optimizer, task.train_dataset(), loss_fn, global_batch_size=64, steps=4, seed=0)
+result = shoal.train(model, optimizer, task.train_dataset(), loss_fn, global_batch_size=64, steps=steps, seed=0)
 if result.is_leader:
     print("generation", result.generation, "steps", result.steps)
     torch.save(result.model.state_dict(), sys.argv[2])
@@ -35,9 +42,9 @@ if result.is_leader:
 
 
 def test_a_straggler_slower_than_the_timeout_lengthens_it_and_changes_nothing(tmp_path):
-    """Worker 1 lags 1.6 s behind at every step, the collective timeout is 1 s: worker 0's
+    """Worker 1 lags 1.6 s behind at every step, the step timeout is 1 s: worker 0's
     all-reduce of the first step times out with both alive. The coordinator doubles the
-    timeout, shoal run says so, and the job completes with the model of a plain run.
+    step timeout, shoal run says so, and the job completes with the model of a plain run.
     (Before, every try of that step timed out alike, and the workers gave up after five.)"""
     script = tmp_path / "straggler.py"
     script.write_text(STRAGGLER)
@@ -51,10 +58,34 @@ def test_a_straggler_slower_than_the_timeout_lengthens_it_and_changes_nothing(tm
     # loaded machine may need a second), and no worker died
     told = [line for line in result.stderr.splitlines() if line.startswith("shoal run: ")]
     assert told and all(re.fullmatch(r"shoal run: generation \d+ -> \d+: collective failed; all members alive; "
-                                     r".*; collective timeout now \d+ s; members \[0, 1\] -> \[0, 1\]", line)
+                                     r".*; step timeout now \d+ s; members \[0, 1\] -> \[0, 1\]", line)
                         for line in told), told
-    assert told[0].endswith("; collective timeout now 2 s; members [0, 1] -> [0, 1]"), told
+    assert told[0].endswith("; step timeout now 2 s; members [0, 1] -> [0, 1]"), told
     [line] = [line for line in result.stdout.splitlines() if "generation" in line]
     assert line.split()[-1] == "4", line  # every step committed
+    job, reference = torch.load(tmp_path / "job.pt"), torch.load(tmp_path / "plain.pt")
+    assert torch.allclose(job["weight"], reference["weight"], rtol=1e-6, atol=1e-7)
+
+
+def test_the_step_timeout_shrinks_again_once_the_straggler_is_quick(tmp_path):
+    """Worker 1 lags 1.6 s in its first forward only: the step timeout doubles to 2 s, as
+    above, and the redone step is quick. After a window of quick steps the coordinator
+    brings it back to the heartbeat timeout (1 s), so a hang later is found as fast as
+    before the episode; shoal run says so, and the model is still a plain run's."""
+    script = tmp_path / "straggler.py"
+    script.write_text(STRAGGLER)
+    steps = str(SHRINK_WINDOW + 20)
+    plain = subprocess.run([sys.executable, str(script), "0", str(tmp_path / "plain.pt"), "0", steps],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert plain.returncode == 0, plain.stderr
+    result = shoal("run", "--nproc-per-node", "2", "--heartbeat-timeout", "1", str(script), "1.6",
+                   str(tmp_path / "job.pt"), "1", steps, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    told = [line for line in result.stderr.splitlines() if line.startswith("shoal run: ")]
+    assert told[0].endswith("; step timeout now 2 s; members [0, 1] -> [0, 1]"), told
+    assert re.fullmatch(rf"shoal run: at step \d+: step timeout now 1 s: the last {SHRINK_WINDOW} steps "
+                        r"came at most [\d.e-]+ s apart \(x 4\)", told[-1]), told
+    [line] = [line for line in result.stdout.splitlines() if "generation" in line]
+    assert line.split()[-1] == steps, line
     job, reference = torch.load(tmp_path / "job.pt"), torch.load(tmp_path / "plain.pt")
     assert torch.allclose(job["weight"], reference["weight"], rtol=1e-6, atol=1e-7)

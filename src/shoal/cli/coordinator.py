@@ -43,11 +43,13 @@ class _GenerationLog:
     def __init__(self, membership):
         self._membership = membership
         self._announced = len(membership.membership_changes())  # a restored record's were told
+        self._timeouts_announced = len(membership.timeout_changes())
         self._generation = 0
         self._takeover_told = False
 
     def print_new(self) -> None:
-        from shoal.coordinator import describe_change  # as _coordinator: the CLI starts light
+        # as _coordinator: the CLI starts light
+        from shoal.coordinator import describe_change, describe_timeout_change
 
         status = self._membership.snapshot()
         takeover = status["takeover"]
@@ -62,6 +64,9 @@ class _GenerationLog:
         if status["generation"] > self._generation:
             self._generation = status["generation"]
             self._tell(f"generation {self._generation}: members {status['members']}")
+        for change in self._membership.timeout_changes()[self._timeouts_announced:]:
+            self._tell(describe_timeout_change(change))
+            self._timeouts_announced += 1
 
     @staticmethod
     def _tell(line: str) -> None:

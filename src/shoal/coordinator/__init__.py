@@ -5,11 +5,12 @@ from shoal.coordinator.membership import (
     Generation,
     Membership,
     describe_change,
+    describe_timeout_change,
     for_slow_collective,
 )
 
 __all__ = ["Coordinator", "CoordinatorClient", "CoordinatorUnreachable", "Generation", "Membership",
-           "describe_change", "for_slow_collective"]
+           "describe_change", "describe_timeout_change", "for_slow_collective"]
 
 
 def __getattr__(name: str):

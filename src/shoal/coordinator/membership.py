@@ -9,10 +9,9 @@ generation is formed when a member dies (its process exited, or it missed heartb
 proven it is alive, or when new workers wait to join. Survivors find out through the
 long-poll on ``/generation`` or the reply to their next heartbeat.
 
-Each generation carries its collective timeout. It starts at the heartbeat timeout, so that
-survivors blocked on a hung peer leave when the coordinator declares it dead; it doubles
-when a collective timed out while every member stayed alive (a slow link, a straggler), up to
-``MAX_TIMEOUT_GROWTH`` times the heartbeat timeout.
+Each generation carries its collective timeout, and the job a step timeout that the members
+use for a step's own collectives (timeouts.py: when they grow, and when the step timeout
+shrinks again).
 """
 
 from __future__ import annotations
@@ -28,29 +27,26 @@ from dataclasses import dataclass, field
 
 from shoal import _protocol
 from shoal.coordinator.record import CommittedStep, JobRecord
+from shoal.coordinator.timeouts import MAX_TIMEOUT_GROWTH, START, STEP, Timeouts
 
 _SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\] ?")
 """Where in torch's or gloo's C++ an error was raised, as "[/__w/pytorch/.../unbound_buffer.cc:129] ":
 long enough to push what the error says past the cause's length."""
 
-__all__ = ["MAX_TIMEOUT_GROWTH", "Generation", "Membership", "describe_change", "for_slow_collective"]
+__all__ = ["MAX_TIMEOUT_GROWTH", "Generation", "Membership", "describe_change", "describe_timeout_change",
+           "for_slow_collective"]
 
 _STALL_SECONDS = 0.5
 
 _OURS = object()
 """``admit_launcher``'s default protocol: this process's (a caller in it, not a request)."""
 
-MAX_TIMEOUT_GROWTH = 32
-"""The collective timeout grows to at most this many heartbeat timeouts (160 s at the default
-5 s). Beyond it a collective that never ends among live members is a bug, not a slow link,
-and the workers' own limit on failures without progress ends the job."""
-
 _TIMED_OUT = re.compile(r"Timed out waiting \d+ms for (?:send|recv)|"
                         r"the parameter server did not answer: timed out")
 """A failure report that says an operation of the generation's group ran out of time (gloo's
 words), or async's request to its server did, rather than that a peer's connection closed
 or anything else timed out (the store, a checkpoint's writing): only those are what the
-collective timeout bounds."""
+collective and step timeouts bound."""
 
 
 @dataclass(slots=True)
@@ -61,10 +57,13 @@ class Generation:
     collective_timeout: float = 0.0
     """Seconds a member's collective may take in this generation; 0: not known (a generation
     learned from a worker's history, or from an older state file)."""
+    step_timeout: float = 0.0
+    """Seconds a step's collectives could take when it formed (the job's step timeout, which
+    may shrink meanwhile); 0: not known, or from before step timeouts."""
 
     def to_json(self) -> dict:
         return {"number": self.number, "members": self.members, "formed_at": self.formed_at,
-                "collective_timeout": self.collective_timeout}
+                "collective_timeout": self.collective_timeout, "step_timeout": self.step_timeout}
 
 
 @dataclass(slots=True)
@@ -115,15 +114,20 @@ class _StepRecord:
         return None
 
 
-_TIMEOUT_CHANGED = "collective timeout"
+_TIMEOUT_CHANGED = re.compile(r"; (?:the )?(?:collective|step) timeout (?:now|stays at its limit)")
 """In the cause of a re-form for a collective that outlasted its timeout with every member
-alive: "...; collective timeout now 10 s" (or "...; the collective timeout stays at its limit")."""
+alive: "...; step timeout now 10 s" (or "...; the collective timeout stays at its limit, ...")."""
 
 
 def for_slow_collective(change: dict) -> bool:
     """A membership change that no fault made: a collective outlasted its timeout with every
     member alive (a slow link, a straggler), and the next generation waits longer."""
-    return _TIMEOUT_CHANGED in change["cause"]
+    return bool(_TIMEOUT_CHANGED.search(change["cause"]))
+
+
+def describe_timeout_change(change: dict) -> str:
+    """One line for a shrink of the step timeout (``Membership.timeout_changes``)."""
+    return f"at step {change['step']}: {change['cause']}"
 
 
 def describe_change(change: dict) -> str:
@@ -155,8 +159,7 @@ class Membership:
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.heartbeat_timeout = heartbeat_timeout
-        self.collective_timeout = heartbeat_timeout
-        """The next generation's; see the module's docstring."""
+        self.timeouts = Timeouts(heartbeat_timeout)
         self.restarts = restarts
         """The launcher restarts dead workers: below ``min_workers``, wait for it to say so."""
         self._below_minimum_since: float | None = None
@@ -174,8 +177,9 @@ class Membership:
         """Tells workers that a restarted coordinator needs their whole commit history."""
         self._failure_reported_at: float | None = None
         self._failure_detail = ""
-        self._failure_timed_out = False
-        """A member of the current generation reported a collective that ran out of time."""
+        self._timed_out_in: set[str] = set()
+        """Where members of the current generation saw a collective run out of time
+        (``timeouts.STEP``, ``START``)."""
         self._steps: dict[int, _StepRecord] = {}
         self._redone: set[int] = set()
         """Steps committed again by a later generation (zero goes back to its checkpoint)."""
@@ -273,10 +277,10 @@ class Membership:
                 worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
             self._record_history(worker_id, payload)
             self._note_failure(worker, payload.get("failed_generation"),
-                               str(payload.get("failure_detail") or ""))
+                               str(payload.get("failure_detail") or ""), payload.get("failure_phase"))
             self._evaluate()
             return {"evicted": False, "generation": self.current_number, "status": self.status,
-                    "incarnation": self.incarnation}
+                    "incarnation": self.incarnation, "step_timeout": self.timeouts.step}
 
     def _adopt(self, worker_id: int, payload: dict) -> None:
         """A heartbeat from a worker we never saw: we are a restarted coordinator.
@@ -289,13 +293,14 @@ class Membership:
         members = [int(m) for m in payload.get("members", [])]
         if generation < 1 or worker_id not in members or self.status in ("completed", "failed"):
             return
-        # The generation's collective timeout, as its members run it: we may have restarted
-        # without a state file, knowing only the heartbeat timeout.
-        self.collective_timeout = self._bounded_timeout(
-            max(self.collective_timeout, float(payload.get("collective_timeout") or 0.0)))
+        # The timeouts, as the members run them: we may have restarted without a state file,
+        # knowing only the heartbeat timeout.
+        self.timeouts.learn(float(payload.get("collective_timeout") or 0.0),
+                            float(payload.get("step_timeout") or 0.0))
         if generation > self.current_number:
             now = self._clock()
-            self._generations.append(Generation(generation, members, now, self.collective_timeout))
+            self._generations.append(Generation(generation, members, now, self.timeouts.collective,
+                                                self.timeouts.step))
             for member in members:
                 self._workers.setdefault(member, _Worker(member, "?", 0, last_seen=now))
             self._take_over(self.current, now)
@@ -319,24 +324,27 @@ class Membership:
         if takeover is not None and worker_id in takeover["members"] and str(worker_id) not in takeover["heard"]:
             takeover["heard"][str(worker_id)] = round(self._clock() - self._takeover_at, 3)
 
-    def report_failure(self, worker_id: int, generation: int, detail: str) -> None:
-        """A member saw a collective fail in ``generation``; the report also proves it is alive."""
+    def report_failure(self, worker_id: int, generation: int, detail: str, phase: str | None = None) -> None:
+        """A member saw a collective fail in ``generation`` (in a step, or elsewhere: ``phase``);
+        the report also proves it is alive."""
         with self._lock:
             worker = self._workers.get(worker_id)
             if worker is None or not worker.alive:
                 return
             worker.last_seen, worker.forgiven = self._clock(), 0.0
-            self._note_failure(worker, generation, detail)
+            self._note_failure(worker, generation, detail, phase)
             self._evaluate()
 
-    def _note_failure(self, worker: _Worker, generation: int | None, detail: str = "") -> None:
+    def _note_failure(self, worker: _Worker, generation: int | None, detail: str = "",
+                      phase: str | None = None) -> None:
         """A member left the current generation as failed (its report, or its heartbeats
         while it waits for the next one: a restarted coordinator never got the report)."""
         current = self.current
         if (generation is None or current is None or generation != current.number
                 or worker.worker_id not in current.members or worker.finished):
             return
-        self._failure_timed_out |= bool(_TIMED_OUT.search(detail))
+        if _TIMED_OUT.search(detail):
+            self._timed_out_in.add(STEP if phase == STEP else START)
         if self._failure_reported_at is None:
             self._failure_reported_at = worker.last_seen
             # What the first reporter saw: with every member alive, the only clue to why
@@ -555,11 +563,17 @@ class Membership:
                 bytes_sent=sum(w.bytes_sent for w in self._workers.values()),
                 bytes_by_worker={str(w.worker_id): w.bytes_sent for w in self._workers.values()},
                 steps=steps, membership_changes=self.membership_changes(), results=self.results,
+                timeout_changes=self.timeout_changes(),
                 steps_redone=len(self._redone))
 
     def membership_changes(self) -> list[dict]:
         with self._lock:
             return [dict(change) for change in self._changes]
+
+    def timeout_changes(self) -> list[dict]:
+        """Each shrink of the step timeout (a lengthening comes with a membership change)."""
+        with self._lock:
+            return [dict(change) for change in self.timeouts.changes]
 
     def snapshot(self) -> dict:
         """The JSON of ``GET /status``."""
@@ -622,7 +636,7 @@ class Membership:
                 "rejoin_expected": {str(w): round(time.time() - (now - since), 3)
                                     for w, since in self._rejoin_expected.items()},
                 "admitted": sorted(self._admitted),
-                "collective_timeout": self.collective_timeout,
+                **self.timeouts.export(),
             }
 
     def commits_by_worker(self) -> list[tuple[int, list]]:
@@ -663,7 +677,7 @@ class Membership:
             self._rejoin_expected = {int(w): now - max(0.0, time.time() - announced)
                                      for w, announced in state.get("rejoin_expected", {}).items()}
             self._admitted = set(state.get("admitted", [""]))  # an older file: ids unknown, any counts
-            self.collective_timeout = self._bounded_timeout(float(state.get("collective_timeout", 0.0)))
+            self.timeouts.restore(state)  # after the replay: it adds no shrink that was not told
             current = self.current
             if self.status == "running" and current is not None:
                 self._take_over(current, now)
@@ -696,6 +710,8 @@ class Membership:
                 else:
                     record.loss_parts[worker_id] = loss_part
                 self._note_recovery(generation, committed_at)
+            if self.timeouts.note_commit(worker_id, generation, step, committed_at):
+                self._keep()
 
     def _note_recovery(self, generation: int, committed_at: float) -> None:
         for change in self._changes:
@@ -743,28 +759,13 @@ class Membership:
             m.finished or m.last_seen >= self._failure_reported_at for m in members
         ):
             self._form(cause=f"collective failed; all members alive{self._failure_detail}",
-                       failed_at=self._failure_reported_at, lengthen=self._failure_timed_out)
+                       failed_at=self._failure_reported_at, lengthen=self._timed_out_in)
         elif waiting and not any(m.finished for m in members) and (
                 self.max_workers is None or len(current.members) < self.max_workers):
             # Not once a member has finished: the last step is committed and the job is
             # ending. A generation formed now would hold the joiner and whoever had not yet
             # reported its end, and the joiner would wait for them to connect forever.
             self._form(cause="workers joined", failed_at=now)
-
-    def _bounded_timeout(self, seconds: float) -> float:
-        """``seconds`` within what this coordinator's heartbeat timeout allows (a state file or
-        a worker's heartbeat may come from a run with another)."""
-        return min(max(seconds, self.heartbeat_timeout), MAX_TIMEOUT_GROWTH * self.heartbeat_timeout)
-
-    def _lengthen_collective_timeout(self) -> str:
-        """A collective ran out of time while every member stayed alive: it was slow, not
-        stuck on a dead peer (a hung one stops its heartbeats and is declared dead instead).
-        Double the timeout, as TCP backs off its retransmission timer; what to add to the cause."""
-        lengthened = self._bounded_timeout(2 * self.collective_timeout)
-        if lengthened == self.collective_timeout:
-            return f"; the {_TIMEOUT_CHANGED} stays at its limit, {lengthened:g} s"
-        self.collective_timeout = lengthened
-        return f"; {_TIMEOUT_CHANGED} now {lengthened:g} s"
 
     def _awaiting_correlated_silence(self, members: list[_Worker], dead: list[_Worker],
                                      now: float) -> bool:
@@ -797,15 +798,15 @@ class Membership:
             for worker in self._workers.values():
                 worker.forgiven += gap
 
-    def _form(self, *, cause: str, failed_at: float, lengthen: bool = False) -> None:
+    def _form(self, *, cause: str, failed_at: float, lengthen: set[str] = frozenset()) -> None:
         """The next generation, of the live workers (unless too few: then a pause, or the
-        job fails); ``lengthen``: with a longer collective timeout."""
+        job fails); ``lengthen``: with longer timeouts for collectives in these phases."""
         previous = self.current
         live = sorted(w.worker_id for w in self._workers.values() if w.alive and not w.finished)
         if self.max_workers is not None:
             keep = [m for m in (previous.members if previous else []) if m in live]
             live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
-        self._failure_reported_at, self._failure_timed_out = None, False
+        self._failure_reported_at, self._timed_out_in = None, set()
         if len(live) < self.min_workers and len(live) + self._restarts_coming() >= self.min_workers:
             return  # pause: survivors wait in their long-poll until the restarted workers join
         if len(live) < self.min_workers and self._may_still_announce_a_restart():
@@ -817,9 +818,10 @@ class Membership:
             )
             return
         self._below_minimum_since = None
-        if lengthen:  # only a generation that forms: the change that says so is recorded with it
-            cause += self._lengthen_collective_timeout()
-        generation = Generation(self.current_number + 1, live, self._clock(), self.collective_timeout)
+        # only a generation that forms lengthens: the change that says so is recorded with it
+        cause += self.timeouts.lengthen(lengthen)
+        generation = Generation(self.current_number + 1, live, self._clock(), self.timeouts.collective,
+                                self.timeouts.step)
         self._generations.append(generation)
         if previous is not None:
             self._changes.append(

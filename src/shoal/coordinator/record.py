@@ -35,6 +35,8 @@ class JobRecord:
     membership_changes: list[dict] = field(default_factory=list)
     results: dict | None = None
     """What the leader reported when it finished (eval metrics, heals)."""
+    timeout_changes: list[dict] = field(default_factory=list)
+    """Each shrink of the step timeout (``coordinator.timeouts``): {time, step, step_timeout, cause}."""
     steps_redone: int = 0
     """Committed steps trained again after a membership change (zero's fallback to its
     last checkpoint; the other strategies never redo a committed step)."""

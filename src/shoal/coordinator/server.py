@@ -220,7 +220,7 @@ class Coordinator:
             self.membership.reject(str(body.get("detail", "")))
         else:
             self.membership.report_failure(worker_id, int(body.get("generation", 0)),
-                                           str(body.get("detail", "")))
+                                           str(body.get("detail", "")), body.get("phase"))
         return web.json_response({"ok": True})
 
     async def _finish(self, request: web.Request) -> web.Response:

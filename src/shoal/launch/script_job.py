@@ -25,7 +25,13 @@ import httpx
 import torch.distributed as dist
 
 from shoal.config import ENV_WORKER_PID, ConfigError, RunConfig, check_bindable
-from shoal.coordinator import Coordinator, Membership, describe_change, for_slow_collective
+from shoal.coordinator import (
+    Coordinator,
+    Membership,
+    describe_change,
+    describe_timeout_change,
+    for_slow_collective,
+)
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.joining import launcher_id
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
@@ -89,6 +95,9 @@ class _LocalJob:
     def changes(self) -> list[dict]:
         return self._membership.membership_changes()
 
+    def timeout_changes(self) -> list[dict]:
+        return self._membership.timeout_changes()
+
 
 class _RemoteJob:
     """The job as the other nodes see it: node 0's coordinator, over HTTP."""
@@ -102,6 +111,9 @@ class _RemoteJob:
 
     def changes(self) -> list[dict]:
         return []  # node 0, which holds the membership, tells them
+
+    def timeout_changes(self) -> list[dict]:
+        return []
 
     def report_exit(self, worker_id: int, cause: str, when: float) -> None:
         # Workers' ids are their ranks, known here: a death before joining counts too.
@@ -294,7 +306,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     status: dict = {}
     watch_store, node0_done = True, False
     next_status, ended_at = 0.0, None
-    told = 0
+    told = (0, 0)
     while not stop.how:
         if watch_store:
             try:
@@ -309,7 +321,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
         if done_here or time.monotonic() >= next_status:
             status = job.status() or status
             next_status = time.monotonic() + _STATUS_SECONDS
-            told = _tell_slow_collectives(job.changes(), told)
+            told = _tell_slow_collectives(job, told)
             if status.get("status") in ("completed", "failed") and status.get("workers"):
                 ended_at = ended_at or time.monotonic()
                 # After a failure the workers hear of it and leave: a heartbeat timeout first.
@@ -324,14 +336,18 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     return status
 
 
-def _tell_slow_collectives(changes: list[dict], told: int) -> int:
-    """Say when the job waits longer for its collectives (a slow link, a straggler): it slows
-    down for a reason the user should see. Deaths are told at the end, as survived. Returns
-    how many changes have been looked at."""
-    for change in changes[told:]:
+def _tell_slow_collectives(job: _LocalJob | _RemoteJob, told: tuple[int, int]) -> tuple[int, int]:
+    """Say when the job waits longer for its collectives (a slow link, a straggler), and
+    shorter again: it slows down for a reason the user should see, and finds a hang faster
+    after. Deaths are told at the end, as survived. Returns how many membership and timeout
+    changes have been looked at."""
+    changes, timeout_changes = job.changes(), job.timeout_changes()
+    for change in changes[told[0]:]:
         if for_slow_collective(change):
             print(f"shoal run: {describe_change(change)}", file=sys.stderr, flush=True)
-    return len(changes)
+    for change in timeout_changes[told[1]:]:
+        print(f"shoal run: {describe_timeout_change(change)}", file=sys.stderr, flush=True)
+    return len(changes), len(timeout_changes)
 
 
 def _await_node_0(rendezvous: NodeRendezvous, stop: StopRequest) -> None:

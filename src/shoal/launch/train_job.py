@@ -13,7 +13,7 @@ import time
 
 from shoal.checkpoint import CheckpointStore
 from shoal.config import TrainConfig
-from shoal.coordinator import Coordinator, Membership, describe_change
+from shoal.coordinator import Coordinator, Membership, describe_change, describe_timeout_change
 from shoal.data import GlobalBatchSampler
 from shoal.launch.durable import MetricsFile, Resumption, choose_resume
 from shoal.launch.joining import launcher_id
@@ -137,7 +137,7 @@ def _run_local(config: TrainConfig, zygote: Zygote | None) -> int:
 def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
            sampler: GlobalBatchSampler, metrics: MetricsFile | None, preemption: Preemption) -> None:
     """Show progress (and keep metrics.json current) until the job ends and every worker has exited."""
-    announced = 0
+    announced = timeouts_announced = 0
     while True:
         if metrics is not None:
             metrics.update(membership.record)
@@ -145,6 +145,9 @@ def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
         for change in membership.membership_changes()[announced:]:
             progress.message(f"shoal: {describe_change(change)}", always=True)
             announced += 1
+        for change in membership.timeout_changes()[timeouts_announced:]:
+            progress.message(f"shoal: {describe_timeout_change(change)}", always=True)
+            timeouts_announced += 1
         loss, committed_at = membership.latest()
         started = membership.first_formed_at()
         step = snapshot["step"]

@@ -85,6 +85,9 @@ class Context:
         self.collective_timeout = 5.0
         """How long a collective of this generation may take: the coordinator's choice (the
         heartbeat timeout, longer after collectives timed out among live members)."""
+        self.step_timeout = 0.0
+        """How long a step's own collectives may take (``use_timeout``), as the coordinator
+        says now; 0: it says nothing (one from before step timeouts)."""
         self.generation = 0
         self.members: list[int] = []
         self.rank = 0
@@ -100,6 +103,8 @@ class Context:
         miss, and without it every member would wait for a generation nobody forms."""
         self.failure_detail = ""
         """What failed in ``failed_generation`` (the report's detail), sent with it."""
+        self.failure_phase = ""
+        """Where it failed: ``timeouts.STEP`` (a step's own work) or ``START`` (anything else)."""
         self.committed_step = -1
         self.bytes_sent = 0
         self.fired_faults: set[str] = set()
@@ -170,6 +175,8 @@ class Context:
                     with self._lock:  # not delivered: send them with the next beat
                         self._commits[:0] = commits
                     continue
+                if reply.get("step_timeout") and reply["generation"] >= self.generation:
+                    self.step_timeout = float(reply["step_timeout"])  # (not a reply from before it)
                 self.latest_generation = max(self.latest_generation, reply["generation"])
                 self.evicted = self.evicted or reply["evicted"]
                 if reply.get("status") in ("completed", "failed"):
@@ -196,8 +203,10 @@ class Context:
             # what a restarted coordinator needs to adopt the running generation
             "generation": self.generation,
             "collective_timeout": self.collective_timeout,
+            "step_timeout": self.step_timeout,
             "failed_generation": self.failed_generation,
             "failure_detail": self.failure_detail if self.failed_generation is not None else "",
+            "failure_phase": self.failure_phase if self.failed_generation is not None else "",
             "members": self.members,
             "committed_step": self.committed_step,
             "bytes_sent": self.bytes_sent,
@@ -244,6 +253,7 @@ class Context:
             self.rank = self.members.index(self.worker_id)
             self.world_size = len(self.members)
             self.collective_timeout = generation.get("collective_timeout") or self.heartbeat_timeout
+            self.step_timeout = generation.get("step_timeout") or 0.0
             try:
                 self._init_process_group()
             except GenerationMoved:
@@ -276,6 +286,21 @@ class Context:
             probe.connect((self._store_address[0], 9))  # UDP: picks the route, sends nothing
             return probe.getsockname()[0]
 
+    def use_timeout(self, seconds: float, *, skip: tuple = ()) -> None:
+        """From their next operation on, every gloo group of this generation but ``skip`` (its
+        own, and the sub-groups a strategy made) times out after ``seconds``. (NCCL's are
+        left alone: a timed-out NCCL collective ends the process, see docs/ARCHITECTURE.md.)"""
+        timeout = timedelta(seconds=seconds)
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group in skip:
+                continue
+            try:
+                backend = group._get_backend(torch.device("cpu"))
+            except RuntimeError:  # a group without a CPU backend
+                continue
+            if isinstance(backend, dist.ProcessGroupGloo):
+                backend._set_default_timeout(timeout)
+
     def leave_generation(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -304,12 +329,15 @@ class Context:
             self.check_generation()
             time.sleep(poll_seconds)
 
-    def report_failure(self, detail: str) -> None:
-        self.failure_detail = detail[:500]
+    def report_failure(self, detail: str, phase: str) -> None:
+        """This member left its generation on ``detail`` (an error), raised in ``phase``
+        (``timeouts.STEP`` or ``START``: which timeout a collective that timed out was under)."""
+        self.failure_detail, self.failure_phase = detail[:500], phase
         self.failed_generation = self.generation
         if self.distributed:
             self._client.post("/report", {"worker_id": self.worker_id, "generation": self.generation,
-                                          "kind": "failure", "detail": self.failure_detail})
+                                          "kind": "failure", "detail": self.failure_detail,
+                                          "phase": phase})
 
     def reject(self, error: ConfigError) -> None:
         """Refuse the job's configuration: the coordinator fails the job, and the launcher

@@ -11,6 +11,7 @@ the first step that is not committed everywhere, re-split over the new members.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -39,6 +40,7 @@ from shoal.checkpoint import (
     job_identity,
 )
 from shoal.config import ConfigError, KillSpec, Slowdown, StrategyOptions
+from shoal.coordinator.timeouts import START, STEP
 from shoal.data import GlobalBatchSampler, fetch
 from shoal.runtime.async_worker import keep_served_state, run_async
 from shoal.runtime.context import ENV_LAUNCHER_ID, Context, GenerationMoved, JobStopped
@@ -290,6 +292,8 @@ class _Loop:
         self.preemption = _PreemptionNotice()
         self._checkpoint_group = None
         """zero with background saves: the generation's process group for DCP's writing."""
+        self._failed_in = START
+        """Where the generation broke: in a step's own work (``STEP``), or elsewhere."""
 
     def resume(self, found: tuple[Checkpoint, dict]) -> None:
         """Start from a checkpoint: as if this worker had committed its step (the heal then
@@ -324,15 +328,16 @@ class _Loop:
                     self._stop_for_preemption()
                 # A peer died or the group broke mid-collective: report it (which also proves
                 # this worker is alive) and let the coordinator form the next generation.
-                # (a longer collective timeout is a new try: the coordinator lengthens it
-                # after a collective among live members ran out of time)
-                key = (self.position, tuple(self.context.members), self.context.collective_timeout)
+                # (a longer timeout is a new try: the coordinator lengthens one after a
+                # collective among live members ran out of time)
+                key = (self.position, tuple(self.context.members), self.context.collective_timeout,
+                       self.context.step_timeout)
                 failures = failures + 1 if key == last_failure else 1
                 last_failure = key
                 if failures >= _MAX_FAILURES_WITHOUT_PROGRESS:
                     self._leave()
                     raise
-                self.context.report_failure(f"{type(error).__name__}: {error}")
+                self.context.report_failure(f"{type(error).__name__}: {error}", self._failed_in)
                 log.debug("generation %d broke at step %d: %s", self.context.generation,
                           self.position, error)
             # Only here, with the failed frames released, can the old group really close: a
@@ -341,6 +346,7 @@ class _Loop:
             self._leave()
 
     def _run_generation(self, total_steps: int) -> None:
+        self._failed_in = START
         self.context.enter_next_generation()
         if self.strategy.sharded:
             self.strategy.generation = self.context.generation
@@ -525,6 +531,15 @@ class _Loop:
     def _step(self, module: nn.Module, total_steps: int) -> None:
         step, context = self.next_step, self.context
         maybe_kill(context, step, self.kills)
+        with self._step_timeout():
+            committed = self._compute_and_apply(module, step, total_steps)
+        context.bytes_sent = self.strategy.bytes_sent
+        if committed:
+            self._commit()
+
+    def _compute_and_apply(self, module: nn.Module, step: int, total_steps: int) -> bool:
+        """The step's own work, its collectives included; True when it committed."""
+        context = self.context
         self.strategy.begin_step(step)
         self.optimizer.zero_grad(set_to_none=True)
         global_indices = self.sampler.global_indices(step)
@@ -549,9 +564,24 @@ class _Loop:
         maybe_kill(context, step, self.kills, "agreed")
         committed = self.strategy.step(step, last=step + 1 == total_steps)
         self.next_step = step + 1
-        context.bytes_sent = self.strategy.bytes_sent
-        if committed:
-            self._commit()
+        return committed
+
+    @contextlib.contextmanager
+    def _step_timeout(self):
+        """A step's own collectives wait at most the step timeout, which the coordinator
+        shrinks again once steps are quick (coordinator/timeouts.py); everything else (a heal,
+        a checkpoint) the generation's collective timeout, which does not shrink. A failure
+        inside is reported as the step's, and lengthens the step timeout if it was one."""
+        step_timeout = self.context.step_timeout
+        if step_timeout:
+            self.context.use_timeout(step_timeout, skip=(self._checkpoint_group,))
+        try:
+            yield
+        except BaseException:
+            self._failed_in = STEP  # the group is left as it is: it is about to be dropped
+            raise
+        if step_timeout:
+            self.context.use_timeout(self.context.collective_timeout, skip=(self._checkpoint_group,))
 
     def _commit(self) -> None:
         for step, loss_part, generation in self._pending:

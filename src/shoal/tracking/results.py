@@ -55,6 +55,7 @@ def build_results(*, record: JobRecord, config: dict, sampler: GlobalBatchSample
         "payload_bytes_per_step": record.bytes_sent / len(record.steps) if record.steps else 0.0,
         "payload_bytes_by_worker": record.bytes_by_worker,
         "membership_changes": record.membership_changes,
+        "timeout_changes": record.timeout_changes,
         "heals": results.get("heals", []),
         "replicas_agree": results.get("replicas_agree"),
         "checkpoints": results.get("checkpoints", []),

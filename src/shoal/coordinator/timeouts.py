@@ -1,0 +1,153 @@
+"""How long the members' collectives may take: the coordinator's two timeouts, and when they change.
+
+A generation's *collective timeout* bounds what its members do together outside their
+steps: connecting, healing a newcomer (the model and the optimizer's state, two to three
+times a step's bytes), setting a strategy up, checkpointing. The *step timeout* bounds a
+step's own collectives. Both start at the heartbeat timeout, so that survivors blocked on a
+hung peer leave about when the coordinator declares it dead. When a collective ran out of
+time while every member stayed alive (a slow link, a straggler), up to ``MAX_TIMEOUT_GROWTH``
+heartbeat timeouts: one in a step doubles the step timeout (the collective timeout is never
+the shorter); one elsewhere doubles both, since on a link too slow for a generation's start
+(DDP's first broadcast carries a step's bytes) the first step would time out next, and a
+re-form costs more than a timeout that is too long for a while.
+
+Only the step timeout shrinks again, so that a job that was slow once finds a hang fast
+later. Steps are measured: the time between one worker's consecutive commits bounds what
+the collectives of the later step took. After ``SHRINK_WINDOW`` such intervals whose longest
+times ``margin`` (first ``SHRINK_MARGIN``) is at most half the step timeout, the step timeout
+becomes that. A step that then times out doubles the margin as well as the timeout: a job
+whose steps are that uneven learns to keep more room, and pays at most a few re-forms for
+it. The collective timeout does not shrink: what it bounds happens once per generation, with
+nothing before it to measure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["MAX_TIMEOUT_GROWTH", "SHRINK_MARGIN", "SHRINK_WINDOW", "START", "STEP", "Timeouts"]
+
+MAX_TIMEOUT_GROWTH = 32
+"""The timeouts grow to at most this many heartbeat timeouts (160 s at the default 5 s).
+Beyond it a collective that never ends among live members is a bug, not a slow link, and the
+workers' own limit on failures without progress ends the job."""
+
+SHRINK_WINDOW = 100
+"""Commit intervals measured before the step timeout may shrink (rounds, for local SGD)."""
+
+SHRINK_MARGIN = 4.0
+"""The step timeout shrinks to this many times the longest interval measured, at first."""
+
+STEP, START = "step", "start"
+"""Where a member's collective failed: in a step's own work, or anywhere else (a failure
+report that does not say is taken for the latter, as workers before step timeouts ran all
+under the generation's collective timeout)."""
+
+
+@dataclass(slots=True)
+class Timeouts:
+    heartbeat_timeout: float
+    collective: float = 0.0
+    """The next generation's collective timeout (seconds)."""
+    step: float = 0.0
+    """The step timeout the members use now (seconds)."""
+    margin: float = SHRINK_MARGIN
+    changes: list[dict] = field(default_factory=list)
+    """Every shrink of the step timeout: {time, step, step_timeout, cause} (a lengthening is
+    told with the re-form that applies it)."""
+    _shrunk: bool = False
+    """The step timeout shrank since it last grew: a timeout now means it shrank too far."""
+    _last_commit: dict[int, tuple[int, float]] = field(default_factory=dict)
+    """Each worker's last commit: (generation, unix time)."""
+    _window_steps: set[int] = field(default_factory=set)
+    _window_longest: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.collective = self.bounded(self.collective)
+        self.step = self.bounded(self.step)
+
+    def bounded(self, seconds: float) -> float:
+        """``seconds`` within what the heartbeat timeout allows (a state file or a worker's
+        heartbeat may come from a run with another)."""
+        return min(max(seconds, self.heartbeat_timeout), MAX_TIMEOUT_GROWTH * self.heartbeat_timeout)
+
+    # -- lengthening --------------------------------------------------------------------------
+
+    def lengthen(self, phases: set[str]) -> str:
+        """A collective ran out of time in each of ``phases`` while every member stayed alive:
+        it was slow, not stuck on a dead peer (a hung one stops its heartbeats and is declared
+        dead instead). Double its timeout, as TCP backs off its retransmission timer; returns
+        what to add to the re-form's cause."""
+        told = []
+        if STEP in phases:
+            if self._shrunk:
+                self.margin = min(2 * self.margin, MAX_TIMEOUT_GROWTH)
+            self._shrunk = False
+            self._restart_window()
+            told.append(self._doubled("step"))
+            self.collective = max(self.collective, self.step)
+        if START in phases:
+            told.append(self._doubled("collective"))
+            if STEP not in phases:
+                self._restart_window()
+                told.append(self._doubled("step"))
+        return "".join(told)
+
+    def _doubled(self, which: str) -> str:
+        """Double ``which`` ("step" or "collective"); what the cause says of it."""
+        before = getattr(self, which)
+        after = self.bounded(2 * before)
+        if after == before:
+            return f"; the {which} timeout stays at its limit, {after:g} s"
+        setattr(self, which, after)
+        return f"; {which} timeout now {after:g} s"
+
+    def learn(self, collective: float, step: float) -> None:
+        """What a member runs with, heard by a coordinator restarted without its state."""
+        self.collective = self.bounded(max(self.collective, collective))
+        self.step = self.bounded(max(self.step, step))
+
+    # -- shrinking ----------------------------------------------------------------------------
+
+    def note_commit(self, worker_id: int, generation: int, step: int, committed_at: float) -> bool:
+        """A worker committed ``step``; True when that shrank the step timeout."""
+        last = self._last_commit.get(worker_id)
+        if last is not None and last[0] == generation and committed_at <= last[1]:
+            return False  # a step of the same round (committed together), or a resent one
+        self._last_commit[worker_id] = (generation, committed_at)
+        if last is None or last[0] != generation:
+            return False  # an interval across generations spans a heal, not a step
+        self._window_steps.add(step)
+        self._window_longest = max(self._window_longest, committed_at - last[1])
+        if len(self._window_steps) < SHRINK_WINDOW:
+            return False
+        longest, steps = self._window_longest, len(self._window_steps)
+        self._restart_window()
+        shrunk = self.bounded(math.ceil(self.margin * longest * 10) / 10)
+        if shrunk > self.step / 2:
+            return False
+        self.step, self._shrunk = shrunk, True
+        self.changes.append({
+            "time": committed_at, "step": step, "step_timeout": shrunk,
+            "cause": f"step timeout now {shrunk:g} s: the last {steps} steps came at most "
+                     f"{longest:.3g} s apart (x {self.margin:g})"})
+        return True
+
+    def _restart_window(self) -> None:
+        self._window_steps, self._window_longest = set(), 0.0
+
+    # -- durable state ------------------------------------------------------------------------
+
+    def export(self) -> dict:
+        return {"collective_timeout": self.collective, "step_timeout": self.step,
+                "timeout_margin": self.margin, "timeout_shrunk": self._shrunk,
+                "timeout_changes": [dict(change) for change in self.changes]}
+
+    def restore(self, state: dict) -> None:
+        """Take back ``export``'s (an older state file has the collective timeout alone)."""
+        self.collective = self.bounded(float(state.get("collective_timeout", 0.0)))
+        self.step = self.bounded(float(state.get("step_timeout", 0.0)))
+        self.margin = float(state.get("timeout_margin", SHRINK_MARGIN))
+        self._shrunk = bool(state.get("timeout_shrunk", False))
+        self.changes = [dict(change) for change in state.get("timeout_changes", [])]
