@@ -7,7 +7,7 @@ import pytest
 from shoal import _protocol
 from shoal.coordinator import Membership
 from shoal.coordinator.membership import MAX_TIMEOUT_GROWTH
-from shoal.coordinator.timeouts import SHRINK_WINDOW, START, STEP
+from shoal.coordinator.timeouts import SHRINK_WINDOW, START, STEP, WINDOW_GROWTH
 
 
 class Clock:
@@ -275,20 +275,44 @@ def test_steps_committed_together_are_one_interval():
     assert membership.timeouts.step == 4.0  # 4 x 1 s between rounds
 
 
-def test_a_step_timeout_after_a_shrink_doubles_the_margin():
-    """Steps that are quick for a window and then, once, slow: the shrink was too far. The
-    timeout doubles as always, and the next shrink leaves twice the room (x 8): a job
-    with uneven steps pays a few re-forms, not one per slow step."""
+def test_a_step_timeout_after_a_shrink_makes_the_next_window_longer():
+    """Steps that are quick for a window and then, once, slow (a checkpoint's staging, say):
+    the shrink was too far. The timeout doubles as always, and the next shrink waits for a
+    window four times as long, which a slow step now and then falls into: a job with uneven
+    steps pays a few re-forms, not two per slow step."""
     membership, clock = started(workers=2, timeout=1.0)
     for _ in range(4):
         reform_after_timeout(membership, clock, STEP)
     commit_steps(membership, clock, SHRINK_WINDOW + 1, 1.0)
     assert membership.timeouts.step == 4.0
     reform_after_timeout(membership, clock, STEP)
-    assert membership.timeouts.step == 8.0 and membership.timeouts.margin == 8.0
-    commit_steps(membership, clock, SHRINK_WINDOW + 1, 0.25, first=1000)
-    assert membership.timeouts.step == 2.0  # 8 x 0.25 s
-    assert membership.timeout_changes()[-1]["cause"].endswith("(x 8)")
+    longer = SHRINK_WINDOW * WINDOW_GROWTH
+    assert membership.timeouts.step == 8.0 and membership.timeouts.window == longer
+    commit_steps(membership, clock, longer - 1, 0.25, first=1000)
+    assert membership.timeouts.step == 8.0
+    commit_steps(membership, clock, 2, 0.25, first=1000 + longer - 1)
+    assert membership.timeouts.step == 1.0  # 4 x 0.25 s, and not below the heartbeat timeout
+    assert membership.timeout_changes()[-1]["cause"].startswith(f"step timeout now 1 s: the last {longer} steps")
+
+
+def test_a_resent_history_is_not_measured():
+    """Workers resend their whole history to a restarted coordinator (and with their finish):
+    quick steps of an earlier generation must not shrink the timeout of slow ones now."""
+    membership, clock = started(workers=2, timeout=5.0)
+    commit_steps(membership, clock, 3 * SHRINK_WINDOW, 0.1)  # generation 1: quick
+    reform_after_timeout(membership, clock, STEP)
+    reform_after_timeout(membership, clock, STEP)
+    assert (membership.current.number, membership.timeouts.step) == (3, 20.0)
+    commit_steps(membership, clock, 5, 12.0, first=3 * SHRINK_WINDOW)  # generation 3: slow
+    history = [[step, 1, 2000.0 + step * 0.1, 0.1] for step in range(3 * SHRINK_WINDOW)]
+    for worker in (0, 1):
+        membership.heartbeat(worker, {"commits": history})
+    restarted = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=5.0, clock=clock)
+    restarted.restore_state(json.loads(json.dumps(membership.export_state())), membership.commits_by_worker())
+    for worker in (0, 1):
+        restarted.heartbeat(worker, {"generation": 3, "members": [0, 1], "commits": history})
+    assert membership.timeouts.step == restarted.timeouts.step == 20.0
+    assert membership.timeout_changes() == restarted.timeout_changes() == []
 
 
 def test_a_restarted_coordinator_keeps_the_step_timeout_and_its_shrinks():
@@ -300,7 +324,7 @@ def test_a_restarted_coordinator_keeps_the_step_timeout_and_its_shrinks():
     restarted = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=1.0, clock=clock)
     restarted.restore_state(json.loads(json.dumps(membership.export_state())), membership.commits_by_worker())
     assert restarted.timeouts.step == 2.0 and restarted.timeout_changes() == membership.timeout_changes()
-    assert (restarted.timeouts.collective, restarted.timeouts.margin) == (8.0, 4.0)
+    assert (restarted.timeouts.collective, restarted.timeouts.window) == (8.0, SHRINK_WINDOW)
     # one restarted without its state learns the members' from their heartbeats
     bare = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=1.0, clock=clock)
     for worker in (0, 1):

@@ -710,7 +710,7 @@ class Membership:
                 else:
                     record.loss_parts[worker_id] = loss_part
                 self._note_recovery(generation, committed_at)
-            if self.timeouts.note_commit(worker_id, generation, step, committed_at):
+            if self.timeouts.note_commit(worker_id, generation, step, committed_at, self.current_number):
                 self._keep()
 
     def _note_recovery(self, generation: int, committed_at: float) -> None:

@@ -12,13 +12,15 @@ the shorter); one elsewhere doubles both, since on a link too slow for a generat
 re-form costs more than a timeout that is too long for a while.
 
 Only the step timeout shrinks again, so that a job that was slow once finds a hang fast
-later. Steps are measured: the time between one worker's consecutive commits bounds what
-the collectives of the later step took. After ``SHRINK_WINDOW`` such intervals whose longest
-times ``margin`` (first ``SHRINK_MARGIN``) is at most half the step timeout, the step timeout
-becomes that. A step that then times out doubles the margin as well as the timeout: a job
-whose steps are that uneven learns to keep more room, and pays at most a few re-forms for
-it. The collective timeout does not shrink: what it bounds happens once per generation, with
-nothing before it to measure.
+later. Steps are measured: the time between one worker's consecutive commits in the current
+generation bounds what the collectives of the later step took. After ``window`` such
+intervals (first ``SHRINK_WINDOW``) whose longest times ``SHRINK_MARGIN`` is at most half the
+step timeout, the step timeout becomes that. A step that then times out multiplies the
+window by ``WINDOW_GROWTH`` as well as doubling the timeout: a job with a slow step now and
+then (a checkpoint's staging, an epoch's first batch) stops shrinking once the window spans
+one, after a few re-forms, instead of paying two re-forms per slow step. The collective
+timeout does not shrink: what it bounds happens once per generation, with nothing before it
+to measure.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["MAX_TIMEOUT_GROWTH", "SHRINK_MARGIN", "SHRINK_WINDOW", "START", "STEP", "Timeouts"]
+__all__ = ["MAX_TIMEOUT_GROWTH", "SHRINK_MARGIN", "SHRINK_WINDOW", "START", "STEP", "WINDOW_GROWTH", "Timeouts"]
 
 MAX_TIMEOUT_GROWTH = 32
 """The timeouts grow to at most this many heartbeat timeouts (160 s at the default 5 s).
@@ -37,7 +39,11 @@ SHRINK_WINDOW = 100
 """Commit intervals measured before the step timeout may shrink (rounds, for local SGD)."""
 
 SHRINK_MARGIN = 4.0
-"""The step timeout shrinks to this many times the longest interval measured, at first."""
+"""The step timeout shrinks to this many times the longest interval measured."""
+
+WINDOW_GROWTH = 4
+"""A shrink that proved too far (a step timed out after it) makes the next window this many
+times longer."""
 
 STEP, START = "step", "start"
 """Where a member's collective failed: in a step's own work, or anywhere else (a failure
@@ -52,7 +58,8 @@ class Timeouts:
     """The next generation's collective timeout (seconds)."""
     step: float = 0.0
     """The step timeout the members use now (seconds)."""
-    margin: float = SHRINK_MARGIN
+    window: int = SHRINK_WINDOW
+    """Commit intervals measured before the step timeout may shrink."""
     changes: list[dict] = field(default_factory=list)
     """Every shrink of the step timeout: {time, step, step_timeout, cause} (a lengthening is
     told with the re-form that applies it)."""
@@ -79,19 +86,15 @@ class Timeouts:
         it was slow, not stuck on a dead peer (a hung one stops its heartbeats and is declared
         dead instead). Double its timeout, as TCP backs off its retransmission timer; returns
         what to add to the re-form's cause."""
-        told = []
-        if STEP in phases:
-            if self._shrunk:
-                self.margin = min(2 * self.margin, MAX_TIMEOUT_GROWTH)
-            self._shrunk = False
-            self._restart_window()
-            told.append(self._doubled("step"))
-            self.collective = max(self.collective, self.step)
-        if START in phases:
-            told.append(self._doubled("collective"))
-            if STEP not in phases:
-                self._restart_window()
-                told.append(self._doubled("step"))
+        if not phases:
+            return ""
+        told = [self._doubled("collective")] if START in phases else []
+        if STEP in phases and self._shrunk:
+            self.window *= WINDOW_GROWTH
+        self._shrunk = False
+        self._restart_window()
+        told.append(self._doubled("step"))
+        self.collective = max(self.collective, self.step)  # never the shorter: not told apart
         return "".join(told)
 
     def _doubled(self, which: str) -> str:
@@ -110,28 +113,34 @@ class Timeouts:
 
     # -- shrinking ----------------------------------------------------------------------------
 
-    def note_commit(self, worker_id: int, generation: int, step: int, committed_at: float) -> bool:
-        """A worker committed ``step``; True when that shrank the step timeout."""
+    def note_commit(self, worker_id: int, generation: int, step: int, committed_at: float,
+                    current: int) -> bool:
+        """A worker committed ``step`` in ``generation`` (the job's is ``current``); True when
+        that shrank the step timeout. Only the current generation's new commits are
+        measured: a history resent to a restarted coordinator, a finished worker's, or a
+        step committed late for the generation before (spanning a heal) is not a step's time."""
+        if generation != current:
+            return False
         last = self._last_commit.get(worker_id)
         if last is not None and last[0] == generation and committed_at <= last[1]:
-            return False  # a step of the same round (committed together), or a resent one
+            return False  # a step of the same round (committed together), or one heard before
         self._last_commit[worker_id] = (generation, committed_at)
         if last is None or last[0] != generation:
-            return False  # an interval across generations spans a heal, not a step
+            return False  # its first commit here: nothing to measure from
         self._window_steps.add(step)
         self._window_longest = max(self._window_longest, committed_at - last[1])
-        if len(self._window_steps) < SHRINK_WINDOW:
+        if len(self._window_steps) < self.window:
             return False
         longest, steps = self._window_longest, len(self._window_steps)
         self._restart_window()
-        shrunk = self.bounded(math.ceil(self.margin * longest * 10) / 10)
+        shrunk = self.bounded(math.ceil(SHRINK_MARGIN * longest * 10) / 10)
         if shrunk > self.step / 2:
             return False
         self.step, self._shrunk = shrunk, True
         self.changes.append({
             "time": committed_at, "step": step, "step_timeout": shrunk,
             "cause": f"step timeout now {shrunk:g} s: the last {steps} steps came at most "
-                     f"{longest:.3g} s apart (x {self.margin:g})"})
+                     f"{longest:.3g} s apart (x {SHRINK_MARGIN:g})"})
         return True
 
     def _restart_window(self) -> None:
@@ -141,13 +150,14 @@ class Timeouts:
 
     def export(self) -> dict:
         return {"collective_timeout": self.collective, "step_timeout": self.step,
-                "timeout_margin": self.margin, "timeout_shrunk": self._shrunk,
+                "timeout_window": self.window, "timeout_shrunk": self._shrunk,
                 "timeout_changes": [dict(change) for change in self.changes]}
 
     def restore(self, state: dict) -> None:
-        """Take back ``export``'s (an older state file has the collective timeout alone)."""
+        """Take back ``export``'s (an older state file has the collective timeout alone, which
+        its workers used for their steps too)."""
         self.collective = self.bounded(float(state.get("collective_timeout", 0.0)))
-        self.step = self.bounded(float(state.get("step_timeout", 0.0)))
-        self.margin = float(state.get("timeout_margin", SHRINK_MARGIN))
+        self.step = self.bounded(float(state.get("step_timeout", self.collective)))
+        self.window = int(state.get("timeout_window", SHRINK_WINDOW))
         self._shrunk = bool(state.get("timeout_shrunk", False))
         self.changes = [dict(change) for change in state.get("timeout_changes", [])]

@@ -175,8 +175,9 @@ class Context:
                     with self._lock:  # not delivered: send them with the next beat
                         self._commits[:0] = commits
                     continue
-                if reply.get("step_timeout") and reply["generation"] >= self.generation:
-                    self.step_timeout = float(reply["step_timeout"])  # (not a reply from before it)
+                with self._lock:  # (not a reply from before the generation entered meanwhile)
+                    if reply.get("step_timeout") and reply["generation"] >= self.generation:
+                        self.step_timeout = float(reply["step_timeout"])
                 self.latest_generation = max(self.latest_generation, reply["generation"])
                 self.evicted = self.evicted or reply["evicted"]
                 if reply.get("status") in ("completed", "failed"):
@@ -245,7 +246,9 @@ class Context:
                                  f"{generation['number']}")
             self._connect_store(reply["store_host"], reply["store_port"])
             self.fired_faults.update(reply.get("fired_faults", ()))
-            self.generation = generation["number"]
+            with self._lock:
+                self.generation = generation["number"]
+                self.step_timeout = generation.get("step_timeout") or 0.0
             self.failed_generation = None
             self.latest_generation = max(self.latest_generation, self.generation)
             self.members = generation["members"]
@@ -253,7 +256,6 @@ class Context:
             self.rank = self.members.index(self.worker_id)
             self.world_size = len(self.members)
             self.collective_timeout = generation.get("collective_timeout") or self.heartbeat_timeout
-            self.step_timeout = generation.get("step_timeout") or 0.0
             try:
                 self._init_process_group()
             except GenerationMoved:

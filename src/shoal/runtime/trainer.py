@@ -584,8 +584,11 @@ class _Loop:
             self.context.use_timeout(self.context.collective_timeout, skip=(self._checkpoint_group,))
 
     def _commit(self) -> None:
+        # A round's steps are committed together, at one time: the coordinator measures the
+        # time between commits (coordinator/timeouts.py), and a round is one interval.
+        now = time.time()
         for step, loss_part, generation in self._pending:
-            self.context.record_commit(step, loss_part, generation=generation)
+            self.context.record_commit(step, loss_part, generation=generation, committed_at=now)
         self._pending.clear()
         before, self.position = self.position, self.next_step
         if not self.strategy.commits_every_step:
