@@ -18,12 +18,16 @@ class Clock:
         return self.now
 
 
-def started(workers=4, min_workers=1, timeout=5.0):
+def started(workers=4, min_workers=1, timeout=5.0, times_steps=True):
+    """A running job of ``workers``; ``times_steps``: its workers run their steps under the
+    step timeout (as a heartbeat says; not async's)."""
     clock = Clock()
     membership = Membership(expected_workers=workers, min_workers=min_workers,
                             heartbeat_timeout=timeout, clock=clock)
     for worker in range(workers):
         membership.join(worker, "host", 100 + worker)
+    for worker in range(workers):
+        membership.heartbeat(worker, {"times_steps": times_steps})
     return membership, clock
 
 
@@ -215,6 +219,19 @@ def test_a_step_that_timed_out_lengthens_the_step_timeout_and_one_outside_steps_
     assert membership.heartbeat(0, {})["step_timeout"] == 20.0
 
 
+def test_without_a_member_that_times_its_steps_the_step_timeout_is_left_alone():
+    """async's workers (and workers from before step timeouts) run no step under it: a
+    timeout doubles the collective timeout alone, the cause names nothing else, and quick
+    commits shrink nothing."""
+    membership, clock = started(workers=2, timeout=5.0, times_steps=False)
+    after = reform_after_timeout(membership, clock, START)
+    assert (after.collective_timeout, after.step_timeout) == (10.0, 5.0)
+    assert membership.membership_changes()[-1]["cause"].endswith("; collective timeout now 10 s")
+    membership.timeouts.step = 20.0  # as if it had grown
+    commit_steps(membership, clock, 3 * SHRINK_WINDOW, 0.1)
+    assert membership.timeouts.step == 20.0 and membership.timeout_changes() == []
+
+
 def commit_steps(membership, clock, steps, seconds_apart, first=0):
     """Both members commit ``steps`` steps of the current generation, ``seconds_apart``."""
     generation = membership.current.number
@@ -395,10 +412,11 @@ def test_a_restarted_coordinator_forms_the_next_generation_for_members_that_left
                               "tcp/unbound_buffer.cc:78] Timed out waiting 2000ms for recv\n(more)"}
     membership.heartbeat(0, left)  # adopts 4, whose members are alive as of now, then leaves it
     assert membership.current.number == 5 and membership.current.members == [0, 1]
-    # the heartbeat carries what the lost report said (its first line, without where in C++)
+    # the heartbeat carries what the lost report said (its first line, without where in C++;
+    # these heartbeats do not say their steps run under the step timeout: it is left alone)
     assert membership.membership_changes()[-1]["cause"] == (
         "collective failed; all members alive; worker 0: RuntimeError: Timed out waiting 2000ms for recv"
-        "; collective timeout now 10 s; step timeout now 10 s")
+        "; collective timeout now 10 s")
     clock.now += 0.25
     membership.heartbeat(1, left)  # still waiting to connect: an old generation's failure
     assert membership.current.number == 5

@@ -84,6 +84,9 @@ class _Worker:
     """When the coordinator declared it dead for silence (None for any other death)."""
     launcher: str = ""
     """The id of the launcher that started it (``SHOAL_LAUNCHER_ID``), if it said."""
+    times_steps: bool = False
+    """It runs its steps under the step timeout, as its heartbeats say (not async's workers,
+    nor one from before step timeouts)."""
 
 
 _REJOIN_PATIENCE_SECONDS = 120.0
@@ -272,6 +275,7 @@ class Membership:
                 worker.host, worker.pid = str(payload.get("host", "?")), int(payload.get("pid", 0))
                 worker.launcher = str(payload.get("launcher", ""))
             self._note_heard(worker_id)
+            worker.times_steps = bool(payload.get("times_steps", worker.times_steps))
             if not worker.finished:  # its figures are final (a finished worker's restart reports none)
                 worker.committed_step = payload.get("committed_step", worker.committed_step)
                 worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
@@ -710,7 +714,8 @@ class Membership:
                 else:
                     record.loss_parts[worker_id] = loss_part
                 self._note_recovery(generation, committed_at)
-            if self.timeouts.note_commit(worker_id, generation, step, committed_at, self.current_number):
+            if self._steps_timed() and self.timeouts.note_commit(worker_id, generation, step, committed_at,
+                                                                 self.current_number):
                 self._keep()
 
     def _note_recovery(self, generation: int, committed_at: float) -> None:
@@ -819,7 +824,7 @@ class Membership:
             return
         self._below_minimum_since = None
         # only a generation that forms lengthens: the change that says so is recorded with it
-        cause += self.timeouts.lengthen(lengthen)
+        cause += self.timeouts.lengthen(lengthen, steps_timed=self._steps_timed())
         generation = Generation(self.current_number + 1, live, self._clock(), self.timeouts.collective,
                                 self.timeouts.step)
         self._generations.append(generation)
@@ -837,6 +842,13 @@ class Membership:
                 }
             )
         self._set_status("running", "")
+
+    def _steps_timed(self) -> bool:
+        """Does a member of the current generation run its steps under the step timeout? (If
+        none does, async or workers from before it, its changes would tell of nothing.)"""
+        current = self.current
+        return current is not None and any(
+            self._workers[m].times_steps for m in current.members if m in self._workers)
 
     def _restarts_coming(self) -> int:
         """Restarts announced within ``_REJOIN_PATIENCE_SECONDS``: one not joined by then is

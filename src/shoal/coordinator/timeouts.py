@@ -81,14 +81,17 @@ class Timeouts:
 
     # -- lengthening --------------------------------------------------------------------------
 
-    def lengthen(self, phases: set[str]) -> str:
+    def lengthen(self, phases: set[str], *, steps_timed: bool = True) -> str:
         """A collective ran out of time in each of ``phases`` while every member stayed alive:
         it was slow, not stuck on a dead peer (a hung one stops its heartbeats and is declared
         dead instead). Double its timeout, as TCP backs off its retransmission timer; returns
-        what to add to the re-form's cause."""
+        what to add to the re-form's cause. ``steps_timed``: some member runs its steps under
+        the step timeout (else it is left as it is, and not told)."""
         if not phases:
             return ""
         told = [self._doubled("collective")] if START in phases else []
+        if not steps_timed:
+            return "".join(told)
         if STEP in phases and self._shrunk:
             self.window *= WINDOW_GROWTH
         self._shrunk = False

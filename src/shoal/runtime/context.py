@@ -88,6 +88,10 @@ class Context:
         self.step_timeout = 0.0
         """How long a step's own collectives may take (``use_timeout``), as the coordinator
         says now; 0: it says nothing (one from before step timeouts)."""
+        self.times_steps = False
+        """The trainer runs this worker's steps under the step timeout (not async's, whose
+        requests to its server stay under the collective timeout): told to the coordinator,
+        which otherwise neither shrinks nor names the step timeout."""
         self.generation = 0
         self.members: list[int] = []
         self.rank = 0
@@ -205,6 +209,7 @@ class Context:
             "generation": self.generation,
             "collective_timeout": self.collective_timeout,
             "step_timeout": self.step_timeout,
+            "times_steps": self.times_steps,
             "failed_generation": self.failed_generation,
             "failure_detail": self.failure_detail if self.failed_generation is not None else "",
             "failure_phase": self.failure_phase if self.failed_generation is not None else "",

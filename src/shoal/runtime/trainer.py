@@ -152,6 +152,7 @@ def train(
     chosen.lr_factor = lr_schedule.over(total_steps) if isinstance(lr_schedule, LRSchedule) else lr_schedule
     if context.distributed:
         chosen.await_members = context.await_members
+    context.times_steps = not chosen.drives_steps  # async's requests are not steps we run
     loop = _Loop(model, optimizer, dataset, loss_fn, sampler, chosen, context, kills, slowdowns,
                  saver, checkpoint.every if checkpoint else 0)
     try:
