@@ -36,6 +36,12 @@ def run_async(loop, replica: nn.Module, total_steps: int) -> None:
             snapshot=lambda: _commit_on_server(loop, alone=world == 1),
             timeout=context.collective_timeout)
         store.set("shoal/parameter-server", server.start(context.reachable_host(), world - 1))
+        # Start when every member has: the server's own worker would otherwise take the first
+        # units alone (all of a short run's, on a loaded machine) while the others connect.
+        # A member that never does is declared dead, and the generation moves on.
+        while server.connected < world - 1:
+            context.check_generation()
+            time.sleep(0.01)
         ask = _LocalLink(server, context).exchange
     else:
         while not store.check(["shoal/parameter-server"]):  # unless the server is gone first

@@ -217,6 +217,8 @@ class ParameterServer:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: socket.socket | None = None
+        self.connected = 0
+        """Remote workers that connected so far."""
 
     @property
     def finished(self) -> bool:
@@ -343,6 +345,7 @@ class ParameterServer:
                 for key, _ in selector.select(timeout=0.01):
                     if key.fileobj is self._listener:
                         connection, _ = self._listener.accept()
+                        self.connected += 1
                         connection.settimeout(self.timeout)
                         connections[connection] = bytearray()
                         selector.register(connection, selectors.EVENT_READ)
