@@ -86,7 +86,11 @@ def _chaos(args: argparse.Namespace) -> int:
                              workers=args.workers, steps=args.steps, compress=args.compress,
                              launcher=args.launcher, link_mbit=args.link_mbit,
                              heartbeat_timeout=args.heartbeat_timeout,
-                             ballast=round(args.ballast_mb * 1e6 / 4))
+                             ballast=round(args.ballast_mb * 1e6 / 4),
+                             # a trial over slow links takes 2-3 minutes where it is quick, and
+                             # a loaded machine made one twice as slow: it reached its fault's
+                             # step after the 150 s (half the trial) it was given
+                             **({"trial_timeout": 600.0} if args.link_mbit is not None else {}))
     if settings.checked_by_optimum and not TASKS[settings.task].knows_optimum:
         runs = f"--compress {args.compress}" if args.compress != "none" else f"--strategy {args.strategy}"
         raise ConfigError("--task", f"{runs} runs are checked by their distance to the task's optimum: "
