@@ -93,6 +93,41 @@ def test_the_server_hands_its_snapshots_to_a_worker_off_its_host():
         server.stop()
 
 
+def test_a_unit_pushed_too_stale_goes_to_another_worker_first():
+    """The slow worker's unit, dropped as too stale, is the fast worker's next one; the slow
+    worker gets a fresh unit, or waits while its own is the only one left. (It was handed
+    straight back: a worker too slow for ``--max-staleness`` redid its own unit, too stale
+    again, while the run's tail waited for it.)"""
+    model = nn.Linear(3, 1)
+    serving = AsyncSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), StrategyOptions(max_staleness=1))
+    serving.book.shares = 1
+    server = ParameterServer(serving, total_units=8, generation=1, snapshot=lambda: torch.zeros(1),
+                             timeout=5.0)
+
+    def exchange(unit: int, version: int, avoid: int = WAIT):
+        answer = server.exchange(unit, version, 1, 0.0, torch.zeros(4), holder=False, may_defer=True,
+                                 avoid=avoid)
+        return None if answer is None else (answer.unit, answer.version)
+
+    slow = exchange(WAIT, 0)
+    fast = exchange(WAIT, 0)
+    for _ in range(3):  # the fast worker does units 1, 2, 3: version 3
+        fast = exchange(*fast)
+    assert (slow, fast) == ((0, 0), (4, 3))
+    slow = exchange(*slow)  # staleness 3 > 1: dropped
+    assert slow == (5, 3)
+    fast = exchange(*fast)
+    assert fast == (0, 4)  # the dropped unit
+    for _ in range(2):  # units 0 and 6
+        fast = exchange(*fast)
+    assert fast == (7, 6)
+    assert exchange(*slow) is None  # too stale again, and only its own unit left: it waits
+    assert exchange(WAIT, 0, avoid=5) is None  # still waiting, still avoiding its own unit
+    assert exchange(*fast) == (5, 7)  # the fast worker takes it
+    assert server.exchange(WAIT, 0, 0, 0.0, None, holder=False, may_defer=False, avoid=5).unit == WAIT
+    assert exchange(5, 7) == (-1, 8) and server.finished
+
+
 MEMBER = textwrap.dedent("""
     import os, sys
     from datetime import timedelta

@@ -78,11 +78,16 @@ class _LocalLink:
     def exchange(self, unit, version, samples, loss_part, gradient) -> Answer:
         answer = self.server.exchange(unit, version, samples, loss_part, gradient,
                                       holder=False, may_defer=True)
+        # as a remote worker's request waits in the server: a unit this worker pushed too
+        # stale is left to the others for as long (ParameterServer.exchange)
+        deadline = time.monotonic() + self.server.timeout / 4
         while answer is None:
             with self.server.changed:
                 self.server.changed.wait(0.05)
             self.context.check_generation()
-            answer = self.server.exchange(WAIT, 0, 0, 0.0, None, holder=False, may_defer=True)
+            avoid = unit if time.monotonic() < deadline else WAIT
+            answer = self.server.exchange(WAIT, 0, 0, 0.0, None, holder=False, may_defer=True,
+                                          avoid=avoid)
         return answer
 
 

@@ -7,7 +7,7 @@ their version. It pushes back the mean gradient over the unit, tagged with that 
 The server applies it with the learning rate divided by its staleness, the number of
 updates applied since (Zhang et al., 2016, "Staleness-aware async-SGD"), or drops it when
 it is more than ``--max-staleness`` versions old and hands the unit out again. A slow
-worker slows only its own units.
+worker slows only its own units, and a unit it pushed too stale goes to another worker first.
 
 Commit point. Every ``SNAPSHOT_STEPS * shares`` applied updates the server takes a
 snapshot (model, optimizer, which units are applied, the loss of every step they finished)
@@ -225,9 +225,15 @@ class ParameterServer:
         return self.book.prefix >= self.total_units
 
     def exchange(self, unit: int, version: int, samples: int, loss_part: float,
-                 gradient: torch.Tensor | None, *, holder: bool, may_defer: bool) -> Answer | None:
+                 gradient: torch.Tensor | None, *, holder: bool, may_defer: bool,
+                 avoid: int = WAIT) -> Answer | None:
         """Apply a pushed gradient (``unit`` >= 0) and hand out the next unit. None: nothing
-        to hand out yet and ``may_defer``: ask again when :attr:`changed` fires."""
+        to hand out yet and ``may_defer``: ask again when :attr:`changed` fires, with
+        ``avoid`` the unit pushed.
+
+        A unit dropped as too stale goes to another worker first: the one that pushed it is
+        the slow one, and would likely push it too stale again while the run's tail waits.
+        It takes its own unit back only when nobody else did before its wait ran out."""
         with self.changed:
             if self.error is not None:
                 raise RuntimeError(f"the parameter server failed: {self.error}")
@@ -235,7 +241,7 @@ class ParameterServer:
                 self.applying = True
                 self._apply(unit, version, samples, loss_part, gradient)
                 self.applying = False
-            return self._next(holder, may_defer)
+            return self._next(holder, may_defer, avoid=unit if unit >= 0 else avoid)
 
     def _apply(self, unit: int, version: int, samples: int, loss_part: float,
                gradient: torch.Tensor) -> None:
@@ -243,6 +249,7 @@ class ParameterServer:
         staleness = strategy.version - version
         if staleness > strategy.options.max_staleness:
             heapq.heappush(self._again, unit)
+            self.changed.notify_all()  # a worker waiting for work may take it
             return
         if samples:  # an empty unit (the end of an epoch split too finely) changes nothing
             # The learning rate is the one for a whole global batch; a unit is 1/shares of
@@ -269,8 +276,8 @@ class ParameterServer:
         for group, rate in zip(groups, rates):
             group["lr"] = rate
 
-    def _next(self, holder: bool, may_defer: bool) -> Answer | None:
-        unit = self._take_unit()
+    def _next(self, holder: bool, may_defer: bool, avoid: int) -> Answer | None:
+        unit = self._take_unit(avoid if may_defer else WAIT)
         if unit is None:
             unit = DONE if self.finished else WAIT
             # a holder waiting for work still takes a pending snapshot at once: it is what
@@ -285,11 +292,18 @@ class ParameterServer:
             parameters = parameters_to_vector(self.strategy.model.parameters()).detach().clone()
         return Answer(unit, self.strategy.version, self.book.shares, parameters, snapshot)
 
-    def _take_unit(self) -> int | None:
-        while self._again:
-            unit = heapq.heappop(self._again)
-            if not self.book.is_applied(unit):
-                return unit
+    def _take_unit(self, avoid: int) -> int | None:
+        kept, unit = [], None
+        while self._again and unit is None:
+            candidate = heapq.heappop(self._again)
+            if candidate == avoid:
+                kept.append(candidate)
+            elif not self.book.is_applied(candidate):
+                unit = candidate
+        for candidate in kept:
+            heapq.heappush(self._again, candidate)
+        if unit is not None:
+            return unit
         while self._cursor < self.total_units and self.book.is_applied(self._cursor):
             self._cursor += 1
         if self._cursor >= self.total_units:
@@ -326,9 +340,9 @@ class ParameterServer:
         selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
         connections: dict[socket.socket, bytearray] = {}
-        waiting: dict[socket.socket, tuple[float, bool]] = {}
-        """A request with nothing to hand out yet -> when to answer it WAIT at the latest, and
-        whether its worker may hold snapshots."""
+        waiting: dict[socket.socket, tuple[float, bool, int]] = {}
+        """A request with nothing to hand out yet -> when to answer it WAIT at the latest,
+        whether its worker may hold snapshots, and the unit it pushed."""
         finished = 0
 
         def deliver(connection: socket.socket, answer: Answer) -> None:
@@ -356,12 +370,12 @@ class ParameterServer:
                     *arguments, holds = request
                     answer = self.exchange(*arguments, holder=holds, may_defer=True)
                     if answer is None:
-                        waiting[key.fileobj] = (time.monotonic() + self.timeout / 4, holds)
+                        waiting[key.fileobj] = (time.monotonic() + self.timeout / 4, holds, arguments[0])
                     else:
                         deliver(key.fileobj, answer)
-                for connection, (deadline, holds) in list(waiting.items()):
+                for connection, (deadline, holds, pushed) in list(waiting.items()):
                     answer = self.exchange(WAIT, 0, 0, 0.0, None, holder=holds,
-                                           may_defer=time.monotonic() < deadline)
+                                           may_defer=time.monotonic() < deadline, avoid=pushed)
                     if answer is not None:
                         del waiting[connection]
                         deliver(connection, answer)
