@@ -11,7 +11,12 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
-__all__ = ["run_then_exit"]
+__all__ = ["EXIT_EVICTED", "run_then_exit"]
+
+EXIT_EVICTED = 3
+"""A worker that left because the coordinator ended its membership (it was declared dead:
+hung, or cut off) or the job ended elsewhere; also what a launcher counts for a worker it
+killed after the coordinator declared it dead for silence (``launch.workers.fence_silenced``)."""
 
 
 def run_then_exit(entry: Callable[[], int | None]) -> NoReturn:

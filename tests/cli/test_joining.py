@@ -1,6 +1,7 @@
 """`shoal train --coordinator`: a launcher that cannot or must not join is refused before
 any of its workers starts (one line, exit 2), and the job it tried to join is untouched."""
 
+import contextlib
 import http.server
 import importlib.metadata
 import json
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -116,24 +118,36 @@ def test_an_unreachable_coordinator_is_one_line():
     assert line.startswith("shoal train: error: --coordinator: cannot reach http://127.0.0.1:1 ("), line
 
 
-def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp_path):
-    """A preempted host: its launcher passes SIGTERM to its workers, which leave at a step
-    boundary, and exits 143; the other host finishes the job alone. (Before, the launcher
-    died at once and left its worker running, orphaned.)"""
-    import psutil
-
-    membership = Membership(expected_workers=2, min_workers=1)
+@contextlib.contextmanager
+def _two_hosts_at_step_20(steps: int, **membership_options) -> Iterator[tuple[Membership, list[subprocess.Popen]]]:
+    """Two launchers of one worker each (two hosts) on a coordinator in this process, once
+    their job reached step 20 of ``steps``; every launcher is gone after."""
+    membership = Membership(expected_workers=2, min_workers=1, **membership_options)
     coordinator = Coordinator(membership, token="t").start()
     joining = ["--coordinator", coordinator.url.removeprefix("http://"), "--token", "t"]
-    long_job = [*JOB[:2], "--steps", "600", *JOB[4:]]  # far from its end at the SIGTERM, at step 20
-    launchers = [subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "train", *long_job, *joining],
+    job = [*JOB[:2], "--steps", str(steps), *JOB[4:]]
+    launchers = [subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "train", *job, *joining],
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         deadline = time.monotonic() + 120
         while membership.snapshot()["step"] < 20:
             assert time.monotonic() < deadline and all(p.poll() is None for p in launchers)
             time.sleep(0.05)
-        preempted, survivor = launchers
+        yield membership, launchers
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+            launcher.wait()
+        coordinator.stop()
+
+
+def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp_path):
+    """A preempted host: its launcher passes SIGTERM to its workers, which leave at a step
+    boundary, and exits 143; the other host finishes the job alone. (Before, the launcher
+    died at once and left its worker running, orphaned.)"""
+    import psutil
+
+    with _two_hosts_at_step_20(600) as (membership, (preempted, survivor)):  # far from its end
         workers = psutil.Process(preempted.pid).children(recursive=True)
         assert workers
         preempted.terminate()
@@ -143,11 +157,30 @@ def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp
         assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
         assert survivor.wait(timeout=240) == 0, survivor.stderr.read()
         assert membership.status == "completed" and len(membership.membership_changes()) >= 1
-    finally:
-        for launcher in launchers:
-            launcher.kill()
-            launcher.wait()
-        coordinator.stop()
+
+
+def test_a_hosts_frozen_worker_is_killed_by_its_launcher_while_the_job_goes_on():
+    """One host's worker freezes (SIGSTOP). Once the coordinator declared it dead, its launcher
+    kills it, says so, and exits 3 as for an evicted host, while the other host goes on to
+    finish the job. (The frozen worker used to stay until the job ended, holding its
+    memory, its device and its core, and its launcher with it.)"""
+    import psutil
+
+    with _two_hosts_at_step_20(3000, heartbeat_timeout=2.0) as (membership, (frozen_host, survivor)):
+        workers = membership.snapshot()["workers"]
+        [worker] = [p for p in psutil.Process(frozen_host.pid).children(recursive=True)
+                    if p.pid in {known["pid"] for known in workers.values()}]
+        [job_id] = [job_id for job_id, known in workers.items() if known["pid"] == worker.pid]
+        worker.suspend()
+        assert frozen_host.wait(timeout=60) == 3
+        assert membership.status == "running"  # the job goes on without it
+        assert frozen_host.stderr.read().strip().splitlines() == [
+            (f"shoal: local worker 0 (worker {job_id}) was declared dead (no heartbeat) "
+             f"and its process {worker.pid} still runs: killing it"),
+            "shoal train: this host's workers were evicted (cut off or hung); the job goes on without them"]
+        assert not worker.is_running()
+        assert survivor.wait(timeout=240) == 0, survivor.stderr.read()
+        assert membership.status == "completed"
 
 
 def test_a_joining_launchers_checkpoint_is_checked_before_its_workers_start(tmp_path):

@@ -136,6 +136,45 @@ def test_elastic_example_survives_a_killed_worker(tmp_path):
     assert "survived: worker 1 (rank 1) killed by SIGKILL" in result.stderr
 
 
+def test_a_frozen_worker_is_stopped_while_the_job_goes_on(tmp_path):
+    """Rank 1 freezes (SIGSTOP) at step 10. Once the coordinator declared it dead, its
+    launcher stops it while the job runs: rank 0 waits at step 20 until the frozen process
+    is gone, then finishes. (It used to stay frozen until the job ended, holding its memory,
+    its device and its core: rank 0 gave up waiting and the job failed.)"""
+    pid_file = tmp_path / "rank1.pid"
+    script = tmp_path / "elastic_freeze.py"
+    script.write_text(
+        "import os, signal, runpy, time\n"
+        "import shoal.runtime.trainer as trainer\n"
+        "step = trainer._Loop._step\n"
+        "def freezing_step(self, *args):\n"
+        "    if os.environ['RANK'] == '1' and self.position == 10:\n"
+        f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "    if os.environ['RANK'] == '0' and self.position == 20:\n"
+        f"        pid, deadline = int(open({str(pid_file)!r}).read()), time.monotonic() + 30\n"
+        "        while time.monotonic() < deadline:\n"
+        "            try:\n"
+        "                os.kill(pid, 0)\n"
+        "            except ProcessLookupError:\n"
+        "                print('the frozen rank 1 is gone', flush=True)\n"
+        "                break\n"
+        "            time.sleep(0.05)\n"
+        "        else:\n"
+        "            raise SystemExit('rank 1 is still frozen')\n"
+        "    step(self, *args)\n"
+        "trainer._Loop._step = freezing_step\n"
+        f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n"
+    )
+    result = shoal("run", "--nproc-per-node", "2", "--heartbeat-timeout", "2", str(script),
+                   env={**os.environ, "EPOCHS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[worker 0] the frozen rank 1 is gone" in result.stdout
+    assert "29 steps on 1 worker(s)" in result.stdout
+    assert ("survived: worker 1 (rank 1) evicted by the coordinator (hung or cut off), "
+            "then stopped here") in result.stderr
+
+
 def test_a_script_leaves_as_python_would_its_open_files_flushed(tmp_path):
     """Scripts exit without the interpreter's teardown (torch 2.13's gloo aborts it now and
     then): exit handlers still run and a file left open still gets what was written to it."""

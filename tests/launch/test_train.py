@@ -207,6 +207,32 @@ def test_a_hung_worker_is_evicted_and_changes_nothing(runs):
     assert relative_difference(hung, reference) <= 5e-5
 
 
+def test_a_hung_worker_is_killed_by_its_launcher_and_restarted(tmp_path):
+    """Worker 1 freezes (SIGSTOP) at step 20. Declared dead for silence, its process still
+    runs: the launcher kills it, and ``--restart`` starts it again. It rejoins, heals, and the
+    run equals the undisturbed one. (A frozen worker used to stay until the job ended,
+    holding its memory and its core, and was never replaced: with ``--min-workers 3`` the
+    job failed, two workers left.)"""
+    task = ["--task", "quadratic", "--steps", "300", "--batch-size", "64", "--quiet"]
+    model, output, samples = tmp_path / "m.pt", tmp_path / "r.json", tmp_path / "s.jsonl"
+    result = shoal("train", *task, "--workers", "3", "--min-workers", "3", "--restart", "--hang", "1@20",
+                   "--heartbeat-timeout", "2", "--save-model", str(model), "--output", str(output),
+                   "--sample-log", str(samples), timeout=120)
+    assert result.returncode == 0, result.stderr
+    killed = [line for line in result.stderr.splitlines() if "still runs: killing it" in line]
+    assert len(killed) == 1 and "worker 1 was declared dead (no heartbeat)" in killed[0], result.stderr
+    assert "restarting worker 1 (1 of 3)" in result.stderr
+    changes = load_json(output)["membership_changes"]
+    assert [c["cause"] for c in changes] == ["worker 1: --hang 1@20: SIGSTOP; no heartbeat for 2 s; rejoined"]
+    assert changes[-1]["members_after"] == [0, 1, 2]
+    reference = tmp_path / "reference.pt"
+    assert shoal("train", *task, "--workers", "1", "--save-model", str(reference)).returncode == 0
+    assert relative_difference(model, reference) <= 1e-5
+    from shoal.reliability.checks import exactly_once_violations
+
+    assert exactly_once_violations(samples, dataset_size=4096, steps=300) == []
+
+
 def test_nasty_timings_kill_during_heal_and_during_commit(tmp_path):
     """A worker killed while sending state to a rejoining peer, and one killed after the
     gradients were exchanged but before its update: the run still equals an undisturbed

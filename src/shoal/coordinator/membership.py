@@ -601,6 +601,7 @@ class Membership:
                         "committed_step": w.committed_step,
                         "heartbeat_age": round(now - w.last_seen, 3),
                         "death_cause": w.death_cause,
+                        "silenced": w.declared_silent_at is not None,
                     }
                     for w in self._workers.values()
                 },

@@ -18,7 +18,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
+from shoal._exit import EXIT_EVICTED
 from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.coordinator.record import JobRecord
@@ -29,6 +31,7 @@ from shoal.launch.workers import (
     Preemption,
     WorkerGroup,
     describe_exit,
+    fence_silenced,
     python_command,
     worker_zygote,
 )
@@ -47,7 +50,8 @@ __all__ = ["run_remote"]
 _POLL_SECONDS = 0.5
 _METRICS_SECONDS = 2.0
 """metrics.json comes over HTTP here: the whole record, so not every poll."""
-_EVICTED = 3  # a worker's exit code when the coordinator ended its membership
+_STATUS_SECONDS = 1.0
+"""How often the launcher looks for a local worker declared dead that still runs (hung)."""
 
 
 def run_remote(config: TrainConfig) -> int:
@@ -81,7 +85,7 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
             return
         process = group.workers[local_index].process
         cause = describe_exit(returncode) if returncode else "exited"
-        restart = returncode not in (0, _EVICTED) and config.restart and restarts[local_index] < config.max_restarts
+        restart = returncode not in (0, EXIT_EVICTED) and config.restart and restarts[local_index] < config.max_restarts
         rejoining = {}  # a restart joins under the worker's id: the coordinator waits for that one
         try:
             reply = client.post("/report", {"kind": "exit", "host": host, "launcher": launcher,
@@ -111,10 +115,14 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     try:
         for local_index in range(config.workers):
             group.spawn(local_index, {})
+        next_status = 0.0
         while group.running() and not preemption.overdue():
             time.sleep(_POLL_SECONDS)
             if metrics is not None:
                 _update_metrics(metrics, watcher)
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + _STATUS_SECONDS
+                _fence_silenced(group, watcher, launcher, echo)
             if (config.output or config.sample_log) and record is None:
                 # Fetch the record the moment the job completes: our workers may take a
                 # while to exit, and the coordinator lingers only so long after the end.
@@ -134,10 +142,10 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
         echo("shoal train: this host's workers stopped (SIGTERM); the job goes on without them")
         return EXIT_PREEMPTED
     codes = [w.returncode for w in group.workers.values()]
-    if status["status"] != "completed" and codes and all(code == _EVICTED for code in codes):
+    if status["status"] != "completed" and codes and all(code == EXIT_EVICTED for code in codes):
         echo("shoal train: this host's workers were evicted (cut off or hung); "
              "the job goes on without them")
-        return _EVICTED
+        return EXIT_EVICTED
     if status.get("rejected"):
         echo(f"shoal train: error: {status['reason']}")
         return 2
@@ -164,6 +172,20 @@ def _choose_resume(config: TrainConfig) -> Resumption:
                                warn=lambda line: print(f"shoal train: warning: {line}", file=sys.stderr))
     config.resume = str(resumption.checkpoint.path)
     return resumption
+
+
+def _fence_silenced(group: WorkerGroup, client: CoordinatorClient, launcher: str,
+                    echo: Callable[[str], None]) -> None:
+    """Kill a local worker that the coordinator declared dead for silence and that still runs
+    (hung): it exits as an evicted one, and is not started again (``fence_silenced``). Also
+    once the job ended: this launcher waits for its workers, and a hung one never leaves."""
+    try:
+        status = client.get("/status")
+    except CoordinatorUnreachable:
+        return  # restarting, or this host is cut off: its workers learn of it when it is back
+    fence_silenced(group, status.get("workers", {}), launcher, lambda job_id, worker: echo(
+        f"shoal: local worker {worker.worker_id} (worker {job_id}) was declared dead (no heartbeat) "
+        f"and its process {worker.process.pid} still runs: killing it"))
 
 
 def _update_metrics(metrics: MetricsFile, client: CoordinatorClient, force: bool = False) -> None:

@@ -29,6 +29,7 @@ from shoal.config import RunConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.joining import admission_refusal, final_status, launcher_id
 from shoal.launch.script_job import (
+    EVICTED_THEN_STOPPED,
     NOT_JOINED_WHEN_IT_ENDED,
     script_workers,
     stop_unfinished,
@@ -40,6 +41,7 @@ from shoal.launch.workers import (
     StopRequest,
     WorkerProcess,
     describe_exit,
+    fence_silenced,
 )
 from shoal.runtime.context import ENV_COORDINATOR, ENV_LAUNCHER_ID, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.worker import EXIT_PREEMPTED
@@ -163,6 +165,9 @@ class _Node:
                 pass  # restarting: the workers carry on meanwhile, and so do we
             for worker in self.group.running():
                 self._id_of(worker)  # known before it exits, should the coordinator be away then
+            if self.status.get("status") not in ("completed", "failed"):
+                # hung: killed, and treated as an evicted worker that woke (restarts included)
+                fence_silenced(self.group, self.status.get("workers", {}), self.launcher, lambda *_: None)
             if self.status.get("status") in ("completed", "failed"):
                 ended_at = ended_at or time.monotonic()
                 # After a failure the workers hear of it and leave: a grace first.
@@ -201,14 +206,16 @@ class _Node:
         coordinator, and start the worker again if it failed and restarts are left."""
         if self.group.stopping:
             return
-        process = self.group.workers[local_rank].process
-        cause = self.stopped_here.get(local_rank) or (describe_exit(returncode) if returncode else "exited")
+        worker = self.group.workers[local_rank]
+        process = worker.process
+        cause = self.stopped_here.get(local_rank) or (EVICTED_THEN_STOPPED if worker.fenced else
+                                                      describe_exit(returncode) if returncode else "exited")
         restart = False
         if returncode != 0:
             goes_on = self._job_goes_on()  # one fresh look: has the job ended, had the worker finished?
             # Its id from that look, if no earlier one had it (a worker can join and finish its
             # part between two of them); its record stays alive until its exit is reported.
-            self._id_of(self.group.workers[local_rank])
+            self._id_of(worker)
             if self._finished(local_rank):  # a restart would have nothing to do
                 self.done_before.add(local_rank)
                 cause += " after it finished its part"

@@ -43,11 +43,12 @@ from shoal.launch.workers import (
     WorkerGroup,
     WorkerProcess,
     describe_exit,
+    fence_silenced,
 )
 from shoal.runtime.context import ENV_COORDINATOR, ENV_LAUNCHER_ID, ENV_TOKEN, ENV_WORKER_ID
 from shoal.runtime.worker import EXIT_PREEMPTED
 
-__all__ = ["NOT_JOINED_WHEN_IT_ENDED", "run_script", "script_workers", "stop_unfinished", "torchrun_env"]
+__all__ = ["EVICTED_THEN_STOPPED", "NOT_JOINED_WHEN_IT_ENDED", "run_script", "script_workers", "stop_unfinished", "torchrun_env"]
 
 _POLL_SECONDS = 0.25
 """How often a node looks for another node's failure, and node 0 for the others' ends."""
@@ -215,15 +216,16 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
         finally:
             wake.set()
 
+    launcher = launcher_id()
     group = script_workers(config, {**os.environ, ENV_COORDINATOR: rendezvous.url, ENV_TOKEN: rendezvous.token,
-                                    ENV_LAUNCHER_ID: launcher_id()}, on_exit)
+                                    ENV_LAUNCHER_ID: launcher}, on_exit)
     others: list[str] = []  # why this node stopped, besides its workers' exits
     status: dict = {}
     with StopRequest(group) as stop:
         try:
             if _all_nodes_in(config, rendezvous, stop) and not stop.how:
                 _spawn_workers(config, rendezvous, group)
-                status = _watch(config, rendezvous, job, group, wake, stop, stopped_here)
+                status = _watch(config, rendezvous, job, group, launcher, wake, stop, stopped_here)
         except NodeGone as error:
             others.append(str(error))
         finally:
@@ -297,11 +299,12 @@ def _spawn_workers(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerG
 
 
 def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,
-           group: WorkerGroup, wake: threading.Event, stop: StopRequest,
+           group: WorkerGroup, launcher: str, wake: threading.Event, stop: StopRequest,
            stopped_here: dict[int, str]) -> dict:
     """Until this node's workers are done: a plain script's failure anywhere ends it; an
     elastic job ends when the coordinator says so (this node stays while it goes on
     elsewhere, and then stops a local worker that never will: evicted, or never joined).
+    Meanwhile a local worker declared dead for silence that still runs (hung) is stopped.
     Returns the job's last status."""
     status: dict = {}
     watch_store, node0_done = True, False
@@ -327,8 +330,11 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
                 # After a failure the workers hear of it and leave: a heartbeat timeout first.
                 if status["status"] == "completed" or time.monotonic() - ended_at > config.heartbeat_timeout:
                     stop_unfinished(group, status["workers"], lambda worker: worker.worker_id, stopped_here)
-            elif config.node_rank == 0 and config.nnodes > 1:
-                _mind_silent_nodes(rendezvous, job, status, config)
+            else:
+                fence_silenced(group, status.get("workers", {}), launcher,
+                               lambda _, worker: stopped_here.update({worker.worker_id: EVICTED_THEN_STOPPED}))
+                if config.node_rank == 0 and config.nnodes > 1:
+                    _mind_silent_nodes(rendezvous, job, status, config)
             if done_here and not _running(status):
                 break
         wake.wait(_POLL_SECONDS)
@@ -400,6 +406,9 @@ def _node_ranks(node: int, nproc_per_node: int) -> range:
     return range(node * nproc_per_node, (node + 1) * nproc_per_node)
 
 
+EVICTED_THEN_STOPPED = "evicted by the coordinator (hung or cut off), then stopped here"
+"""Why a launcher stopped a local worker the coordinator had declared dead: hung (while the
+job runs, ``fence_silenced``), or still there when the job ended."""
 NOT_JOINED_WHEN_IT_ENDED = "had not joined when the job ended; stopped here"
 """Why ``stop_unfinished`` stopped a worker the coordinator never heard of: one that came
 too late (a node started as the job ended), not a loss the job survived."""
@@ -416,8 +425,7 @@ def stop_unfinished(group: WorkerGroup, workers: dict, id_of: Callable[[WorkerPr
         known = workers.get(str(id_of(worker)))
         if known is not None and (known["alive"] or known["finished"]):
             continue
-        stopped_here[worker.worker_id] = NOT_JOINED_WHEN_IT_ENDED if known is None else (
-            "evicted by the coordinator (hung or cut off), then stopped here")
+        stopped_here[worker.worker_id] = NOT_JOINED_WHEN_IT_ENDED if known is None else EVICTED_THEN_STOPPED
         group.kill(worker.worker_id)
 
 

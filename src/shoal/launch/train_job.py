@@ -22,6 +22,7 @@ from shoal.launch.workers import (
     Preemption,
     WorkerGroup,
     describe_exit,
+    fence_silenced,
     python_command,
     worker_zygote,
 )
@@ -106,16 +107,17 @@ def _run_local(config: TrainConfig, zygote: Zygote | None) -> int:
                              f"({restarts[worker_id]} of {config.max_restarts})", always=True)
             group.spawn(worker_id, {ENV_WORKER_ID: str(worker_id)})
 
+    launcher = launcher_id()
     env = {**os.environ, ENV_COORDINATOR: coordinator.url, ENV_TOKEN: coordinator.token,
            ENV_CONFIG: config.to_json(), ENV_HEARTBEAT_INTERVAL: str(config.heartbeat_interval),
-           ENV_LAUNCHER_ID: launcher_id()}
+           ENV_LAUNCHER_ID: launcher}
     group = WorkerGroup(python_command("shoal.runtime.worker"), env=env, on_exit=on_exit,
                         echo=lambda line: progress.message(line, always=True), zygote=zygote)
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preemption.notice(group))
     try:
         for worker_id in range(config.workers):
             group.spawn(worker_id, {ENV_WORKER_ID: str(worker_id)})
-        _watch(membership, group, progress, sampler, metrics, preemption)
+        _watch(membership, group, launcher, progress, sampler, metrics, preemption)
     except KeyboardInterrupt:
         membership.fail("interrupted (Ctrl-C)")
     finally:
@@ -134,14 +136,19 @@ def _run_local(config: TrainConfig, zygote: Zygote | None) -> int:
     return EXIT_PREEMPTED if preemption.deadline is not None and code else code
 
 
-def _watch(membership: Membership, group: WorkerGroup, progress: Progress,
+def _watch(membership: Membership, group: WorkerGroup, launcher: str, progress: Progress,
            sampler: GlobalBatchSampler, metrics: MetricsFile | None, preemption: Preemption) -> None:
-    """Show progress (and keep metrics.json current) until the job ends and every worker has exited."""
+    """Show progress (and keep metrics.json current) until the job ends and every worker has
+    exited; kill a worker declared dead for silence that still runs (hung)."""
     announced = timeouts_announced = 0
     while True:
         if metrics is not None:
             metrics.update(membership.record)
         snapshot = membership.snapshot()
+        if snapshot["status"] not in ("completed", "failed"):  # then stop_all ends what is left
+            fence_silenced(group, snapshot["workers"], launcher, lambda worker_id, worker: progress.message(
+                f"shoal: worker {worker_id} was declared dead (no heartbeat) and its process "
+                f"{worker.process.pid} still runs: killing it", always=True))
         for change in membership.membership_changes()[announced:]:
             progress.message(f"shoal: {describe_change(change)}", always=True)
             announced += 1

@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Self
 
+from shoal._exit import EXIT_EVICTED
 from shoal.launch.zygote import ForkedProcess, Zygote
 
 __all__ = ["ENV_FORK_WORKERS", "PREEMPTION_GRACE_SECONDS", "SIGTERM_STOP", "TERMINATE_GRACE_SECONDS", "Preemption",
-           "StopRequest", "WorkerGroup", "WorkerProcess", "describe_exit", "worker_zygote"]
+           "StopRequest", "WorkerGroup", "WorkerProcess", "describe_exit", "fence_silenced", "worker_zygote"]
 
 ENV_FORK_WORKERS = "SHOAL_FORK_WORKERS"
 """``SHOAL_FORK_WORKERS=0`` starts every ``shoal train`` worker as a fresh Python process."""
@@ -38,10 +39,14 @@ class WorkerProcess:
     worker_id: int
     process: subprocess.Popen | ForkedProcess
     exited_at: float | None = None
+    fenced: bool = False
+    """Killed by its launcher after the coordinator declared it dead for silence."""
 
     @property
     def returncode(self) -> int | None:
-        return self.process.returncode
+        """Its exit code; a fenced worker's is an evicted one's, whatever the kill made it."""
+        code = self.process.returncode
+        return EXIT_EVICTED if self.fenced and code is not None else code
 
 
 class WorkerGroup:
@@ -90,11 +95,11 @@ class WorkerGroup:
                 self.echo(f"[worker {worker.worker_id}] {line.rstrip()}")
 
     def _wait(self, worker: WorkerProcess) -> None:
-        returncode = worker.process.wait()
+        worker.process.wait()
         exited_at = time.time()  # before the lock, which another exit's handler may hold a while
         with self._lock:
             worker.exited_at = exited_at
-            self.on_exit(worker.worker_id, returncode, worker.exited_at)
+            self.on_exit(worker.worker_id, worker.returncode, worker.exited_at)
 
     def running(self) -> list[WorkerProcess]:
         with self._lock:
@@ -145,6 +150,25 @@ class WorkerGroup:
     def join_threads(self) -> None:
         for thread in self._threads:
             thread.join(timeout=5)
+
+
+def fence_silenced(group: WorkerGroup, workers: dict, launcher: str,
+                   on_fence: Callable[[str, WorkerProcess], None]) -> None:
+    """SIGKILL each local worker still running that the coordinator declared dead for silence
+    (``workers``: its ``/status`` workers, by job id; ``launcher``: this launcher's id, which
+    with the pid names a local process). Hung, it would hold its memory, its device and its
+    core until the job ends; cut off, it would leave anyway once it heard it was evicted.
+    Its exit then counts as that evicted worker's (``EXIT_EVICTED``), and the launcher treats
+    it as it treats one (``shoal train --restart`` starts it again). ``on_fence(job id, local
+    worker)`` runs before the kill, under the group's lock: before the exit's handler."""
+    with group._lock:  # not a worker whose exit is being handled (and restarted) meanwhile
+        for worker in group.running():
+            for job_id, known in workers.items():
+                if (known.get("silenced") and not known["alive"] and known.get("launcher") == launcher
+                        and known["pid"] == worker.process.pid and not worker.fenced):
+                    worker.fenced = True
+                    on_fence(job_id, worker)
+                    _signal(worker.process, signal.SIGKILL)
 
 
 def _signal(process: subprocess.Popen | ForkedProcess, signum: int) -> None:

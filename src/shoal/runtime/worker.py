@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from shoal._exit import run_then_exit
+from shoal._exit import EXIT_EVICTED, run_then_exit
 from shoal._io import atomic_write
 from shoal.checkpoint import Checkpointing
 from shoal.config import ConfigError, TrainConfig
@@ -77,7 +77,7 @@ def main() -> int:
         if stopped.completed:  # restarted as the members finished: nothing was left to do
             return 0
         print(f"worker {context.worker_id}: {stopped}", file=sys.stderr)
-        return 3
+        return EXIT_EVICTED
     except ConfigError as error:
         context.close()
         if not error.reported:
