@@ -590,7 +590,31 @@ def test_a_stalled_coordinator_does_not_declare_everyone_dead():
     membership.tick()
     assert membership.status == "running" and membership.current.number == 1
     advance(membership, clock, 2.5)  # but silence while it listens still counts
+    assert not any(w.alive for w in membership._workers.values())
+    advance(membership, clock, 2.5)  # after a heartbeat timeout for launchers to restart them
     assert membership.status == "failed"
+
+
+def test_a_job_below_its_minimum_after_a_silence_waits_a_heartbeat_timeout_for_a_restart():
+    """A standalone coordinator does not know which launchers restart their workers, and a
+    hung worker's launcher kills it only once it reads the verdict: the job below
+    --min-workers after a silence waits one heartbeat timeout for a restart to be announced,
+    and pauses for the rejoin once it is."""
+    clock = Clock()
+    membership = Membership(expected_workers=2, min_workers=2, heartbeat_timeout=2.0, clock=clock)
+    for worker in range(2):
+        membership.join(worker, "host", 100 + worker)
+    for _ in range(50):  # worker 1 hangs: declared dead after 2 s
+        advance(membership, clock, 0.05)
+        membership.heartbeat(0, {})
+    assert not membership._workers[1].alive and membership.status == "running"
+    membership.report_exit_of_process("host", 101, "killed by SIGKILL", restarting=True)
+    for _ in range(100):
+        advance(membership, clock, 0.05)
+        membership.heartbeat(0, {})
+    assert membership.status == "running"  # paused, waiting for the rejoin
+    membership.join(1, "host", 102)
+    assert membership.current.members == [0, 1]
 
 
 def test_a_worker_that_finishes_while_the_coordinator_restarts_is_adopted():

@@ -141,24 +141,78 @@ def test_the_job_goes_on_without_a_killed_node_which_rejoins_when_started_again(
     assert printed.groups() == ("29", "2", undisturbed_accuracy()), everything
 
 
-def test_a_failed_worker_is_started_again_and_rejoins_with_max_restarts(tmp_path):
-    """The job cannot go on without it (--min-workers 2): told of the restart, the coordinator
-    waits for the worker to rejoin, under its id, instead of failing the job."""
-    coordinator, url = start_coordinator("--workers", "2", "--min-workers", "2")
-    script = waiting_for_a_newcomer(tmp_path / "script.py")
+def two_nodes(coordinator_flags: tuple[str, ...], script, first_flags: tuple[str, ...] = (),
+              first_env: dict | None = None) -> tuple[tuple[int, str, str], tuple[int, str, str], dict]:
+    """Two nodes of one worker each on a fresh coordinator, the first given ``first_flags``
+    and ``first_env``: each one's (exit code, stdout, stderr), and the job's last status."""
+    coordinator, url = start_coordinator(*coordinator_flags)
     try:
-        restarting = node(url, script, "--max-restarts", "1", env={"DIE_ONCE": str(tmp_path / "died")})
+        first = node(url, script, *first_flags, env=first_env)
         other = node(url, script)
-        (code, out, err), (other_code, other_out, other_err) = outputs([restarting, other], timeout=180)
+        ends = outputs([first, other], timeout=180)
         final = status(url)
     finally:
         coordinator.kill()
         coordinator.communicate()
+    return ends[0], ends[1], final
+
+
+def test_a_failed_worker_is_started_again_and_rejoins_with_max_restarts(tmp_path):
+    """The job cannot go on without it (--min-workers 2): told of the restart, the coordinator
+    waits for the worker to rejoin, under its id, instead of failing the job."""
+    (code, out, err), (other_code, other_out, other_err), final = two_nodes(
+        ("--workers", "2", "--min-workers", "2"), waiting_for_a_newcomer(tmp_path / "script.py"),
+        ("--max-restarts", "1"), {"DIE_ONCE": str(tmp_path / "died")})
     assert code == 0 and other_code == 0, err + other_err
     assert "starting local worker 0 again (restart 1 of 1)" in err
     assert re.search(r"survived: worker \d \(local rank 0\) killed by SIGKILL", err), err
     assert final["status"] == "completed" and len(final["workers"]) == 2  # it rejoined as itself
     assert "29 steps on 2 worker(s)" in out + other_out
+
+
+def freezing_once(path, marker):
+    """examples/elastic.py whose worker given FREEZE=1 SIGSTOPs itself at step 10, once (``marker``)."""
+    path.write_text(
+        "import os, signal, runpy\n"
+        "import shoal.runtime.trainer as trainer\n"
+        "step = trainer._Loop._step\n"
+        "def freezing_step(self, *args):\n"
+        f"    if os.environ.get('FREEZE') and self.position == 10 and not os.path.exists({str(marker)!r}):\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "    step(self, *args)\n"
+        "trainer._Loop._step = freezing_step\n"
+        f"runpy.run_path({EXAMPLE!r}, run_name='__main__')\n")
+    return path
+
+
+def test_a_frozen_worker_is_killed_and_started_again_with_max_restarts(tmp_path):
+    """A worker freezes (SIGSTOP) at step 10. Declared dead for silence, it is killed by its
+    launcher and, with --max-restarts, started again; it rejoins, and the job (which cannot go
+    on without it: --min-workers 2) completes on both. Without the kill the frozen worker
+    stayed, and the job failed below --min-workers."""
+    (code, out, err), (other_code, other_out, other_err), final = two_nodes(
+        ("--workers", "2", "--min-workers", "2"), freezing_once(tmp_path / "script.py", tmp_path / "frozen"),
+        ("--max-restarts", "1"), {"FREEZE": "1"})
+    assert code == 0 and other_code == 0, err + other_err
+    assert "starting local worker 0 again (restart 1 of 1)" in err
+    assert re.search(r"survived: worker \d \(local rank 0\) evicted by the coordinator \(hung or cut off\), "
+                     r"then stopped here", err), err
+    assert final["status"] == "completed" and len(final["workers"]) == 2  # it rejoined as itself
+    assert "29 steps on 2 worker(s)" in out + other_out
+
+
+def test_a_node_whose_only_worker_froze_stays_for_the_end_and_reports_it_survived(tmp_path):
+    """Without restarts: the frozen worker is killed, and its node's launcher stays until the
+    job ends elsewhere, exits 0 and says what it survived (as it did while the frozen worker
+    stayed until the end)."""
+    (code, _, err), (other_code, other_out, other_err), final = two_nodes(
+        ("--workers", "2"), freezing_once(tmp_path / "script.py", tmp_path / "frozen"), (), {"FREEZE": "1"})
+    assert code == 0 and other_code == 0, err + other_err
+    assert re.search(r"survived: worker \d \(local rank 0\) evicted by the coordinator \(hung or cut off\), "
+                     r"then stopped here", err), err
+    assert final["status"] == "completed"
+    assert "29 steps on 1 worker(s)" in other_out
 
 
 def test_a_worker_killed_after_it_finished_its_part_is_not_restarted_and_the_job_completes(tmp_path):

@@ -859,13 +859,21 @@ class Membership:
         return sum(now - since < _REJOIN_PATIENCE_SECONDS for since in self._rejoin_expected.values())
 
     def _may_still_announce_a_restart(self) -> bool:
-        """With restarts, give the launcher one heartbeat timeout to announce one.
+        """With restarts, or a member declared dead for silence, give the launcher one
+        heartbeat timeout to announce one.
 
         A worker that stalls before it dies is declared dead by silence before its process
         exits, so the launcher's "restarting it" can trail the verdict; failing the job in
-        between would throw away a run that was about to pause for the rejoin.
+        between would throw away a run that was about to pause for the rejoin. A hung worker's
+        launcher kills it once it reads the verdict, and may start it again
+        (``launch.workers.fence_silenced``): a standalone coordinator does not know which
+        launchers restart, so it waits whenever a member went silent.
         """
-        if not self.restarts:
+        previous = self.current
+        silenced = previous is not None and any(
+            not self._workers[m].alive and self._workers[m].declared_silent_at is not None
+            for m in previous.members if m in self._workers)
+        if not (self.restarts or silenced):
             return False
         now = self._clock()
         if self._below_minimum_since is None:

@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import httpx
+
 from shoal._exit import EXIT_EVICTED
 from shoal.config import TrainConfig, coordinator_url
 from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
@@ -181,7 +183,7 @@ def _fence_silenced(group: WorkerGroup, client: CoordinatorClient, launcher: str
     once the job ended: this launcher waits for its workers, and a hung one never leaves."""
     try:
         status = client.get("/status")
-    except CoordinatorUnreachable:
+    except (CoordinatorUnreachable, PermissionError, httpx.HTTPError):
         return  # restarting, or this host is cut off: its workers learn of it when it is back
     fence_silenced(group, status.get("workers", {}), launcher, lambda job_id, worker: echo(
         f"shoal: local worker {worker.worker_id} (worker {job_id}) was declared dead (no heartbeat) "

@@ -153,7 +153,7 @@ class _Node:
         """Until this node's workers are done (or it is told to stop): follow the job, and once
         it ended stop a local worker that will never hear so."""
         ended_at, next_status = None, 0.0
-        while self.group.running() and not self.stop.how:
+        while (self.group.running() or self._fenced_while_running()) and not self.stop.how:
             self.wake.wait(_POLL_SECONDS)  # short: a signal is only noted, and read here
             self.wake.clear()
             if time.monotonic() < next_status:
@@ -175,6 +175,12 @@ class _Node:
                     stop_unfinished(self.group, self.status.get("workers", {}), self._id_of, self.stopped_here)
                 elif time.monotonic() - ended_at > _FAILED_JOB_GRACE_SECONDS:
                     self._stop_all_left(f"still running {_FAILED_JOB_GRACE_SECONDS:g} s after the job failed; stopped here")
+
+    def _fenced_while_running(self) -> bool:
+        """A local worker was killed as hung, not started again, and the job goes on: stay for
+        its end, as when the frozen worker stayed, to report it survived (exit 0)."""
+        return (any(worker.fenced for worker in self.group.workers.values())
+                and self.status.get("status") not in ("completed", "failed"))
 
     def _stop_all_left(self, why: str) -> None:
         """The job failed: a worker still here (stuck, or deaf to the coordinator) never leaves."""

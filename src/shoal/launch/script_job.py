@@ -197,7 +197,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
     where = f", node {config.node_rank}" if config.nnodes > 1 else ""
     survived: list[str] = []  # an elastic job's losses on this node
     wake = threading.Event()
-    stopped_here: dict[int, str] = {}  # workers this launcher stopped after the job ended: why
+    stopped_here: dict[int, str] = {}  # workers this launcher stopped (hung, or left when the job ended): why
 
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
         if group.stopping:  # exits we cause while shutting down are not failures

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Self
 
 from shoal._exit import EXIT_EVICTED
@@ -41,6 +41,7 @@ class WorkerProcess:
     exited_at: float | None = None
     fenced: bool = False
     """Killed by its launcher after the coordinator declared it dead for silence."""
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def returncode(self) -> int | None:
@@ -160,12 +161,17 @@ def fence_silenced(group: WorkerGroup, workers: dict, launcher: str,
     core until the job ends; cut off, it would leave anyway once it heard it was evicted.
     Its exit then counts as that evicted worker's (``EXIT_EVICTED``), and the launcher treats
     it as it treats one (``shoal train --restart`` starts it again). ``on_fence(job id, local
-    worker)`` runs before the kill, under the group's lock: before the exit's handler."""
+    worker)`` runs before the kill, under the group's lock: before the exit's handler.
+
+    A record is this process's only if the process is older than the record's last
+    heartbeat: a record stays after its worker is gone, and its pid may come back."""
     with group._lock:  # not a worker whose exit is being handled (and restarted) meanwhile
         for worker in group.running():
+            age = time.monotonic() - worker.started
             for job_id, known in workers.items():
                 if (known.get("silenced") and not known["alive"] and known.get("launcher") == launcher
-                        and known["pid"] == worker.process.pid and not worker.fenced):
+                        and known["pid"] == worker.process.pid and not worker.fenced
+                        and age > known.get("heartbeat_age", 0.0)):
                     worker.fenced = True
                     on_fence(job_id, worker)
                     _signal(worker.process, signal.SIGKILL)

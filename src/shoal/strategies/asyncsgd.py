@@ -340,9 +340,16 @@ class ParameterServer:
         selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
         connections: dict[socket.socket, bytearray] = {}
-        waiting: dict[socket.socket, tuple[float, bool, int]] = {}
-        """A request with nothing to hand out yet -> when to answer it WAIT at the latest,
-        whether its worker may hold snapshots, and the unit it pushed."""
+        waiting: dict[socket.socket, tuple[float, bool]] = {}
+        """A request with nothing to hand out yet -> when to answer it WAIT at the latest, and
+        whether its worker may hold snapshots."""
+        pushed: dict[socket.socket, tuple[int, float]] = {}
+        """The unit a worker pushed last, and until when it is left to others should it have
+        been too stale: over its WAITs too (a holder is answered WAIT with a snapshot)."""
+
+        def avoided(connection: socket.socket) -> int:
+            unit, until = pushed.get(connection, (WAIT, 0.0))
+            return unit if time.monotonic() < until else WAIT
         finished = 0
 
         def deliver(connection: socket.socket, answer: Answer) -> None:
@@ -368,14 +375,16 @@ class ParameterServer:
                     if request is None:
                         continue
                     *arguments, holds = request
-                    answer = self.exchange(*arguments, holder=holds, may_defer=True)
+                    if arguments[0] >= 0:
+                        pushed[key.fileobj] = (arguments[0], time.monotonic() + self.timeout / 4)
+                    answer = self.exchange(*arguments, holder=holds, may_defer=True, avoid=avoided(key.fileobj))
                     if answer is None:
-                        waiting[key.fileobj] = (time.monotonic() + self.timeout / 4, holds, arguments[0])
+                        waiting[key.fileobj] = (time.monotonic() + self.timeout / 4, holds)
                     else:
                         deliver(key.fileobj, answer)
-                for connection, (deadline, holds, pushed) in list(waiting.items()):
+                for connection, (deadline, holds) in list(waiting.items()):
                     answer = self.exchange(WAIT, 0, 0, 0.0, None, holder=holds,
-                                           may_defer=time.monotonic() < deadline, avoid=pushed)
+                                           may_defer=time.monotonic() < deadline, avoid=avoided(connection))
                     if answer is not None:
                         del waiting[connection]
                         deliver(connection, answer)
