@@ -768,6 +768,28 @@ def test_a_coordinator_restarted_with_its_state_keeps_what_the_workers_cannot_re
     assert restored.snapshot()["takeover"] == {"generation": 2, "members": [0, 1], "heard": {"0": 3.0}}
 
 
+def test_a_worker_declared_dead_for_silence_stays_so_across_a_restart_with_the_state():
+    """Its launcher kills a silenced worker that still runs (hung): a coordinator restarted
+    with its state file must still say it was silenced, or the hung process stays until the
+    job ends. (A file from before says nothing of it: not silenced.)"""
+    membership, clock = started(workers=3, timeout=2.0)
+    for _ in range(50):  # worker 2 hangs
+        advance(membership, clock, 0.05)
+        for worker in (0, 1):
+            membership.heartbeat(worker, {})
+    membership.report_exit(1, "killed by SIGKILL")
+    state = json.loads(json.dumps(membership.export_state()))
+    restored = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=2.0, clock=clock)
+    restored.restore_state(state)
+    workers = restored.snapshot()["workers"]
+    assert [workers[w]["silenced"] for w in ("0", "1", "2")] == [False, False, True]
+    for worker in state["workers"]:
+        del worker["silenced"]
+    older = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=2.0, clock=clock)
+    older.restore_state(state)
+    assert not older.snapshot()["workers"]["2"]["silenced"]
+
+
 @pytest.mark.parametrize("launcher", ["shoal train", "shoal run --coordinator"])
 def test_a_job_paused_for_a_restart_stays_paused_across_a_coordinator_restart_with_the_state(launcher):
     """Worker 1's launcher restarts it below --min-workers 2 and the coordinator is restarted

@@ -95,7 +95,17 @@ restart imports torch and its own modules first, on a machine that may be loaded
 
 _KEPT_WORKER_FIELDS = ("worker_id", "host", "pid", "alive", "finished", "committed_step", "bytes_sent",
                        "death_cause", "died_at", "launcher")
-"""What ``export_state`` keeps of a worker: not its last heartbeat (a restart hears anew)."""
+"""What ``export_state`` keeps of a worker: not its last heartbeat (a restart hears anew),
+and whether it was declared dead for silence (``silenced``) in place of when."""
+
+
+def _restored_worker(kept: dict, now: float) -> _Worker:
+    """A worker as ``export_state`` kept it. One declared dead for silence stays so (its
+    launcher kills it if it still runs, ``fence_silenced``), as of now: the old clock's time
+    means nothing here. (An older file says nothing of it.)"""
+    kept = dict(kept)
+    silenced = kept.pop("silenced", False)
+    return _Worker(**kept, last_seen=now, declared_silent_at=now if silenced else None)
 
 
 @dataclass(slots=True)
@@ -636,7 +646,8 @@ class Membership:
                 "past_generations": [g.to_json() for g in self._past_generations.values()],
                 "changes": copy.deepcopy(self._changes),
                 "redone": sorted(self._redone),
-                "workers": [{name: getattr(w, name) for name in _KEPT_WORKER_FIELDS}
+                "workers": [{**{name: getattr(w, name) for name in _KEPT_WORKER_FIELDS},
+                             "silenced": w.declared_silent_at is not None}
                             for w in self._workers.values()],
                 "rejoin_expected": {str(w): round(time.time() - (now - since), 3)
                                     for w, since in self._rejoin_expected.items()},
@@ -678,7 +689,7 @@ class Membership:
             self._redone = set(state["redone"])
             for worker_id, batch in commits:
                 self._record_commits(worker_id, batch)
-            self._workers = {w["worker_id"]: _Worker(**w, last_seen=now) for w in state["workers"]}
+            self._workers = {w["worker_id"]: _restored_worker(w, now) for w in state["workers"]}
             self._rejoin_expected = {int(w): now - max(0.0, time.time() - announced)
                                      for w, announced in state.get("rejoin_expected", {}).items()}
             self._admitted = set(state.get("admitted", [""]))  # an older file: ids unknown, any counts

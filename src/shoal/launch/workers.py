@@ -42,6 +42,7 @@ class WorkerProcess:
     fenced: bool = False
     """Killed by its launcher after the coordinator declared it dead for silence."""
     started: float = field(default_factory=time.monotonic)
+    """When it was spawned (monotonic): a coordinator's record older than this is not its."""
 
     @property
     def returncode(self) -> int | None:
