@@ -55,8 +55,6 @@ def run_async(loop, replica: nn.Module, total_steps: int) -> None:
         context.check_generation()
         if answer.snapshot is not None:
             _adopt(loop, deserialize(answer.snapshot))
-        elif strategy.server is not None:  # --kill R@S:commit on the server: once it has committed S
-            maybe_kill(context, strategy.committed_steps, loop.kills, "commit", reached=True)
         if answer.unit == WAIT:
             answer = ask(WAIT, 0, 0, 0.0, None)
             continue
@@ -130,6 +128,10 @@ def _commit_on_server(loop, alone: bool) -> torch.Tensor:
     blob = serialize(loop._capture())
     loop._committed_state = blob
     loop.strategy.committed_steps = loop.strategy.book.whole_steps
+    # --kill R@S:commit on the server: once it has committed S, before any holder has it. (In
+    # whichever thread applied the update: checked in its own worker's loop instead, it
+    # never fired when the remote workers did the rest of the run, on a loaded machine.)
+    maybe_kill(loop.context, loop.strategy.committed_steps, loop.kills, "commit", reached=True)
     if alone:  # no peer to hold it: this is as durable as the job gets
         _report_finished(loop, loop.strategy.book.ledger)
     return blob
