@@ -88,6 +88,11 @@ class _Worker:
     """It runs its steps under the step timeout, as its heartbeats say (not async's workers,
     nor one from before step timeouts)."""
 
+    @property
+    def silenced(self) -> bool:
+        """Declared dead for silence: hung, or cut off (its launcher kills it if it still runs)."""
+        return self.declared_silent_at is not None
+
 
 _REJOIN_PATIENCE_SECONDS = 120.0
 """How long a job below ``--min-workers`` waits for a restarted worker to join: a script's
@@ -611,7 +616,7 @@ class Membership:
                         "committed_step": w.committed_step,
                         "heartbeat_age": round(now - w.last_seen, 3),
                         "death_cause": w.death_cause,
-                        "silenced": w.declared_silent_at is not None,
+                        "silenced": w.silenced,
                     }
                     for w in self._workers.values()
                 },
@@ -647,7 +652,7 @@ class Membership:
                 "changes": copy.deepcopy(self._changes),
                 "redone": sorted(self._redone),
                 "workers": [{**{name: getattr(w, name) for name in _KEPT_WORKER_FIELDS},
-                             "silenced": w.declared_silent_at is not None}
+                             "silenced": w.silenced}
                             for w in self._workers.values()],
                 "rejoin_expected": {str(w): round(time.time() - (now - since), 3)
                                     for w, since in self._rejoin_expected.items()},
@@ -882,7 +887,7 @@ class Membership:
         """
         previous = self.current
         silenced = previous is not None and any(
-            not self._workers[m].alive and self._workers[m].declared_silent_at is not None
+            not self._workers[m].alive and self._workers[m].silenced
             for m in previous.members if m in self._workers)
         if not (self.restarts or silenced):
             return False

@@ -52,8 +52,6 @@ __all__ = ["run_remote"]
 _POLL_SECONDS = 0.5
 _METRICS_SECONDS = 2.0
 """metrics.json comes over HTTP here: the whole record, so not every poll."""
-_STATUS_SECONDS = 1.0
-"""How often the launcher looks for a local worker declared dead that still runs (hung)."""
 
 
 def run_remote(config: TrainConfig) -> int:
@@ -117,18 +115,18 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     try:
         for local_index in range(config.workers):
             group.spawn(local_index, {})
-        next_status = 0.0
         while group.running() and not preemption.overdue():
             time.sleep(_POLL_SECONDS)
             if metrics is not None:
                 _update_metrics(metrics, watcher)
-            if time.monotonic() >= next_status:
-                next_status = time.monotonic() + _STATUS_SECONDS
-                _fence_silenced(group, watcher, launcher, echo)
-            if (config.output or config.sample_log) and record is None:
+            job = _job_status(watcher)
+            if job is None:
+                continue  # restarting, or this host is cut off: its workers learn of it when it is back
+            _fence_silenced(group, job, launcher, echo)
+            if (config.output or config.sample_log) and record is None and job["status"] == "completed":
                 # Fetch the record the moment the job completes: our workers may take a
                 # while to exit, and the coordinator lingers only so long after the end.
-                record = _record_once_completed(watcher)
+                record = _record(watcher)
         status = (None if preemption.deadline is not None else
                   final_status(url, config.token, [w.returncode for w in group.workers.values()]))
     except KeyboardInterrupt:
@@ -176,16 +174,20 @@ def _choose_resume(config: TrainConfig) -> Resumption:
     return resumption
 
 
-def _fence_silenced(group: WorkerGroup, client: CoordinatorClient, launcher: str,
-                    echo: Callable[[str], None]) -> None:
-    """Kill a local worker that the coordinator declared dead for silence and that still runs
-    (hung): it exits as an evicted one, and is not started again (``fence_silenced``). Also
-    once the job ended: this launcher waits for its workers, and a hung one never leaves."""
+def _job_status(client: CoordinatorClient) -> dict | None:
+    """``GET /status``; None while the coordinator cannot answer."""
     try:
-        status = client.get("/status")
+        return client.get("/status")
     except (CoordinatorUnreachable, PermissionError, httpx.HTTPError):
-        return  # restarting, or this host is cut off: its workers learn of it when it is back
-    fence_silenced(group, status.get("workers", {}), launcher, lambda job_id, worker: echo(
+        return None
+
+
+def _fence_silenced(group: WorkerGroup, job: dict, launcher: str, echo: Callable[[str], None]) -> None:
+    """Kill a local worker that the coordinator (``job``: its status) declared dead for
+    silence and that still runs (hung): it exits as an evicted one, and is not started again
+    (``fence_silenced``). Also once the job ended: this launcher waits for its workers, and a
+    hung one never leaves."""
+    fence_silenced(group, job.get("workers", {}), launcher, lambda job_id, worker: echo(
         f"shoal: local worker {worker.worker_id} (worker {job_id}) was declared dead (no heartbeat) "
         f"and its process {worker.process.pid} still runs: killing it"))
 
@@ -200,13 +202,11 @@ def _update_metrics(metrics: MetricsFile, client: CoordinatorClient, force: bool
         pass  # restarting, or gone after the end: the last copy written stands
 
 
-def _record_once_completed(client: CoordinatorClient) -> JobRecord | None:
+def _record(client: CoordinatorClient) -> JobRecord | None:
     try:
-        if client.get("/status")["status"] == "completed":
-            return JobRecord.from_json(client.get("/record"))
+        return JobRecord.from_json(client.get("/record"))
     except CoordinatorUnreachable:
-        pass  # it may be restarting: ask again on the next poll
-    return None
+        return None  # it may be restarting: ask again on the next poll
 
 
 def _write_record(url: str, config: TrainConfig, record: JobRecord | None,

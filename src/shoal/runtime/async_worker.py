@@ -78,7 +78,7 @@ class _LocalLink:
                                       holder=False, may_defer=True)
         # as a remote worker's request waits in the server: a unit this worker pushed too
         # stale is left to the others for as long (ParameterServer.exchange)
-        deadline = time.monotonic() + self.server.timeout / 4
+        deadline = time.monotonic() + self.server.wait_limit
         while answer is None:
             with self.server.changed:
                 self.server.changed.wait(0.05)

@@ -204,7 +204,7 @@ class ParameterServer:
         """Makes the current state the server's committed one and returns it serialised."""
         self.timeout = timeout
         """The generation's collective timeout: a worker waits no longer for an answer, so a request
-        with nothing to hand out is answered WAIT well before it."""
+        with nothing to hand out is answered WAIT well before it (:attr:`wait_limit`)."""
         self._cursor = self.book.prefix
         self._again: list[int] = []
         """Dropped units, to be handed out again first (a heap)."""
@@ -219,6 +219,12 @@ class ParameterServer:
         self._listener: socket.socket | None = None
         self.connected = 0
         """Remote workers that connected so far."""
+
+    @property
+    def wait_limit(self) -> float:
+        """How long a request with nothing to hand out waits before it is answered WAIT, and a
+        unit its worker pushed too stale is left to the others."""
+        return self.timeout / 4
 
     @property
     def finished(self) -> bool:
@@ -376,10 +382,10 @@ class ParameterServer:
                         continue
                     *arguments, holds = request
                     if arguments[0] >= 0:
-                        pushed[key.fileobj] = (arguments[0], time.monotonic() + self.timeout / 4)
+                        pushed[key.fileobj] = (arguments[0], time.monotonic() + self.wait_limit)
                     answer = self.exchange(*arguments, holder=holds, may_defer=True, avoid=avoided(key.fileobj))
                     if answer is None:
-                        waiting[key.fileobj] = (time.monotonic() + self.timeout / 4, holds)
+                        waiting[key.fileobj] = (time.monotonic() + self.wait_limit, holds)
                     else:
                         deliver(key.fileobj, answer)
                 for connection, (deadline, holds) in list(waiting.items()):
