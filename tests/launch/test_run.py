@@ -112,20 +112,27 @@ def test_a_failing_plain_script_fails_the_command_and_names_the_worker(tmp_path)
         "shoal run: failed: worker 1 (rank 1) exited with code 1")
 
 
-def elastic_script_losing_rank_1(path):
-    """examples/elastic.py whose rank 1 is SIGKILLed at step 10: a script file at ``path``."""
+def elastic_with_step_hook(path, hook: str):
+    """examples/elastic.py whose every step first runs ``hook`` (lines of source, with ``os``,
+    ``signal`` and ``time`` imported and ``self`` the trainer's loop): a script file at ``path``."""
+    body = "".join(f"    {line}\n" for line in hook.splitlines())
     path.write_text(
-        "import os, signal, runpy\n"
+        "import os, signal, runpy, time\n"
         "import shoal.runtime.trainer as trainer\n"
         "step = trainer._Loop._step\n"
-        "def dying_step(self, *args):\n"
-        "    if os.environ['RANK'] == '1' and self.position == 10:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "def hooked_step(self, *args):\n"
+        f"{body}"
         "    step(self, *args)\n"
-        "trainer._Loop._step = dying_step\n"
+        "trainer._Loop._step = hooked_step\n"
         f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n"
     )
     return path
+
+
+def elastic_script_losing_rank_1(path):
+    """examples/elastic.py whose rank 1 is SIGKILLed at step 10: a script file at ``path``."""
+    return elastic_with_step_hook(path, "if os.environ['RANK'] == '1' and self.position == 10:\n"
+                                        "    os.kill(os.getpid(), signal.SIGKILL)")
 
 
 def test_elastic_example_survives_a_killed_worker(tmp_path):
@@ -142,30 +149,21 @@ def test_a_frozen_worker_is_stopped_while_the_job_goes_on(tmp_path):
     is gone, then finishes. (It used to stay frozen until the job ended, holding its memory,
     its device and its core: rank 0 gave up waiting and the job failed.)"""
     pid_file = tmp_path / "rank1.pid"
-    script = tmp_path / "elastic_freeze.py"
-    script.write_text(
-        "import os, signal, runpy, time\n"
-        "import shoal.runtime.trainer as trainer\n"
-        "step = trainer._Loop._step\n"
-        "def freezing_step(self, *args):\n"
-        "    if os.environ['RANK'] == '1' and self.position == 10:\n"
-        f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
-        "    if os.environ['RANK'] == '0' and self.position == 20:\n"
-        f"        pid, deadline = int(open({str(pid_file)!r}).read()), time.monotonic() + 30\n"
-        "        while time.monotonic() < deadline:\n"
-        "            try:\n"
-        "                os.kill(pid, 0)\n"
-        "            except ProcessLookupError:\n"
-        "                print('the frozen rank 1 is gone', flush=True)\n"
-        "                break\n"
-        "            time.sleep(0.05)\n"
-        "        else:\n"
-        "            raise SystemExit('rank 1 is still frozen')\n"
-        "    step(self, *args)\n"
-        "trainer._Loop._step = freezing_step\n"
-        f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n"
-    )
+    script = elastic_with_step_hook(tmp_path / "elastic_freeze.py", (
+        "if os.environ['RANK'] == '1' and self.position == 10:\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "    os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "if os.environ['RANK'] == '0' and self.position == 20:\n"
+        f"    pid, deadline = int(open({str(pid_file)!r}).read()), time.monotonic() + 30\n"
+        "    while time.monotonic() < deadline:\n"
+        "        try:\n"
+        "            os.kill(pid, 0)\n"
+        "        except ProcessLookupError:\n"
+        "            print('the frozen rank 1 is gone', flush=True)\n"
+        "            break\n"
+        "        time.sleep(0.05)\n"
+        "    else:\n"
+        "        raise SystemExit('rank 1 is still frozen')"))
     result = shoal("run", "--nproc-per-node", "2", "--heartbeat-timeout", "2", str(script),
                    env={**os.environ, "EPOCHS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr

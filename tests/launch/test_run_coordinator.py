@@ -15,6 +15,7 @@ import psutil
 
 from shoal import _protocol
 from tests.conftest import REPO, outputs, shoal
+from tests.launch.test_run import elastic_with_step_hook
 
 TOKEN = "script-token"
 EXAMPLE = str(REPO / "examples" / "elastic.py")
@@ -172,18 +173,10 @@ def test_a_failed_worker_is_started_again_and_rejoins_with_max_restarts(tmp_path
 
 def freezing_once(path, marker):
     """examples/elastic.py whose worker given FREEZE=1 SIGSTOPs itself at step 10, once (``marker``)."""
-    path.write_text(
-        "import os, signal, runpy\n"
-        "import shoal.runtime.trainer as trainer\n"
-        "step = trainer._Loop._step\n"
-        "def freezing_step(self, *args):\n"
-        f"    if os.environ.get('FREEZE') and self.position == 10 and not os.path.exists({str(marker)!r}):\n"
-        f"        open({str(marker)!r}, 'w').close()\n"
-        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
-        "    step(self, *args)\n"
-        "trainer._Loop._step = freezing_step\n"
-        f"runpy.run_path({EXAMPLE!r}, run_name='__main__')\n")
-    return path
+    return elastic_with_step_hook(path, (
+        f"if os.environ.get('FREEZE') and self.position == 10 and not os.path.exists({str(marker)!r}):\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "    os.kill(os.getpid(), signal.SIGSTOP)"))
 
 
 def test_a_frozen_worker_is_killed_and_started_again_with_max_restarts(tmp_path):
