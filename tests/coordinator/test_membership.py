@@ -261,6 +261,71 @@ def test_the_step_timeout_shrinks_again_once_steps_are_quick():
     assert membership.timeouts.collective == 20.0
 
 
+def commit_steps_saying(membership, clock, steps, seconds_apart, start_rounds, first=0):
+    """``commit_steps``, each member's heartbeat saying how many times a step's bytes a start
+    sends (its ``start_rounds``, by worker)."""
+    generation = membership.current.number
+    for step in range(first, first + steps):
+        clock.now += seconds_apart
+        for worker in (0, 1):
+            membership.heartbeat(worker, {"commits": [[step, generation, clock.now + worker * 0.01, 0.1]],
+                                          "start_rounds": start_rounds[worker]})
+
+
+def test_the_collective_timeout_shrinks_by_what_a_start_sends_against_a_steps_bytes():
+    """Timeouts outside steps (a heal over a slow link) doubled both four times. Steps now
+    come 0.25 s apart and the members say a start sends at most 3 and 6 times a step's
+    bytes: the window brings the step timeout back to the heartbeat timeout, and the
+    collective timeout to 4 x 0.25 s x 6, which the next generation gets."""
+    membership, clock = started(workers=2, timeout=1.0)
+    for _ in range(4):
+        reform_after_timeout(membership, clock, START)
+    assert (membership.timeouts.collective, membership.timeouts.step) == (16.0, 16.0)
+    commit_steps_saying(membership, clock, SHRINK_WINDOW + 1, 0.25, {0: 3.0, 1: 6.0})
+    assert (membership.timeouts.collective, membership.timeouts.step) == (6.0, 1.0)
+    step_change, collective_change = membership.timeout_changes()
+    assert step_change["step_timeout"] == 1.0
+    assert collective_change["collective_timeout"] == 6.0 and collective_change["cause"] == (
+        f"collective timeout now 6 s: a start sends at most 6 times a step's bytes, and the last "
+        f"{SHRINK_WINDOW} steps came at most 0.25 s apart (x 4 x 6)")
+    clock.now += 1
+    membership.report_exit(1, "killed")
+    assert (membership.current.collective_timeout, membership.current.step_timeout) == (6.0, 1.0)
+
+
+def test_the_collective_timeout_stays_while_a_member_says_nothing_of_a_start():
+    """A member that sent nothing yet, or one from before, does not say what a start sends:
+    without its link measured, only the step timeout shrinks. Nor does the collective one
+    shrink below the step timeout, or by less than half."""
+    membership, clock = started(workers=2, timeout=1.0)
+    for _ in range(4):
+        reform_after_timeout(membership, clock, START)
+    commit_steps_saying(membership, clock, SHRINK_WINDOW + 1, 0.25, {0: 3.0, 1: 0})
+    assert (membership.timeouts.collective, membership.timeouts.step) == (16.0, 1.0)
+    commit_steps_saying(membership, clock, SHRINK_WINDOW, 0.25, {0: 12.0, 1: 1.0}, first=1000)
+    assert membership.timeouts.collective == 16.0  # 4 x 0.25 s x 12: more than half
+    commit_steps_saying(membership, clock, SHRINK_WINDOW, 0.25, {0: 0.5, 1: 0.5}, first=2000)
+    assert membership.timeouts.collective == 1.0  # 0.5 s: not below the step timeout
+
+
+def test_a_timeout_outside_steps_after_the_collective_timeout_shrank_makes_the_next_window_longer():
+    """The collective timeout shrank too far (a heal's link was slower than the steps'): it
+    doubles as always, and the next shrink waits for a window four times as long. A restarted
+    coordinator keeps that it shrank."""
+    membership, clock = started(workers=2, timeout=1.0)
+    for _ in range(4):
+        reform_after_timeout(membership, clock, START)
+    commit_steps_saying(membership, clock, SHRINK_WINDOW + 1, 0.25, {0: 2.0, 1: 2.0})
+    assert membership.timeouts.collective == 2.0
+    restarted = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=1.0, clock=clock)
+    restarted.restore_state(json.loads(json.dumps(membership.export_state())), membership.commits_by_worker())
+    for shrunk in (membership, restarted):
+        for worker in (0, 1):
+            shrunk.heartbeat(worker, {"times_steps": True})
+        after = reform_after_timeout(shrunk, clock, START)
+        assert (after.collective_timeout, shrunk.timeouts.window) == (4.0, SHRINK_WINDOW * WINDOW_GROWTH)
+
+
 def test_the_step_timeout_shrinks_only_by_half_or_more_and_never_below_what_steps_take():
     membership, clock = started(workers=2, timeout=1.0)
     for _ in range(5):

@@ -87,6 +87,9 @@ class _Worker:
     times_steps: bool = False
     """It runs its steps under the step timeout, as its heartbeats say (not async's workers,
     nor one from before step timeouts)."""
+    start_rounds: float = 0.0
+    """How many times the bytes of its last round a generation's start may make one member
+    send, as its heartbeats say (0: it says nothing, having sent nothing yet)."""
 
     @property
     def silenced(self) -> bool:
@@ -143,8 +146,15 @@ def for_slow_collective(change: dict) -> bool:
     return bool(_TIMEOUT_CHANGED.search(change["cause"]))
 
 
+def _positive_number(value: object) -> float:
+    """A worker's figure, 0.0 unless it is a positive finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0.0
+    return max(float(value), 0.0)
+
+
 def describe_timeout_change(change: dict) -> str:
-    """One line for a shrink of the step timeout (``Membership.timeout_changes``)."""
+    """One line for a shrink of a timeout (``Membership.timeout_changes``)."""
     return f"at step {change['step']}: {change['cause']}"
 
 
@@ -291,6 +301,7 @@ class Membership:
                 worker.launcher = str(payload.get("launcher", ""))
             self._note_heard(worker_id)
             worker.times_steps = bool(payload.get("times_steps", worker.times_steps))
+            worker.start_rounds = _positive_number(payload.get("start_rounds"))
             if not worker.finished:  # its figures are final (a finished worker's restart reports none)
                 worker.committed_step = payload.get("committed_step", worker.committed_step)
                 worker.bytes_sent = payload.get("bytes_sent", worker.bytes_sent)
@@ -732,7 +743,7 @@ class Membership:
                     record.loss_parts[worker_id] = loss_part
                 self._note_recovery(generation, committed_at)
             if self._steps_timed() and self.timeouts.note_commit(worker_id, generation, step, committed_at,
-                                                                 self.current_number):
+                                                                 self.current_number, self._start_rounds()):
                 self._keep()
 
     def _note_recovery(self, generation: int, committed_at: float) -> None:
@@ -866,6 +877,12 @@ class Membership:
         current = self.current
         return current is not None and any(
             self._workers[m].times_steps for m in current.members if m in self._workers)
+
+    def _start_rounds(self) -> float | None:
+        """The most a member of the current generation says a start sends, in its rounds'
+        bytes (None: a member says nothing, and the collective timeout is left as it is)."""
+        said = [self._workers[m].start_rounds if m in self._workers else 0.0 for m in self.current.members]
+        return max(said) if said and min(said) > 0 else None
 
     def _restarts_coming(self) -> int:
         """Restarts announced within ``_REJOIN_PATIENCE_SECONDS``: one not joined by then is

@@ -11,16 +11,25 @@ the shorter); one elsewhere doubles both, since on a link too slow for a generat
 (DDP's first broadcast carries a step's bytes) the first step would time out next, and a
 re-form costs more than a timeout that is too long for a while.
 
-Only the step timeout shrinks again, so that a job that was slow once finds a hang fast
-later. Steps are measured: the time between one worker's consecutive commits in the current
-generation bounds what the collectives of the later step took. After ``window`` such
-intervals (first ``SHRINK_WINDOW``) whose longest times ``SHRINK_MARGIN`` is at most half the
-step timeout, the step timeout becomes that. A step that then times out multiplies the
-window by ``WINDOW_GROWTH`` as well as doubling the timeout: a job with a slow step now and
-then (a checkpoint's staging, an epoch's first batch) stops shrinking once the window spans
-one, after a few re-forms, instead of paying two re-forms per slow step. The collective
-timeout does not shrink: what it bounds happens once per generation, with nothing before it
-to measure.
+Both shrink again, so that a job that was slow once finds a cut link fast later (a hang
+needs no timeout: its launcher kills it, which breaks its connections). Steps are measured:
+the time between one worker's consecutive commits in the current generation bounds what the
+collectives of the later step took. After ``window`` such intervals (first
+``SHRINK_WINDOW``) whose longest times ``SHRINK_MARGIN`` is at most half the step timeout,
+the step timeout becomes that. A step that then times out multiplies the window by
+``WINDOW_GROWTH`` as well as doubling the timeout: a job with a slow step now and then (a
+checkpoint's staging, an epoch's first batch) stops shrinking once the window spans one,
+after a few re-forms, instead of paying two re-forms per slow step.
+
+What the collective timeout bounds happens once per generation, with nothing before it to
+time; but its bytes are known. Each member says how many times the bytes it sent in its last
+round a generation's start may make one member send (``start_rounds``: a heal of the state
+and the strategy's first broadcast of the parameters, each a binomial broadcast). An
+interval of that member bounds what its link takes for a round's bytes, so the same window
+bounds a start by ``SHRINK_MARGIN`` x the longest interval x the members' largest
+``start_rounds``, and the collective timeout shrinks to that on the same terms (at most half,
+never below the step timeout; a start that then times out lengthens the next window). A
+newcomer's own link is not measured: a heal slower over it times out, and lengthens both.
 """
 
 from __future__ import annotations
@@ -61,10 +70,13 @@ class Timeouts:
     window: int = SHRINK_WINDOW
     """Commit intervals measured before the step timeout may shrink."""
     changes: list[dict] = field(default_factory=list)
-    """Every shrink of the step timeout: {time, step, step_timeout, cause} (a lengthening is
+    """Every shrink: {time, step, step_timeout or collective_timeout, cause} (a lengthening is
     told with the re-form that applies it)."""
     _shrunk: bool = False
-    """The step timeout shrank since it last grew: a timeout now means it shrank too far."""
+    """The step timeout shrank since it last grew: a timeout in a step now means it shrank
+    too far."""
+    _collective_shrunk: bool = False
+    """The collective timeout shrank since it last grew: so for a timeout outside steps."""
     _last_commit: dict[int, tuple[int, float]] = field(default_factory=dict)
     """Each worker's last commit: (generation, unix time)."""
     _window_steps: set[int] = field(default_factory=set)
@@ -92,9 +104,9 @@ class Timeouts:
         told = [self._doubled("collective")] if START in phases else []
         if not steps_timed:
             return "".join(told)
-        if STEP in phases and self._shrunk:
+        if (STEP in phases and self._shrunk) or (START in phases and self._collective_shrunk):
             self.window *= WINDOW_GROWTH
-        self._shrunk = False
+        self._shrunk = self._collective_shrunk = False
         self._restart_window()
         told.append(self._doubled("step"))
         self.collective = max(self.collective, self.step)  # never the shorter: not told apart
@@ -117,11 +129,13 @@ class Timeouts:
     # -- shrinking ----------------------------------------------------------------------------
 
     def note_commit(self, worker_id: int, generation: int, step: int, committed_at: float,
-                    current: int) -> bool:
+                    current: int, start_rounds: float | None = None) -> bool:
         """A worker committed ``step`` in ``generation`` (the job's is ``current``); True when
-        that shrank the step timeout. Only the current generation's new commits are
-        measured: a history resent to a restarted coordinator, a finished worker's, or a
-        step committed late for the generation before (spanning a heal) is not a step's time."""
+        that shrank a timeout. Only the current generation's new commits are measured: a
+        history resent to a restarted coordinator, a finished worker's, or a step committed
+        late for the generation before (spanning a heal) is not a step's time.
+        ``start_rounds``: the largest a member of ``current`` reports (None: one reports
+        none, and the collective timeout is left as it is)."""
         if generation != current:
             return False
         last = self._last_commit.get(worker_id)
@@ -136,14 +150,29 @@ class Timeouts:
             return False
         longest, steps = self._window_longest, len(self._window_steps)
         self._restart_window()
-        shrunk = self.bounded(math.ceil(SHRINK_MARGIN * longest * 10) / 10)
-        if shrunk > self.step / 2:
+        measured = f"the last {steps} steps came at most {longest:.3g} s apart"
+        shrunk = self._shrink("step", SHRINK_MARGIN * longest, step, committed_at,
+                              f"{measured} (x {SHRINK_MARGIN:g})")
+        if start_rounds:
+            shrunk |= self._shrink(
+                "collective", SHRINK_MARGIN * longest * start_rounds, step, committed_at,
+                f"a start sends at most {start_rounds:.3g} times a step's bytes, and {measured} "
+                f"(x {SHRINK_MARGIN:g} x {start_rounds:.3g})")
+        return shrunk
+
+    def _shrink(self, which: str, seconds: float, step: int, at: float, why: str) -> bool:
+        """Shrink ``which`` ("step" or "collective") to ``seconds`` (a tenth of a second up,
+        within bounds, the collective timeout not below the step timeout) if that halves it
+        at least; the change is kept and told."""
+        after = self.bounded(math.ceil(seconds * 10) / 10)
+        if which == "collective":
+            after = max(after, self.step)
+        if after > getattr(self, which) / 2:
             return False
-        self.step, self._shrunk = shrunk, True
-        self.changes.append({
-            "time": committed_at, "step": step, "step_timeout": shrunk,
-            "cause": f"step timeout now {shrunk:g} s: the last {steps} steps came at most "
-                     f"{longest:.3g} s apart (x {SHRINK_MARGIN:g})"})
+        setattr(self, which, after)
+        setattr(self, "_shrunk" if which == "step" else "_collective_shrunk", True)
+        self.changes.append({"time": at, "step": step, f"{which}_timeout": after,
+                             "cause": f"{which} timeout now {after:g} s: {why}"})
         return True
 
     def _restart_window(self) -> None:
@@ -154,6 +183,7 @@ class Timeouts:
     def export(self) -> dict:
         return {"collective_timeout": self.collective, "step_timeout": self.step,
                 "timeout_window": self.window, "timeout_shrunk": self._shrunk,
+                "collective_timeout_shrunk": self._collective_shrunk,
                 "timeout_changes": [dict(change) for change in self.changes]}
 
     def restore(self, state: dict) -> None:
@@ -163,4 +193,5 @@ class Timeouts:
         self.step = self.bounded(float(state.get("step_timeout", self.collective)))
         self.window = int(state.get("timeout_window", SHRINK_WINDOW))
         self._shrunk = bool(state.get("timeout_shrunk", False))
+        self._collective_shrunk = bool(state.get("collective_timeout_shrunk", False))
         self.changes = [dict(change) for change in state.get("timeout_changes", [])]

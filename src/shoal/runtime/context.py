@@ -111,6 +111,10 @@ class Context:
         """Where it failed: ``timeouts.STEP`` (a step's own work) or ``START`` (anything else)."""
         self.committed_step = -1
         self.bytes_sent = 0
+        self.start_rounds = 0.0
+        """How many times the bytes this worker sent in its last round a generation's start may
+        make one member send (the trainer's estimate; 0: not measured): with the coordinator's
+        time between rounds, what bounds the collective timeout (coordinator/timeouts.py)."""
         self.fired_faults: set[str] = set()
         self.joined_running_job = False
         """The job had formed a generation when this worker joined (a restart, a newcomer)."""
@@ -216,6 +220,7 @@ class Context:
             "members": self.members,
             "committed_step": self.committed_step,
             "bytes_sent": self.bytes_sent,
+            "start_rounds": self.start_rounds,
             "commits": [c.to_json() for c in commits],
             # the members of each generation named, in case the coordinator never formed it
             "generations": {str(g): self._generation_members[g] for g in {c.generation for c in commits}

@@ -295,6 +295,10 @@ class _Loop:
         """zero with background saves: the generation's process group for DCP's writing."""
         self._failed_in = START
         """Where the generation broke: in a step's own work (``STEP``), or elsewhere."""
+        self._sent_at_commit: int | None = None
+        """What the strategy had sent at this generation's last commit (or its setup)."""
+        self._start_bytes: int | None = None
+        """This generation's estimate of what its start sent at most (``_estimate_start_bytes``)."""
 
     def resume(self, found: tuple[Checkpoint, dict]) -> None:
         """Start from a checkpoint: as if this worker had committed its step (the heal then
@@ -361,6 +365,7 @@ class _Loop:
             module = self.strategy.setup(self._host_key())
         if not self.strategy.commits_every_step:
             self._committed_state = copy.deepcopy(self._capture(local=True))
+        self._sent_at_commit, self._start_bytes = self.strategy.bytes_sent, None
         if self.strategy.drives_steps:
             run_async(self, module, total_steps)
             return
@@ -591,6 +596,7 @@ class _Loop:
         for step, loss_part, generation in self._pending:
             self.context.record_commit(step, loss_part, generation=generation, committed_at=now)
         self._pending.clear()
+        self._measure_round()
         before, self.position = self.position, self.next_step
         if not self.strategy.commits_every_step:
             self._committed_state = copy.deepcopy(self._capture(local=True))
@@ -599,6 +605,33 @@ class _Loop:
                 self._save_sharded()
             elif self.context.rank == 0:
                 self.saver.save(self.position, self._capture())
+
+    def _measure_round(self) -> None:
+        """Tell the coordinator how many times the bytes this round sent a generation's start
+        may make one member send: with the time between rounds, that bounds the collective
+        timeout (coordinator/timeouts.py). A round that sent nothing (one member) tells nothing."""
+        sent, before = self.strategy.bytes_sent, self._sent_at_commit
+        self._sent_at_commit = sent
+        if before is None or sent <= before:
+            return
+        if self._start_bytes is None:  # once a generation, after a step (Adam's state is lazy)
+            self._start_bytes = self._estimate_start_bytes()
+        self.context.start_rounds = self._start_bytes / (sent - before)
+
+    def _estimate_start_bytes(self) -> int:
+        """At most what one member sends in a generation's start: a heal of the state (the
+        parameters and buffers, the optimizer's state, and a strategy's own, taken for the
+        parameters' size), then the strategy's first broadcast of parameters and buffers
+        (DDP's). Each is a binomial broadcast (gloo's), whose source sends the whole once per
+        doubling of the members, a newcomer counted. zero's figures are one shard's: its
+        members hold the whole."""
+        held = self.strategy.state_bytes()
+        buffers = sum(buffer.numel() * buffer.element_size() for buffer in self.strategy.model.buffers())
+        whole = 3 * held["parameters"] + held["optimizer"] + 2 * buffers
+        world = self.context.world_size
+        if self.strategy.sharded:
+            whole *= world
+        return whole * math.ceil(math.log2(world + 1))
 
     def _checkpoint_due(self, before: int) -> bool:
         """Did this commit cross a multiple of the interval (or finish the run)?"""
