@@ -119,7 +119,7 @@ def _cut_off_when_its_worker_hangs(launcher: psutil.Process, me: list[str]) -> l
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         tree = launcher.children(recursive=True)
-        if any(_is_worker(p, me) and p.status() == psutil.STATUS_STOPPED for p in tree):
+        if any(_is_worker(p, me) and _stopped(p) for p in tree):
             for process in [launcher, *tree]:
                 process.suspend()
             return [launcher, *tree]
@@ -131,6 +131,13 @@ def _is_worker(process: psutil.Process, me: list[str]) -> bool:
     """Is ``process`` a worker of this example (not a launcher's zygote, nor one gone)?"""
     try:
         return process.cmdline()[-len(me):] == me
+    except psutil.Error:
+        return False
+
+
+def _stopped(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_STOPPED
     except psutil.Error:
         return False
 

@@ -257,7 +257,8 @@ def test_the_step_timeout_shrinks_again_once_steps_are_quick():
     assert change["step_timeout"] == 5.0 and change["cause"] == (
         f"step timeout now 5 s: the last {SHRINK_WINDOW} steps came at most 0.5 s apart (x 4)")
     assert membership.record().timeout_changes == [change]
-    # the collective timeout (a heal's, a checkpoint's) does not shrink
+    # the collective timeout (a heal's, a checkpoint's) shrinks only by what the members say
+    # a start sends against a step's bytes, which these say nothing of
     assert membership.timeouts.collective == 20.0
 
 
@@ -324,6 +325,18 @@ def test_a_timeout_outside_steps_after_the_collective_timeout_shrank_makes_the_n
             shrunk.heartbeat(worker, {"times_steps": True})
         after = reform_after_timeout(shrunk, clock, START)
         assert (after.collective_timeout, shrunk.timeouts.window) == (4.0, SHRINK_WINDOW * WINDOW_GROWTH)
+    # a step's timeout in between, which leaves the collective timeout where it shrank, does
+    # not forget that it shrank
+    membership, clock = started(workers=2, timeout=1.0)
+    for _ in range(4):
+        reform_after_timeout(membership, clock, START)
+    commit_steps_saying(membership, clock, SHRINK_WINDOW + 1, 0.25, {0: 3.0, 1: 3.0})
+    assert (membership.timeouts.collective, membership.timeouts.step) == (3.0, 1.0)
+    after = reform_after_timeout(membership, clock, STEP)  # the step timeout shrank too far
+    assert (after.collective_timeout, after.step_timeout, membership.timeouts.window) == (
+        3.0, 2.0, SHRINK_WINDOW * WINDOW_GROWTH)
+    reform_after_timeout(membership, clock, START)  # and so did the collective one
+    assert membership.timeouts.window == SHRINK_WINDOW * WINDOW_GROWTH ** 2
 
 
 def test_the_step_timeout_shrinks_only_by_half_or_more_and_never_below_what_steps_take():

@@ -75,11 +75,11 @@ def test_both_timeouts_shrink_again_once_the_straggler_is_quick(tmp_path):
     collective timeout down by what the members say a start sends against a step (here 8
     times: a heal of parameters, momentum and a strategy's state, then DDP's broadcast of the
     parameters, each sent twice by gloo's binomial broadcast among three), in the next window
-    (the straggler had said nothing before the first, having committed no step). shoal run
-    says both, and the model is still a plain run's."""
+    or a later one (a member says nothing before it committed a step). shoal run says both,
+    and the model is still a plain run's."""
     script = tmp_path / "straggler.py"
     script.write_text(STRAGGLER)
-    steps = str(2 * SHRINK_WINDOW + 20)
+    steps = str(3 * SHRINK_WINDOW + 20)
     plain = subprocess.run([sys.executable, str(script), "0", str(tmp_path / "plain.pt"), "0", steps],
                            capture_output=True, text=True, timeout=120, check=False)
     assert plain.returncode == 0, plain.stderr
@@ -87,13 +87,14 @@ def test_both_timeouts_shrink_again_once_the_straggler_is_quick(tmp_path):
                    str(tmp_path / "job.pt"), "3", steps, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     told = [line for line in result.stderr.splitlines() if line.startswith("shoal run: ")]
-    assert [line.rsplit("; ", 2)[1] for line in told[:3]] == [
-        "step timeout now 2 s", "step timeout now 4 s", "step timeout now 8 s"], told
-    assert re.fullmatch(rf"shoal run: at step \d+: step timeout now 1 s: the last {SHRINK_WINDOW} steps "
-                        r"came at most [\d.e-]+ s apart \(x 4\)", told[3]), told
-    assert re.fullmatch(r"shoal run: at step \d+: collective timeout now [1-4](\.\d)? s: a start sends at most "
-                        rf"8 times a step's bytes, and the last {SHRINK_WINDOW} steps came at most [\d.e-]+ s "
-                        r"apart \(x 4 x 8\)", told[4]), told
+    lengthened = [line.rsplit("; ", 2)[1] for line in told if " -> " in line]
+    assert lengthened[:3] == ["step timeout now 2 s", "step timeout now 4 s", "step timeout now 8 s"], told
+    shrunk = [line.split(": ", 2)[2] for line in told if " -> " not in line]
+    assert any(re.fullmatch(rf"step timeout now 1 s: the last {SHRINK_WINDOW} steps came at most [\d.e-]+ s "
+                            r"apart \(x 4\)", line) for line in shrunk), told
+    assert any(re.fullmatch(r"collective timeout now [1-4](\.\d)? s: a start sends at most 8 times a step's "
+                            rf"bytes, and the last {SHRINK_WINDOW} steps came at most [\d.e-]+ s apart "
+                            r"\(x 4 x 8\)", line) for line in shrunk), told
     [line] = [line for line in result.stdout.splitlines() if "generation" in line]
     assert line.split()[-1] == steps, line
     job, reference = torch.load(tmp_path / "job.pt"), torch.load(tmp_path / "plain.pt")

@@ -148,9 +148,13 @@ def for_slow_collective(change: dict) -> bool:
 
 def _positive_number(value: object) -> float:
     """A worker's figure, 0.0 unless it is a positive finite number."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
-    return max(float(value), 0.0)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond floats
+        return 0.0
+    return number if math.isfinite(number) and number > 0 else 0.0
 
 
 def describe_timeout_change(change: dict) -> str:

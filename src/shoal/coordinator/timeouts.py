@@ -22,9 +22,10 @@ checkpoint's staging, an epoch's first batch) stops shrinking once the window sp
 after a few re-forms, instead of paying two re-forms per slow step.
 
 What the collective timeout bounds happens once per generation, with nothing before it to
-time; but its bytes are known. Each member says how many times the bytes it sent in its last
-round a generation's start may make one member send (``start_rounds``: a heal of the state
-and the strategy's first broadcast of the parameters, each a binomial broadcast). An
+time; but its bytes are known. Each member says how many times the bytes it sent off its
+host in its last round a generation's start may make one member send (``start_rounds``: a
+heal of the state and the strategy's first broadcast of the parameters, each a binomial
+broadcast; zero says nothing, its starts also reading checkpoints). An
 interval of that member bounds what its link takes for a round's bytes, so the same window
 bounds a start by ``SHRINK_MARGIN`` x the longest interval x the members' largest
 ``start_rounds``, and the collective timeout shrinks to that on the same terms (at most half,
@@ -106,10 +107,12 @@ class Timeouts:
             return "".join(told)
         if (STEP in phases and self._shrunk) or (START in phases and self._collective_shrunk):
             self.window *= WINDOW_GROWTH
-        self._shrunk = self._collective_shrunk = False
+        self._shrunk = False
+        self._collective_shrunk &= START not in phases  # (it still stands where it did not grow)
         self._restart_window()
         told.append(self._doubled("step"))
-        self.collective = max(self.collective, self.step)  # never the shorter: not told apart
+        if self.step > self.collective:  # never the shorter: not told apart
+            self.collective, self._collective_shrunk = self.step, False
         return "".join(told)
 
     def _doubled(self, which: str) -> str:

@@ -365,7 +365,8 @@ class _Loop:
             module = self.strategy.setup(self._host_key())
         if not self.strategy.commits_every_step:
             self._committed_state = copy.deepcopy(self._capture(local=True))
-        self._sent_at_commit, self._start_bytes = self.strategy.bytes_sent, None
+        self._sent_at_commit, self._start_bytes = self.strategy.bytes_off_host, None
+        self.context.start_rounds = 0.0  # this generation's link and members are not measured yet
         if self.strategy.drives_steps:
             run_async(self, module, total_steps)
             return
@@ -576,7 +577,7 @@ class _Loop:
     def _step_timeout(self):
         """A step's own collectives wait at most the step timeout, which the coordinator
         shrinks again once steps are quick (coordinator/timeouts.py); everything else (a heal,
-        a checkpoint) the generation's collective timeout, which does not shrink. A failure
+        a checkpoint) the generation's collective timeout, set when it formed. A failure
         inside is reported as the step's, and lengthens the step timeout if it was one."""
         step_timeout = self.context.step_timeout
         if step_timeout:
@@ -609,10 +610,14 @@ class _Loop:
     def _measure_round(self) -> None:
         """Tell the coordinator how many times the bytes this round sent a generation's start
         may make one member send: with the time between rounds, that bounds the collective
-        timeout (coordinator/timeouts.py). A round that sent nothing (one member) tells nothing."""
-        sent, before = self.strategy.bytes_sent, self._sent_at_commit
+        timeout (coordinator/timeouts.py)."""
+        sent, before = self.strategy.bytes_off_host, self._sent_at_commit
         self._sent_at_commit = sent
-        if before is None or sent <= before:
+        if before is None or sent <= before or self.strategy.sharded:
+            # A round that sent nothing off its host (one member, a hierarchical member not
+            # its host's leader) measured no link; zero's starts and saves also read and
+            # write checkpoints, which no link's rate bounds.
+            self.context.start_rounds = 0.0
             return
         if self._start_bytes is None:  # once a generation, after a step (Adam's state is lazy)
             self._start_bytes = self._estimate_start_bytes()
@@ -623,15 +628,12 @@ class _Loop:
         parameters and buffers, the optimizer's state, and a strategy's own, taken for the
         parameters' size), then the strategy's first broadcast of parameters and buffers
         (DDP's). Each is a binomial broadcast (gloo's), whose source sends the whole once per
-        doubling of the members, a newcomer counted. zero's figures are one shard's: its
-        members hold the whole."""
+        doubling of the members, a newcomer counted (several at once take one doubling more
+        per doubling of the members: the margin covers a few)."""
         held = self.strategy.state_bytes()
         buffers = sum(buffer.numel() * buffer.element_size() for buffer in self.strategy.model.buffers())
         whole = 3 * held["parameters"] + held["optimizer"] + 2 * buffers
-        world = self.context.world_size
-        if self.strategy.sharded:
-            whole *= world
-        return whole * math.ceil(math.log2(world + 1))
+        return whole * math.ceil(math.log2(self.context.world_size + 1))
 
     def _checkpoint_due(self, before: int) -> bool:
         """Did this commit cross a multiple of the interval (or finish the run)?"""

@@ -72,6 +72,12 @@ class Strategy(abc.ABC):
         return self.compressor.bytes_sent + self._uncompressed.bytes_sent + self._bytes_uncompressed
 
     @property
+    def bytes_off_host(self) -> int:
+        """What of ``bytes_sent`` may cross a link between hosts (hierarchical keeps some on
+        its host): what bounds a start by the steps' time (``coordinator/timeouts.py``)."""
+        return self.bytes_sent
+
+    @property
     def exchange(self) -> Compressor:
         """The compressor of the current step: none while warming up."""
         return self._uncompressed if self.warming_up else self.compressor

@@ -23,6 +23,8 @@ class Hierarchical(_DataParallel):
     def __init__(self, model, optimizer, options=None):
         super().__init__(model, optimizer, options)
         self._host_group = None
+        self._bytes_within_host = 0
+        """What ``bytes_sent`` counts of the reduce to the host leader, which stays on the host."""
         self._leader_group = None
         self._leader = 0
         self._is_leader = False
@@ -67,11 +69,16 @@ class Hierarchical(_DataParallel):
     def _by_hosts(self, tensor, among_leaders):
         """Reduce to the host leader, ``among_leaders`` sums the hosts' totals, broadcast back."""
         self.count(tensor)  # to the host leader (sent by members; the leader sends it back)
+        self._bytes_within_host += tensor.numel() * tensor.element_size()
         dist.reduce(tensor, dst=self._leader, group=self._host_group)
         if self._is_leader:
             tensor.copy_(among_leaders(tensor))
         dist.broadcast(tensor, src=self._leader, group=self._host_group)
         return tensor
+
+    @property
+    def bytes_off_host(self) -> int:
+        return self.bytes_sent - self._bytes_within_host
 
     def teardown(self):
         self._host_group = self._leader_group = None
