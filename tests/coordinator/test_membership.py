@@ -232,13 +232,16 @@ def test_without_a_member_that_times_its_steps_the_step_timeout_is_left_alone():
     assert membership.timeouts.step == 20.0 and membership.timeout_changes() == []
 
 
-def commit_steps(membership, clock, steps, seconds_apart, first=0):
-    """Both members commit ``steps`` steps of the current generation, ``seconds_apart``."""
+def commit_steps(membership, clock, steps, seconds_apart, first=0, start_rounds=None):
+    """Both members commit ``steps`` steps of the current generation, ``seconds_apart``;
+    ``start_rounds`` (by worker): what each one's heartbeats say a start sends, in a step's
+    bytes (else they say nothing)."""
     generation = membership.current.number
     for step in range(first, first + steps):
         clock.now += seconds_apart
         for worker in (0, 1):
-            membership.heartbeat(worker, {"commits": [[step, generation, clock.now + worker * 0.01, 0.1]]})
+            said = {} if start_rounds is None else {"start_rounds": start_rounds[worker]}
+            membership.heartbeat(worker, {"commits": [[step, generation, clock.now + worker * 0.01, 0.1]], **said})
 
 
 def test_the_step_timeout_shrinks_again_once_steps_are_quick():
@@ -262,17 +265,6 @@ def test_the_step_timeout_shrinks_again_once_steps_are_quick():
     assert membership.timeouts.collective == 20.0
 
 
-def commit_steps_saying(membership, clock, steps, seconds_apart, start_rounds, first=0):
-    """``commit_steps``, each member's heartbeat saying how many times a step's bytes a start
-    sends (its ``start_rounds``, by worker)."""
-    generation = membership.current.number
-    for step in range(first, first + steps):
-        clock.now += seconds_apart
-        for worker in (0, 1):
-            membership.heartbeat(worker, {"commits": [[step, generation, clock.now + worker * 0.01, 0.1]],
-                                          "start_rounds": start_rounds[worker]})
-
-
 def test_the_collective_timeout_shrinks_by_what_a_start_sends_against_a_steps_bytes():
     """Timeouts outside steps (a heal over a slow link) doubled both four times. Steps now
     come 0.25 s apart and the members say a start sends at most 3 and 6 times a step's
@@ -282,7 +274,7 @@ def test_the_collective_timeout_shrinks_by_what_a_start_sends_against_a_steps_by
     for _ in range(4):
         reform_after_timeout(membership, clock, START)
     assert (membership.timeouts.collective, membership.timeouts.step) == (16.0, 16.0)
-    commit_steps_saying(membership, clock, SHRINK_WINDOW + 1, 0.25, {0: 3.0, 1: 6.0})
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 0.25, start_rounds={0: 3.0, 1: 6.0})
     assert (membership.timeouts.collective, membership.timeouts.step) == (6.0, 1.0)
     step_change, collective_change = membership.timeout_changes()
     assert step_change["step_timeout"] == 1.0
@@ -301,11 +293,11 @@ def test_the_collective_timeout_stays_while_a_member_says_nothing_of_a_start():
     membership, clock = started(workers=2, timeout=1.0)
     for _ in range(4):
         reform_after_timeout(membership, clock, START)
-    commit_steps_saying(membership, clock, SHRINK_WINDOW + 1, 0.25, {0: 3.0, 1: 0})
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 0.25, start_rounds={0: 3.0, 1: 0})
     assert (membership.timeouts.collective, membership.timeouts.step) == (16.0, 1.0)
-    commit_steps_saying(membership, clock, SHRINK_WINDOW, 0.25, {0: 12.0, 1: 1.0}, first=1000)
+    commit_steps(membership, clock, SHRINK_WINDOW, 0.25, first=1000, start_rounds={0: 12.0, 1: 1.0})
     assert membership.timeouts.collective == 16.0  # 4 x 0.25 s x 12: more than half
-    commit_steps_saying(membership, clock, SHRINK_WINDOW, 0.25, {0: 0.5, 1: 0.5}, first=2000)
+    commit_steps(membership, clock, SHRINK_WINDOW, 0.25, first=2000, start_rounds={0: 0.5, 1: 0.5})
     assert membership.timeouts.collective == 1.0  # 0.5 s: not below the step timeout
 
 
@@ -316,7 +308,7 @@ def test_a_timeout_outside_steps_after_the_collective_timeout_shrank_makes_the_n
     membership, clock = started(workers=2, timeout=1.0)
     for _ in range(4):
         reform_after_timeout(membership, clock, START)
-    commit_steps_saying(membership, clock, SHRINK_WINDOW + 1, 0.25, {0: 2.0, 1: 2.0})
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 0.25, start_rounds={0: 2.0, 1: 2.0})
     assert membership.timeouts.collective == 2.0
     restarted = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=1.0, clock=clock)
     restarted.restore_state(json.loads(json.dumps(membership.export_state())), membership.commits_by_worker())
@@ -330,7 +322,7 @@ def test_a_timeout_outside_steps_after_the_collective_timeout_shrank_makes_the_n
     membership, clock = started(workers=2, timeout=1.0)
     for _ in range(4):
         reform_after_timeout(membership, clock, START)
-    commit_steps_saying(membership, clock, SHRINK_WINDOW + 1, 0.25, {0: 3.0, 1: 3.0})
+    commit_steps(membership, clock, SHRINK_WINDOW + 1, 0.25, start_rounds={0: 3.0, 1: 3.0})
     assert (membership.timeouts.collective, membership.timeouts.step) == (3.0, 1.0)
     after = reform_after_timeout(membership, clock, STEP)  # the step timeout shrank too far
     assert (after.collective_timeout, after.step_timeout, membership.timeouts.window) == (

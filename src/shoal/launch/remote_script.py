@@ -168,13 +168,13 @@ class _Node:
             if self.status.get("status") not in ("completed", "failed"):
                 # hung: killed, and treated as an evicted worker that woke (restarts included)
                 fence_silenced(self.group, self.status.get("workers", {}), self.launcher, lambda *_: None)
-            if self.status.get("status") in ("completed", "failed"):
-                ended_at = ended_at or time.monotonic()
-                # After a failure the workers hear of it and leave: a grace first.
-                if self.status["status"] == "completed":
-                    stop_unfinished(self.group, self.status.get("workers", {}), self._id_of, self.stopped_here)
-                elif time.monotonic() - ended_at > _FAILED_JOB_GRACE_SECONDS:
-                    self._stop_all_left(f"still running {_FAILED_JOB_GRACE_SECONDS:g} s after the job failed; stopped here")
+                continue
+            ended_at = ended_at or time.monotonic()
+            # After a failure the workers hear of it and leave: a grace first.
+            if self.status["status"] == "completed":
+                stop_unfinished(self.group, self.status.get("workers", {}), self._id_of, self.stopped_here)
+            elif time.monotonic() - ended_at > _FAILED_JOB_GRACE_SECONDS:
+                self._stop_all_left(f"still running {_FAILED_JOB_GRACE_SECONDS:g} s after the job failed; stopped here")
 
     def _fenced_while_running(self) -> bool:
         """A local worker was killed as hung, not started again, and the job goes on: stay for
