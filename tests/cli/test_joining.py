@@ -119,12 +119,13 @@ def test_an_unreachable_coordinator_is_one_line():
 
 
 @contextlib.contextmanager
-def _two_hosts_at_step_20(steps: int, **membership_options) -> Iterator[tuple[Membership, list[subprocess.Popen]]]:
+def _two_hosts_at_step_20(steps: int, *launcher_options: str, min_workers: int = 1,
+                          **membership_options) -> Iterator[tuple[Membership, list[subprocess.Popen]]]:
     """Two launchers of one worker each (two hosts) on a coordinator in this process, once
     their job reached step 20 of ``steps``; every launcher is gone after."""
-    membership = Membership(expected_workers=2, min_workers=1, **membership_options)
+    membership = Membership(expected_workers=2, min_workers=min_workers, **membership_options)
     coordinator = Coordinator(membership, token="t").start()
-    joining = ["--coordinator", coordinator.url.removeprefix("http://"), "--token", "t"]
+    joining = ["--coordinator", coordinator.url.removeprefix("http://"), "--token", "t", *launcher_options]
     job = [*JOB[:2], "--steps", str(steps), *JOB[4:]]
     launchers = [subprocess.Popen([sys.executable, "-m", "shoal.cli.main", "train", *job, *joining],
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -143,11 +144,12 @@ def _two_hosts_at_step_20(steps: int, **membership_options) -> Iterator[tuple[Me
 
 def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp_path):
     """A preempted host: its launcher passes SIGTERM to its workers, which leave at a step
-    boundary, and exits 143; the other host finishes the job alone. (Before, the launcher
-    died at once and left its worker running, orphaned.)"""
+    boundary, and exits 143; the other host finishes the job alone. Its workers are not
+    started again, --restart or not. (Before, the launcher died at once and left its worker
+    running, orphaned; later, --restart started the worker that had left again.)"""
     import psutil
 
-    with _two_hosts_at_step_20(600) as (membership, (preempted, survivor)):  # far from its end
+    with _two_hosts_at_step_20(600, "--restart") as (membership, (preempted, survivor)):  # far from its end
         workers = psutil.Process(preempted.pid).children(recursive=True)
         assert workers
         preempted.terminate()
@@ -181,6 +183,33 @@ def test_a_hosts_frozen_worker_is_killed_by_its_launcher_while_the_job_goes_on()
         assert not worker.is_running()
         assert survivor.wait(timeout=240) == 0, survivor.stderr.read()
         assert membership.status == "completed"
+
+
+def test_a_hosts_frozen_worker_is_killed_and_started_again_with_restart():
+    """As above, with --restart and a job that cannot go on without the frozen worker
+    (--min-workers 2): killed, it is started again, rejoins as itself, and both hosts finish
+    the job. (Before, --restart left the killed worker out as an evicted one: the job failed
+    below --min-workers.)"""
+    import psutil
+
+    with _two_hosts_at_step_20(200, "--restart", min_workers=2, heartbeat_timeout=2.0) as (
+            membership, (frozen_host, other_host)):
+        workers = membership.snapshot()["workers"]
+        [worker] = [p for p in psutil.Process(frozen_host.pid).children(recursive=True)
+                    if p.pid in {known["pid"] for known in workers.values()}]
+        [job_id] = [job_id for job_id, known in workers.items() if known["pid"] == worker.pid]
+        worker.suspend()
+        assert frozen_host.wait(timeout=120) == 0, frozen_host.stderr.read()
+        assert other_host.wait(timeout=120) == 0, other_host.stderr.read()
+        lines = frozen_host.stderr.read().strip().splitlines()
+        assert lines == [
+            (f"shoal: local worker 0 (worker {job_id}) was declared dead (no heartbeat) "
+             f"and its process {worker.pid} still runs: killing it"),
+            "shoal: restarting local worker 0"], lines
+        assert not worker.is_running()
+        assert membership.status == "completed"
+        assert [(c["cause"], c["members_after"]) for c in membership.membership_changes()] == [
+            (f"worker {job_id}: no heartbeat for 2 s; rejoined", [0, 1])]
 
 
 def test_a_joining_launchers_checkpoint_is_checked_before_its_workers_start(tmp_path):

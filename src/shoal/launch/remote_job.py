@@ -76,6 +76,9 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
         return 2
     client = CoordinatorClient(url, config.token)
     restarts = collections.Counter()
+    # SIGTERM (this host is preempted): its workers stop at a step boundary and leave; the
+    # other hosts go on without them, as after any departure.
+    preemption = Preemption()
 
     def echo(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -85,7 +88,11 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
             return
         process = group.workers[local_index].process
         cause = describe_exit(returncode) if returncode else "exited"
-        restart = returncode not in (0, EXIT_EVICTED) and config.restart and restarts[local_index] < config.max_restarts
+        # An evicted worker (hung and killed here, or cut off and back) is started again too:
+        # it rejoins as itself. Not one that left because this host was preempted, nor once
+        # the job ended (its workers hear so and leave, evicted ones among them).
+        restart = (returncode != 0 and config.restart and restarts[local_index] < config.max_restarts
+                   and preemption.deadline is None and _job_goes_on(client))
         rejoining = {}  # a restart joins under the worker's id: the coordinator waits for that one
         try:
             reply = client.post("/report", {"kind": "exit", "host": host, "launcher": launcher,
@@ -108,9 +115,6 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     watcher = CoordinatorClient(url, config.token, retry_seconds=1.0)
     metrics = (MetricsFile(config.checkpoint_dir, resumption.earlier_steps if resumption else [],
                            interval=_METRICS_SECONDS) if config.checkpoint_dir else None)
-    # SIGTERM (this host is preempted): its workers stop at a step boundary and leave; the
-    # other hosts go on without them, as after any departure.
-    preemption = Preemption()
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preemption.notice(group))
     try:
         for local_index in range(config.workers):
@@ -182,11 +186,18 @@ def _job_status(client: CoordinatorClient) -> dict | None:
         return None
 
 
+def _job_goes_on(client: CoordinatorClient) -> bool:
+    """Asked afresh as a worker exits: has the job not ended? (Yes while the coordinator cannot
+    answer: a restarted worker that finds no job fails to join, and says so.)"""
+    job = _job_status(client)
+    return job is None or job["status"] not in ("completed", "failed")
+
+
 def _fence_silenced(group: WorkerGroup, job: dict, launcher: str, echo: Callable[[str], None]) -> None:
     """Kill a local worker that the coordinator (``job``: its status) declared dead for
-    silence and that still runs (hung): it exits as an evicted one, and is not started again
-    (``fence_silenced``). Also once the job ended: this launcher waits for its workers, and a
-    hung one never leaves."""
+    silence and that still runs (hung): it exits as an evicted one, started again with
+    ``--restart`` (``fence_silenced``). Also once the job ended: this launcher waits for its
+    workers, and a hung one never leaves."""
     fence_silenced(group, job.get("workers", {}), launcher, lambda job_id, worker: echo(
         f"shoal: local worker {worker.worker_id} (worker {job_id}) was declared dead (no heartbeat) "
         f"and its process {worker.process.pid} still runs: killing it"))
