@@ -163,8 +163,8 @@ def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp
 
 def test_a_hosts_frozen_worker_is_killed_by_its_launcher_while_the_job_goes_on():
     """One host's worker freezes (SIGSTOP). Once the coordinator declared it dead, its launcher
-    kills it, says so, and exits 3 as for an evicted host, while the other host goes on to
-    finish the job. (The frozen worker used to stay until the job ended, holding its
+    kills it, says so, and exits 3 as for an evicted host, while the other host goes on
+    alone. (The frozen worker used to stay until the job ended, holding its
     memory, its device and its core, and its launcher with it.)"""
     import psutil
 
@@ -181,8 +181,11 @@ def test_a_hosts_frozen_worker_is_killed_by_its_launcher_while_the_job_goes_on()
              f"and its process {worker.pid} still runs: killing it"),
             "shoal train: this host's workers were evicted (cut off or hung); the job goes on without them"]
         assert not worker.is_running()
-        assert survivor.wait(timeout=240) == 0, survivor.stderr.read()
-        assert membership.status == "completed"
+        evicted_at = membership.snapshot()["step"]
+        deadline = time.monotonic() + 60
+        while membership.snapshot()["step"] < evicted_at + 50:  # the other host goes on alone
+            assert time.monotonic() < deadline and survivor.poll() is None, survivor.stderr.read()
+            time.sleep(0.05)
 
 
 def test_a_hosts_frozen_worker_is_killed_and_started_again_with_restart():
