@@ -13,10 +13,12 @@ __all__ = ["PROTOCOL", "VERSION", "describe"]
 VERSION = "0.1.0"
 """The package's version (``shoal.__version__``)."""
 
-PROTOCOL = 1
+PROTOCOL = 2
 """Raise it with any change that a process of the previous one would misread: the
 coordinator's HTTP API, the keys in its store, the workers' messages and blobs. 1: the
-first numbered protocol (2026-12-07); processes from before it send none."""
+first numbered protocol (2026-12-07); processes from before it send none. 2: ``shoal run
+--nnodes`` restarts a plain script's workers (``--max-restarts``): a failure's keys in node
+0's store are per attempt, and nodes meet at barriers there."""
 
 
 _MINE = object()

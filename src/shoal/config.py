@@ -554,7 +554,8 @@ class RunConfig:
     token: str | None = None
     max_restarts: int = 0
     """With ``coordinator``: how many times each local worker that fails is started again
-    (it rejoins the running job as a newcomer). Without, only 0."""
+    (it rejoins the running job). Without: how many times a plain script's workers are all
+    started again, on every node, after one failed (torchrun's restart)."""
 
     @property
     def world_size(self) -> int:
@@ -569,11 +570,6 @@ class RunConfig:
         if self.coordinator is not None:
             self._validate_joining()
             return self
-        if self.max_restarts != 0:
-            raise ConfigError("--max-restarts", "shoal run restarts a script's workers only with "
-                              "--coordinator, one at a time (torchrun restarts all of them from the "
-                              "script's own checkpoint); without it, a script that uses shoal.train "
-                              "survives failures without a restart")
         if self.token is not None:
             raise ConfigError("--token", "is the job token of a standalone coordinator: give "
                               "--coordinator HOST:PORT with it")

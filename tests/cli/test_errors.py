@@ -267,7 +267,7 @@ def test_bad_run_flags_exit_2(capsys, tmp_path):
                          (["--rdzv-endpoint", "127.0.0.1:x"], "--rdzv-endpoint"),
                          (["--rdzv-endpoint", "127.0.0.1", "--master-port", "5"], "--rdzv-endpoint"),
                          (["--rdzv-backend", "etcd"], "--rdzv-backend"),
-                         (["--max-restarts", "3"], "--max-restarts"),  # restarts need --coordinator
+                         (["--max-restarts", "-1"], "--max-restarts"),
                          (["--token", "t"], "--token"),
                          (["--coordinator", "127.0.0.1:1"], "--token"),
                          (["--coordinator", "127.0.0.1", "--token", "t"], "--coordinator"),

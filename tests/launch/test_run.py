@@ -112,6 +112,101 @@ def test_a_failing_plain_script_fails_the_command_and_names_the_worker(tmp_path)
         "shoal run: failed: worker 1 (rank 1) exited with code 1")
 
 
+def plain_script_resuming_from_its_checkpoint(path: Path) -> Path:
+    """A torchrun DDP script as elastic torchrun scripts are written: it saves a checkpoint
+    after every step and resumes from it when started again. Arguments: the checkpoint, and
+    the step at which rank 1 exits 1 (10: after the last) in attempt 0, or in every attempt
+    with a third argument. Rank 0 prints which attempt ended it, from which step, and the
+    weights' sum."""
+    path.write_text("""\
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+state, fail_at, always = Path(sys.argv[1]), int(sys.argv[2]), len(sys.argv) > 3
+
+
+def maybe_fail(step):
+    if rank == 1 and step == fail_at and (always or attempt == 0):
+        while step == 10 and not state.with_suffix(".ended").exists():
+            time.sleep(0.05)  # after the last step: once rank 0 has ended well
+        time.sleep(1 if step == 10 else 0)
+        print(f"rank 1 fails at step {step}", flush=True)
+        os._exit(1)
+
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+start = 0
+if state.exists():
+    saved = torch.load(state)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    start = saved["step"]
+for step in range(start, 10):
+    maybe_fail(step)
+    inputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(step * world + rank))
+    loss = ddp(inputs).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if rank == 0:
+        partial = state.with_suffix(".partial")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1},
+                   partial)
+        os.replace(partial, state)
+    dist.barrier()  # step + 1's checkpoint is on disk before either goes on
+dist.destroy_process_group()
+if rank == 0:
+    print(f"attempt {attempt} of {os.environ['TORCHELASTIC_MAX_RESTARTS']} from step {start}: "
+          f"{model.weight.sum().item():.8f}", flush=True)
+    state.with_suffix(".ended").touch()
+maybe_fail(10)
+""")
+    return path
+
+
+def _ended(stdout: str) -> list[str]:
+    return [line.split("] ", 1)[1] for line in stdout.splitlines() if "] attempt " in line]
+
+
+def test_with_max_restarts_a_failed_plain_script_starts_again_as_under_torchrun(tmp_path):
+    """Rank 1 fails at step 4: every worker stops and starts again with the next
+    TORCHELASTIC_RESTART_COUNT, and the script resumes from its checkpoint to the weights an
+    undisturbed run ends with. (Before, --max-restarts needed --coordinator.) The restart
+    meets at a store of its own: in the first attempt's, its ranks waited on the dead ones'
+    addresses."""
+    script = str(plain_script_resuming_from_its_checkpoint(tmp_path / "resuming.py"))
+    undisturbed = shoal("run", "--nproc-per-node", "2", script, str(tmp_path / "a.pt"), "-1", timeout=120)
+    [weights] = [line.rsplit(" ", 1)[1] for line in _ended(undisturbed.stdout)]
+    restarted = shoal("run", "--nproc-per-node", "2", "--max-restarts", "2", script, str(tmp_path / "b.pt"), "4",
+                      timeout=120)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert _ended(restarted.stdout) == [f"attempt 1 of 2 from step 4: {weights}"]
+    assert restarted.stderr.strip().splitlines() == [
+        "shoal run: worker 1 (rank 1) exited with code 1; starting every worker again (restart 1 of 2)"]
+
+
+def test_a_plain_script_that_fails_again_after_its_last_restart_fails_the_command(tmp_path):
+    script = str(plain_script_resuming_from_its_checkpoint(tmp_path / "resuming.py"))
+    result = shoal("run", "--nproc-per-node", "2", "--max-restarts", "1", script, str(tmp_path / "a.pt"), "4",
+                   "always", timeout=120)
+    assert result.returncode == 1
+    assert result.stdout.count("rank 1 fails at step 4") == 2
+    assert result.stderr.strip().splitlines() == [
+        "shoal run: worker 1 (rank 1) exited with code 1; starting every worker again (restart 1 of 1)",
+        "shoal run: failed: worker 1 (rank 1) exited with code 1 (after 1 restart)"]
+
+
 def elastic_with_step_hook(path, hook: str):
     """examples/elastic.py whose every step first runs ``hook`` (lines of source, with ``os``,
     ``signal`` and ``time`` imported and ``self`` the trainer's loop): a script file at ``path``."""

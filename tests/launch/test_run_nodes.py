@@ -22,7 +22,11 @@ import shoal.launch.rendezvous as rendezvous_keys
 from shoal import _protocol
 from shoal.network import Hosts, namespaces_available
 from tests.conftest import REPO, outputs, shoal
-from tests.launch.test_run import elastic_script_losing_rank_1, plain_script_where_rank_1_gives_up
+from tests.launch.test_run import (
+    elastic_script_losing_rank_1,
+    plain_script_resuming_from_its_checkpoint,
+    plain_script_where_rank_1_gives_up,
+)
 from tests.launch.test_run_coordinator import newcomer_wait
 
 PLAIN = str(REPO / "examples" / "plain_ddp.py")
@@ -37,12 +41,12 @@ def _free_port() -> int:
 
 def _nodes(script: str, nnodes: int, nproc: int, *flags: str, timeout: float = 120,
            env: dict | None = None, popen=subprocess.Popen,
-           master_addr: str = "127.0.0.1") -> list[tuple[int, str, str]]:
+           master_addr: str = "127.0.0.1", script_args: tuple[str, ...] = ()) -> list[tuple[int, str, str]]:
     """Run `shoal run` for every node at once; (exit code, stdout, stderr) of each, by rank."""
     port = str(_free_port())
     processes = [popen([sys.executable, "-m", "shoal.cli.main", "run", "--nnodes", str(nnodes),
                         "--node-rank", str(node), "--master-addr", master_addr, "--master-port", port,
-                        "--nproc-per-node", str(nproc), *flags, script],
+                        "--nproc-per-node", str(nproc), *flags, script, *script_args],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ)
                  for node in reversed(range(nnodes))]  # node 0 last: the others wait for it
     return outputs(processes, timeout)[::-1]
@@ -175,6 +179,24 @@ def test_a_plain_script_failing_on_one_node_stops_every_node(tmp_path):
         assert err.strip().splitlines()[-1] == (
             "shoal run: failed: worker 1 (rank 1, node 1) exited with code 1")
     assert "[worker 1] rank 1 gives up" in runs[1][1]
+
+
+@pytest.mark.parametrize("fail_at", [4, 10])
+def test_with_max_restarts_a_plain_scripts_failure_on_one_node_starts_every_nodes_workers_again(
+        tmp_path, fail_at):
+    """Rank 1 (node 1) fails at step 4, or after the last step, once node 0's worker has
+    ended well: node 0 still starts its worker again (it waited for node 1's to end well too),
+    and the restart resumes from the script's checkpoint to the end."""
+    script = str(plain_script_resuming_from_its_checkpoint(tmp_path / "resuming.py"))
+    (code0, out0, err0), (code1, _, err1) = _nodes(script, 2, 1, "--max-restarts", "1", script_args=(
+        str(tmp_path / "state.pt"), str(fail_at)))
+    assert (code0, code1) == (0, 0), err0 + err1
+    ended = [line.split("] ", 1)[1] for line in out0.splitlines() if "] attempt " in line]
+    assert ended[-1].startswith(f"attempt 1 of 1 from step {fail_at}: ")
+    assert len(ended) == (2 if fail_at == 10 else 1)  # the first attempt ended well on node 0
+    restart = ("shoal run: worker 1 (rank 1, node 1) exited with code 1; starting every worker again "
+               "(restart 1 of 1)")
+    assert restart in err0.splitlines() and restart in err1.splitlines()
 
 
 def test_an_elastic_script_survives_losing_another_nodes_only_worker(tmp_path):

@@ -12,6 +12,12 @@ share:
 
 - the first failure of a plain script: every node stops its workers, since a torchrun
   script cannot lose a rank (an elastic script's failures go to the coordinator instead);
+- with ``--max-restarts N``, a worker's failure in attempt k < N instead asks every node to
+  start its workers again, as torchrun does: each node stops its workers, and the next
+  attempt starts once every node has (a barrier), so no worker of attempt k still runs
+  (holding the script's checkpoint, its GPU) when attempt k + 1 starts. Likewise a node whose
+  workers all succeeded waits for every other node's before it ends: a failure elsewhere
+  still restarts its workers too;
 - each node's end: node 0 keeps the store and the coordinator up until every other node
   has read the job's outcome, as torchrun's exit barrier does.
 
@@ -49,10 +55,22 @@ _PROTOCOL, _VERSION = "shoal protocol", "shoal version"
 _NODE = "shoal/run/node/{}"
 """Claimed by the launcher that runs as that node: two may not."""
 _FAILED = "shoal/run/failed"
-_FAILURE_IDS = "shoal/run/failure-ids"
-"""The ids of the failures reported, each followed by a space (appended once written)."""
+"""The job failed: every node stops its workers for good."""
+_FAILURE_IDS = "shoal/run/failure-ids/{}"
+"""The ids of the failures reported in attempt k (``TORCHELASTIC_RESTART_COUNT``), each
+followed by a space (appended once written)."""
 _FAILURE = "shoal/run/failure/{}"
 """``UNIX_TIME TEXT`` of one failure."""
+_RESTART = "shoal/run/restart/{}"
+"""Attempt k failed, and restarts are left: every node starts its workers again."""
+_STOPPED = "shoal/run/stopped/{}"
+"""How many nodes stopped their workers of attempt k (the barrier before the next)."""
+_SUCCEEDED = "shoal/run/succeeded/{}"
+"""How many nodes' workers all succeeded in attempt k."""
+_STORE_PORT = "shoal/run/store-port/{}"
+"""Where attempt k > 0's scripts meet (``MASTER_PORT``): a store of its own on node 0, as
+torchrun makes one for each round. In the first attempt's, the failed one's keys (each rank's
+gloo address) would be read as this one's, and its ranks would wait on dead peers."""
 _STARTED = "shoal/run/started"
 """Every node is in: workers may start."""
 _REFUSED = "shoal/run/refused"
@@ -90,6 +108,12 @@ class NodeRendezvous:
         """Node 0: each node's beat counter, and when it last moved."""
         self._beating: threading.Event | None = None
         self._beater: threading.Thread | None = None
+        self.attempt = 0
+        """Which start of the workers this is (torchrun's ``TORCHELASTIC_RESTART_COUNT``)."""
+        self.max_restarts = 0
+        """``--max-restarts``: how many times a plain script's workers all start again."""
+        self._attempt_store: dist.TCPStore | None = None
+        """Node 0: the store the current attempt's scripts meet at, after a restart."""
 
     @classmethod
     def host(cls, store: dist.TCPStore, nnodes: int, shape: dict, *, url: str, token: str,
@@ -218,27 +242,67 @@ class NodeRendezvous:
                 silent.append(node)
         return silent
 
-    def report_failure(self, when: float, failure: str) -> None:
-        """Tell every node that this job failed: ``failure`` (a worker's exit at unix time
-        ``when``) joins the job's list, and the flag every node polls goes up. The record is
-        written before its id is listed: a reporter that dies in between leaves nothing
-        half-told."""
+    def report_failure(self, when: float, failure: str, *, restartable: bool = False) -> None:
+        """Tell every node that this attempt failed: ``failure`` (a worker's exit at unix time
+        ``when``) joins the attempt's list, and the flag every node polls goes up: a restart
+        if ``restartable`` (a worker failed, not a node) and restarts are left, else the
+        job's failure. The record is written before its id is listed: a reporter that dies in
+        between leaves nothing half-told."""
         failure_id = uuid.uuid4().hex[:12]
         self._call(self._store.set, _FAILURE.format(failure_id), f"{when:.6f} {failure}")
-        self._call(self._store.append, _FAILURE_IDS, f"{failure_id} ")
-        self._call(self._store.set, _FAILED, "1")
+        self._call(self._store.append, _FAILURE_IDS.format(self.attempt), f"{failure_id} ")
+        restart = restartable and self.attempt < self.max_restarts
+        self._call(self._store.set, _RESTART.format(self.attempt) if restart else _FAILED, "1")
 
     def failed(self) -> bool:
-        """Has some node reported a failure of a plain script?"""
+        """Has some node reported a failure of a plain script, with no restart to follow?"""
         return bool(self._call(self._store.check, [_FAILED]))
 
+    def restart_requested(self) -> bool:
+        """Must every node start its workers again (this attempt failed, restarts are left)?"""
+        return bool(self._call(self._store.check, [_RESTART.format(self.attempt)]))
+
+    def stopped_for_restart(self, waiting: Callable[[], bool]) -> bool:
+        """This node's workers of this attempt are gone: count it, and wait for every node's
+        (``waiting()`` runs at each poll: node 0 minds silent nodes there, and a False ends the
+        wait). True once all are, the attempt number raised and ``store_port`` that attempt's;
+        False if the job failed or ``waiting`` said stop."""
+        port_key = _STORE_PORT.format(self.attempt + 1)
+        if self._hosting:  # before this node counts: the others read the port once all have
+            previous, self._attempt_store = self._attempt_store, dist.TCPStore(
+                self._store.host, 0, is_master=True, wait_for_workers=False,
+                timeout=timedelta(seconds=_STORE_TIMEOUT_SECONDS))
+            self._call(self._store.set, port_key, str(self._attempt_store.port))
+            del previous  # its scripts are gone: it stops serving
+        if not self._barrier(_STOPPED, waiting, leave_on_restart=False):
+            return False
+        self.attempt += 1
+        self.store_port = int(self._call(self._store.get, port_key))
+        return True
+
+    def succeeded(self, waiting: Callable[[], bool]) -> bool:
+        """This node's workers all succeeded in this attempt: count it, and wait for every
+        node's. True once all did (the job is done); False if a restart was asked for
+        meanwhile, the job failed, or ``waiting`` said stop."""
+        return self._barrier(_SUCCEEDED, waiting, leave_on_restart=True)
+
+    def _barrier(self, key: str, waiting: Callable[[], bool], *, leave_on_restart: bool) -> bool:
+        counter = key.format(self.attempt)
+        self._call(self._store.add, counter, 1)
+        while self._call(self._store.add, counter, 0) < self.nnodes:
+            if self.failed() or not waiting() or (leave_on_restart and self.restart_requested()):
+                return False
+            time.sleep(_POLL_SECONDS)
+        return True
+
     def failures(self) -> list[str]:
-        """Every failure reported, the earliest exit first: the others are usually its
-        knock-on effects (a peer's collective broke), whichever node reported first. (Exit
-        times from several machines are as close as their clocks.)"""
-        if not self._call(self._store.check, [_FAILURE_IDS]):
+        """Every failure reported in this attempt, the earliest exit first: the others are
+        usually its knock-on effects (a peer's collective broke), whichever node reported
+        first. (Exit times from several machines are as close as their clocks.)"""
+        ids_key = _FAILURE_IDS.format(self.attempt)
+        if not self._call(self._store.check, [ids_key]):
             return []
-        ids = self._call(self._store.get, _FAILURE_IDS).decode().split()
+        ids = self._call(self._store.get, ids_key).decode().split()
         records = self._call(self._store.multi_get, [_FAILURE.format(i) for i in ids])
         timed = [record.decode().split(" ", 1) for record in records]
         return [failure for _, failure in sorted(timed, key=lambda pair: float(pair[0]))]

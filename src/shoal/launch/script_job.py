@@ -4,7 +4,9 @@ A plain torchrun/DDP script sees RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...
 torchrun; its ``init_process_group("env://")`` rendezvous on the TCPStore the coordinator
 hosts (``TORCHELASTIC_USE_AGENT_STORE``, as torchrun's agent does). Such a script is
 all-or-nothing: when one process fails, the others are stopped, on every node, and the
-command fails, naming the worker. A script that uses ``shoal.train`` joins the coordinator
+command fails, naming the worker; with ``--max-restarts N`` every node's workers are started
+again instead, up to N times, as torchrun does (the script resumes from its own checkpoint,
+and meets under a new ``TORCHELASTIC_RESTART_COUNT``). A script that uses ``shoal.train`` joins the coordinator
 instead and survives failures down to ``--min-workers``. With ``--nnodes``, node 0's
 launcher hosts the coordinator and the store, and the nodes meet as in
 ``shoal.launch.rendezvous``; with ``--coordinator`` the nodes join a standalone one
@@ -64,19 +66,23 @@ _STOPPED_BARRIER_SECONDS = 5.0
 """Node 0 told to stop waits this long for the others to read why."""
 _DEAD_NODE_SECONDS = 5.0
 """... and for a node whose workers all died: its launcher, if it lives, is polling for the end."""
+_RESTART_GRACE_SECONDS = 5.0
+"""Before a restart, how long a node's workers of the failed attempt get to leave after
+SIGTERM (then SIGKILL): those still there are stuck in a collective with the failed one."""
 
 
 def torchrun_env(*, rank: int, local_rank: int, world_size: int, local_world_size: int,
                  node_rank: int, nnodes: int, master_addr: str, master_port: int,
-                 run_id: str) -> dict[str, str]:
-    """The variables torchrun sets for one worker."""
+                 run_id: str, restart_count: int = 0, max_restarts: int = 0) -> dict[str, str]:
+    """The variables torchrun sets for one worker. (``TORCHELASTIC_RESTART_COUNT`` also keeps
+    each attempt's ``env://`` rendezvous apart in the store: torch prefixes its keys with it.)"""
     values = {
         "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world_size,
         "LOCAL_WORLD_SIZE": local_world_size, "GROUP_RANK": node_rank, "GROUP_WORLD_SIZE": nnodes,
         "ROLE_RANK": rank, "ROLE_WORLD_SIZE": world_size, "ROLE_NAME": "default",
         "MASTER_ADDR": master_addr, "MASTER_PORT": master_port,
-        "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": 0,
-        "TORCHELASTIC_MAX_RESTARTS": 0, "TORCHELASTIC_USE_AGENT_STORE": True,
+        "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": restart_count,
+        "TORCHELASTIC_MAX_RESTARTS": max_restarts, "TORCHELASTIC_USE_AGENT_STORE": True,
     }
     return {key: str(value) for key, value in values.items()}
 
@@ -161,7 +167,8 @@ def _shape(config: RunConfig) -> dict:
     """The flags every node must give as node 0 did: the job's size, and the membership
     rules node 0's coordinator applies (another node's would be ignored)."""
     return {"--nnodes": config.nnodes, "--nproc-per-node": config.nproc_per_node,
-            "--min-workers": config.min_workers, "--heartbeat-timeout": config.heartbeat_timeout}
+            "--min-workers": config.min_workers, "--heartbeat-timeout": config.heartbeat_timeout,
+            "--max-restarts": config.max_restarts}
 
 
 def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
@@ -209,7 +216,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
                 if worker_id in stopped_here or str(worker_id) in job.status().get("workers", {}):
                     survived.append(failure)
                 else:  # a plain torchrun script cannot survive a lost rank, on any node
-                    rendezvous.report_failure(when, failure)
+                    rendezvous.report_failure(when, failure, restartable=True)
             job.report_exit(worker_id, cause, when)
         except NodeGone:
             pass  # the main loop finds it out too, and says so
@@ -221,11 +228,11 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
                                     ENV_LAUNCHER_ID: launcher}, on_exit)
     others: list[str] = []  # why this node stopped, besides its workers' exits
     status: dict = {}
+    rendezvous.max_restarts = config.max_restarts
     with StopRequest(group) as stop:
         try:
             if _all_nodes_in(config, rendezvous, stop) and not stop.how:
-                _spawn_workers(config, rendezvous, group)
-                status = _watch(config, rendezvous, job, group, launcher, wake, stop, stopped_here)
+                status = _run_attempts(config, rendezvous, job, group, launcher, wake, stop, stopped_here)
         except NodeGone as error:
             others.append(str(error))
         finally:
@@ -250,7 +257,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
     if stop.how == SIGTERM_STOP:
         print(f"shoal run: {others[0] if stop.told else stop.how}", file=sys.stderr)
         return EXIT_PREEMPTED
-    return _verdict(status, failures)
+    return _verdict(status, failures, rendezvous.attempt)
 
 
 def script_workers(config: RunConfig, env: dict[str, str],
@@ -288,13 +295,46 @@ def _silence(config: RunConfig) -> float:
     return _SILENT_NODE_HEARTBEATS * config.heartbeat_timeout
 
 
+def _run_attempts(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,
+                  group: WorkerGroup, launcher: str, wake: threading.Event, stop: StopRequest,
+                  stopped_here: dict[int, str]) -> dict:
+    """Run this node's workers until the job ends here; returns its last status. Under
+    ``--max-restarts`` a plain script's failure on any node starts every node's workers again
+    (torchrun's restart), once every node has stopped its own; and a node whose workers all
+    succeeded waits for the others', since a failure there still restarts its workers too.
+    (An elastic script's failures are the coordinator's: it goes on without a restart.)"""
+    def waiting() -> bool:
+        if config.node_rank == 0 and config.nnodes > 1:
+            _mind_silent_nodes(rendezvous, job, {}, config)  # a lost node fails the job
+        return not stop.how
+
+    while True:
+        _spawn_workers(config, rendezvous, group)
+        status = _watch(config, rendezvous, job, group, launcher, wake, stop, stopped_here)
+        if stop.how or status.get("workers") or rendezvous.attempt >= config.max_restarts:
+            return status  # told to stop, an elastic job, or no restart left
+        if not rendezvous.restart_requested() and (rendezvous.failed() or rendezvous.succeeded(waiting)):
+            return status
+        if not rendezvous.restart_requested():
+            return status  # the job failed, or this node was told to stop, while it waited
+        attempt = rendezvous.attempt + 1
+        first = (rendezvous.failures() or ["a worker failed"])[0]
+        print(f"shoal run: {first}; starting every worker again (restart {attempt} of "
+              f"{config.max_restarts})", file=sys.stderr, flush=True)
+        group.stop_all(grace=_RESTART_GRACE_SECONDS)
+        group.stopping = False  # the next attempt's exits count again
+        if not rendezvous.stopped_for_restart(waiting):
+            return status
+
+
 def _spawn_workers(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerGroup) -> None:
     for local_rank in range(config.nproc_per_node):
         rank = config.node_rank * config.nproc_per_node + local_rank
         env = torchrun_env(rank=rank, local_rank=local_rank, world_size=config.world_size,
                            local_world_size=config.nproc_per_node, node_rank=config.node_rank,
                            nnodes=config.nnodes, master_addr=config.master_addr,
-                           master_port=rendezvous.store_port, run_id=rendezvous.run_id)
+                           master_port=rendezvous.store_port, run_id=rendezvous.run_id,
+                           restart_count=rendezvous.attempt, max_restarts=config.max_restarts)
         group.spawn(rank, {**env, ENV_WORKER_ID: str(rank)})
 
 
@@ -313,7 +353,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     while not stop.how:
         if watch_store:
             try:
-                if rendezvous.failed():
+                if rendezvous.failed() or rendezvous.restart_requested():
                     break
                 node0_done = node0_done or (config.node_rank > 0 and rendezvous.node0_done())
             except NodeGone:
@@ -475,7 +515,7 @@ def _all_dead(workers: dict, ranks: range) -> bool:
     return all(w is not None and not w["alive"] and not w["finished"] for w in known)
 
 
-def _verdict(status: dict, failures: list[str]) -> int:
+def _verdict(status: dict, failures: list[str], restarts: int) -> int:
     elastic = bool(status.get("workers"))
     if status.get("rejected"):  # shoal.train refused its arguments in every worker
         print(f"shoal run: error: {status['reason']}", file=sys.stderr)
@@ -486,6 +526,7 @@ def _verdict(status: dict, failures: list[str]) -> int:
         return 0
     if failures or (elastic and status["status"] != "completed"):
         reason = "; ".join(failures) or status["reason"]
-        print(f"shoal run: failed: {reason}", file=sys.stderr)
+        after = f" (after {restarts} restart{'s' if restarts > 1 else ''})" if restarts else ""
+        print(f"shoal run: failed: {reason}{after}", file=sys.stderr)
         return 1
     return 0
