@@ -553,9 +553,9 @@ class RunConfig:
     loss of any node."""
     token: str | None = None
     max_restarts: int = 0
-    """With ``coordinator``: how many times each local worker that fails is started again
-    (it rejoins the running job). Without: how many times a plain script's workers are all
-    started again, on every node, after one failed (torchrun's restart)."""
+    """A ``shoal.train`` script: how many times each worker that fails is started again (it
+    rejoins the running job). A plain one (never with ``coordinator``): how many times every
+    node's workers are started again after one failed (torchrun's restart)."""
 
     @property
     def world_size(self) -> int:

@@ -230,12 +230,41 @@ def elastic_script_losing_rank_1(path):
                                         "    os.kill(os.getpid(), signal.SIGKILL)")
 
 
+def elastic_script_losing_rank_1_once(path, rejoin_after: float = 0.0):
+    """examples/elastic.py whose rank 1 is SIGKILLed at step 10, once (the first to get
+    there; a marker beside ``path`` says it was); started again, it waits ``rejoin_after``
+    seconds before it starts."""
+    marker = str(path.with_suffix(".killed"))
+    elastic_with_step_hook(path, (
+        f"if os.environ['RANK'] == '1' and self.position == 10 and not os.path.exists({marker!r}):\n"
+        f"    open({marker!r}, 'w').close()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)"))
+    path.write_text(f"import os, time\nif os.path.exists({marker!r}):\n    time.sleep({rejoin_after})\n"
+                    + path.read_text())
+    return path
+
+
 def test_elastic_example_survives_a_killed_worker(tmp_path):
     script = elastic_script_losing_rank_1(tmp_path / "elastic_kill.py")
     result = shoal("run", "--nproc-per-node", "2", str(script), env={**os.environ, "EPOCHS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "29 steps on 1 worker(s)" in result.stdout
     assert "survived: worker 1 (rank 1) killed by SIGKILL" in result.stderr
+
+
+def test_with_max_restarts_an_elastic_scripts_failed_worker_alone_starts_again_and_rejoins(tmp_path):
+    """Rank 1 of a shoal.train script is SIGKILLed at step 10, once. The job cannot go on
+    without it (--min-workers 2): with --max-restarts its launcher starts it again, alone, it
+    rejoins under its rank with rank 0's state, and both finish the epoch. (Before,
+    --max-restarts needed --coordinator, and the job failed below --min-workers.)"""
+    script = elastic_script_losing_rank_1_once(tmp_path / "elastic_kill_once.py")
+    result = shoal("run", "--nproc-per-node", "2", "--min-workers", "2", "--max-restarts", "1", str(script),
+                   env={**os.environ, "EPOCHS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "shoal run: starting worker 1 (rank 1) again (restart 1 of 1): it rejoins the job",
+        "shoal run: survived: worker 1 (rank 1) killed by SIGKILL"]
+    assert "29 steps on 2 worker(s)" in result.stdout
 
 
 def test_a_frozen_worker_is_stopped_while_the_job_goes_on(tmp_path):

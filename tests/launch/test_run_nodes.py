@@ -24,6 +24,7 @@ from shoal.network import Hosts, namespaces_available
 from tests.conftest import REPO, outputs, shoal
 from tests.launch.test_run import (
     elastic_script_losing_rank_1,
+    elastic_script_losing_rank_1_once,
     plain_script_resuming_from_its_checkpoint,
     plain_script_where_rank_1_gives_up,
 )
@@ -207,6 +208,21 @@ def test_an_elastic_script_survives_losing_another_nodes_only_worker(tmp_path):
     assert (code0, code1) == (0, 0), err0 + err1
     assert "29 steps on 1 worker(s)" in out0
     assert "survived: worker 1 (rank 1, node 1) killed by SIGKILL" in err1
+
+
+def test_with_max_restarts_another_nodes_elastic_worker_starts_again_and_rejoins(tmp_path):
+    """As on one node: node 1's only worker, killed at step 10, is started again by its
+    launcher, which tells node 0's coordinator so: the job waits for it (--min-workers 2),
+    although it takes two heartbeat timeouts to come back. It rejoins, and both nodes finish
+    the epoch."""
+    script = elastic_script_losing_rank_1_once(tmp_path / "elastic_kill_once.py", rejoin_after=4.0)
+    (code0, out0, err0), (code1, _, err1) = _nodes(str(script), 2, 1, "--min-workers", "2", "--max-restarts", "1",
+                                                   "--heartbeat-timeout", "2", env={**os.environ, "EPOCHS": "1"})
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert "29 steps on 2 worker(s)" in out0
+    assert err1.strip().splitlines() == [
+        "shoal run: starting worker 1 (rank 1, node 1) again (restart 1 of 1): it rejoins the job",
+        "shoal run: survived: worker 1 (rank 1, node 1) killed by SIGKILL"]
 
 
 def test_a_node_waits_for_node_0_and_says_so_when_it_never_comes():

@@ -82,10 +82,10 @@ def add_run(commands) -> None:
                      help="the job's id (TORCHELASTIC_RUN_ID); every node must give the same "
                      "(default: node 0 makes one up)")
     run.add_argument(*_flag("max-restarts"), dest="max_restarts", type=int, default=0,
-                     help="how many times a plain script's workers are all started again, on "
-                     "every node, after one failed, as torchrun (the script resumes from its own "
-                     "checkpoint); with --coordinator, how many times each failed worker is started "
-                     "again, rejoining the running job (default 0)")
+                     help="a plain script: how many times every node's workers are started again "
+                     "after one failed, as torchrun (the script resumes from its own checkpoint); "
+                     "a shoal.train script: how many times each failed worker is started again, "
+                     "rejoining the running job (default 0)")
     run.add_argument("--standalone", action="store_true",
                      help="torchrun's single-node flag: accepted, it is what one node does anyway")
     run.add_argument(*_flag("join-timeout"), dest="join_timeout", type=float, default=300.0,

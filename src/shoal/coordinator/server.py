@@ -202,9 +202,13 @@ class Coordinator:
     async def _report(self, request: web.Request) -> web.Response:
         body = await request.json()
         if body.get("kind") == "exit" and "worker_id" in body:  # ids known to the launcher (shoal run)
-            # --nnodes: a rank's exit, joined or not. --coordinator: a restart that died before
-            # joining, with none left, of a worker that had joined: no longer waited for.
-            self.membership.withdraw_rejoin(int(body["worker_id"]))
+            # --nnodes: a rank's exit, joined or not, and whether it is started again.
+            # --coordinator: a restart that died before joining, with none left, of a worker
+            # that had joined: no longer waited for.
+            if body.get("restarting"):
+                self.membership.expect_rejoin(int(body["worker_id"]))
+            else:
+                self.membership.withdraw_rejoin(int(body["worker_id"]))
             self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")),
                                         joined=bool(body.get("joined")))
             return web.json_response({"ok": True})

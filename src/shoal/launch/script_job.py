@@ -6,8 +6,9 @@ hosts (``TORCHELASTIC_USE_AGENT_STORE``, as torchrun's agent does). Such a scrip
 all-or-nothing: when one process fails, the others are stopped, on every node, and the
 command fails, naming the worker; with ``--max-restarts N`` every node's workers are started
 again instead, up to N times, as torchrun does (the script resumes from its own checkpoint,
-and meets under a new ``TORCHELASTIC_RESTART_COUNT``). A script that uses ``shoal.train`` joins the coordinator
-instead and survives failures down to ``--min-workers``. With ``--nnodes``, node 0's
+and meets under a new ``TORCHELASTIC_RESTART_COUNT``). A script that uses ``shoal.train``
+joins the coordinator instead and survives failures down to ``--min-workers``; with
+``--max-restarts`` its failed worker alone starts again and rejoins. With ``--nnodes``, node 0's
 launcher hosts the coordinator and the store, and the nodes meet as in
 ``shoal.launch.rendezvous``; with ``--coordinator`` the nodes join a standalone one
 (``shoal.launch.remote_script``).
@@ -15,6 +16,7 @@ launcher hosts the coordinator and the store, and the nodes meet as in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import sys
@@ -96,7 +98,9 @@ class _LocalJob:
     def status(self) -> dict:
         return self._membership.snapshot()
 
-    def report_exit(self, worker_id: int, cause: str, when: float) -> None:
+    def report_exit(self, worker_id: int, cause: str, when: float, restarting: bool = False) -> None:
+        if restarting:  # before the exit: a job it leaves below --min-workers waits for it
+            self._membership.expect_rejoin(worker_id)
         self._membership.report_exit(worker_id, cause, when)
 
     def changes(self) -> list[dict]:
@@ -122,10 +126,10 @@ class _RemoteJob:
     def timeout_changes(self) -> list[dict]:
         return []
 
-    def report_exit(self, worker_id: int, cause: str, when: float) -> None:
+    def report_exit(self, worker_id: int, cause: str, when: float, restarting: bool = False) -> None:
         # Workers' ids are their ranks, known here: a death before joining counts too.
         self._ask(lambda client: client.post("/report", {"kind": "exit", "worker_id": worker_id,
-                                                         "detail": cause}))
+                                                         "detail": cause, "restarting": restarting}))
 
     def _ask(self, request) -> dict | None:
         client = CoordinatorClient(self._url, self._token, retry_seconds=2.0)  # one per thread
@@ -183,7 +187,7 @@ def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
         except ConfigError:
             return None
     membership = Membership(expected_workers=config.world_size, min_workers=config.min_workers,
-                            heartbeat_timeout=config.heartbeat_timeout)
+                            heartbeat_timeout=config.heartbeat_timeout, restarts=config.max_restarts > 0)
     # With several nodes the coordinator listens on every interface, as the store does: the
     # name the nodes were given may resolve here to another address than there (127.0.1.1).
     coordinator = Coordinator(membership, host=config.master_addr, store_port=config.master_port,
@@ -205,19 +209,33 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
     survived: list[str] = []  # an elastic job's losses on this node
     wake = threading.Event()
     stopped_here: dict[int, str] = {}  # workers this launcher stopped (hung, or left when the job ended): why
+    restarts = collections.Counter()  # an elastic script's, by worker
 
     def on_exit(worker_id: int, returncode: int, when: float) -> None:
         if group.stopping:  # exits we cause while shutting down are not failures
             return
         cause = stopped_here.get(worker_id) or (describe_exit(returncode) if returncode else "exited")
+        restart = False
         try:
             if returncode != 0:
                 failure = f"worker {worker_id} (rank {worker_id}{where}) {cause}"
-                if worker_id in stopped_here or str(worker_id) in job.status().get("workers", {}):
+                status = job.status()
+                known = status.get("workers", {}).get(str(worker_id))
+                if worker_id in stopped_here or known is not None:
+                    # An elastic script's worker: started again alone, it rejoins as itself.
+                    restart = (restarts[worker_id] < config.max_restarts and not (known or {}).get("finished")
+                               and status.get("status") not in ("completed", "failed"))
                     survived.append(failure)
                 else:  # a plain torchrun script cannot survive a lost rank, on any node
                     rendezvous.report_failure(when, failure, restartable=True)
-            job.report_exit(worker_id, cause, when)
+            job.report_exit(worker_id, cause, when, restarting=restart)
+            if restart:
+                restarts[worker_id] += 1
+                stopped_here.pop(worker_id, None)
+                print(f"shoal run: starting worker {worker_id} (rank {worker_id}{where}) again (restart "
+                      f"{restarts[worker_id]} of {config.max_restarts}): it rejoins the job",
+                      file=sys.stderr, flush=True)
+                _spawn_worker(config, rendezvous, group, worker_id - config.node_rank * config.nproc_per_node)
         except NodeGone:
             pass  # the main loop finds it out too, and says so
         finally:
@@ -329,13 +347,18 @@ def _run_attempts(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob 
 
 def _spawn_workers(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerGroup) -> None:
     for local_rank in range(config.nproc_per_node):
-        rank = config.node_rank * config.nproc_per_node + local_rank
-        env = torchrun_env(rank=rank, local_rank=local_rank, world_size=config.world_size,
-                           local_world_size=config.nproc_per_node, node_rank=config.node_rank,
-                           nnodes=config.nnodes, master_addr=config.master_addr,
-                           master_port=rendezvous.store_port, run_id=rendezvous.run_id,
-                           restart_count=rendezvous.attempt, max_restarts=config.max_restarts)
-        group.spawn(rank, {**env, ENV_WORKER_ID: str(rank)})
+        _spawn_worker(config, rendezvous, group, local_rank)
+
+
+def _spawn_worker(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerGroup, local_rank: int) -> None:
+    """Its rank is its id in the job: an elastic script's worker started again rejoins as itself."""
+    rank = config.node_rank * config.nproc_per_node + local_rank
+    env = torchrun_env(rank=rank, local_rank=local_rank, world_size=config.world_size,
+                       local_world_size=config.nproc_per_node, node_rank=config.node_rank,
+                       nnodes=config.nnodes, master_addr=config.master_addr,
+                       master_port=rendezvous.store_port, run_id=rendezvous.run_id,
+                       restart_count=rendezvous.attempt, max_restarts=config.max_restarts)
+    group.spawn(rank, {**env, ENV_WORKER_ID: str(rank)})
 
 
 def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,
