@@ -144,7 +144,7 @@ def _two_hosts_at_step_20(steps: int, *launcher_options: str, min_workers: int =
 
 def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp_path):
     """A preempted host: its launcher passes SIGTERM to its workers, which leave at a step
-    boundary, and exits 143; the other host finishes the job alone. Its workers are not
+    boundary, and exits 143; the other host goes on alone. Its workers are not
     started again, --restart or not. (Before, the launcher died at once and left its worker
     running, orphaned; later, --restart started the worker that had left again.)"""
     import psutil
@@ -157,8 +157,8 @@ def test_sigterm_to_one_hosts_launcher_stops_its_workers_and_the_job_goes_on(tmp
         assert preempted.stderr.read().strip().splitlines() == [
             "shoal train: this host's workers stopped (SIGTERM); the job goes on without them"]
         assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
-        assert survivor.wait(timeout=240) == 0, survivor.stderr.read()
-        assert membership.status == "completed" and len(membership.membership_changes()) >= 1
+        _goes_on_alone(membership, survivor)
+        assert len(membership.membership_changes()) >= 1
 
 
 def test_a_hosts_frozen_worker_is_killed_by_its_launcher_while_the_job_goes_on():
@@ -181,11 +181,16 @@ def test_a_hosts_frozen_worker_is_killed_by_its_launcher_while_the_job_goes_on()
              f"and its process {worker.pid} still runs: killing it"),
             "shoal train: this host's workers were evicted (cut off or hung); the job goes on without them"]
         assert not worker.is_running()
-        evicted_at = membership.snapshot()["step"]
-        deadline = time.monotonic() + 60
-        while membership.snapshot()["step"] < evicted_at + 50:  # the other host goes on alone
-            assert time.monotonic() < deadline and survivor.poll() is None, survivor.stderr.read()
-            time.sleep(0.05)
+        _goes_on_alone(membership, survivor)
+
+
+def _goes_on_alone(membership: Membership, survivor: subprocess.Popen) -> None:
+    """The other host's worker commits 50 more steps."""
+    since = membership.snapshot()["step"]
+    deadline = time.monotonic() + 60
+    while membership.snapshot()["step"] < since + 50:
+        assert time.monotonic() < deadline and survivor.poll() is None, survivor.stderr.read()
+        time.sleep(0.05)
 
 
 def test_a_hosts_frozen_worker_is_killed_and_started_again_with_restart():

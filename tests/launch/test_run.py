@@ -267,6 +267,28 @@ def test_with_max_restarts_an_elastic_scripts_failed_worker_alone_starts_again_a
     assert "29 steps on 2 worker(s)" in result.stdout
 
 
+def test_with_max_restarts_an_elastic_worker_lost_before_joining_comes_back_and_is_waited_for(tmp_path):
+    """Rank 1 of a shoal.train script exits at once, the first time. Whether its launcher
+    took it for a plain script's (no worker had joined: every worker starts again) or an
+    elastic one's (it alone starts again), the job then forms with both and ends on both.
+    (Before, the coordinator was told of the loss and, after the restart, waited for one
+    worker fewer: the job ran on one.)"""
+    marker = tmp_path / "exited"
+    script = tmp_path / "exits_before_joining.py"
+    script.write_text(
+        "import os, runpy, sys\n"
+        f"if os.environ['RANK'] == '1' and not os.path.exists({str(marker)!r}):\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "    sys.exit('rank 1 exits before joining')\n"
+        f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n")
+    result = shoal("run", "--nproc-per-node", "2", "--max-restarts", "1", str(script),
+                   env={**os.environ, "EPOCHS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "29 steps on 2 worker(s)" in result.stdout
+    assert ("starting every worker again (restart 1 of 1)" in result.stderr
+            or "starting worker 1 (rank 1) again (restart 1 of 1)" in result.stderr), result.stderr
+
+
 def test_a_frozen_worker_is_stopped_while_the_job_goes_on(tmp_path):
     """Rank 1 freezes (SIGSTOP) at step 10. Once the coordinator declared it dead, its
     launcher stops it while the job runs: rank 0 waits at step 20 until the frozen process

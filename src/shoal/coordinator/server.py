@@ -209,8 +209,9 @@ class Coordinator:
                 self.membership.expect_rejoin(int(body["worker_id"]))
             else:
                 self.membership.withdraw_rejoin(int(body["worker_id"]))
+            # One restarted before it first joined is still expected: not counted out as lost.
             self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")),
-                                        joined=bool(body.get("joined")))
+                                        joined=bool(body.get("joined") or body.get("restarting")))
             return web.json_response({"ok": True})
         if body.get("kind") == "exit":
             worker_id = self.membership.report_exit_of_process(

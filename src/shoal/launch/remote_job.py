@@ -74,7 +74,9 @@ def _run_workers(config: TrainConfig, zygote: Zygote | None) -> int:
     if refusal is not None:
         print(f"shoal train: error: {refusal}", file=sys.stderr)
         return 2
-    client = CoordinatorClient(url, config.token)
+    # on_exit's: its thread holds the group's lock (the main loop, fencing and SIGTERM's
+    # handler wait on it), so short tries; the coordinator notices missing heartbeats anyway
+    client = CoordinatorClient(url, config.token, retry_seconds=2.0, timeout=5.0)
     restarts = collections.Counter()
     # SIGTERM (this host is preempted): its workers stop at a step boundary and leave; the
     # other hosts go on without them, as after any departure.

@@ -57,8 +57,8 @@ _NODE = "shoal/run/node/{}"
 _FAILED = "shoal/run/failed"
 """The job failed: every node stops its workers for good."""
 _FAILURE_IDS = "shoal/run/failure-ids/{}"
-"""The ids of the failures reported in attempt k (``TORCHELASTIC_RESTART_COUNT``), each
-followed by a space (appended once written)."""
+"""The ids of the failures that failed the job ("final"), or that restarted attempt k
+(``TORCHELASTIC_RESTART_COUNT``), each followed by a space (appended once written)."""
 _FAILURE = "shoal/run/failure/{}"
 """``UNIX_TIME TEXT`` of one failure."""
 _RESTART = "shoal/run/restart/{}"
@@ -242,17 +242,18 @@ class NodeRendezvous:
                 silent.append(node)
         return silent
 
-    def report_failure(self, when: float, failure: str, *, restartable: bool = False) -> None:
+    def report_failure(self, when: float, failure: str, *, restartable: bool = False) -> bool:
         """Tell every node that this attempt failed: ``failure`` (a worker's exit at unix time
-        ``when``) joins the attempt's list, and the flag every node polls goes up: a restart
-        if ``restartable`` (a worker failed, not a node) and restarts are left, else the
+        ``when``) is listed, and the flag every node polls goes up: a restart if
+        ``restartable`` (a worker failed, not a node) and restarts are left (True), else the
         job's failure. The record is written before its id is listed: a reporter that dies in
         between leaves nothing half-told."""
+        restart = restartable and self.attempt < self.max_restarts
         failure_id = uuid.uuid4().hex[:12]
         self._call(self._store.set, _FAILURE.format(failure_id), f"{when:.6f} {failure}")
-        self._call(self._store.append, _FAILURE_IDS.format(self.attempt), f"{failure_id} ")
-        restart = restartable and self.attempt < self.max_restarts
+        self._call(self._store.append, _FAILURE_IDS.format(self.attempt if restart else "final"), f"{failure_id} ")
         self._call(self._store.set, _RESTART.format(self.attempt) if restart else _FAILED, "1")
+        return restart
 
     def failed(self) -> bool:
         """Has some node reported a failure of a plain script, with no restart to follow?"""
@@ -268,14 +269,14 @@ class NodeRendezvous:
         wait). True once all are, the attempt number raised and ``store_port`` that attempt's;
         False if the job failed or ``waiting`` said stop."""
         port_key = _STORE_PORT.format(self.attempt + 1)
+        previous = self._attempt_store
         if self._hosting:  # before this node counts: the others read the port once all have
-            previous, self._attempt_store = self._attempt_store, dist.TCPStore(
-                self._store.host, 0, is_master=True, wait_for_workers=False,
-                timeout=timedelta(seconds=_STORE_TIMEOUT_SECONDS))
+            self._attempt_store = dist.TCPStore(self._store.host, 0, is_master=True, wait_for_workers=False,
+                                                timeout=timedelta(seconds=_STORE_TIMEOUT_SECONDS))
             self._call(self._store.set, port_key, str(self._attempt_store.port))
-            del previous  # its scripts are gone: it stops serving
         if not self._barrier(_STOPPED, waiting, leave_on_restart=False):
             return False
+        del previous  # every node's scripts of the attempt that met there are gone: it stops serving
         self.attempt += 1
         self.store_port = int(self._call(self._store.get, port_key))
         return True
@@ -287,6 +288,8 @@ class NodeRendezvous:
         return self._barrier(_SUCCEEDED, waiting, leave_on_restart=True)
 
     def _barrier(self, key: str, waiting: Callable[[], bool], *, leave_on_restart: bool) -> bool:
+        if self.failed() or not waiting():  # a node told to stop must not let the others by
+            return False
         counter = key.format(self.attempt)
         self._call(self._store.add, counter, 1)
         while self._call(self._store.add, counter, 0) < self.nnodes:
@@ -295,11 +298,12 @@ class NodeRendezvous:
             time.sleep(_POLL_SECONDS)
         return True
 
-    def failures(self) -> list[str]:
-        """Every failure reported in this attempt, the earliest exit first: the others are
-        usually its knock-on effects (a peer's collective broke), whichever node reported
-        first. (Exit times from several machines are as close as their clocks.)"""
-        ids_key = _FAILURE_IDS.format(self.attempt)
+    def failures(self, attempt: int | None = None) -> list[str]:
+        """Every failure that failed the job (or that restarted ``attempt``), the earliest exit
+        first: the others are usually its knock-on effects (a peer's collective broke),
+        whichever node reported first. (Exit times from several machines are as close as
+        their clocks.)"""
+        ids_key = _FAILURE_IDS.format("final" if attempt is None else attempt)
         if not self._call(self._store.check, [ids_key]):
             return []
         ids = self._call(self._store.get, ids_key).decode().split()

@@ -76,8 +76,7 @@ SIGTERM (then SIGKILL): those still there are stuck in a collective with the fai
 def torchrun_env(*, rank: int, local_rank: int, world_size: int, local_world_size: int,
                  node_rank: int, nnodes: int, master_addr: str, master_port: int,
                  run_id: str, restart_count: int = 0, max_restarts: int = 0) -> dict[str, str]:
-    """The variables torchrun sets for one worker. (``TORCHELASTIC_RESTART_COUNT`` also keeps
-    each attempt's ``env://`` rendezvous apart in the store: torch prefixes its keys with it.)"""
+    """The variables torchrun sets for one worker."""
     values = {
         "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world_size,
         "LOCAL_WORLD_SIZE": local_world_size, "GROUP_RANK": node_rank, "GROUP_WORLD_SIZE": nnodes,
@@ -101,7 +100,10 @@ class _LocalJob:
     def report_exit(self, worker_id: int, cause: str, when: float, restarting: bool = False) -> None:
         if restarting:  # before the exit: a job it leaves below --min-workers waits for it
             self._membership.expect_rejoin(worker_id)
-        self._membership.report_exit(worker_id, cause, when)
+        else:  # a restart that died before it rejoined, with none left: no longer waited for
+            self._membership.withdraw_rejoin(worker_id)
+        # One restarted before it first joined is still expected: not counted out as lost.
+        self._membership.report_exit(worker_id, cause, when, joined=restarting)
 
     def changes(self) -> list[dict]:
         return self._membership.membership_changes()
@@ -221,13 +223,16 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
                 failure = f"worker {worker_id} (rank {worker_id}{where}) {cause}"
                 status = job.status()
                 known = status.get("workers", {}).get(str(worker_id))
-                if worker_id in stopped_here or known is not None:
+                if worker_id in stopped_here or known is not None or status.get("workers"):
                     # An elastic script's worker: started again alone, it rejoins as itself.
                     restart = (restarts[worker_id] < config.max_restarts and not (known or {}).get("finished")
                                and status.get("status") not in ("completed", "failed"))
                     survived.append(failure)
-                else:  # a plain torchrun script cannot survive a lost rank, on any node
-                    rendezvous.report_failure(when, failure, restartable=True)
+                elif rendezvous.report_failure(when, failure, restartable=True):
+                    # A plain torchrun script cannot survive a lost rank, on any node: every
+                    # worker starts again. (Not told to the coordinator: an elastic script whose
+                    # workers had not joined yet would have it wait for one worker fewer.)
+                    return
             job.report_exit(worker_id, cause, when, restarting=restart)
             if restart:
                 restarts[worker_id] += 1
@@ -329,17 +334,23 @@ def _run_attempts(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob 
     while True:
         _spawn_workers(config, rendezvous, group)
         status = _watch(config, rendezvous, job, group, launcher, wake, stop, stopped_here)
-        if stop.how or status.get("workers") or rendezvous.attempt >= config.max_restarts:
-            return status  # told to stop, an elastic job, or no restart left
-        if not rendezvous.restart_requested() and (rendezvous.failed() or rendezvous.succeeded(waiting)):
+        if stop.how or rendezvous.failed() or rendezvous.attempt >= config.max_restarts:
+            return status  # told to stop, failed, or no restart left
+        if status.get("workers") and not rendezvous.restart_requested():
+            return status  # an elastic job (a restart asked for before anyone joined binds every node)
+        if not rendezvous.restart_requested() and rendezvous.succeeded(waiting):
             return status
-        if not rendezvous.restart_requested():
+        if rendezvous.failed() or not rendezvous.restart_requested():
             return status  # the job failed, or this node was told to stop, while it waited
         attempt = rendezvous.attempt + 1
-        first = (rendezvous.failures() or ["a worker failed"])[0]
+        first = (rendezvous.failures(rendezvous.attempt) or ["a worker failed"])[0]
         print(f"shoal run: {first}; starting every worker again (restart {attempt} of "
               f"{config.max_restarts})", file=sys.stderr, flush=True)
         group.stop_all(grace=_RESTART_GRACE_SECONDS)
+        if group.running():  # a process SIGKILL did not end (stuck in the kernel)
+            rendezvous.report_failure(time.time(), f"node {config.node_rank}'s workers did not stop "
+                                      "for the restart")
+            return status
         group.stopping = False  # the next attempt's exits count again
         if not rendezvous.stopped_for_restart(waiting):
             return status
