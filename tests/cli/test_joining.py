@@ -200,7 +200,7 @@ def test_a_hosts_frozen_worker_is_killed_and_started_again_with_restart():
     below --min-workers.)"""
     import psutil
 
-    with _two_hosts_at_step_20(200, "--restart", min_workers=2, heartbeat_timeout=2.0) as (
+    with _two_hosts_at_step_20(60, "--restart", min_workers=2, heartbeat_timeout=2.0) as (
             membership, (frozen_host, other_host)):
         workers = membership.snapshot()["workers"]
         [worker] = [p for p in psutil.Process(frozen_host.pid).children(recursive=True)

@@ -160,3 +160,27 @@ def test_a_client_that_hangs_up_mid_request_changes_nothing_and_logs_no_tracebac
         client.close()
     assert not [record for record in caplog.records if record.exc_info], caplog.text
     assert coordinator.membership.snapshot()["workers"] == {}
+
+
+@pytest.mark.parametrize("restarting", [True, False])
+def test_an_exit_reported_by_id_as_restarting_holds_the_job_for_the_worker(restarting):
+    """`shoal run --nnodes --max-restarts`: another node's launcher reports its worker's exit by
+    id, saying it starts the worker again. A job the exit leaves below --min-workers then
+    waits for it; without the restart it fails at once (a membership built without restarts
+    gives no grace for an announcement)."""
+    membership = Membership(expected_workers=2, min_workers=2)
+    server = Coordinator(membership, token="secret").start()
+    client = CoordinatorClient(server.url, "secret")
+    try:
+        for worker in (0, 1):
+            client.post("/join", {"worker_id": worker, "host": "a", "pid": 10 + worker})
+        client.post("/report", {"kind": "exit", "worker_id": 1, "detail": "killed by SIGKILL",
+                                "restarting": restarting})
+        assert membership.status == ("running" if restarting else "failed")
+        if restarting:
+            client.post("/join", {"worker_id": 1, "host": "a", "pid": 21})
+            generation = client.get("/generation", after=1, timeout=5)["generation"]
+            assert generation["members"] == [0, 1]
+    finally:
+        client.close()
+        server.stop()

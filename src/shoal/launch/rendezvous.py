@@ -68,9 +68,11 @@ _STOPPED = "shoal/run/stopped/{}"
 _SUCCEEDED = "shoal/run/succeeded/{}"
 """How many nodes' workers all succeeded in attempt k."""
 _STORE_PORT = "shoal/run/store-port/{}"
-"""Where attempt k > 0's scripts meet (``MASTER_PORT``): a store of its own on node 0, as
-torchrun makes one for each round. In the first attempt's, the failed one's keys (each rank's
-gloo address) would be read as this one's, and its ranks would wait on dead peers."""
+"""Where attempt k > 0's scripts meet (``MASTER_PORT``): a store of its own on node 0. torch
+2.13's ``env://`` no longer prefixes an attempt's keys (it expects "a new TCPStore for every
+retry"): in the first attempt's store, the failed one's keys (each rank's gloo address) would
+be read as this one's, and its ranks would wait on dead peers. (torchrun 2.13's standalone
+restart does just that: a textbook script fails to reconnect, and uses up its restarts.)"""
 _STARTED = "shoal/run/started"
 """Every node is in: workers may start."""
 _REFUSED = "shoal/run/refused"
