@@ -14,6 +14,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Two tests run at a time (-n 2), each a job of several processes, on CI's two cores: one
+# thread each, as torchrun gives N processes on one machine (OpenMP's threads spin, and
+# oversubscribed ones slow every process down). Set before any test imports torch; a value
+# given from outside wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 LONG = os.environ.get("SHOAL_LONG_TESTS") == "1"
 """SHOAL_LONG_TESTS=1 runs the long versions of scenarios that CI runs shortened."""
 
