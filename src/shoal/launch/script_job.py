@@ -325,7 +325,8 @@ def _run_attempts(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob 
     ``--max-restarts`` a plain script's failure on any node starts every node's workers again
     (torchrun's restart), once every node has stopped its own; and a node whose workers all
     succeeded waits for the others', since a failure there still restarts its workers too.
-    (An elastic script's failures are the coordinator's: it goes on without a restart.)"""
+    (An elastic script's job goes on through a failure: ``on_exit`` starts that worker alone
+    again.)"""
     def waiting() -> bool:
         if config.node_rank == 0 and config.nnodes > 1:
             _mind_silent_nodes(rendezvous, job, {}, config)  # a lost node fails the job
