@@ -192,7 +192,8 @@ def _undisturbed_weight_sum() -> float:
     return model.weight.sum().item()
 
 
-def _ended(stdout: str) -> list[str]:
+def attempts_ended(stdout: str) -> list[str]:
+    """What rank 0 of :func:`plain_script_resuming_from_its_checkpoint` printed as each attempt ended."""
     return [line.split("] ", 1)[1] for line in stdout.splitlines() if "] attempt " in line]
 
 
@@ -206,7 +207,7 @@ def test_with_max_restarts_a_failed_plain_script_starts_again_as_under_torchrun(
     restarted = shoal("run", "--nproc-per-node", "2", "--max-restarts", "2", script, str(tmp_path / "b.pt"), "4",
                       timeout=120)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
-    [ended] = _ended(restarted.stdout)
+    [ended] = attempts_ended(restarted.stdout)
     assert ended.startswith("attempt 1 of 2 from step 4: ")
     assert abs(float(ended.rsplit(" ", 1)[1]) - _undisturbed_weight_sum()) < 1e-6
     assert restarted.stderr.strip().splitlines() == [

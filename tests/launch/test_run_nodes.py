@@ -24,6 +24,7 @@ from shoal import _protocol
 from shoal.network import Hosts, namespaces_available
 from tests.conftest import LONG, REPO, outputs, shoal
 from tests.launch.test_run import (
+    attempts_ended,
     elastic_script_losing_rank_1,
     elastic_script_losing_rank_1_once,
     plain_script_resuming_from_its_checkpoint,
@@ -196,7 +197,7 @@ def test_with_max_restarts_a_plain_scripts_failure_on_one_node_starts_every_node
     (code0, out0, err0), (code1, _, err1) = _nodes(script, 2, 1, "--max-restarts", "1", script_args=(
         str(tmp_path / "state.pt"), str(fail_at)))
     assert (code0, code1) == (0, 0), err0 + err1
-    ended = [line.split("] ", 1)[1] for line in out0.splitlines() if "] attempt " in line]
+    ended = attempts_ended(out0)
     assert ended[-1].startswith(f"attempt 1 of 1 from step {fail_at}: ")
     assert len(ended) == 2  # the first attempt ended well on node 0
     restart = ("shoal run: worker 1 (rank 1, node 1) exited with code 1; starting every worker again "

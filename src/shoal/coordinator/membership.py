@@ -446,6 +446,18 @@ class Membership:
                 self._keep()  # a job paused for the restart forms nothing: nothing else keeps it
             return max(ids)
 
+    def report_exit_by_id(self, worker_id: int, cause: str, at: float | None = None, *,
+                          restarting: bool = False, joined: bool = False) -> None:
+        """A launcher that knows its workers' ids (``shoal run``) saw one end, and says whether
+        it starts it again: then a job it leaves below ``min_workers`` waits for it, and one
+        that had not joined yet is still expected (not counted out as lost); else a restart
+        of it that died before rejoining, with none left, is no longer waited for."""
+        if restarting:
+            self.expect_rejoin(worker_id)
+        else:
+            self.withdraw_rejoin(worker_id)
+        self.report_exit(worker_id, cause, at, joined=joined or restarting)
+
     def withdraw_rejoin(self, worker_id: int) -> None:
         """The launcher will not start this worker again after all (its restart died before
         joining, and none is left): a job paused for it goes on, or fails, without it."""

@@ -205,13 +205,9 @@ class Coordinator:
             # --nnodes: a rank's exit, joined or not, and whether it is started again.
             # --coordinator: a restart that died before joining, with none left, of a worker
             # that had joined: no longer waited for.
-            if body.get("restarting"):
-                self.membership.expect_rejoin(int(body["worker_id"]))
-            else:
-                self.membership.withdraw_rejoin(int(body["worker_id"]))
-            # One restarted before it first joined is still expected: not counted out as lost.
-            self.membership.report_exit(int(body["worker_id"]), str(body.get("detail", "exited")),
-                                        joined=bool(body.get("joined") or body.get("restarting")))
+            self.membership.report_exit_by_id(int(body["worker_id"]), str(body.get("detail", "exited")),
+                                              restarting=bool(body.get("restarting")),
+                                              joined=bool(body.get("joined")))
             return web.json_response({"ok": True})
         if body.get("kind") == "exit":
             worker_id = self.membership.report_exit_of_process(

@@ -98,12 +98,7 @@ class _LocalJob:
         return self._membership.snapshot()
 
     def report_exit(self, worker_id: int, cause: str, when: float, restarting: bool = False) -> None:
-        if restarting:  # before the exit: a job it leaves below --min-workers waits for it
-            self._membership.expect_rejoin(worker_id)
-        else:  # a restart that died before it rejoined, with none left: no longer waited for
-            self._membership.withdraw_rejoin(worker_id)
-        # One restarted before it first joined is still expected: not counted out as lost.
-        self._membership.report_exit(worker_id, cause, when, joined=restarting)
+        self._membership.report_exit_by_id(worker_id, cause, when, restarting=restarting)
 
     def changes(self) -> list[dict]:
         return self._membership.membership_changes()
