@@ -184,3 +184,30 @@ def test_an_exit_reported_by_id_as_restarting_holds_the_job_for_the_worker(resta
     finally:
         client.close()
         server.stop()
+
+
+def test_a_client_given_a_successor_goes_to_it_when_the_first_cannot_be_reached(coordinator):
+    """``SHOAL_COORDINATOR`` lists node 0's coordinator, then node 1's standby (``shoal run
+    --nnodes``). Node 0 gone, a request goes on to the next; a client made after starts at
+    the one that answered; and while it stands by (its port bound, not listening) a try is
+    refused at once, not left hanging."""
+    from shoal.launch.succession import Standby
+
+    standby = Standby("127.0.0.1", socket.AF_INET)
+    urls = f"{standby.url},{coordinator.url}"
+    heartbeat = CoordinatorClient.for_heartbeats(urls, "secret", heartbeat_timeout=5.0)
+    try:
+        with pytest.raises(CoordinatorUnreachable):  # one try per beat: refused, no wait
+            heartbeat.post("/join", {"worker_id": 0, "host": "a", "pid": 1})
+        assert heartbeat.url == coordinator.url  # the next beat goes there
+        client = CoordinatorClient(urls, "secret", retry_seconds=5.0)
+        assert client.url == standby.url
+        assert client.post("/join", {"worker_id": 0, "host": "a", "pid": 1})["worker_id"] == 0
+        assert client.url == coordinator.url
+        client.close()
+        later = CoordinatorClient(urls, "secret")
+        assert later.url == coordinator.url
+        later.close()
+    finally:
+        heartbeat.close()
+        standby.close()

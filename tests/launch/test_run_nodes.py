@@ -27,6 +27,7 @@ from tests.launch.test_run import (
     attempts_ended,
     elastic_script_losing_rank_1,
     elastic_script_losing_rank_1_once,
+    elastic_with_step_hook,
     plain_script_resuming_from_its_checkpoint,
     plain_script_where_rank_1_gives_up,
 )
@@ -215,6 +216,29 @@ def test_an_elastic_script_survives_losing_another_nodes_only_worker(tmp_path):
     assert "survived: worker 1 (rank 1, node 1) killed by SIGKILL" in err1
 
 
+def test_an_elastic_job_goes_on_when_node_0_is_lost_under_node_1s_coordinator(tmp_path):
+    """Three nodes of one worker each. At step 10 node 0's launcher is SIGKILLed: its worker,
+    the job's coordinator and the store go with it. Node 1 takes the coordinator over on the
+    ports it reserved, node 2 follows, the two workers left (told both coordinators) go on from
+    their heartbeats' generation, and the job ends as one process ends it undisturbed."""
+    script = elastic_with_step_hook(tmp_path / "lose_node_0.py", (
+        "if os.environ['RANK'] == '0' and self.position == 10:\n"
+        "    os.kill(int(os.environ['SHOAL_LAUNCHER_PID']), signal.SIGKILL)\n"
+        "    time.sleep(60)  # the kernel ends it with its launcher"))
+    env = {**os.environ, "EPOCHS": "1"}
+    (code0, _, _), (code1, out1, err1), (code2, _, err2) = _nodes(str(script), 3, 1, env=env)
+    assert (code0, code1, code2) == (-signal.SIGKILL, 0, 0), err1 + err2
+    lost = "shoal run: node 0 stopped answering at its store"
+    [takeover] = [line for line in err1.splitlines() if line.startswith(lost)]
+    assert "; node 1 took over the job's coordinator at http://127.0.0.1:" in takeover
+    assert "; following node 1's coordinator at http://127.0.0.1:" in err2
+    assert f"shoal run: survived: {lost[len('shoal run: '):]}" in err2
+    undisturbed = subprocess.run([sys.executable, str(REPO / "examples" / "elastic.py")], env=env, check=True,
+                                 capture_output=True, text=True, timeout=120)
+    accuracy = undisturbed.stdout.strip().rsplit(" ", 1)[-1]
+    assert f"[worker 1] 29 steps on 2 worker(s): accuracy {accuracy}" in out1
+
+
 @pytest.mark.skipif(not LONG, reason="CI checks the report by id as a unit (SHOAL_LONG_TESTS=1 runs it)")
 def test_with_max_restarts_another_nodes_elastic_worker_starts_again_and_rejoins(tmp_path):
     """As on one node: node 1's only worker, killed at step 10, is started again by its
@@ -258,7 +282,7 @@ def test_two_hosts_meet_at_node_0s_address():
     assert sent > 1_000_000  # DDP's gradients for 2 epochs of digits, not just the rendezvous
 
 
-def _stop_a_node_once_ready(tmp_path, node: int, signum: int) -> list[tuple[int, str, str]]:
+def _stop_a_node_once_ready(tmp_path, node: int, signum: int, *flags: str) -> list[tuple[int, str, str]]:
     """Two nodes of one process each run a script that waits; once ``node``'s worker is
     ready its launcher gets ``signum``. Its workers (in sessions of their own) must go too."""
     script = tmp_path / "wait.py"
@@ -276,7 +300,7 @@ def _stop_a_node_once_ready(tmp_path, node: int, signum: int) -> list[tuple[int,
             assert psutil.wait_procs(workers, timeout=30)[1] == []
         return process
 
-    return _nodes(str(script), 2, 1, popen=popen, timeout=60)
+    return _nodes(str(script), 2, 1, *flags, popen=popen, timeout=60)
 
 
 def test_sigterm_to_a_node_stops_its_workers_and_every_other_nodes(tmp_path):
@@ -290,8 +314,11 @@ def test_sigterm_to_a_node_stops_its_workers_and_every_other_nodes(tmp_path):
 
 def test_a_killed_node_0_takes_its_workers_and_the_other_nodes_stop(tmp_path):
     """SIGKILL to node 0's launcher (the OOM killer): no one can stop its workers but the
-    kernel (PR_SET_PDEATHSIG), and node 1 finds the store gone."""
-    (code0, _, _), (code1, _, err1) = _stop_a_node_once_ready(tmp_path, 0, signal.SIGKILL)
+    kernel (PR_SET_PDEATHSIG), and node 1 finds the store gone. It stands in with the job's
+    coordinator, and as no worker comes to it within two heartbeat timeouts (a plain
+    script's never will), the job fails."""
+    (code0, _, _), (code1, _, err1) = _stop_a_node_once_ready(tmp_path, 0, signal.SIGKILL,
+                                                              "--heartbeat-timeout", "1")
     assert (code0, code1) == (-signal.SIGKILL, 1), err1
     assert err1.strip().splitlines()[-1].startswith("shoal run: failed: node 0 stopped answering")
 

@@ -24,21 +24,33 @@ within one pause of listening again; with pauses up to 1 s, the members of a job
 to a restarted coordinator up to 1 s apart, half of a 2 s heartbeat timeout."""
 
 
+_answering: dict[str, str] = {}
+"""For each list of addresses, the one that last answered: a new client starts there rather
+than wait again on a coordinator that is gone (a machine gone takes a connect timeout)."""
+
+
 class CoordinatorClient:
     """One per thread: the training loop and the heartbeat thread each hold their own.
 
     A request that cannot reach the coordinator is tried again for ``retry_seconds`` (it may
     be restarting); ``timeout`` bounds each try (default: 10 s to connect, 60 s for an
-    answer, which a long poll takes)."""
+    answer, which a long poll takes). ``url`` may list several coordinators, comma-separated:
+    the job's, then its successor (``shoal run --nnodes``: node 1 takes over if node 0 is
+    lost). A try that cannot connect goes to the next; the one that answers is kept."""
 
     def __init__(self, url: str, token: str, *, retry_seconds: float = RETRY_SECONDS,
                  timeout: float | None = None):
-        self.url = url
+        self._urls = url
         self._retry_seconds = retry_seconds
         self._http = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"},
+            base_url=_answering.get(url, url.split(",")[0]), headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(10.0, read=60.0) if timeout is None else httpx.Timeout(timeout),
         )
+
+    @property
+    def url(self) -> str:
+        """The coordinator this client asks now."""
+        return str(self._http.base_url).rstrip("/")
 
     @classmethod
     def for_heartbeats(cls, url: str, token: str, heartbeat_timeout: float) -> CoordinatorClient:
@@ -64,12 +76,20 @@ class CoordinatorClient:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as error:
+                self._fail_over()
                 if time.monotonic() > deadline:
                     raise CoordinatorUnreachable(f"coordinator {self.url} unreachable: {error}") from error
                 time.sleep(delay)
                 delay = min(delay * 2, _RETRY_DELAY_MAX)
                 continue
+            _answering[self._urls] = self.url
             if response.status_code == 401:
                 raise PermissionError(f"coordinator {self.url} refused the job token")
             response.raise_for_status()
             return response.json()
+
+    def _fail_over(self) -> None:
+        """The next coordinator of the list (the same one if it lists one)."""
+        urls = self._urls.split(",")
+        if len(urls) > 1:
+            self._http.base_url = urls[(urls.index(self.url) + 1) % len(urls)] if self.url in urls else urls[0]

@@ -18,6 +18,8 @@ share:
   (holding the script's checkpoint, its GPU) when attempt k + 1 starts. Likewise a node whose
   workers all succeeded waits for every other node's before it ends: a failure elsewhere
   still restarts its workers too;
+- node 1's standby address (``launch/succession.py``): node 1 claims its rank with it, and
+  node 0 publishes it as the job's successor before any worker starts;
 - each node's end: node 0 keeps the store and the coordinator up until every other node
   has read the job's outcome, as torchrun's exit barrier does.
 
@@ -42,6 +44,7 @@ import torch.distributed as dist
 
 from shoal import _protocol
 from shoal.config import ConfigError
+from shoal.launch.succession import Standby
 
 __all__ = ["NodeGone", "NodeRendezvous", "first_line"]
 
@@ -53,7 +56,10 @@ _SHAPE = "shoal/run/shape"
 _PROTOCOL, _VERSION = "shoal protocol", "shoal version"
 """Node 0's shoal (``shoal._protocol``), published in its shape."""
 _NODE = "shoal/run/node/{}"
-"""Claimed by the launcher that runs as that node: two may not."""
+"""Claimed by the launcher that runs as that node: two may not. (``ID STANDBY-URL`` for node 1.)"""
+_SUCCESSOR = "shoal/run/successor"
+"""The coordinator that takes over if node 0 is lost: node 1's standby, as it was when the
+workers started (they are told it then)."""
 _FAILED = "shoal/run/failed"
 """The job failed: every node stops its workers for good."""
 _FAILURE_IDS = "shoal/run/failure-ids/{}"
@@ -116,6 +122,10 @@ class NodeRendezvous:
         """``--max-restarts``: how many times a plain script's workers all start again."""
         self._attempt_store: dist.TCPStore | None = None
         """Node 0: the store the current attempt's scripts meet at, after a restart."""
+        self.successor_url: str | None = None
+        """Where node 1 takes over the job's coordinator if node 0 is lost (from the start)."""
+        self.standby: Standby | None = None
+        """Node 1, if it is the successor: the ports it would take over on."""
 
     @classmethod
     def host(cls, store: dist.TCPStore, nnodes: int, shape: dict, *, url: str, token: str,
@@ -169,7 +179,12 @@ class NodeRendezvous:
             if mine != node0:
                 rendezvous._refuse(ConfigError(flag, f"node 0's job has {node0!r}, this node "
                                                f"{mine!r}: give every node the same"))
+        if node_rank in (1, None):  # it may be node 1, which stands by to take over node 0's coordinator
+            rendezvous.standby = Standby.towards(master_addr, master_port)
         rendezvous.node_rank = rendezvous._claim(node_rank, deadline)
+        if rendezvous.node_rank != 1 and rendezvous.standby is not None:
+            rendezvous.standby.close()
+            rendezvous.standby = None
         store.set_timeout(timedelta(seconds=_STORE_TIMEOUT_SECONDS))
         try:
             rendezvous._start_beating(master_addr, master_port)
@@ -189,7 +204,8 @@ class NodeRendezvous:
         me = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         while True:
             for wanted in [node_rank] if node_rank is not None else range(1, self.nnodes):
-                if self._store.compare_set(_NODE.format(wanted), "", me).decode() == me:
+                mine = f"{me} {self.standby.url}" if wanted == 1 and self.standby is not None else me
+                if self._store.compare_set(_NODE.format(wanted), "", mine).decode() == mine:
                     return wanted
             if time.monotonic() > deadline:
                 self._refuse(ConfigError("--node-rank", f"another launcher runs as node {node_rank}")
@@ -334,6 +350,9 @@ class NodeRendezvous:
                         f"{timeout:g} s (--join-timeout)" + (f"; a launcher was refused: {refused}"
                                                              if refused else ""))
             time.sleep(_POLL_SECONDS)
+        self.successor_url = self._store.get(_NODE.format(1)).decode().partition(" ")[2] or None
+        if self.successor_url is not None:
+            self._store.set(_SUCCESSOR, self.successor_url)
         self._store.set(_STARTED, "1")
         return None
 
@@ -344,7 +363,17 @@ class NodeRendezvous:
             if self.failed() or stopping():
                 return False
             time.sleep(_POLL_SECONDS)
+        if self._call(self._store.check, [_SUCCESSOR]):
+            self.successor_url = self._call(self._store.get, _SUCCESSOR).decode()
+        if self.standby is not None and self.standby.url != self.successor_url:
+            self.standby.close()  # this launcher took rank 1 after the workers started: not the successor
+            self.standby = None
         return True
+
+    @property
+    def host_gone(self) -> bool:
+        """Node 0's store stopped answering (and so did its coordinator)."""
+        return self._gone is not None
 
     def announce_done(self) -> None:
         """Node 0's workers are done: a node whose workers are done too may finish, and one

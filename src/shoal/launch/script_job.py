@@ -49,7 +49,13 @@ from shoal.launch.workers import (
     describe_exit,
     fence_silenced,
 )
-from shoal.runtime.context import ENV_COORDINATOR, ENV_LAUNCHER_ID, ENV_TOKEN, ENV_WORKER_ID
+from shoal.runtime.context import (
+    ENV_COORDINATOR,
+    ENV_LAUNCHER_ID,
+    ENV_SUCCESSOR,
+    ENV_TOKEN,
+    ENV_WORKER_ID,
+)
 from shoal.runtime.worker import EXIT_PREEMPTED
 
 __all__ = ["EVICTED_THEN_STOPPED", "NOT_JOINED_WHEN_IT_ENDED", "run_script", "script_workers", "stop_unfinished", "torchrun_env"]
@@ -68,6 +74,9 @@ _STOPPED_BARRIER_SECONDS = 5.0
 """Node 0 told to stop waits this long for the others to read why."""
 _DEAD_NODE_SECONDS = 5.0
 """... and for a node whose workers all died: its launcher, if it lives, is polling for the end."""
+_SUCCESSOR_GRACE_SECONDS = 3 * _STATUS_SECONDS
+"""How long node 1, having taken the job over, keeps its coordinator up after the job ended:
+the other nodes' launchers ask how it went every second."""
 _RESTART_GRACE_SECONDS = 5.0
 """Before a restart, how long a node's workers of the failed attempt get to leave after
 SIGTERM (then SIGKILL): those still there are stuck in a collective with the failed one."""
@@ -91,6 +100,9 @@ def torchrun_env(*, rank: int, local_rank: int, world_size: int, local_world_siz
 class _LocalJob:
     """The job as node 0 sees it: its membership is in this process."""
 
+    lost = None  # node 0 is never lost to itself
+    successor_has_the_job = False
+
     def __init__(self, membership: Membership):
         self._membership = membership
 
@@ -108,20 +120,56 @@ class _LocalJob:
 
 
 class _RemoteJob:
-    """The job as the other nodes see it: node 0's coordinator, over HTTP."""
+    """The job as the other nodes see it: node 0's coordinator, over HTTP; once node 0 is
+    lost, its successor's, which node 1 hosts (``launch/succession.py``)."""
 
     def __init__(self, url: str, token: str):
         self._url, self._token = url, token
+        self._hosted: Membership | None = None
+        self.lost: str | None = None
+        """Why node 0 is lost, once this node turned to its successor."""
+        self._awaited_until: float | None = None
+
+    def follow(self, url: str, lost: str, hosted: Membership | None, *, patience: float) -> None:
+        """Ask the successor from now on (``hosted``: its membership, on node 1); a worker must
+        reach it within ``patience`` seconds, or the job was a plain script's, lost with node 0."""
+        self._url, self.lost, self._hosted = url, lost, hosted
+        self._awaited_until = time.monotonic() + patience
+
+    @property
+    def successor_has_the_job(self) -> bool:
+        """Node 0 is lost, and a worker came to its successor: the job goes on there."""
+        return self.lost is not None and self._awaited_until is None
+
+    def check_successor(self, status: dict, config: RunConfig) -> None:
+        """Once the successor has the job: say so, and on node 1 count node 0's workers out
+        (gone with their launcher, or cut off with it) without waiting out their heartbeat
+        timeout. Raises :class:`NodeGone` if no worker came."""
+        workers = status.get("workers", {})
+        if self._awaited_until is not None:
+            if not workers:
+                if time.monotonic() > self._awaited_until:
+                    raise NodeGone(self.lost)
+                return
+            self._awaited_until = None
+            print(f"shoal run: {self.lost}; " + (f"node 1 took over the job's coordinator at {self._url}"
+                  if self._hosted else f"following node 1's coordinator at {self._url}"),
+                  file=sys.stderr, flush=True)
+        if self._hosted is not None:
+            for rank in _node_ranks(0, config.nproc_per_node):
+                if workers.get(str(rank), {}).get("alive"):
+                    self._hosted.report_exit_by_id(rank, "lost with node 0")
 
     def status(self) -> dict:
         """``GET /status``, or ``{}`` when node 0 is gone (the exits then tell the outcome)."""
         return self._ask(lambda client: client.get("/status")) or {}
 
     def changes(self) -> list[dict]:
-        return []  # node 0, which holds the membership, tells them
+        # node 0, which holds the membership, tells them; after it, node 1
+        return self._hosted.membership_changes() if self._hosted else []
 
     def timeout_changes(self) -> list[dict]:
-        return []
+        return self._hosted.timeout_changes() if self._hosted else []
 
     def report_exit(self, worker_id: int, cause: str, when: float, restarting: bool = False) -> None:
         # Workers' ids are their ranks, known here: a death before joining counts too.
@@ -153,7 +201,11 @@ def run_script(config: RunConfig) -> int:
             print("shoal run: interrupted (Ctrl-C) while joining node 0's job", file=sys.stderr)
             return 1
         config = dataclasses.replace(config, node_rank=rendezvous.node_rank)
-        return _run_node(config, rendezvous, _RemoteJob(rendezvous.url, rendezvous.token))
+        try:
+            return _run_node(config, rendezvous, _RemoteJob(rendezvous.url, rendezvous.token))
+        finally:
+            if rendezvous.standby is not None:
+                rendezvous.standby.close()
     coordinator, membership = hosted
     try:
         rendezvous = NodeRendezvous.host(coordinator.store, config.nnodes, _shape(config),
@@ -183,8 +235,7 @@ def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
             check_bindable("--master-addr", config.master_addr)
         except ConfigError:
             return None
-    membership = Membership(expected_workers=config.world_size, min_workers=config.min_workers,
-                            heartbeat_timeout=config.heartbeat_timeout, restarts=config.max_restarts > 0)
+    membership = _membership(config)
     # With several nodes the coordinator listens on every interface, as the store does: the
     # name the nodes were given may resolve here to another address than there (127.0.1.1).
     coordinator = Coordinator(membership, host=config.master_addr, store_port=config.master_port,
@@ -198,6 +249,12 @@ def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
         raise ConfigError("--master-port", f"cannot listen on {config.master_addr}:"
                           f"{config.master_port}: {first_line(error)}") from None
     return coordinator, membership
+
+
+def _membership(config: RunConfig) -> Membership:
+    """The rules node 0's coordinator applies (and node 1's, if it takes over)."""
+    return Membership(expected_workers=config.world_size, min_workers=config.min_workers,
+                      heartbeat_timeout=config.heartbeat_timeout, restarts=config.max_restarts > 0)
 
 
 def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob) -> int:
@@ -263,9 +320,13 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
             # Told to stop: a few seconds for the others to read why, not the whole wait.
             others += _wait_for_other_nodes(rendezvous, job, config,
                                             _STOPPED_BARRIER_SECONDS if stop.how else _EXIT_BARRIER_SECONDS)
+        elif job.successor_has_the_job and rendezvous.standby is not None:
+            _keep_up_for_the_others(rendezvous.standby.coordinator.membership, stop)
         elif config.node_rank > 0 and not stop.how:
             _await_node_0(rendezvous, stop)
         _tell_stop(config, rendezvous, stop, status, others)  # one that came while it waited
+        if job.lost and job.lost not in others:
+            others.append(job.lost)  # a loss the job went on through
         failures = _failures(rendezvous, others) + [f for f in survived if f not in others]
         if config.node_rank > 0:
             try:
@@ -330,6 +391,8 @@ def _run_attempts(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob 
     while True:
         _spawn_workers(config, rendezvous, group)
         status = _watch(config, rendezvous, job, group, launcher, wake, stop, stopped_here)
+        if rendezvous.host_gone:  # node 0 is lost, and node 1 took the job over
+            return status
         if stop.how or rendezvous.failed() or rendezvous.attempt >= config.max_restarts:
             return status  # told to stop, failed, or no restart left
         if status.get("workers") and not rendezvous.restart_requested():
@@ -365,7 +428,8 @@ def _spawn_worker(config: RunConfig, rendezvous: NodeRendezvous, group: WorkerGr
                        nnodes=config.nnodes, master_addr=config.master_addr,
                        master_port=rendezvous.store_port, run_id=rendezvous.run_id,
                        restart_count=rendezvous.attempt, max_restarts=config.max_restarts)
-    group.spawn(rank, {**env, ENV_WORKER_ID: str(rank)})
+    group.spawn(rank, {**env, ENV_WORKER_ID: str(rank), ENV_COORDINATOR: rendezvous.url,
+                       ENV_SUCCESSOR: rendezvous.successor_url or ""})
 
 
 def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,
@@ -386,14 +450,18 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
                 if rendezvous.failed() or rendezvous.restart_requested():
                     break
                 node0_done = node0_done or (config.node_rank > 0 and rendezvous.node0_done())
-            except NodeGone:
-                if not node0_done:
+            except NodeGone as error:
+                if rendezvous.successor_url and status.get("status") not in ("completed", "failed"):
+                    _fail_over(config, rendezvous, job, str(error), status)  # an elastic job goes on
+                elif not node0_done:
                     raise
                 watch_store = False  # node 0 finished and closed its store: nothing more to hear
         done_here = not group.running()
         if done_here or time.monotonic() >= next_status:
             status = job.status() or status
             next_status = time.monotonic() + _STATUS_SECONDS
+            if job.lost:
+                job.check_successor(status, config)
             told = _tell_slow_collectives(job, told)
             if status.get("status") in ("completed", "failed") and status.get("workers"):
                 ended_at = ended_at or time.monotonic()
@@ -410,6 +478,37 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
         wake.wait(_POLL_SECONDS)
         wake.clear()
     return status
+
+
+def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, why: str,
+               status: dict) -> None:
+    """Node 0 is lost while the job may go on (an elastic one does): node 1 starts the job's
+    coordinator on the ports it reserved, the other nodes follow it. The workers know it
+    already (``SHOAL_COORDINATOR_SUCCESSOR``), and it takes their generation over from their
+    heartbeats. Whether the job is elastic is known only once a worker comes to it (this
+    node's last word from node 0 may be from before they joined)."""
+    hosted = None
+    if rendezvous.standby is not None:
+        hosted = _membership(config)
+        if not status.get("workers"):  # ... or they never did: node 0's are not waited for
+            for rank in _node_ranks(0, config.nproc_per_node):
+                hosted.report_exit_by_id(rank, "lost with node 0")
+        try:
+            rendezvous.standby.take_over(rendezvous.token, hosted)
+        except (OSError, RuntimeError) as error:  # a reserved port taken after all
+            raise NodeGone(f"{why}; node 1 could not take over its coordinator: {first_line(error)}") from None
+    job.follow(rendezvous.successor_url, why, hosted, patience=2 * config.heartbeat_timeout)
+    rendezvous.url, rendezvous.successor_url = rendezvous.successor_url, None  # a restart asks it first
+
+
+def _keep_up_for_the_others(membership: Membership, stop: StopRequest) -> None:
+    """Node 1, which took the job over: keep its coordinator up until the job ended, then a
+    few polls more, for the other nodes' launchers to read how it ended (node 0's store,
+    where they said they had, is gone)."""
+    deadline = time.monotonic() + _EXIT_BARRIER_SECONDS
+    while membership.status not in ("completed", "failed") and not stop.how and time.monotonic() < deadline:
+        time.sleep(_POLL_SECONDS)
+    time.sleep(_SUCCESSOR_GRACE_SECONDS)
 
 
 def _tell_slow_collectives(job: _LocalJob | _RemoteJob, told: tuple[int, int]) -> tuple[int, int]:

@@ -23,6 +23,9 @@ from shoal.coordinator.client import RETRY_SECONDS, CoordinatorClient, Coordinat
 __all__ = ["Context", "JobStopped", "GenerationMoved"]
 
 ENV_COORDINATOR = "SHOAL_COORDINATOR"
+ENV_SUCCESSOR = "SHOAL_COORDINATOR_SUCCESSOR"
+"""Where the job's coordinator goes on if its host is lost (``shoal run --nnodes``: node 1's
+standby): the worker's requests go there when the first cannot be reached."""
 ENV_WORKER_ID = "SHOAL_WORKER_ID"
 ENV_HEARTBEAT_INTERVAL = "SHOAL_HEARTBEAT_INTERVAL"
 ENV_LAUNCHER_ID = "SHOAL_LAUNCHER_ID"
@@ -138,6 +141,8 @@ class Context:
         url = os.environ.get(ENV_COORDINATOR)
         if not url:
             return cls(None, None, 0)
+        if successor := os.environ.get(ENV_SUCCESSOR):
+            url = f"{url},{successor}"  # the client tries them in turn
         worker_id = os.environ.get(ENV_WORKER_ID)
         interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL, "0.25"))
         return cls(url, os.environ.get(ENV_TOKEN, ""), int(worker_id) if worker_id else None, interval)
