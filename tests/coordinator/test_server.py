@@ -187,27 +187,29 @@ def test_an_exit_reported_by_id_as_restarting_holds_the_job_for_the_worker(resta
 
 
 def test_a_client_given_a_successor_goes_to_it_when_the_first_cannot_be_reached(coordinator):
-    """``SHOAL_COORDINATOR`` lists node 0's coordinator, then node 1's standby (``shoal run
-    --nnodes``). Node 0 gone, a request goes on to the next; a client made after starts at
-    the one that answered; and while it stands by (its port bound, not listening) a try is
-    refused at once, not left hanging."""
+    """A worker under ``shoal run --nnodes`` knows node 0's coordinator and node 1's standby.
+    Node 0 gone, a request goes on to the next; every client of the process asks that one from
+    then on; and while a standby waits (its port bound, not listening) a try there is refused at
+    once, not left hanging."""
     from shoal.launch.succession import Standby
 
-    standby = Standby("127.0.0.1", socket.AF_INET)
-    urls = f"{standby.url},{coordinator.url}"
-    heartbeat = CoordinatorClient.for_heartbeats(urls, "secret", heartbeat_timeout=5.0)
+    gone, standby = Standby("127.0.0.1", socket.AF_INET), Standby("127.0.0.1", socket.AF_INET)
+    heartbeat = CoordinatorClient.for_heartbeats(f"{gone.url},{coordinator.url}", "secret", heartbeat_timeout=5.0)
+    retrying = CoordinatorClient(f"{gone.url.upper()},{coordinator.url}", "secret", retry_seconds=5.0)
+    back = CoordinatorClient(f"{coordinator.url},{standby.url}", "secret", retry_seconds=0.0)
     try:
         with pytest.raises(CoordinatorUnreachable):  # one try per beat: refused, no wait
             heartbeat.post("/join", {"worker_id": 0, "host": "a", "pid": 1})
         assert heartbeat.url == coordinator.url  # the next beat goes there
-        client = CoordinatorClient(urls, "secret", retry_seconds=5.0)
-        assert client.url == standby.url
-        assert client.post("/join", {"worker_id": 0, "host": "a", "pid": 1})["worker_id"] == 0
-        assert client.url == coordinator.url
-        client.close()
-        later = CoordinatorClient(urls, "secret")
-        assert later.url == coordinator.url
+        later = CoordinatorClient(f"{gone.url},{coordinator.url}", "secret", retry_seconds=0.0)
+        assert later.url == coordinator.url  # and so does any client made since
         later.close()
+        assert retrying.post("/join", {"worker_id": 0, "host": "a", "pid": 1})["worker_id"] == 0
+        assert retrying.url == coordinator.url  # went on (an upper-case name is a name too)
+        assert back.get("/status")["workers"]  # the first answers: the standby is never asked
+        assert back.url == coordinator.url
     finally:
-        heartbeat.close()
+        for client in (heartbeat, retrying, back):
+            client.close()
+        gone.close()
         standby.close()

@@ -494,6 +494,27 @@ def test_a_ddp_job_that_loses_a_node_ends_at_once_and_names_it(tmp_path):
     assert "node 1's launcher went silent for 6 s" in err0.strip().splitlines()[-1]
 
 
+def test_a_node_that_follows_node_1_fails_the_job_if_node_1_goes_silent_while_it_runs():
+    """After node 0's loss the other nodes hear the job only from node 1's coordinator. If it
+    stops answering too (node 1 lost), a follower must not keep node 0's last word, or its own
+    last status of a running job, and wait forever: it gives up after the same patience it
+    gave the takeover. A job that had ended is not failed for it."""
+    from shoal.config import RunConfig
+    from shoal.launch.script_job import _RemoteJob
+
+    config = RunConfig(script="train.py", nnodes=3, nproc_per_node=1, master_addr="127.0.0.1")
+    running = {"status": "running", "workers": {"1": {"alive": True, "finished": False}}}
+    job = _RemoteJob("http://127.0.0.1:9", "t")
+    job.follow("http://127.0.0.1:9", "node 0 stopped answering", None, patience=0.5)
+    job.check_successor({}, config)  # no word yet: it waits
+    job.check_successor(running, config)  # a worker came: node 1 has the job
+    assert job.successor_has_the_job
+    time.sleep(0.6)  # node 1 silent for longer than that patience (status() saw no answer)
+    with pytest.raises(rendezvous_keys.NodeGone, match="node 1's coordinator stopped answering too"):
+        job.check_successor(running, config)
+    job.check_successor({**running, "status": "completed"}, config)
+
+
 def test_a_node_beats_while_its_launcher_waits_on_something_else():
     """Beats come from a thread of their own: a launcher whose main loop waits (on the
     coordinator's answer, on an exit being handled) for longer than node 0's silence limit is

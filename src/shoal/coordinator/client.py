@@ -24,9 +24,10 @@ within one pause of listening again; with pauses up to 1 s, the members of a job
 to a restarted coordinator up to 1 s apart, half of a 2 s heartbeat timeout."""
 
 
-_answering: dict[str, str] = {}
-"""For each list of addresses, the one that last answered: a new client starts there rather
-than wait again on a coordinator that is gone (a machine gone takes a connect timeout)."""
+_answering: dict[str, int] = {}
+"""For each list of addresses, which one last answered in this process: every client tries
+it next rather than wait again on a coordinator that is gone (a machine gone takes a
+connect timeout)."""
 
 
 class CoordinatorClient:
@@ -40,17 +41,19 @@ class CoordinatorClient:
 
     def __init__(self, url: str, token: str, *, retry_seconds: float = RETRY_SECONDS,
                  timeout: float | None = None):
-        self._urls = url
+        self._listed = url
+        self._urls = url.split(",")
+        self._at = _answering.get(url, 0)
         self._retry_seconds = retry_seconds
         self._http = httpx.Client(
-            base_url=_answering.get(url, url.split(",")[0]), headers={"Authorization": f"Bearer {token}"},
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(10.0, read=60.0) if timeout is None else httpx.Timeout(timeout),
         )
 
     @property
     def url(self) -> str:
         """The coordinator this client asks now."""
-        return str(self._http.base_url).rstrip("/")
+        return self._urls[self._at]
 
     @classmethod
     def for_heartbeats(cls, url: str, token: str, heartbeat_timeout: float) -> CoordinatorClient:
@@ -73,23 +76,32 @@ class CoordinatorClient:
         deadline = time.monotonic() + self._retry_seconds
         delay = 0.05
         while True:
+            self._ask(_answering.get(self._listed, self._at))  # another client may have found the live one
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as error:
-                self._fail_over()
+                asked = self.url
+                if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    self._next()  # gone (not merely slow): the next, if any
                 if time.monotonic() > deadline:
-                    raise CoordinatorUnreachable(f"coordinator {self.url} unreachable: {error}") from error
+                    raise CoordinatorUnreachable(f"coordinator {asked} unreachable: {error}") from error
                 time.sleep(delay)
                 delay = min(delay * 2, _RETRY_DELAY_MAX)
                 continue
-            _answering[self._urls] = self.url
+            _answering[self._listed] = self._at
             if response.status_code == 401:
                 raise PermissionError(f"coordinator {self.url} refused the job token")
             response.raise_for_status()
             return response.json()
 
-    def _fail_over(self) -> None:
-        """The next coordinator of the list (the same one if it lists one)."""
-        urls = self._urls.split(",")
-        if len(urls) > 1:
-            self._http.base_url = urls[(urls.index(self.url) + 1) % len(urls)] if self.url in urls else urls[0]
+    def _next(self) -> None:
+        """This process asks the next coordinator of the list from now on (unless another
+        client already moved on from the one that failed here)."""
+        if _answering.get(self._listed, self._at) == self._at:
+            _answering[self._listed] = (self._at + 1) % len(self._urls)
+        self._ask(_answering[self._listed])
+
+    def _ask(self, at: int) -> None:
+        if at != self._at:
+            self._at = at
+            self._http.base_url = self.url

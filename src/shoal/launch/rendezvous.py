@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -179,12 +180,19 @@ class NodeRendezvous:
             if mine != node0:
                 rendezvous._refuse(ConfigError(flag, f"node 0's job has {node0!r}, this node "
                                                f"{mine!r}: give every node the same"))
+        unable = None
         if node_rank in (1, None):  # it may be node 1, which stands by to take over node 0's coordinator
-            rendezvous.standby = Standby.towards(master_addr, master_port)
+            try:
+                rendezvous.standby = Standby.towards(master_addr, master_port)
+            except OSError as error:
+                unable = error
         rendezvous.node_rank = rendezvous._claim(node_rank, deadline)
         if rendezvous.node_rank != 1 and rendezvous.standby is not None:
             rendezvous.standby.close()
             rendezvous.standby = None
+        if rendezvous.node_rank == 1 and unable is not None:
+            print(f"shoal run: warning: node 1 cannot stand by to take over node 0's coordinator "
+                  f"({unable}): the job will not outlive node 0", file=sys.stderr, flush=True)
         store.set_timeout(timedelta(seconds=_STORE_TIMEOUT_SECONDS))
         try:
             rendezvous._start_beating(master_addr, master_port)

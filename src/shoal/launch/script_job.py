@@ -129,12 +129,17 @@ class _RemoteJob:
         self.lost: str | None = None
         """Why node 0 is lost, once this node turned to its successor."""
         self._awaited_until: float | None = None
+        """Until when a worker may take to reach the successor (None: one did)."""
+        self._answered_at = 0.0
+        self._patience = 0.0
 
     def follow(self, url: str, lost: str, hosted: Membership | None, *, patience: float) -> None:
         """Ask the successor from now on (``hosted``: its membership, on node 1); a worker must
-        reach it within ``patience`` seconds, or the job was a plain script's, lost with node 0."""
+        reach it within ``patience`` seconds, or the job was a plain script's, lost with node 0
+        (and it must not go silent that long while the job runs)."""
         self._url, self.lost, self._hosted = url, lost, hosted
-        self._awaited_until = time.monotonic() + patience
+        now = time.monotonic()
+        self._patience, self._answered_at, self._awaited_until = patience, now, now + patience
 
     @property
     def successor_has_the_job(self) -> bool:
@@ -144,7 +149,8 @@ class _RemoteJob:
     def check_successor(self, status: dict, config: RunConfig) -> None:
         """Once the successor has the job: say so, and on node 1 count node 0's workers out
         (gone with their launcher, or cut off with it) without waiting out their heartbeat
-        timeout. Raises :class:`NodeGone` if no worker came."""
+        timeout. Raises :class:`NodeGone` if no worker came, or if the successor stopped
+        answering while the job runs (node 1 lost too: nothing would tell this node the end)."""
         workers = status.get("workers", {})
         if self._awaited_until is not None:
             if not workers:
@@ -155,6 +161,10 @@ class _RemoteJob:
             print(f"shoal run: {self.lost}; " + (f"node 1 took over the job's coordinator at {self._url}"
                   if self._hosted else f"following node 1's coordinator at {self._url}"),
                   file=sys.stderr, flush=True)
+        elif (time.monotonic() - self._answered_at > self._patience
+              and status.get("status") not in ("completed", "failed")):
+            self.lost += "; then node 1's coordinator stopped answering too"
+            raise NodeGone(self.lost)
         if self._hosted is not None:
             for rank in _node_ranks(0, config.nproc_per_node):
                 if workers.get(str(rank), {}).get("alive"):
@@ -162,7 +172,10 @@ class _RemoteJob:
 
     def status(self) -> dict:
         """``GET /status``, or ``{}`` when node 0 is gone (the exits then tell the outcome)."""
-        return self._ask(lambda client: client.get("/status")) or {}
+        status = self._ask(lambda client: client.get("/status")) or {}
+        if status:
+            self._answered_at = time.monotonic()
+        return status
 
     def changes(self) -> list[dict]:
         # node 0, which holds the membership, tells them; after it, node 1
@@ -451,8 +464,10 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
                     break
                 node0_done = node0_done or (config.node_rank > 0 and rendezvous.node0_done())
             except NodeGone as error:
-                if rendezvous.successor_url and status.get("status") not in ("completed", "failed"):
+                if (rendezvous.successor_url and status.get("status") not in ("completed", "failed")
+                        and not (node0_done and not status.get("workers"))):  # (a plain job's end)
                     _fail_over(config, rendezvous, job, str(error), status)  # an elastic job goes on
+                    status = {}  # node 0's last word: from now on, only the successor's counts
                 elif not node0_done:
                     raise
                 watch_store = False  # node 0 finished and closed its store: nothing more to hear

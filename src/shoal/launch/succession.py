@@ -32,24 +32,34 @@ class Standby:
 
     def __init__(self, address: str, family: int):
         self._sockets = []
-        for _ in range(2):  # the coordinator's HTTP port, then its store's
-            reserved = socket.socket(family, socket.SOCK_STREAM)
-            reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            reserved.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # every interface, as node 0's
-            self._sockets.append(reserved)
+        try:
+            for _ in range(2):  # the coordinator's HTTP port, then its store's
+                reserved = socket.socket(family, socket.SOCK_STREAM)
+                self._sockets.append(reserved)
+                reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                reserved.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # every interface, as node 0's
+        except OSError:
+            self.release()
+            raise
         self.address = address
         self.port, self.store_port = (reserved.getsockname()[1] for reserved in self._sockets)
         self.coordinator = None
 
     @classmethod
     def towards(cls, master_addr: str, master_port: int) -> Standby:
-        """Ports on the interface this machine reaches ``master_addr`` by: the other nodes
-        reach node 0 there, so most likely this node too."""
-        family, _, _, _, target = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_DGRAM)[0]
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect(target)  # a route is chosen; nothing is sent
-            address = probe.getsockname()[0]
-        return cls(address, family)
+        """Ports on the interface this machine reaches ``master_addr`` by (the first of its
+        addresses that has a route): the other nodes reach node 0 there, so most likely this
+        node too. Raises OSError if none has."""
+        error: OSError | None = None
+        for family, _, _, _, target in socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_DGRAM):
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.connect(target)  # a route is chosen; nothing is sent
+                    address = probe.getsockname()[0]
+                return cls(address, family)
+            except OSError as unroutable:
+                error = unroutable
+        raise error or OSError(f"no address for {master_addr}")
 
     @property
     def url(self) -> str:
@@ -61,9 +71,15 @@ class Standby:
         from shoal.coordinator import Coordinator
 
         self.release()
-        self.coordinator = Coordinator(membership, host=self.address, port=self.port, token=token,
-                                       store_port=self.store_port, bind_all=True).start()
-        return self.coordinator.url
+        coordinator = Coordinator(membership, host=self.address, port=self.port, token=token,
+                                  store_port=self.store_port, bind_all=True)
+        try:
+            coordinator.start()
+        except BaseException:
+            coordinator.stop()  # its store may listen already
+            raise
+        self.coordinator = coordinator
+        return coordinator.url
 
     def release(self) -> None:
         for reserved in self._sockets:
