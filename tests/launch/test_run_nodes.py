@@ -239,6 +239,23 @@ def test_an_elastic_job_goes_on_when_node_0_is_lost_under_node_1s_coordinator(tm
     assert f"[worker 1] 29 steps on 2 worker(s): accuracy {accuracy}" in out1
 
 
+@pytest.mark.skipif(not LONG, reason="the SIGKILL test covers the takeover (SHOAL_LONG_TESTS=1 runs it)")
+def test_an_elastic_job_goes_on_when_node_0_is_preempted(tmp_path):
+    """SIGTERM to node 0's launcher at step 10 (its machine preempted): before, it failed every
+    node, since its workers had not joined when it last looked. Now its worker leaves, it
+    gives the others 5 s, and node 1 takes over; the three nodes' undisturbed run ends alike."""
+    script = elastic_with_step_hook(tmp_path / "preempt_node_0.py", (
+        "if os.environ['RANK'] == '0' and self.position == 10:\n"
+        "    os.kill(int(os.environ['SHOAL_LAUNCHER_PID']), signal.SIGTERM)"))
+    env = {**os.environ, "EPOCHS": "4"}  # long enough to outlive node 0's 5 s
+    (code0, _, err0), (code1, out1, err1), (code2, _, err2) = _nodes(str(script), 3, 1, env=env)
+    assert (code0, code1, code2) == (143, 0, 0), err0 + err1 + err2
+    assert "; node 1 took over the job's coordinator at " in err1
+    (_, undisturbed, _), _, _ = _nodes(str(REPO / "examples" / "elastic.py"), 3, 1, env=env)
+    accuracy = undisturbed.strip().rsplit(" ", 1)[-1]
+    assert f"[worker 1] 116 steps on 2 worker(s): accuracy {accuracy}" in out1
+
+
 @pytest.mark.skipif(not LONG, reason="CI checks the report by id as a unit (SHOAL_LONG_TESTS=1 runs it)")
 def test_with_max_restarts_another_nodes_elastic_worker_starts_again_and_rejoins(tmp_path):
     """As on one node: node 1's only worker, killed at step 10, is started again by its

@@ -324,9 +324,9 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
         except NodeGone as error:
             others.append(str(error))
         finally:
-            _tell_stop(config, rendezvous, stop, status, others)  # before the workers' grace
+            _tell_stop(config, rendezvous, job, stop, status, others)  # before the workers' grace
             group.stop_all(grace=TERMINATE_GRACE_SECONDS if stop.how else 5.0)
-            _tell_stop(config, rendezvous, stop, status, others)  # one that came during it
+            _tell_stop(config, rendezvous, job, stop, status, others)  # one that came during it
         status = job.status() or status  # node 0 may be gone: the last status seen then
         if config.node_rank == 0 and config.nnodes > 1:
             rendezvous.announce_done()
@@ -337,7 +337,7 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
             _keep_up_for_the_others(rendezvous.standby.coordinator.membership, stop)
         elif config.node_rank > 0 and not stop.how:
             _await_node_0(rendezvous, stop)
-        _tell_stop(config, rendezvous, stop, status, others)  # one that came while it waited
+        _tell_stop(config, rendezvous, job, stop, status, others)  # one that came while it waited
         if job.lost and job.lost not in others:
             others.append(job.lost)  # a loss the job went on through
         failures = _failures(rendezvous, others) + [f for f in survived if f not in others]
@@ -551,16 +551,17 @@ def _await_node_0(rendezvous: NodeRendezvous, stop: StopRequest) -> None:
         pass  # _failures says so
 
 
-def _tell_stop(config: RunConfig, rendezvous: NodeRendezvous, stop: StopRequest, status: dict,
-               others: list[str]) -> None:
+def _tell_stop(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,
+               stop: StopRequest, status: dict, others: list[str]) -> None:
     """Once, when this node was told to stop: say why first, and to every node under a plain
-    script (an elastic job goes on without this node), with the time it was told."""
+    script (an elastic job goes on without this node), with the time it was told. (Whether
+    it is elastic is asked again: the last status seen may be from before the workers joined.)"""
     if not stop.how or stop.told:
         return
     stop.told = True
     reason = f"node {config.node_rank}: {stop.how}" if config.nnodes > 1 else stop.how
     others.insert(0, reason)
-    if not status.get("workers"):
+    if not (status.get("workers") or job.status().get("workers")):
         try:
             rendezvous.report_failure(stop.when, reason)
         except NodeGone as error:
@@ -632,12 +633,17 @@ def _running(status: dict) -> bool:
 def _wait_for_other_nodes(rendezvous: NodeRendezvous, job: _LocalJob, config: RunConfig,
                           limit: float) -> list[str]:
     """Keep the store and the coordinator up until every other node has read the outcome, up
-    to ``limit`` seconds. A node whose workers the coordinator declared dead may have lost
-    its launcher too: it gets a few seconds; one whose launcher went silent, none (and that
-    is said). Returns the silent nodes' causes."""
+    to ``limit`` seconds; once the job has ended, up to the whole exit barrier (node 0 told to
+    stop leaves an elastic job to node 1 after ``limit``, but one that ended meanwhile must be
+    read here: node 1 would wait for workers that are done). A node whose workers the
+    coordinator declared dead may have lost its launcher too: it gets a few seconds; one whose
+    launcher went silent, none (and that is said). Returns the silent nodes' causes."""
     started, silent = time.monotonic(), {}
     while True:
-        workers = job.status()["workers"]
+        status = job.status()
+        workers = status["workers"]
+        if status["status"] in ("completed", "failed"):
+            limit = max(limit, _EXIT_BARRIER_SECONDS)
         for node in rendezvous.silent_nodes(_silence(config)):
             silent[node] = f"node {node}'s launcher went silent for {_silence(config):g} s"
         waiting = [node for node in rendezvous.unfinished() if node not in silent and
