@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from shoal.coordinator import Coordinator, CoordinatorClient, Membership
+import shoal.coordinator.client as client_module
 from shoal.coordinator.client import CoordinatorUnreachable
 
 
@@ -213,3 +214,18 @@ def test_a_client_given_a_successor_goes_to_it_when_the_first_cannot_be_reached(
             client.close()
         gone.close()
         standby.close()
+
+
+def test_a_request_left_unanswered_goes_on_to_the_successor(coordinator, monkeypatch):
+    """Node 0 cut off (or frozen) refuses nothing: a request on it waits for an answer that
+    never comes. With a successor listed each try is bounded, and the next one is asked."""
+    monkeypatch.setattr(client_module, "_FAILOVER_ANSWER_SECONDS", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel takes the connection; nobody ever answers on it
+        client = CoordinatorClient(f"http://127.0.0.1:{silent.getsockname()[1]},{coordinator.url}", "secret")
+        try:
+            assert client.post("/join", {"worker_id": 0, "host": "a", "pid": 1})["worker_id"] == 0
+            assert client.url == coordinator.url
+        finally:
+            client.close()

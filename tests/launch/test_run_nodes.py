@@ -236,6 +236,50 @@ def test_an_elastic_job_goes_on_when_node_0_is_lost_under_node_1s_coordinator(tm
     assert f"[worker 1] 29 steps on 2 worker(s): accuracy {undisturbed_accuracy()}" in out1
 
 
+@pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available()))
+def test_an_elastic_job_goes_on_when_node_0_is_cut_off_without_a_reset(tmp_path):
+    """Three hosts of one worker each; at step 10 node 0's cable is pulled. Nothing is reset:
+    its store and coordinator just stop answering, as a dead machine's do, and torch's
+    TCPStore would wait a quarter of an hour for an answer. Nodes 1 and 2 take node 0 for gone
+    once a call is left unanswered three heartbeat timeouts, node 1 takes over, the workers'
+    requests leave the silent connections for it, and the job ends on their side as one
+    process ends it undisturbed. (Node 0 goes on alone with its own worker: nothing fences
+    it yet, see ARCHITECTURE.)"""
+    at_step_10, cut = tmp_path / "at-step-10", tmp_path / "cut"
+    script = elastic_with_step_hook(tmp_path / "cut_node_0.py", (
+        f"if os.environ['RANK'] == '0' and self.position == 10 and not os.path.exists({str(cut)!r}):\n"
+        f"    open({str(at_step_10)!r}, 'w').close()\n"
+        f"    while not os.path.exists({str(cut)!r}):\n"
+        "        time.sleep(0.01)"))
+    hosts = Hosts(3)
+
+    def cut_node_0_at_step_10(node_0: subprocess.Popen) -> None:
+        while not at_step_10.exists() and node_0.poll() is None:
+            time.sleep(0.05)
+        hosts.cut(0)
+        cut.touch()
+
+    def popen(argv, **kwargs):
+        process = hosts.popen(int(argv[argv.index("--node-rank") + 1]), argv, **kwargs)
+        if argv[argv.index("--node-rank") + 1] == "0":  # the last started
+            threading.Thread(target=cut_node_0_at_step_10, args=(process,), daemon=True).start()
+        return process
+
+    try:
+        _, (code1, out1, err1), (code2, _, err2) = _nodes(
+            str(script), 3, 1, "--heartbeat-timeout", "2", popen=popen, master_addr=hosts.addresses[0],
+            env={**os.environ, "EPOCHS": "1"})
+    finally:
+        hosts.close()
+    assert cut.exists() and (code1, code2) == (0, 0), err1 + err2
+    lost = "shoal run: node 0 stopped answering at its store"
+    [takeover] = [line for line in err1.splitlines() if line.startswith(lost)]
+    assert takeover.endswith(f"no answer within 6 s; node 1 took over the job's coordinator at "
+                             f"http://{hosts.addresses[1]}:{takeover.rsplit(':', 1)[1]}")
+    assert f"; following node 1's coordinator at http://{hosts.addresses[1]}:" in err2
+    assert f"[worker 1] 29 steps on 2 worker(s): accuracy {undisturbed_accuracy()}" in out1
+
+
 @pytest.mark.skipif(not LONG, reason="the SIGKILL test covers the takeover (SHOAL_LONG_TESTS=1 runs it)")
 def test_an_elastic_job_goes_on_when_node_0_is_preempted(tmp_path):
     """SIGTERM to node 0's launcher at step 10 (its machine preempted): before, it failed every
@@ -518,7 +562,7 @@ def test_a_node_that_follows_node_1_fails_the_job_if_node_1_goes_silent_while_it
 
     config = RunConfig(script="train.py", nnodes=3, nproc_per_node=1, master_addr="127.0.0.1")
     running = {"status": "running", "workers": {"1": {"alive": True, "finished": False}}}
-    job = _RemoteJob("http://127.0.0.1:9", "t")
+    job = _RemoteJob("http://127.0.0.1:9", "t", 1.0)
     job.follow("http://127.0.0.1:9", "node 0 stopped answering", None, patience=0.5)
     job.check_successor({}, config)  # no word yet: it waits
     job.check_successor(running, config)  # a worker came: node 1 has the job
@@ -527,6 +571,37 @@ def test_a_node_that_follows_node_1_fails_the_job_if_node_1_goes_silent_while_it
     with pytest.raises(rendezvous_keys.NodeGone, match="node 1's coordinator stopped answering too"):
         job.check_successor(running, config)
     job.check_successor({**running, "status": "completed"}, config)
+
+
+def test_a_node_takes_node_0_for_gone_when_its_store_leaves_a_call_unanswered():
+    """Node 0 frozen (here its launcher SIGSTOPped) or cut off refuses nothing: torch's TCPStore
+    client waits for an answer as long as the connection lasts (a quarter of an hour once a link
+    is down; its own timeout bounds only ``get`` and ``wait``). The node's own patience
+    decides, and every later call says so at once."""
+    node0 = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from torch.distributed import TCPStore\n"
+        "from shoal.launch.rendezvous import NodeRendezvous\n"
+        "store = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+        "NodeRendezvous.host(store, 2, {'--nnodes': 2}, url='http://x', token='t', run_id='r')\n"
+        "print(store.port, flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(node0.stdout.readline())
+        node1 = rendezvous_keys.NodeRendezvous.join("127.0.0.1", port, None, 2, {"--nnodes": 2}, None,
+                                                    timeout=30, patience=0.5)
+        assert not node1.failed()
+        node0.send_signal(signal.SIGSTOP)
+        for _ in range(2):
+            with pytest.raises(rendezvous_keys.NodeGone, match="node 0 stopped answering at its store .*: "
+                               "no answer within 0.5 s"):
+                node1.failed()
+        with pytest.raises(rendezvous_keys.NodeGone):
+            node1.finish()
+    finally:
+        node0.kill()
+        node0.send_signal(signal.SIGCONT)
+        node0.communicate()
 
 
 def test_a_node_beats_while_its_launcher_waits_on_something_else():

@@ -24,6 +24,15 @@ within one pause of listening again; with pauses up to 1 s, the members of a job
 to a restarted coordinator up to 1 s apart, half of a 2 s heartbeat timeout."""
 
 
+_FAILOVER_CONNECT_SECONDS = 3.0
+"""With a successor listed, how long a try waits to connect: a live coordinator's kernel
+completes the handshake however busy the coordinator is; a host cut off never does."""
+_FAILOVER_ANSWER_SECONDS = 10.0
+"""... and for an answer, beyond the wait a long poll asks for (its ``timeout``): a
+connection to a host that was cut off is never answered (and a try at the successor while
+the first coordinator lives is refused at once)."""
+
+
 _answering: dict[str, int] = {}
 """For each list of addresses, which one last answered in this process: every client tries
 it next rather than wait again on a coordinator that is gone (a machine gone takes a
@@ -37,14 +46,17 @@ class CoordinatorClient:
     be restarting); ``timeout`` bounds each try (default: 10 s to connect, 60 s for an
     answer, which a long poll takes). ``url`` may list several coordinators, comma-separated:
     the job's, then its successor (``shoal run --nnodes``: node 1 takes over if node 0 is
-    lost). A try that cannot connect goes to the next; the one that answers is kept."""
+    lost). A try that fails (refused, or unanswered: the host may be cut off) goes to the
+    next, and each try is bounded more tightly than with one; the one that answers is kept."""
 
     def __init__(self, url: str, token: str, *, retry_seconds: float = RETRY_SECONDS,
                  timeout: float | None = None):
         self._listed = url
         self._urls = url.split(",")
         self._at = _answering.get(url, 0)
-        self._retry_seconds = retry_seconds
+        self.retry_seconds = retry_seconds
+        """How long a request tries before it raises :class:`CoordinatorUnreachable`."""
+        self._bounded = timeout is None and len(self._urls) > 1
         self._http = httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(10.0, read=60.0) if timeout is None else httpx.Timeout(timeout),
@@ -73,16 +85,18 @@ class CoordinatorClient:
 
     def _request(self, method: str, path: str, **kwargs) -> dict:
         # Connection errors are retried for a while: the coordinator may be restarting.
-        deadline = time.monotonic() + self._retry_seconds
+        deadline = time.monotonic() + self.retry_seconds
         delay = 0.05
+        if self._bounded:
+            poll = float(kwargs.get("params", {}).get("timeout", 0.0))
+            kwargs["timeout"] = httpx.Timeout(_FAILOVER_CONNECT_SECONDS, read=poll + _FAILOVER_ANSWER_SECONDS)
         while True:
             self._ask(_answering.get(self._listed, self._at))  # another client may have found the live one
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as error:
                 asked = self.url
-                if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
-                    self._next()  # gone (not merely slow): the next, if any
+                self._next()  # refused, or unanswered: the next, if any
                 if time.monotonic() > deadline:
                     raise CoordinatorUnreachable(f"coordinator {asked} unreachable: {error}") from error
                 time.sleep(delay)

@@ -90,19 +90,24 @@ _BEAT = "shoal/run/beat/{}"
 watches it move (one clock, node 0's, so no two machines' clocks are compared)."""
 _POLL_SECONDS = 0.25
 _STORE_TIMEOUT_SECONDS = 30.0
-"""A joined node's store calls give up after this: node 0 hung or cut off, not just slow."""
+"""How long a store's ``get`` waits for its key (node 0's own, and its attempts' stores)."""
 
 
 class NodeGone(RuntimeError):
-    """Node 0's store stopped answering: its launcher, which hosts it, is gone."""
+    """Node 0's store stopped answering: its launcher, which hosts it, is gone (or cut off)."""
 
 
 class NodeRendezvous:
     """This node's view of the others, through node 0's store."""
 
     def __init__(self, store: dist.TCPStore, node_rank: int, nnodes: int, *, url: str, token: str,
-                 run_id: str):
+                 run_id: str, patience: float = _STORE_TIMEOUT_SECONDS):
         self._store = store
+        self._patience = patience
+        """How long node 0's store may take to answer one call before this node takes it for
+        gone. Judged here, by this node's clock: torch's TCPStore client waits for an answer
+        for as long as the kernel keeps the connection, a quarter of an hour once node 0's
+        link is down (its timeout bounds only ``get`` and ``wait``)."""
         self.store_port = store.port
         """Where scripts meet (``MASTER_PORT``): ``--master-port``, or the OS's choice on one node."""
         self.node_rank = node_rank
@@ -144,10 +149,12 @@ class NodeRendezvous:
 
     @classmethod
     def join(cls, master_addr: str, master_port: int, node_rank: int | None, nnodes: int,
-             shape: dict, run_id: str | None, timeout: float) -> NodeRendezvous:
+             shape: dict, run_id: str | None, timeout: float,
+             patience: float = _STORE_TIMEOUT_SECONDS) -> NodeRendezvous:
         """A node other than 0: wait up to ``timeout`` for node 0's store, check that this node
         belongs to node 0's job, and take ``node_rank`` (None: the next free one, torchrun's
-        c10d way).
+        c10d way). Once in, node 0 is gone when its store leaves a call unanswered for
+        ``patience`` seconds.
 
         Raises :class:`ConfigError` naming the flag: ``--master-addr`` if no node 0 answers
         (the nodes may start in any order, but a wrong address would otherwise hang with no
@@ -168,7 +175,8 @@ class NodeRendezvous:
             raise ConfigError("--master-addr", f"no node 0 answered at {master_addr}:{master_port} "
                               f"within {timeout:g} s (start `shoal run --node-rank 0` there, or "
                               f"give a longer --join-timeout): {first_line(error)}") from None
-        rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=theirs)
+        rendezvous = cls(store, 0, nnodes, url=url, token=token, run_id=theirs,
+                         patience=max(deadline - time.monotonic(), patience))
         theirs_shape = json.loads(their_shape)
         protocol, version = theirs_shape.pop(_PROTOCOL, None), theirs_shape.pop(_VERSION, None)
         if protocol != _protocol.PROTOCOL:
@@ -194,6 +202,7 @@ class NodeRendezvous:
             print(f"shoal run: warning: node 1 cannot stand by to take over node 0's coordinator "
                   f"({unable}): the job will not outlive node 0", file=sys.stderr, flush=True)
         store.set_timeout(timedelta(seconds=_STORE_TIMEOUT_SECONDS))
+        rendezvous._patience = patience
         try:
             rendezvous._start_beating(master_addr, master_port)
         except RuntimeError as error:  # torch's DistError: node 0 went as this node came
@@ -408,14 +417,36 @@ class NodeRendezvous:
     def _call(self, operation, *args):
         if self._gone is not None:  # once: every call to a dead store logs a C++ stack trace
             raise NodeGone(self._gone)
-        try:
+        if self._hosting:  # our own store: anything wrong with it is a bug to see
             return operation(*args)
-        except RuntimeError as error:  # torch's DistError and its kinds are RuntimeErrors
-            if self._hosting:
-                raise
+        try:
+            return _answered_within(self._patience, operation, *args)
+        except (RuntimeError, TimeoutError) as error:  # torch's DistError and its kinds are RuntimeErrors
             self._gone = (f"node 0 stopped answering at its store (its launcher hosts the job's "
                           f"store and coordinator): {first_line(error)}")
             raise NodeGone(self._gone) from None
+
+
+def _answered_within(seconds: float, operation, *args):
+    """``operation(*args)``, from a thread of its own; TimeoutError if it has not returned
+    within ``seconds`` (the thread is left to the call: nothing can interrupt a C++ read)."""
+    outcome: list = []
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            outcome.append((True, operation(*args)))
+        except BaseException as error:  # noqa: BLE001  (handed to the caller)
+            outcome.append((False, error))
+        done.set()
+
+    threading.Thread(target=call, name="shoal-store-call", daemon=True).start()
+    if not done.wait(seconds):
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    answered, value = outcome[0]
+    if not answered:
+        raise value
+    return value
 
 
 def _wait_until_listening(address: str, port: int, deadline: float) -> None:

@@ -55,6 +55,7 @@ from shoal.runtime.context import (
     ENV_SUCCESSOR,
     ENV_TOKEN,
     ENV_WORKER_ID,
+    SILENT_NODE_HEARTBEATS,
 )
 from shoal.runtime.worker import EXIT_PREEMPTED
 
@@ -67,9 +68,6 @@ _STATUS_SECONDS = 1.0
 _EXIT_BARRIER_SECONDS = 300.0
 """How long node 0 keeps the store up for nodes that have not read the job's outcome
 (torchrun's exit barrier)."""
-_SILENT_NODE_HEARTBEATS = 3
-"""A node's launcher silent for this many heartbeat timeouts is gone (generous: a plain job
-fails for it)."""
 _STOPPED_BARRIER_SECONDS = 5.0
 """Node 0 told to stop waits this long for the others to read why."""
 _DEAD_NODE_SECONDS = 5.0
@@ -123,8 +121,10 @@ class _RemoteJob:
     """The job as the other nodes see it: node 0's coordinator, over HTTP; once node 0 is
     lost, its successor's, which node 1 hosts (``launch/succession.py``)."""
 
-    def __init__(self, url: str, token: str):
+    def __init__(self, url: str, token: str, patience: float):
         self._url, self._token = url, token
+        self._answer_seconds = patience
+        """How long one request waits (node 0 cut off leaves it unanswered, not refused)."""
         self._hosted: Membership | None = None
         self.lost: str | None = None
         """Why node 0 is lost, once this node turned to its successor."""
@@ -190,7 +190,8 @@ class _RemoteJob:
                                                          "detail": cause, "restarting": restarting}))
 
     def _ask(self, request) -> dict | None:
-        client = CoordinatorClient(self._url, self._token, retry_seconds=2.0)  # one per thread
+        client = CoordinatorClient(self._url, self._token, retry_seconds=2.0,  # one per thread
+                                   timeout=self._answer_seconds)
         try:
             return request(client)
         except (CoordinatorUnreachable, PermissionError, httpx.HTTPError):
@@ -209,13 +210,13 @@ def run_script(config: RunConfig) -> int:
         try:
             rendezvous = NodeRendezvous.join(config.master_addr, config.master_port, config.node_rank,
                                              config.nnodes, _shape(config), config.run_id,
-                                             config.join_timeout)
+                                             config.join_timeout, patience=_silence(config))
         except KeyboardInterrupt:  # no worker started yet: nothing to stop
             print("shoal run: interrupted (Ctrl-C) while joining node 0's job", file=sys.stderr)
             return 1
         config = dataclasses.replace(config, node_rank=rendezvous.node_rank)
         try:
-            return _run_node(config, rendezvous, _RemoteJob(rendezvous.url, rendezvous.token))
+            return _run_node(config, rendezvous, _RemoteJob(rendezvous.url, rendezvous.token, _silence(config)))
         finally:
             if rendezvous.standby is not None:
                 rendezvous.standby.close()
@@ -383,8 +384,9 @@ def _all_nodes_in(config: RunConfig, rendezvous: NodeRendezvous, stop: StopReque
 
 
 def _silence(config: RunConfig) -> float:
-    """How long a node's launcher may be silent before node 0 takes it for gone."""
-    return _SILENT_NODE_HEARTBEATS * config.heartbeat_timeout
+    """How long a node's launcher may be silent before node 0 takes it for gone, and node 0's
+    store before the others do."""
+    return SILENT_NODE_HEARTBEATS * config.heartbeat_timeout  # (generous: a plain job fails for it)
 
 
 def _run_attempts(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _RemoteJob,

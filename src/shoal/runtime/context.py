@@ -26,6 +26,10 @@ ENV_COORDINATOR = "SHOAL_COORDINATOR"
 ENV_SUCCESSOR = "SHOAL_COORDINATOR_SUCCESSOR"
 """Where the job's coordinator goes on if its host is lost (``shoal run --nnodes``: node 1's
 standby): the worker's requests go there when the first cannot be reached."""
+SILENT_NODE_HEARTBEATS = 3
+"""``shoal run --nnodes``: a node's launcher silent this many heartbeat timeouts is gone to
+node 0, and node 0's store unanswered that long is gone to the others: node 1 then takes over
+the job's coordinator (a worker's requests outlast that)."""
 ENV_WORKER_ID = "SHOAL_WORKER_ID"
 ENV_HEARTBEAT_INTERVAL = "SHOAL_HEARTBEAT_INTERVAL"
 ENV_LAUNCHER_ID = "SHOAL_LAUNCHER_ID"
@@ -165,6 +169,10 @@ class Context:
         self.joined_running_job = bool(reply.get("running"))
         self.heartbeat_timeout = float(reply["heartbeat_timeout"])
         self.collective_timeout = self.heartbeat_timeout
+        if "," in self.url:  # a successor is listed: wait for it to take over, if it must
+            takeover = SILENT_NODE_HEARTBEATS * self.heartbeat_timeout
+            # (its launcher may first wait out one unanswered status request of that length)
+            self._client.retry_seconds = max(RETRY_SECONDS, 3 * takeover)
         self._connect_store(reply["store_host"], reply["store_port"])
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="shoal-heartbeat",
                                                   daemon=True)
