@@ -280,6 +280,36 @@ def test_an_elastic_job_goes_on_when_node_0_is_cut_off_without_a_reset(tmp_path)
     assert f"[worker 1] 29 steps on 2 worker(s): accuracy {undisturbed_accuracy()}" in out1
 
 
+@pytest.mark.skipif(not LONG, reason="the cut-off test covers a silent node 0 (SHOAL_LONG_TESTS=1 runs it)")
+def test_an_elastic_job_goes_on_when_node_0s_launcher_freezes(tmp_path):
+    """SIGSTOP to node 0's launcher at step 10: its store and coordinator take every call and
+    answer none, while the workers, node 0's too, train on without them. The workers' requests
+    time out and turn to node 1, which took over after three heartbeat timeouts; it waits for
+    them as long as such a try may take, and the job ends on nodes 1 and 2. (The frozen
+    launcher is killed once they have.)"""
+    script = elastic_with_step_hook(tmp_path / "freeze_node_0.py", (
+        "if os.environ['RANK'] == '0' and self.position == 10:\n"
+        "    os.kill(int(os.environ['SHOAL_LAUNCHER_PID']), signal.SIGSTOP)"))
+    launched = []
+
+    def kill_node_0_once_the_others_end() -> None:
+        for other in launched[:2]:
+            other.wait()
+        launched[2].kill()
+
+    def popen(argv, **kwargs):
+        launched.append(subprocess.Popen(argv, **kwargs))
+        if len(launched) == 3:  # node 0, the last started
+            threading.Thread(target=kill_node_0_once_the_others_end, daemon=True).start()
+        return launched[-1]
+
+    _, (code1, _, err1), (code2, _, err2) = _nodes(str(script), 3, 1, "--heartbeat-timeout", "2", popen=popen,
+                                                   env={**os.environ, "EPOCHS": "1"})
+    assert (code1, code2) == (0, 0), err1 + err2
+    assert "no answer within 6 s; node 1 took over the job's coordinator at " in err1
+    assert "survived: node 0 stopped answering at its store" in err2
+
+
 @pytest.mark.skipif(not LONG, reason="the SIGKILL test covers the takeover (SHOAL_LONG_TESTS=1 runs it)")
 def test_an_elastic_job_goes_on_when_node_0_is_preempted(tmp_path):
     """SIGTERM to node 0's launcher at step 10 (its machine preempted): before, it failed every

@@ -8,7 +8,7 @@ import httpx
 
 from shoal._json import finite_or_null
 
-__all__ = ["RETRY_SECONDS", "CoordinatorClient", "CoordinatorUnreachable"]
+__all__ = ["RETRY_SECONDS", "UNANSWERED_TRY_SECONDS", "CoordinatorClient", "CoordinatorUnreachable"]
 
 RETRY_SECONDS = 30.0
 """How long a request tries to reach a coordinator that may be restarting."""
@@ -31,6 +31,9 @@ _FAILOVER_ANSWER_SECONDS = 10.0
 """... and for an answer, beyond the wait a long poll asks for (its ``timeout``): a
 connection to a host that was cut off is never answered (and a try at the successor while
 the first coordinator lives is refused at once)."""
+UNANSWERED_TRY_SECONDS = _FAILOVER_CONNECT_SECONDS + _FAILOVER_ANSWER_SECONDS + 10.0
+"""With a successor listed, the longest a try waits on a coordinator that does not answer (a
+worker's long polls ask for up to 10 s): how late a worker may turn to the successor."""
 
 
 _answering: dict[str, int] = {}

@@ -116,6 +116,7 @@ class NodeRendezvous:
         self.token = token
         self.run_id = run_id
         self._gone: str | None = None
+        self._unanswered = False
         self._hosting = False
         """Node 0: the store is ours, and anything wrong with it is a bug to see."""
         self._beats: dict[int, tuple[int, float]] = {}
@@ -392,6 +393,12 @@ class NodeRendezvous:
         """Node 0's store stopped answering (and so did its coordinator)."""
         return self._gone is not None
 
+    @property
+    def host_unanswering(self) -> bool:
+        """Node 0 went silent (cut off, or frozen) rather than refusing: requests to it hang
+        until they time out, a worker's too."""
+        return self._unanswered
+
     def announce_done(self) -> None:
         """Node 0's workers are done: a node whose workers are done too may finish, and one
         still at work must not take the store's closing, once the others finished or after
@@ -422,6 +429,7 @@ class NodeRendezvous:
         try:
             return _answered_within(self._patience, operation, *args)
         except (RuntimeError, TimeoutError) as error:  # torch's DistError and its kinds are RuntimeErrors
+            self._unanswered = isinstance(error, TimeoutError)
             self._gone = (f"node 0 stopped answering at its store (its launcher hosts the job's "
                           f"store and coordinator): {first_line(error)}")
             raise NodeGone(self._gone) from None

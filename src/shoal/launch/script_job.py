@@ -36,7 +36,7 @@ from shoal.coordinator import (
     describe_timeout_change,
     for_slow_collective,
 )
-from shoal.coordinator.client import CoordinatorClient, CoordinatorUnreachable
+from shoal.coordinator.client import UNANSWERED_TRY_SECONDS, CoordinatorClient, CoordinatorUnreachable
 from shoal.launch.joining import launcher_id
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
 from shoal.launch.script_runner import ENV_LAUNCHER_PID, MODULE, PROGRAM
@@ -514,7 +514,10 @@ def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, w
             rendezvous.standby.take_over(rendezvous.token, hosted)
         except (OSError, RuntimeError) as error:  # a reserved port taken after all
             raise NodeGone(f"{why}; node 1 could not take over its coordinator: {first_line(error)}") from None
-    job.follow(rendezvous.successor_url, why, hosted, patience=2 * config.heartbeat_timeout)
+    # The workers turn to it at their next try: at once when node 0's machine refuses, after
+    # the try times out when node 0 went silent.
+    patience = 2 * config.heartbeat_timeout + (UNANSWERED_TRY_SECONDS if rendezvous.host_unanswering else 0.0)
+    job.follow(rendezvous.successor_url, why, hosted, patience=patience)
     rendezvous.url, rendezvous.successor_url = rendezvous.successor_url, None  # a restart asks it first
 
 
