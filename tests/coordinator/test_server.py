@@ -6,8 +6,8 @@ import threading
 import httpx
 import pytest
 
-from shoal.coordinator import Coordinator, CoordinatorClient, Membership
 import shoal.coordinator.client as client_module
+from shoal.coordinator import Coordinator, CoordinatorClient, Membership
 from shoal.coordinator.client import CoordinatorUnreachable
 
 

@@ -36,7 +36,11 @@ from shoal.coordinator import (
     describe_timeout_change,
     for_slow_collective,
 )
-from shoal.coordinator.client import UNANSWERED_TRY_SECONDS, CoordinatorClient, CoordinatorUnreachable
+from shoal.coordinator.client import (
+    UNANSWERED_TRY_SECONDS,
+    CoordinatorClient,
+    CoordinatorUnreachable,
+)
 from shoal.launch.joining import launcher_id
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
 from shoal.launch.script_runner import ENV_LAUNCHER_PID, MODULE, PROGRAM
