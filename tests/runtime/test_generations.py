@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import pytest
 import torch.distributed as dist
 
 from shoal.coordinator import Coordinator, Membership
+from shoal.runtime.context import Context
 
 MEMBER = textwrap.dedent("""
     import os, sys, time
@@ -227,3 +230,29 @@ def test_a_member_that_finished_stays_until_a_restarted_coordinator_hears_its_en
         for coordinator in (first, second):
             if coordinator is not None:
                 coordinator.stop()
+
+
+def test_a_member_waiting_on_a_store_that_went_silent_fails_its_generation():
+    """The coordinator's machine cut off or frozen (here its process SIGSTOPped) answers
+    nothing, and torch's TCPStore client waits for an answer as long as the connection lasts.
+    A member waiting for its peers there fails the generation after three heartbeat timeouts,
+    to ask the coordinator (or its successor) for the next, on a store client of its own."""
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from torch.distributed import TCPStore\n"
+        "store = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+        "print(store.port, flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        context = Context("http://127.0.0.1:9", "t", 0)
+        context.heartbeat_timeout, context.world_size = 0.2, 2
+        context._connect_store("127.0.0.1", int(server.stdout.readline()))
+        context.generation_store = dist.PrefixStore("generation/1/", context._store)
+        server.send_signal(signal.SIGSTOP)
+        with pytest.raises(RuntimeError, match="the coordinator's store did not answer: no answer within 0.6 s"):
+            context.await_members("joined")
+        assert context._store_address is None  # the next generation's store gets a client of its own
+    finally:
+        server.kill()
+        server.send_signal(signal.SIGCONT)
+        server.communicate()

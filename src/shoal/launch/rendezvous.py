@@ -44,6 +44,7 @@ from typing import NoReturn
 import torch.distributed as dist
 
 from shoal import _protocol
+from shoal._deadline import answered_within
 from shoal.config import ConfigError
 from shoal.launch.succession import Standby
 
@@ -105,9 +106,8 @@ class NodeRendezvous:
         self._store = store
         self._patience = patience
         """How long node 0's store may take to answer one call before this node takes it for
-        gone. Judged here, by this node's clock: torch's TCPStore client waits for an answer
-        for as long as the kernel keeps the connection, a quarter of an hour once node 0's
-        link is down (its timeout bounds only ``get`` and ``wait``)."""
+        gone. Judged here, by this node's clock (``shoal._deadline``: torch's TCPStore client
+        would wait a quarter of an hour once node 0's link is down)."""
         self.store_port = store.port
         """Where scripts meet (``MASTER_PORT``): ``--master-port``, or the OS's choice on one node."""
         self.node_rank = node_rank
@@ -427,34 +427,12 @@ class NodeRendezvous:
         if self._hosting:  # our own store: anything wrong with it is a bug to see
             return operation(*args)
         try:
-            return _answered_within(self._patience, operation, *args)
+            return answered_within(self._patience, operation, *args)
         except (RuntimeError, TimeoutError) as error:  # torch's DistError and its kinds are RuntimeErrors
             self._unanswered = isinstance(error, TimeoutError)
             self._gone = (f"node 0 stopped answering at its store (its launcher hosts the job's "
                           f"store and coordinator): {first_line(error)}")
             raise NodeGone(self._gone) from None
-
-
-def _answered_within(seconds: float, operation, *args):
-    """``operation(*args)``, from a thread of its own; TimeoutError if it has not returned
-    within ``seconds`` (the thread is left to the call: nothing can interrupt a C++ read)."""
-    outcome: list = []
-    done = threading.Event()
-
-    def call() -> None:
-        try:
-            outcome.append((True, operation(*args)))
-        except BaseException as error:  # noqa: BLE001  (handed to the caller)
-            outcome.append((False, error))
-        done.set()
-
-    threading.Thread(target=call, name="shoal-store-call", daemon=True).start()
-    if not done.wait(seconds):
-        raise TimeoutError(f"no answer within {seconds:g} s")
-    answered, value = outcome[0]
-    if not answered:
-        raise value
-    return value
 
 
 def _wait_until_listening(address: str, port: int, deadline: float) -> None:

@@ -44,7 +44,7 @@ def run_async(loop, replica: nn.Module, total_steps: int) -> None:
             time.sleep(0.01)
         ask = _LocalLink(server, context).exchange
     else:
-        while not store.check(["shoal/parameter-server"]):  # unless the server is gone first
+        while not context.ask_store(store.check, ["shoal/parameter-server"]):  # unless the server is gone first
             context.check_generation()
             time.sleep(0.01)
         address = store.get("shoal/parameter-server").decode()

@@ -17,6 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from shoal._deadline import answered_within
 from shoal.config import ENV_TOKEN, ENV_WORKER_PID, ConfigError
 from shoal.coordinator.client import RETRY_SECONDS, CoordinatorClient, CoordinatorUnreachable
 
@@ -348,11 +349,23 @@ class Context:
         liveness instead.
         """
         store = self.generation_store
-        store.set(f"shoal/ready/{tag}/{self.rank}", b"1")
+        store.set(f"shoal/ready/{tag}/{self.rank}", b"1")  # (a set gets no answer to wait for)
         keys = [f"shoal/ready/{tag}/{rank}" for rank in range(self.world_size)]
-        while not store.check(keys):
+        while not self.ask_store(store.check, keys):
             self.check_generation()
             time.sleep(poll_seconds)
+
+    def ask_store(self, operation, *args):
+        """``operation(*args)`` on the coordinator's store, waited for as long as a launcher
+        waits for node 0's (``SILENT_NODE_HEARTBEATS``). Its machine cut off or frozen answers
+        nothing, and torch's client would wait a quarter of an hour (``shoal._deadline``): the
+        generation fails instead (a RuntimeError), and the next is asked for from the
+        coordinator, or from its successor if it was lost."""
+        try:
+            return answered_within(SILENT_NODE_HEARTBEATS * self.heartbeat_timeout, operation, *args)
+        except TimeoutError as error:
+            self._store_address = None  # the client is stuck in that call: the next generation makes another
+            raise RuntimeError(f"the coordinator's store did not answer: {error}") from None
 
     def report_failure(self, detail: str, phase: str) -> None:
         """This member left its generation on ``detail`` (an error), raised in ``phase``
