@@ -4,9 +4,10 @@ Node 0's launcher hosts the coordinator, so its loss used to end a ``shoal.train
 survives any other node's. Node 1's launcher now reserves two ports (for a coordinator and its
 store) as it joins, and node 0 publishes their address as the job's successor before any
 worker starts. Every worker is told both coordinators (``SHOAL_COORDINATOR`` and
-``SHOAL_COORDINATOR_SUCCESSOR``: its client tries the next when one cannot be reached).
-When node 0's store stops answering while the job runs, node 1 starts a coordinator there
-with the job's token and rules; the workers' heartbeats come to it, and it takes over their
+``SHOAL_COORDINATOR_SUCCESSOR``: its client tries the next when one does not answer).
+When node 0's store stops answering while the job runs (refused, or left unanswered for
+three heartbeat timeouts: cut off, or frozen), node 1 starts a coordinator there with the
+job's token and rules; the workers' heartbeats come to it, and it takes over their
 generation from them, as a coordinator restarted without a state file does
 (``Membership._adopt``). The other nodes' launchers follow it. The ports are bound but not
 listened on until then: a worker that tries the successor while node 0 lives is refused at
@@ -15,7 +16,8 @@ once and goes back to node 0. (``launch/script_job.py`` decides when, and says s
 One successor, fixed when the workers start: losing node 0 after node 1 (or node 1's
 launcher started again) still ends the job. A plain script gains nothing (torchrun's scripts
 cannot lose a rank); and node 0 cut off from node 1, not gone, leaves two coordinators, each
-going on with the workers that reach it (see ARCHITECTURE's "What is not there yet").
+going on with the workers that reach it: silence cannot tell a dead node from a cut-off one
+(see ARCHITECTURE's "What is not there yet").
 """
 
 from __future__ import annotations
