@@ -207,8 +207,12 @@ def test_a_hosts_frozen_worker_is_killed_and_started_again_with_restart():
                     if p.pid in {known["pid"] for known in workers.values()}]
         [job_id] = [job_id for job_id, known in workers.items() if known["pid"] == worker.pid]
         worker.suspend()
-        assert frozen_host.wait(timeout=120) == 0, frozen_host.stderr.read()
-        assert other_host.wait(timeout=120) == 0, other_host.stderr.read()
+        try:
+            assert frozen_host.wait(timeout=120) == 0, frozen_host.stderr.read()
+            assert other_host.wait(timeout=120) == 0, other_host.stderr.read()
+        finally:  # its launcher failed to: a stopped process outlives the launchers' kill
+            if worker.is_running():
+                worker.kill()
         lines = frozen_host.stderr.read().strip().splitlines()
         assert lines == [
             (f"shoal: local worker 0 (worker {job_id}) was declared dead (no heartbeat) "
