@@ -468,6 +468,22 @@ def test_a_restarted_coordinator_adopts_the_running_generation():
                                                  "heard": {"1": 0.0, "0": 3.0}}
 
 
+def test_a_coordinator_that_took_over_before_the_first_generation_forms_it_for_the_workers_that_joined():
+    """Node 0 lost after the workers joined it, before the first generation formed: node 1's
+    coordinator counts node 0's worker out, and the others' heartbeats (generation 0) join
+    them here. (Before, it answered them evicted, and the job failed.)"""
+    clock = Clock()
+    membership = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=5.0, clock=clock)
+    membership.report_exit_by_id(0, "lost with node 0")
+    waiting = {"generation": 0, "members": [], "host": "b", "pid": 11, "launcher": "l1"}
+    assert membership.heartbeat(1, waiting)["evicted"] is False
+    assert membership.current is None  # worker 2 is still expected
+    assert membership.heartbeat(2, {**waiting, "pid": 12})["evicted"] is False
+    assert membership.current.number == 1 and membership.current.members == [1, 2]
+    assert membership.snapshot()["workers"]["2"]["pid"] == 12
+    assert membership.heartbeat(3, waiting)["evicted"] is True  # too late: the job runs without it
+
+
 def test_a_restarted_coordinator_forms_the_next_generation_for_members_that_left_theirs():
     """The members' generation broke while the coordinator was down (localsgd's round-end
     wait reads the coordinator's store): their failure reports reached nobody, or the new

@@ -216,6 +216,8 @@ def test_an_elastic_script_survives_losing_another_nodes_only_worker(tmp_path):
     assert "survived: worker 1 (rank 1, node 1) killed by SIGKILL" in err1
 
 
+@pytest.mark.skipif(namespaces_available() is None and not LONG,
+                    reason="the cut-off test covers the takeover where hosts can be built (SHOAL_LONG_TESTS=1 runs it)")
 def test_an_elastic_job_goes_on_when_node_0_is_lost_under_node_1s_coordinator(tmp_path):
     """Three nodes of one worker each. At step 10 node 0's launcher is SIGKILLed: its worker,
     the job's coordinator and the store go with it. Node 1 takes the coordinator over on the
@@ -308,6 +310,29 @@ def test_an_elastic_job_goes_on_when_node_0s_launcher_freezes(tmp_path):
     assert (code1, code2) == (0, 0), err1 + err2
     assert "no answer within 6 s; node 1 took over the job's coordinator at " in err1
     assert "survived: node 0 stopped answering at its store" in err2
+
+
+@pytest.mark.skipif(not LONG, reason="CI checks the successor's first generation as a unit "
+                                     "(SHOAL_LONG_TESTS=1 runs it)")
+def test_an_elastic_job_goes_on_when_node_0_is_lost_before_its_first_generation(tmp_path):
+    """Node 0's launcher SIGKILLed 3 s after its worker started, before that worker joined:
+    the others had joined node 0's coordinator (or were about to) and waited for it. Node 1's
+    coordinator counts node 0's worker out, takes the others' heartbeats (of no generation
+    yet) as their joining, and forms the first generation. (Before, it answered them evicted
+    and the job failed.)"""
+    script = tmp_path / "lose_node_0_early.py"
+    script.write_text(
+        "import os, runpy, signal, time\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    time.sleep(3)\n"
+        "    os.kill(int(os.environ['SHOAL_LAUNCHER_PID']), signal.SIGKILL)\n"
+        "    time.sleep(60)  # the kernel ends it with its launcher\n"
+        f"runpy.run_path({str(REPO / 'examples' / 'elastic.py')!r}, run_name='__main__')\n")
+    (code0, _, _), (code1, out1, err1), (code2, _, err2) = _nodes(
+        str(script), 3, 1, "--heartbeat-timeout", "2", env={**os.environ, "EPOCHS": "1"})
+    assert (code0, code1, code2) == (-signal.SIGKILL, 0, 0), err1 + err2
+    assert "; node 1 took over the job's coordinator at " in err1
+    assert f"[worker 1] 29 steps on 2 worker(s): accuracy {undisturbed_accuracy()}" in out1
 
 
 @pytest.mark.skipif(not LONG, reason="the SIGKILL test covers the takeover (SHOAL_LONG_TESTS=1 runs it)")

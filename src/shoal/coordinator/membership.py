@@ -322,10 +322,19 @@ class Membership:
         The workers kept training in their generation while we were down; take that
         generation over from what they report (number and members) instead of evicting them.
         Members that never speak again are declared dead by the heartbeat timeout as usual.
+        A worker that joined but has no generation yet joins here (none has formed here
+        either): the first forms once the expected workers are in, as it would have there.
         """
         generation = int(payload.get("generation", 0))
         members = [int(m) for m in payload.get("members", [])]
-        if generation < 1 or worker_id not in members or self.status in ("completed", "failed"):
+        if self.status in ("completed", "failed"):
+            return
+        if generation < 1 and self.current is None:
+            self._workers[worker_id] = _Worker(worker_id, str(payload.get("host", "?")), int(payload.get("pid", 0)),
+                                               last_seen=self._clock(), launcher=str(payload.get("launcher", "")))
+            self._announce()
+            return
+        if generation < 1 or worker_id not in members:
             return
         # The timeouts, as the members run them: we may have restarted without a state file,
         # knowing only the heartbeat timeout.

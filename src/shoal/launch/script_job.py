@@ -511,7 +511,7 @@ def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, w
     hosted = None
     if rendezvous.standby is not None:
         hosted = _membership(config)
-        if not status.get("workers"):  # ... or they never did: node 0's are not waited for
+        if not status.get("generation"):  # none formed (or joined) yet: node 0's are not waited for
             for rank in _node_ranks(0, config.nproc_per_node):
                 hosted.report_exit_by_id(rank, "lost with node 0")
         try:
