@@ -193,6 +193,21 @@ def _goes_on_alone(membership: Membership, survivor: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+def _exit_code(launcher: subprocess.Popen, membership: Membership, timeout: float = 120) -> int:
+    """The launcher's exit code; one still running after ``timeout`` is killed, and fails the
+    test with what the job looked like then and what the launcher said."""
+    try:
+        return launcher.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        snapshot = membership.snapshot()
+        launcher.kill()
+        raise AssertionError(
+            f"launcher still running after {timeout:g} s; job {snapshot['status']} {snapshot['reason']!r}, "
+            f"generation {snapshot['generation']} of {snapshot['members']}, changes "
+            f"{membership.membership_changes()}, workers {snapshot['workers']}; its stderr: "
+            f"{launcher.communicate()[1]}") from None
+
+
 def test_a_hosts_frozen_worker_is_killed_and_started_again_with_restart():
     """As above, with --restart and a job that cannot go on without the frozen worker
     (--min-workers 2): killed, it is started again, rejoins as itself, and both hosts finish
@@ -208,8 +223,8 @@ def test_a_hosts_frozen_worker_is_killed_and_started_again_with_restart():
         [job_id] = [job_id for job_id, known in workers.items() if known["pid"] == worker.pid]
         worker.suspend()
         try:
-            assert frozen_host.wait(timeout=120) == 0, frozen_host.stderr.read()
-            assert other_host.wait(timeout=120) == 0, other_host.stderr.read()
+            assert _exit_code(frozen_host, membership) == 0, frozen_host.stderr.read()
+            assert _exit_code(other_host, membership) == 0, other_host.stderr.read()
         finally:  # its launcher failed to: a stopped process outlives the launchers' kill
             if worker.is_running():
                 worker.kill()

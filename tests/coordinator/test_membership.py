@@ -468,6 +468,16 @@ def test_a_restarted_coordinator_adopts_the_running_generation():
                                                  "heard": {"1": 0.0, "0": 3.0}}
 
 
+def test_a_join_asked_again_by_the_same_process_is_answered_again_and_another_is_refused():
+    """A worker's client asks again when an answer is late (with a successor listed, after
+    10 s): its join had been taken, and must not now be refused as a live member's."""
+    membership, _ = started(workers=2)
+    assert membership.join(1, "host", 101) == 1  # as started() joined it
+    assert (membership.current.number, membership.current.members) == (1, [0, 1])  # nothing re-formed
+    with pytest.raises(ValueError, match="worker 1 is already a live member"):
+        membership.join(1, "host", 102)  # another process with its id
+
+
 def test_a_coordinator_that_took_over_before_the_first_generation_forms_it_for_the_workers_that_joined():
     """Node 0 lost after the workers joined it, before the first generation formed: node 1's
     coordinator counts node 0's worker out, and the others' heartbeats (generation 0) join

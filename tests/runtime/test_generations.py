@@ -248,7 +248,7 @@ def test_a_member_waiting_on_a_store_that_went_silent_fails_its_generation():
         context.heartbeat_timeout, context.world_size = 0.2, 2
         context._connect_store("127.0.0.1", int(server.stdout.readline()))
         context.generation_store = dist.PrefixStore("generation/1/", context._store)
-        server.send_signal(signal.SIGSTOP)
+        server.send_signal(signal.SIGSTOP)  # (a check answered before it takes hold is waited past)
         with pytest.raises(RuntimeError, match="the coordinator's store did not answer: no answer within 0.6 s"):
             context.await_members("joined")
         assert context._store_address is None  # the next generation's store gets a client of its own

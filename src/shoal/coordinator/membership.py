@@ -267,6 +267,8 @@ class Membership:
                 worker_id = max(self._workers, default=-1) + 1
             existing = self._workers.get(worker_id)
             if existing is not None and existing.alive:
+                if (existing.host, existing.pid, existing.launcher) == (host, pid, launcher):
+                    return worker_id  # the same process again: our answer came too late for it
                 raise ValueError(f"worker {worker_id} is already a live member")
             # A worker that finished its part and died after (its launcher restarted it):
             # nothing is left for it to do, and a generation with it would never meet (the

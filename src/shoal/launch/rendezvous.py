@@ -107,7 +107,8 @@ class NodeRendezvous:
         self._patience = patience
         """How long node 0's store may take to answer one call before this node takes it for
         gone. Judged here, by this node's clock (``shoal._deadline``: torch's TCPStore client
-        would wait a quarter of an hour once node 0's link is down)."""
+        would wait a quarter of an hour once node 0's link is down, for ever while its
+        launcher is frozen)."""
         self.store_port = store.port
         """Where scripts meet (``MASTER_PORT``): ``--master-port``, or the OS's choice on one node."""
         self.node_rank = node_rank

@@ -165,8 +165,8 @@ class _RemoteJob:
             print(f"shoal run: {self.lost}; " + (f"node 1 took over the job's coordinator at {self._url}"
                   if self._hosted else f"following node 1's coordinator at {self._url}"),
                   file=sys.stderr, flush=True)
-        elif (time.monotonic() - self._answered_at > self._patience
-              and status.get("status") not in ("completed", "failed")):
+        elif (time.monotonic() - self._answered_at > max(self._patience, 2 * self._answer_seconds)
+              and status.get("status") not in ("completed", "failed")):  # (not one slow answer)
             self.lost += "; then node 1's coordinator stopped answering too"
             raise NodeGone(self.lost)
         if self._hosted is not None:

@@ -358,9 +358,9 @@ class Context:
     def ask_store(self, operation, *args):
         """``operation(*args)`` on the coordinator's store, waited for as long as a launcher
         waits for node 0's (``SILENT_NODE_HEARTBEATS``). Its machine cut off or frozen answers
-        nothing, and torch's client would wait a quarter of an hour (``shoal._deadline``): the
-        generation fails instead (a RuntimeError), and the next is asked for from the
-        coordinator, or from its successor if it was lost."""
+        nothing, and torch's client would wait as long as the connection lasts
+        (``shoal._deadline``): the generation fails instead (a RuntimeError), and the next is
+        asked for from the coordinator, or from its successor if it was lost."""
         try:
             return answered_within(SILENT_NODE_HEARTBEATS * self.heartbeat_timeout, operation, *args)
         except TimeoutError as error:
@@ -442,7 +442,7 @@ class Context:
                                         timeout=_ENDING_WAIT_SECONDS)
                 except Exception:  # noqa: BLE001  (unreachable, or an error answer: our part is done)
                     unreachable_since = unreachable_since or time.monotonic()
-                    if time.monotonic() - unreachable_since > RETRY_SECONDS:
+                    if time.monotonic() - unreachable_since > self._client.retry_seconds:  # (a takeover's too)
                         return  # the launcher judges the outcome
                     reply = {}
                     time.sleep(_ENDING_RETRY_SECONDS)
