@@ -2,10 +2,10 @@
 
 Its ``check``, ``add`` and ``compare_set`` wait for the server's answer for as long as the
 kernel keeps the connection: a quarter of an hour once the server's link is down or its
-machine gone, for ever while the server's process is frozen on a live kernel (the store's own
-timeout bounds only ``get`` and ``wait``). A C++ read cannot be
-interrupted, so the call runs on a thread of its own, and a caller that stops waiting leaves
-the thread to it (and must not use that store client again: the stuck call holds it).
+machine gone, for ever while the server's process is frozen on a live kernel (the store's
+own timeout bounds only ``get`` and ``wait``). A C++ read cannot be interrupted, so the call
+runs on a thread of its own, and a caller that stops waiting leaves the thread to it (and
+must not use that store client again: the stuck call holds it).
 """
 
 from __future__ import annotations

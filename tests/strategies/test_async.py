@@ -223,7 +223,9 @@ def test_a_slow_worker_does_not_hold_the_others_back(tmp_path):
     size = len(TASKS["digits"](0).train_dataset())
     assert exactly_once_violations(log, dataset_size=size, steps=40) == []
     pushed = results["payload_bytes_by_worker"]
-    assert pushed["1"] * 3 < pushed["2"]  # the slow worker did far fewer units
+    # The slow worker did far fewer units (about 1/20 on an idle machine; under CI's load the
+    # others slow down too, and it did 1/2.7 once: allreduce would make them equal).
+    assert pushed["1"] * 2 < pushed["2"]
 
 
 
