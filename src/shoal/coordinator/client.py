@@ -59,7 +59,7 @@ class CoordinatorClient:
         self._at = _answering.get(url, 0)
         self.retry_seconds = retry_seconds
         """How long a request tries before it raises :class:`CoordinatorUnreachable`."""
-        self._bounded = timeout is None and len(self._urls) > 1
+        self._bounded = timeout is None and self.fails_over
         self._http = httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(10.0, read=60.0) if timeout is None else httpx.Timeout(timeout),
@@ -69,6 +69,11 @@ class CoordinatorClient:
     def url(self) -> str:
         """The coordinator this client asks now."""
         return self._urls[self._at]
+
+    @property
+    def fails_over(self) -> bool:
+        """A successor is listed: a coordinator lost may be taken over."""
+        return len(self._urls) > 1
 
     @classmethod
     def for_heartbeats(cls, url: str, token: str, heartbeat_timeout: float) -> CoordinatorClient:

@@ -170,7 +170,7 @@ class Context:
         self.joined_running_job = bool(reply.get("running"))
         self.heartbeat_timeout = float(reply["heartbeat_timeout"])
         self.collective_timeout = self.heartbeat_timeout
-        if "," in self.url:  # a successor is listed: wait for it to take over, if it must
+        if self._client.fails_over:  # wait for the successor to take over, if it must
             takeover = SILENT_NODE_HEARTBEATS * self.heartbeat_timeout
             # (its launcher may first wait out one unanswered status request of that length)
             self._client.retry_seconds = max(RETRY_SECONDS, 3 * takeover)
