@@ -521,6 +521,11 @@ class TrainConfig:
         return cls(**data)
 
 
+QUORUM_POLICIES = ("majority", "none")
+"""``shoal run --quorum``: a side of a partition of the nodes goes on only with most of them
+(``launch/quorum.py``), or every side goes on."""
+
+
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     """``shoal run``: a user script on ``nproc_per_node`` processes on each of ``nnodes`` nodes
@@ -556,6 +561,9 @@ class RunConfig:
     """A ``shoal.train`` script: how many times each worker that fails is started again (it
     rejoins the running job). A plain one (never with ``coordinator``): how many times every
     node's workers are started again after one failed (torchrun's restart)."""
+    quorum: str = "majority"
+    """Which side of a partition of the nodes goes on (``launch/quorum.py``): ``majority``,
+    or ``none`` (every side)."""
 
     @property
     def world_size(self) -> int:
@@ -594,6 +602,8 @@ class RunConfig:
                 f"--nproc-per-node), got {self.min_workers}",
             )
         check_heartbeat_timeout(self.heartbeat_timeout)
+        if self.quorum not in QUORUM_POLICIES:
+            raise ConfigError("--quorum", f"must be one of {', '.join(QUORUM_POLICIES)}, got {self.quorum!r}")
         if self.node_rank == 0:  # it hosts the store and the coordinator there
             check_bindable("--master-addr", self.master_addr)
         return self
@@ -628,6 +638,7 @@ class RunConfig:
                 ("master_addr", "--master-addr", "the workers meet at the coordinator"),
                 ("master_port", "--master-port", "the workers meet at the coordinator"),
                 ("run_id", "--rdzv-id", "the coordinator is the job"),
-                ("join_timeout", "--join-timeout", "it is how long a node waits for node 0")):
+                ("join_timeout", "--join-timeout", "it is how long a node waits for node 0"),
+                ("quorum", "--quorum", "there is one coordinator, and no side of a partition to choose")):
             if _changed(self, name):
                 raise ConfigError(flag, f"not with --coordinator: {why}")

@@ -238,6 +238,43 @@ def test_an_elastic_job_goes_on_when_node_0_is_lost_under_node_1s_coordinator(tm
     assert f"[worker 1] 29 steps on 2 worker(s): accuracy {undisturbed_accuracy()}" in out1
 
 
+def _cut_at_step_10(tmp_path, nnodes: int, node: int, *flags: str) -> tuple[list[tuple[int, str, str]], list[str]]:
+    """``nnodes`` hosts of one worker each (``--heartbeat-timeout 2``, one epoch): at step 10
+    ``node``'s cable is pulled, while its worker waits for it. Each node's (exit code, stdout,
+    stderr), and the hosts' addresses."""
+    at_step_10, cut = tmp_path / "at-step-10", tmp_path / "cut"
+    script = elastic_with_step_hook(tmp_path / f"cut_node_{node}.py", (
+        f"if os.environ['RANK'] == '{node}' and self.position == 10 and not os.path.exists({str(cut)!r}):\n"
+        f"    open({str(at_step_10)!r}, 'w').close()\n"
+        f"    while not os.path.exists({str(cut)!r}):\n"
+        "        time.sleep(0.01)"))
+    hosts = Hosts(nnodes)
+
+    def cut_at_step_10(node_0: subprocess.Popen) -> None:
+        while not at_step_10.exists() and node_0.poll() is None:
+            time.sleep(0.05)
+        hosts.cut(node)
+        cut.touch()
+
+    def popen(argv, **kwargs):
+        process = hosts.popen(int(argv[argv.index("--node-rank") + 1]), argv, **kwargs)
+        if argv[argv.index("--node-rank") + 1] == "0":  # the last started
+            threading.Thread(target=cut_at_step_10, args=(process,), daemon=True).start()
+        return process
+
+    try:
+        ended = _nodes(str(script), nnodes, 1, "--heartbeat-timeout", "2", *flags, popen=popen,
+                       master_addr=hosts.addresses[0], env={**os.environ, "EPOCHS": "1"})
+    finally:
+        hosts.close()
+    assert cut.exists()
+    return ended, hosts.addresses
+
+
+_NOT_A_MAJORITY = ("shoal run: failed: node {node}'s coordinator reaches node(s) {node} of {nnodes}, not a "
+                   "majority of them (--quorum majority): node {node} may be the one cut off (held {held} s)")
+
+
 @pytest.mark.skipif(namespaces_available() is not None, reason=str(namespaces_available()))
 def test_an_elastic_job_goes_on_when_node_0_is_cut_off_without_a_reset(tmp_path):
     """Three hosts of one worker each; at step 10 node 0's cable is pulled. Nothing is reset:
@@ -245,41 +282,56 @@ def test_an_elastic_job_goes_on_when_node_0_is_cut_off_without_a_reset(tmp_path)
     TCPStore would wait a quarter of an hour for an answer. Nodes 1 and 2 take node 0 for gone
     once a call is left unanswered three heartbeat timeouts, node 1 takes over, the workers'
     requests leave the silent connections for it, and the job ends on their side as one
-    process ends it undisturbed. (Node 0 goes on alone with its own worker: nothing fences
-    it yet, see ARCHITECTURE.)"""
-    at_step_10, cut = tmp_path / "at-step-10", tmp_path / "cut"
-    script = elastic_with_step_hook(tmp_path / "cut_node_0.py", (
-        f"if os.environ['RANK'] == '0' and self.position == 10 and not os.path.exists({str(cut)!r}):\n"
-        f"    open({str(at_step_10)!r}, 'w').close()\n"
-        f"    while not os.path.exists({str(cut)!r}):\n"
-        "        time.sleep(0.01)"))
-    hosts = Hosts(3)
-
-    def cut_node_0_at_step_10(node_0: subprocess.Popen) -> None:
-        while not at_step_10.exists() and node_0.poll() is None:
-            time.sleep(0.05)
-        hosts.cut(0)
-        cut.touch()
-
-    def popen(argv, **kwargs):
-        process = hosts.popen(int(argv[argv.index("--node-rank") + 1]), argv, **kwargs)
-        if argv[argv.index("--node-rank") + 1] == "0":  # the last started
-            threading.Thread(target=cut_node_0_at_step_10, args=(process,), daemon=True).start()
-        return process
-
-    try:
-        _, (code1, out1, err1), (code2, _, err2) = _nodes(
-            str(script), 3, 1, "--heartbeat-timeout", "2", popen=popen, master_addr=hosts.addresses[0],
-            env={**os.environ, "EPOCHS": "1"})
-    finally:
-        hosts.close()
-    assert cut.exists() and (code1, code2) == (0, 0), err1 + err2
+    process ends it undisturbed. Node 0, cut off with its own worker, holds it without a
+    generation (one node of three is not a majority, ``--quorum majority``), and fails once
+    the others have been silent as long: one side goes on, never two."""
+    ((code0, out0, err0), (code1, out1, err1), (code2, _, err2)), addresses = _cut_at_step_10(tmp_path, 3, 0)
+    assert (code0, code1, code2) == (1, 0, 0), err0 + err1 + err2
+    assert "\n" + _NOT_A_MAJORITY.format(node=0, nnodes=3, held=6) in err0
+    assert "steps on" not in out0  # it never finished on its own
     lost = "shoal run: node 0 stopped answering at its store"
     [takeover] = [line for line in err1.splitlines() if line.startswith(lost)]
     assert takeover.endswith(f"no answer within 6 s; node 1 took over the job's coordinator at "
-                             f"http://{hosts.addresses[1]}:{takeover.rsplit(':', 1)[1]}")
-    assert f"; following node 1's coordinator at http://{hosts.addresses[1]}:" in err2
+                             f"http://{addresses[1]}:{takeover.rsplit(':', 1)[1]}")
+    assert f"; following node 1's coordinator at http://{addresses[1]}:" in err2
     assert f"[worker 1] 29 steps on 2 worker(s): accuracy {undisturbed_accuracy()}" in out1
+
+
+@pytest.mark.skipif(not LONG or namespaces_available() is not None,
+                    reason="the node 0 cut-off test covers the quorum (SHOAL_LONG_TESTS=1 runs it, as root)")
+def test_node_1_cut_off_alone_takes_nothing_over_for_itself(tmp_path):
+    """Node 1's cable pulled: it takes node 0 for gone and starts its coordinator, but only its
+    own worker comes there. It holds that worker without a generation for as long as the
+    others' could take to come (two heartbeat timeouts and an unanswered try's 23 s), then
+    fails saying it may be the one cut off. Nodes 0 and 2 go on without it."""
+    ((code0, out0, err0), (code1, out1, err1), (code2, _, err2)), _ = _cut_at_step_10(tmp_path, 3, 1)
+    assert (code0, code1, code2) == (0, 1, 0), err0 + err1 + err2
+    assert "\n" + _NOT_A_MAJORITY.format(node=1, nnodes=3, held=27) in err1
+    assert "steps on" not in out1
+    assert "survived: node 1's launcher went silent for 6 s" in err0
+    assert f"[worker 0] 29 steps on 2 worker(s): accuracy {undisturbed_accuracy()}" in out0
+
+
+@pytest.mark.skipif(not LONG or namespaces_available() is not None,
+                    reason="the node 0 cut-off test covers the quorum (SHOAL_LONG_TESTS=1 runs it, as root)")
+def test_of_two_nodes_cut_apart_node_0_goes_on(tmp_path):
+    """Two nodes cut apart: a tie, which node 0's side wins. Node 0 finishes alone; node 1,
+    which took over for itself, fails. (A node 0 whose launcher is killed is still taken
+    over: its machine refuses the connection, so it is gone for sure.)"""
+    ((code0, out0, err0), (code1, _, err1)), _ = _cut_at_step_10(tmp_path, 2, 0)
+    assert (code0, code1) == (0, 1), err0 + err1
+    assert "\n" + _NOT_A_MAJORITY.format(node=1, nnodes=2, held=27) in err1
+    assert f"[worker 0] 29 steps on 1 worker(s): accuracy {undisturbed_accuracy()}" in out0
+
+
+@pytest.mark.skipif(not LONG or namespaces_available() is not None,
+                    reason="the node 0 cut-off test covers the quorum (SHOAL_LONG_TESTS=1 runs it, as root)")
+def test_with_quorum_none_both_sides_of_a_partition_go_on(tmp_path):
+    """``--quorum none``: node 0 cut off finishes with its own worker, nodes 1 and 2 with theirs."""
+    ((code0, out0, err0), (code1, out1, err1), (code2, _, err2)), _ = _cut_at_step_10(
+        tmp_path, 3, 0, "--quorum", "none")
+    assert (code0, code1, code2) == (0, 0, 0), err0 + err1 + err2
+    assert "steps on 1 worker(s)" in out0 and "steps on 2 worker(s)" in out1
 
 
 @pytest.mark.skipif(not LONG, reason="the cut-off test covers a silent node 0 (SHOAL_LONG_TESTS=1 runs it)")
@@ -480,18 +532,21 @@ def test_a_node_still_at_work_after_node_0_is_done_is_left_to_finish(tmp_path):
     assert "[worker 1] rank 1 done" in out1
 
 
-def test_an_elastic_node_whose_worker_hangs_reports_the_job_it_survived(tmp_path):
-    """Node 1's only worker freezes (SIGSTOP) at step 10: the coordinator evicts it, node 0
-    finishes the job, and node 1 stops the frozen worker and says the job survived it."""
-    script = tmp_path / "elastic_hang.py"
-    script.write_text(
-        elastic_script_losing_rank_1(tmp_path / "unused.py").read_text().replace("SIGKILL", "SIGSTOP"))
-    (code0, out0, err0), (code1, _, err1) = _nodes(str(script), 2, 1, "--heartbeat-timeout", "2",
-                                                   env={**os.environ, "EPOCHS": "1"})
-    assert (code0, code1) == (0, 0), err0 + err1
-    assert "29 steps on 1 worker(s)" in out0
-    assert ("survived: worker 1 (rank 1, node 1) evicted by the coordinator (hung or cut off), "
-            "then stopped here") in err1
+def test_elastic_nodes_whose_workers_hang_report_the_job_they_survived(tmp_path):
+    """The only workers of nodes 1 and 2 freeze (SIGSTOP) at step 10: the coordinator evicts
+    them, and node 0 finishes the job alone. That is one node of three, but not a partition:
+    node 0 still hears the other launchers beat, so ``--quorum majority`` does not hold it.
+    Nodes 1 and 2 stop their frozen worker and say the job survived it."""
+    script = elastic_with_step_hook(tmp_path / "elastic_hang.py", (
+        "if os.environ['RANK'] != '0' and self.position == 10:\n"
+        "    os.kill(os.getpid(), signal.SIGSTOP)"))
+    (code0, out0, err0), (code1, _, err1), (code2, _, err2) = _nodes(
+        str(script), 3, 1, "--heartbeat-timeout", "2", env={**os.environ, "EPOCHS": "1"})
+    assert (code0, code1, code2) == (0, 0, 0), err0 + err1 + err2
+    assert f"[worker 0] 29 steps on 1 worker(s): accuracy {undisturbed_accuracy()}" in out0
+    for node, err in ((1, err1), (2, err2)):
+        assert (f"survived: worker {node} (rank {node}, node {node}) evicted by the coordinator (hung or "
+                "cut off), then stopped here") in err
 
 
 def test_a_second_sigterm_kills_workers_that_ignore_the_first(tmp_path):
@@ -635,11 +690,15 @@ def _freeze(pid: int) -> None:
         time.sleep(0.01)
 
 
-def test_a_node_takes_node_0_for_gone_when_its_store_leaves_a_call_unanswered():
+@pytest.mark.parametrize(("loss", "said"), [("frozen", "no answer within 2 s"),
+                                             ("killed", "(Failed to recv|Connection reset by peer)")])
+def test_a_node_takes_node_0_for_gone_when_its_store_leaves_a_call_unanswered_or_resets(loss, said):
     """Node 0 frozen (here its launcher SIGSTOPped) or cut off refuses nothing: torch's TCPStore
     client waits for an answer as long as the connection lasts (a quarter of an hour once a link
     is down; its own timeout bounds only ``get`` and ``wait``). The node's own patience
-    decides, and every later call says so at once."""
+    decides, and every later call says so at once. Only a node 0 whose machine answered (its
+    launcher killed: the connection reset) is gone for sure; a silent one may be alive on the
+    other side of a partition (``host_unanswering``: a takeover then needs a quorum)."""
     node0 = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
         "from torch.distributed import TCPStore\n"
@@ -653,11 +712,15 @@ def test_a_node_takes_node_0_for_gone_when_its_store_leaves_a_call_unanswered():
         node1 = rendezvous_keys.NodeRendezvous.join("127.0.0.1", port, None, 2, {"--nnodes": 2}, None,
                                                     timeout=30, patience=2.0)
         assert not node1.failed()
-        _freeze(node0.pid)
+        if loss == "frozen":
+            _freeze(node0.pid)
+        else:
+            node0.kill()
+            node0.wait()
         for _ in range(2):
-            with pytest.raises(rendezvous_keys.NodeGone, match="node 0 stopped answering at its store .*: "
-                               "no answer within 2 s"):
+            with pytest.raises(rendezvous_keys.NodeGone, match=f"node 0 stopped answering at its store .*: {said}"):
                 node1.failed()
+        assert node1.host_unanswering is (loss == "frozen")
         with pytest.raises(rendezvous_keys.NodeGone):
             node1.finish()
     finally:

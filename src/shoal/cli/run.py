@@ -93,6 +93,10 @@ def add_run(commands) -> None:
     run.add_argument(*_flag("min-workers"), dest="min_workers", type=int, default=1,
                      help="an elastic script fails when fewer remain (default 1)")
     run.add_argument(*_flag("heartbeat-timeout"), dest="heartbeat_timeout", type=float, default=5.0)
+    run.add_argument("--quorum", default="majority", metavar="{majority,none}",
+                     help="which side of a partition of the nodes goes on: the one with a majority of "
+                     "them (node 0's side on a tie; the other side fails, saying it may be the one cut "
+                     "off), or every side (none: each finishes on its own) (default majority)")
     run.add_argument("--coordinator", metavar="HOST:PORT",
                      help="join the job of a standalone coordinator (`shoal coordinator`) instead of "
                      "meeting at node 0: a script that uses shoal.train then survives losing any node")
@@ -136,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
                        run_id=args.rdzv_id, join_timeout=args.join_timeout,
                        min_workers=args.min_workers, heartbeat_timeout=args.heartbeat_timeout,
                        coordinator=args.coordinator, token=joining_token(args.token, args.coordinator),
-                       max_restarts=args.max_restarts)
+                       max_restarts=args.max_restarts, quorum=args.quorum)
     return run_script(config.validate())
 
 

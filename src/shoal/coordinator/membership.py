@@ -90,6 +90,9 @@ class _Worker:
     start_rounds: float = 0.0
     """How many times the bytes of its last round a generation's start may make one member
     send, as its heartbeats say (0: it says nothing, having sent nothing yet)."""
+    presumed: bool = False
+    """A member of a generation taken over that has not spoken to this coordinator yet: only
+    presumed alive (it may be on the other side of a partition)."""
 
     @property
     def silenced(self) -> bool:
@@ -185,6 +188,7 @@ class Membership:
         max_workers: int | None = None,
         heartbeat_timeout: float = 5.0,
         restarts: bool = False,
+        quorum: Callable[[list[int]], str | None] | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.expected_workers = expected_workers
@@ -194,6 +198,12 @@ class Membership:
         self.timeouts = Timeouts(heartbeat_timeout)
         self.restarts = restarts
         """The launcher restarts dead workers: below ``min_workers``, wait for it to say so."""
+        self.quorum = quorum
+        """Given the workers that could be a generation's (alive and heard from, or finished),
+        why they may not form one (``shoal run --nnodes``'s ``--quorum majority``: they are
+        on too few nodes, this side of a partition may be the one cut off); None: they may."""
+        self._held: tuple[str, float] | None = None
+        """Why the next generation is held for a quorum, and since when."""
         self._below_minimum_since: float | None = None
         self._clock = clock
         self._lock = threading.RLock()
@@ -301,7 +311,7 @@ class Membership:
                 # An evicted worker (it hung, or its link was cut) must not rejoin silently.
                 return {"evicted": True, "generation": self.current_number, "status": self.status,
                         "incarnation": self.incarnation}
-            worker.last_seen, worker.forgiven = self._clock(), 0.0
+            worker.last_seen, worker.forgiven, worker.presumed = self._clock(), 0.0, False
             if worker.pid == 0:  # a placeholder of a generation taken over: now we know its process
                 worker.host, worker.pid = str(payload.get("host", "?")), int(payload.get("pid", 0))
                 worker.launcher = str(payload.get("launcher", ""))
@@ -347,7 +357,7 @@ class Membership:
             self._generations.append(Generation(generation, members, now, self.timeouts.collective,
                                                 self.timeouts.step))
             for member in members:
-                self._workers.setdefault(member, _Worker(member, "?", 0, last_seen=now))
+                self._workers.setdefault(member, _Worker(member, "?", 0, last_seen=now, presumed=True))
             self._take_over(self.current, now)
             self._set_status("running", "")
         if worker_id in self.current.members:
@@ -660,6 +670,8 @@ class Membership:
                 },
                 "membership_changes": len(self._changes),
                 "takeover": copy.deepcopy(self._takeover),
+                "held": None if self._held is None else {
+                    "reason": self._held[0], "seconds": round(now - self._held[1], 3)},
             }
 
     # -- durable state ------------------------------------------------------------------------
@@ -878,6 +890,11 @@ class Membership:
             )
             return
         self._below_minimum_since = None
+        if self._held_for_quorum(live):
+            return  # the members wait in their long-poll: for the quorum, or for the job's failure
+        if self._held is not None:
+            cause += f"; held {self._clock() - self._held[1]:.1f} s for a quorum ({self._held[0]})"
+            self._held = None
         # only a generation that forms lengthens: the change that says so is recorded with it
         cause += self.timeouts.lengthen(lengthen, steps_timed=self._steps_timed())
         generation = Generation(self.current_number + 1, live, self._clock(), self.timeouts.collective,
@@ -897,6 +914,21 @@ class Membership:
                 }
             )
         self._set_status("running", "")
+
+    def _held_for_quorum(self, live: list[int]) -> bool:
+        """Does the quorum rule hold the generation of ``live``? Workers only presumed alive
+        (a taken-over generation's members not heard from yet) do not count for it."""
+        if self.quorum is None:
+            return False
+        present = [w for w in live if not self._workers[w].presumed] + [
+            w.worker_id for w in self._workers.values() if w.finished]
+        reason = self.quorum(sorted(present))
+        if reason is None:
+            return False
+        if self._held is None or self._held[0] != reason:
+            self._held = (reason, self._held[1] if self._held else self._clock())
+            self._announce()
+        return True
 
     def _steps_timed(self) -> bool:
         """Does a member of the current generation run its steps under the step timeout? (If

@@ -120,8 +120,9 @@ class NodeRendezvous:
         self._unanswered = False
         self._hosting = False
         """Node 0: the store is ours, and anything wrong with it is a bug to see."""
-        self._beats: dict[int, tuple[int, float]] = {}
-        """Node 0: each node's beat counter, and when it last moved."""
+        self._beats: dict[int, tuple[int, float, float]] = {}
+        """Node 0: each node's beat counter, when it was last seen to move, and the time
+        before that."""
         self._beating: threading.Event | None = None
         self._beater: threading.Thread | None = None
         self.attempt = 0
@@ -273,11 +274,18 @@ class NodeRendezvous:
             if not self._claimed(node) or self._store.check([_FINISHED.format(node)]):
                 continue  # not in, or done and gone on purpose
             count = self._store.add(_BEAT.format(node), 0)
-            if self._beats.get(node, (None, 0.0))[0] != count:
-                self._beats[node] = (count, now)
-            elif now - self._beats[node][1] > timeout:
+            seen, moved_at, _ = self._beats.get(node, (None, 0.0, 0.0))
+            if seen != count:
+                self._beats[node] = (count, now, moved_at)
+            elif now - moved_at > timeout:
                 silent.append(node)
         return silent
+
+    def heard_since(self, node: int, since: float) -> bool:
+        """Node 0: has ``node``'s launcher beaten since ``since`` (``time.monotonic``), as
+        :meth:`silent_nodes` last looked? Its counter must have moved at two looks after it:
+        the first may show a beat sent before (the node cut off just after it)."""
+        return self._beats.get(node, (None, 0.0, 0.0))[2] > since
 
     def report_failure(self, when: float, failure: str, *, restartable: bool = False) -> bool:
         """Tell every node that this attempt failed: ``failure`` (a worker's exit at unix time
@@ -396,8 +404,9 @@ class NodeRendezvous:
 
     @property
     def host_unanswering(self) -> bool:
-        """Node 0 went silent (cut off, or frozen) rather than refusing: requests to it hang
-        until they time out, a worker's too."""
+        """Node 0 went silent (cut off, or frozen), or the network has no route to it, rather
+        than refusing: requests to it hang until they time out, a worker's too, and it may be
+        alive on the other side of a partition."""
         return self._unanswered
 
     def announce_done(self) -> None:
@@ -430,10 +439,24 @@ class NodeRendezvous:
         try:
             return answered_within(self._patience, operation, *args)
         except (RuntimeError, TimeoutError) as error:  # torch's DistError and its kinds are RuntimeErrors
-            self._unanswered = isinstance(error, TimeoutError)
+            self._unanswered = not _refused(error)
             self._gone = (f"node 0 stopped answering at its store (its launcher hosts the job's "
                           f"store and coordinator): {first_line(error)}")
             raise NodeGone(self._gone) from None
+
+
+_REFUSALS = ("Connection was likely closed", "Connection reset by peer", "Broken pipe",
+             "Connection refused")
+"""What torch's TCPStore client says when node 0's machine answered for a launcher that is no
+more: its kernel closed the connection (``Failed to recv, got 0 bytes``), reset it, or
+refuses a new one."""
+
+
+def _refused(error: BaseException) -> bool:
+    """Is node 0 gone for sure: its machine answered, and the launcher that hosted the store is
+    dead? Not when a call went unanswered (node 0 cut off, or frozen), nor when the network said
+    it has no route to it ("No route to host": node 0 may live behind it)."""
+    return not isinstance(error, TimeoutError) and any(refusal in str(error) for refusal in _REFUSALS)
 
 
 def _wait_until_listening(address: str, port: int, deadline: float) -> None:

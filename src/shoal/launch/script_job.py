@@ -42,6 +42,7 @@ from shoal.coordinator.client import (
     CoordinatorUnreachable,
 )
 from shoal.launch.joining import launcher_id
+from shoal.launch.quorum import NodeQuorum
 from shoal.launch.rendezvous import NodeGone, NodeRendezvous, first_line
 from shoal.launch.script_runner import ENV_LAUNCHER_PID, MODULE, PROGRAM
 from shoal.launch.workers import (
@@ -79,6 +80,9 @@ _DEAD_NODE_SECONDS = 5.0
 _SUCCESSOR_GRACE_SECONDS = 3 * _STATUS_SECONDS
 """How long node 1, having taken the job over, keeps its coordinator up after the job ended:
 the other nodes' launchers ask how it went every second."""
+_HEARD_SECONDS = 3 * _STATUS_SECONDS
+"""By when node 0 has heard a launcher beat twice since its workers were lost (it looks at
+the beats with each status): a hold for a quorum lasting longer is said."""
 _RESTART_GRACE_SECONDS = 5.0
 """Before a restart, how long a node's workers of the failed attempt get to leave after
 SIGTERM (then SIGKILL): those still there are stuck in a collective with the failed one."""
@@ -107,6 +111,17 @@ class _LocalJob:
 
     def __init__(self, membership: Membership):
         self._membership = membership
+        self.fenced: str | None = None
+        """Why this side of a partition failed the job (``launch/quorum.py``)."""
+
+    def quorum_patience(self, config: RunConfig) -> float:
+        """How long node 0 holds a job for a quorum: as long as it takes the nodes it lost
+        for gone (``_mind_silent_nodes``)."""
+        return _silence(config)
+
+    def fence(self, reason: str) -> None:
+        self.fenced = reason
+        self._membership.fail(reason)
 
     def status(self) -> dict:
         return self._membership.snapshot()
@@ -136,6 +151,8 @@ class _RemoteJob:
         """Until when a worker may take to reach the successor (None: one did)."""
         self._answered_at = 0.0
         self._patience = 0.0
+        self.fenced: str | None = None
+        """Why node 1's side of a partition failed the job (``launch/quorum.py``)."""
 
     def follow(self, url: str, lost: str, hosted: Membership | None, *, patience: float) -> None:
         """Ask the successor from now on (``hosted``: its membership, on node 1); a worker must
@@ -173,6 +190,15 @@ class _RemoteJob:
             for rank in _node_ranks(0, config.nproc_per_node):
                 if workers.get(str(rank), {}).get("alive"):
                     self._hosted.report_exit_by_id(rank, "lost with node 0")
+
+    def quorum_patience(self, config: RunConfig) -> float | None:
+        """How long node 1, having taken the job over, holds it for a quorum: as long as the
+        other nodes' workers could take to come (None: this node hosts no coordinator)."""
+        return self._patience if self._hosted is not None else None
+
+    def fence(self, reason: str) -> None:
+        self.fenced = reason
+        self._hosted.fail(reason)
 
     def status(self) -> dict:
         """``GET /status``, or ``{}`` when node 0 is gone (the exits then tell the outcome)."""
@@ -229,6 +255,9 @@ def run_script(config: RunConfig) -> int:
         rendezvous = NodeRendezvous.host(coordinator.store, config.nnodes, _shape(config),
                                          url=coordinator.url, token=coordinator.token,
                                          run_id=config.run_id or uuid.uuid4().hex[:12])
+        if config.quorum == "majority" and config.nnodes > 1:
+            membership.quorum = NodeQuorum(config.nnodes, config.nproc_per_node, host_node=0,
+                                           heard_since=rendezvous.heard_since)
         return _run_node(dataclasses.replace(config, node_rank=0), rendezvous, _LocalJob(membership))
     finally:
         coordinator.stop()
@@ -239,7 +268,7 @@ def _shape(config: RunConfig) -> dict:
     rules node 0's coordinator applies (another node's would be ignored)."""
     return {"--nnodes": config.nnodes, "--nproc-per-node": config.nproc_per_node,
             "--min-workers": config.min_workers, "--heartbeat-timeout": config.heartbeat_timeout,
-            "--max-restarts": config.max_restarts}
+            "--max-restarts": config.max_restarts, "--quorum": config.quorum}
 
 
 def _host(config: RunConfig) -> tuple[Coordinator, Membership] | None:
@@ -345,6 +374,8 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
         _tell_stop(config, rendezvous, job, stop, status, others)  # one that came while it waited
         if job.lost and job.lost not in others:
             others.append(job.lost)  # a loss the job went on through
+        if job.fenced:
+            others.insert(0, job.fenced)
         failures = _failures(rendezvous, others) + [f for f in survived if f not in others]
         if config.node_rank > 0:
             try:
@@ -462,7 +493,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     status: dict = {}
     watch_store, node0_done = True, False
     next_status, ended_at = 0.0, None
-    told = (0, 0)
+    told, held_told = (0, 0), False
     while not stop.how:
         if watch_store:
             try:
@@ -484,6 +515,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
             if job.lost:
                 job.check_successor(status, config)
             told = _tell_slow_collectives(job, told)
+            held_told = _mind_the_quorum(job, status, config, held_told)
             if status.get("status") in ("completed", "failed") and status.get("workers"):
                 ended_at = ended_at or time.monotonic()
                 # After a failure the workers hear of it and leave: a heartbeat timeout first.
@@ -514,6 +546,9 @@ def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, w
         if not status.get("generation"):  # none formed (or joined) yet: node 0's are not waited for
             for rank in _node_ranks(0, config.nproc_per_node):
                 hosted.report_exit_by_id(rank, "lost with node 0")
+        if config.quorum == "majority" and rendezvous.host_unanswering:
+            # (node 0 refusing is gone for sure: its launcher, which hosts it, is dead)
+            hosted.quorum = NodeQuorum(config.nnodes, config.nproc_per_node, host_node=1)
         try:
             rendezvous.standby.take_over(rendezvous.token, hosted)
         except (OSError, RuntimeError) as error:  # a reserved port taken after all
@@ -523,6 +558,24 @@ def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, w
     patience = 2 * config.heartbeat_timeout + (UNANSWERED_TRY_SECONDS if rendezvous.host_unanswering else 0.0)
     job.follow(rendezvous.successor_url, why, hosted, patience=patience)
     rendezvous.url, rendezvous.successor_url = rendezvous.successor_url, None  # a restart asks it first
+
+
+def _mind_the_quorum(job: _LocalJob | _RemoteJob, status: dict, config: RunConfig, told: bool) -> bool:
+    """The coordinator this node hosts holds the job for a quorum (``launch/quorum.py``): say
+    so, once; once the nodes it lacks have had as long as they could take to come, they are on
+    the other side of a partition, and this side fails the job. Returns whether the hold it
+    is in was said."""
+    held, patience = status.get("held"), job.quorum_patience(config)
+    if not held or patience is None or status.get("status") in ("completed", "failed"):
+        return False
+    if held["seconds"] > patience:
+        job.fence(f"{held['reason']} (held {patience:g} s)")
+    elif held["seconds"] < _HEARD_SECONDS:
+        return told  # (nodes whose workers hung are heard by then: not worth a line)
+    elif not told:
+        print(f"shoal run: holding the job: {held['reason']}; it fails unless workers of more nodes "
+              f"come within {patience:g} s", file=sys.stderr, flush=True)
+    return True
 
 
 def _keep_up_for_the_others(membership: Membership, stop: StopRequest) -> None:
