@@ -13,12 +13,14 @@ __all__ = ["PROTOCOL", "VERSION", "describe"]
 VERSION = "0.1.0"
 """The package's version (``shoal.__version__``)."""
 
-PROTOCOL = 2
+PROTOCOL = 3
 """Raise it with any change that a process of the previous one would misread: the
 coordinator's HTTP API, the keys in its store, the workers' messages and blobs. 1: the
 first numbered protocol (2026-12-07); processes from before it send none. 2: ``shoal run
 --nnodes`` restarts a plain script's workers (``--max-restarts``): a failure's keys in node
-0's store are per attempt, and nodes meet at barriers there."""
+0's store are per attempt, and nodes meet at barriers there. 3: ``shoal run --quorum``: a
+node 1 of protocol 2 would take node 0's job over without node 0's rule for partitions
+(it checks only the flags it knows)."""
 
 
 _MINE = object()

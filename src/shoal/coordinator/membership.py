@@ -199,9 +199,14 @@ class Membership:
         self.restarts = restarts
         """The launcher restarts dead workers: below ``min_workers``, wait for it to say so."""
         self.quorum = quorum
-        """Given the workers that could be a generation's (alive and heard from, or finished),
-        why they may not form one (``shoal run --nnodes``'s ``--quorum majority``: they are
-        on too few nodes, this side of a partition may be the one cut off); None: they may."""
+        """Given the members a generation would have (those heard from: ``presumed`` ones do
+        not count), why it may not form (``shoal run --nnodes``'s ``--quorum majority``: they
+        are on too few nodes, and this side of a partition may be the one cut off); None: it
+        may."""
+        self.presumed_grace = 0.0
+        """Seconds more than the heartbeat timeout that a ``presumed`` member has to speak
+        before it is declared dead (node 1's takeover after a silent node 0: a worker's try
+        at node 0 may take that long before it turns here)."""
         self._held: tuple[str, float] | None = None
         """Why the next generation is held for a quorum, and since when."""
         self._below_minimum_since: float | None = None
@@ -804,7 +809,7 @@ class Membership:
         now = self._clock()
         self._forgive_own_stall(now)
         for worker in self._workers.values():
-            silence = now - worker.last_seen - worker.forgiven
+            silence = now - worker.last_seen - worker.forgiven - (self.presumed_grace if worker.presumed else 0.0)
             if worker.alive and not worker.finished and silence > self.heartbeat_timeout:
                 silent = f"no heartbeat for {self.heartbeat_timeout:g} s"
                 planned = self._kill_causes.get(worker.worker_id)
@@ -879,6 +884,7 @@ class Membership:
             keep = [m for m in (previous.members if previous else []) if m in live]
             live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
         self._failure_reported_at, self._timed_out_in = None, set()
+        held, self._held = self._held, None  # (a hold lasts only while it is what stops the form)
         if len(live) < self.min_workers and len(live) + self._restarts_coming() >= self.min_workers:
             return  # pause: survivors wait in their long-poll until the restarted workers join
         if len(live) < self.min_workers and self._may_still_announce_a_restart():
@@ -890,11 +896,10 @@ class Membership:
             )
             return
         self._below_minimum_since = None
-        if self._held_for_quorum(live):
+        if self._held_for_quorum(live, held):
             return  # the members wait in their long-poll: for the quorum, or for the job's failure
-        if self._held is not None:
-            cause += f"; held {self._clock() - self._held[1]:.1f} s for a quorum ({self._held[0]})"
-            self._held = None
+        if held is not None:
+            cause += f"; held {self._clock() - held[1]:.1f} s for a quorum ({held[0]})"
         # only a generation that forms lengthens: the change that says so is recorded with it
         cause += self.timeouts.lengthen(lengthen, steps_timed=self._steps_timed())
         generation = Generation(self.current_number + 1, live, self._clock(), self.timeouts.collective,
@@ -915,18 +920,17 @@ class Membership:
             )
         self._set_status("running", "")
 
-    def _held_for_quorum(self, live: list[int]) -> bool:
-        """Does the quorum rule hold the generation of ``live``? Workers only presumed alive
-        (a taken-over generation's members not heard from yet) do not count for it."""
+    def _held_for_quorum(self, live: list[int], held: tuple[str, float] | None) -> bool:
+        """Does the quorum rule hold the generation of ``live`` (``held``: the hold so far)?
+        While a member is being restarted the hold starts anew: it is expected back."""
         if self.quorum is None:
             return False
-        present = [w for w in live if not self._workers[w].presumed] + [
-            w.worker_id for w in self._workers.values() if w.finished]
-        reason = self.quorum(sorted(present))
+        reason = self.quorum([w for w in live if not self._workers[w].presumed])
         if reason is None:
             return False
-        if self._held is None or self._held[0] != reason:
-            self._held = (reason, self._held[1] if self._held else self._clock())
+        since = held[1] if held is not None and not self._restarts_coming() else self._clock()
+        self._held = (reason, since)
+        if held is None or held[0] != reason:
             self._announce()
         return True
 

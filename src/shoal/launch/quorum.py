@@ -3,61 +3,49 @@
 Silence cannot tell a dead node from one cut off: node 0 cut off from the others looks to them
 as node 0 gone, and they to it as gone. Each side would go on alone (node 1 takes the job
 over on its side, node 0 drops the silent nodes' workers on its own) and both would train,
-commit and write results: split brain. So a side goes on only with a majority of the job's
-nodes. A generation forms only of workers on more than half of the nodes, or on exactly half
-on node 0's side (node 0 hosts the job's first coordinator; node 1's side never counts it),
-and two sides of one partition can never both have that. The side without it holds: its
-members wait for a generation while the workers it lost may still come, then it fails, saying
-that it may be the one cut off.
+commit and write results: split brain.
 
-A side counts a node when one of that node's workers speaks to its coordinator (a
-taken-over generation's member only presumed alive does not), and its own node. Node 0 also
-counts a node whose workers it lost but whose launcher it still hears beating *since* it
-lost them: their workers hung or exited, the node is not cut off (a job may go on with
-``--min-workers`` of one node's workers, as long as the other launchers are there).
+So a generation forms only of workers on a majority of the job's nodes, or on exactly half of
+them one of which is node 0. The members of a generation are what lets it go on: its
+collectives need every one of them, and they train on between two words of their coordinator.
+Two generations on the two sides of a partition would need their members on two disjoint sets
+of nodes, each a majority (or half, both with node 0): there are not that many nodes. A
+generation formed before the partition goes on only on the side that holds all its members,
+which is then the only side with a majority. (Counting anything but the members, such as the
+coordinator's own node, or launchers still heard, breaks this: a generation of node 1's workers
+alone, formed by node 0 counting itself, would train on node 1's side of a cut while node 0
+formed another on its own.)
 
-The cost: a job that loses more than half of its nodes (at once, or one after another:
-the majority is of the nodes the job started with) stops, and a 2-node job no
-longer survives a silent node 0 (node 1 alone is not a majority; a node 0 whose launcher is
-killed, refusing connections, is gone for sure and is still taken over). ``--quorum none``
-lets every side go on, as before.
+Without it the coordinator holds (``Membership._form``): its workers wait for the next
+generation, and the launcher that hosts it fails the job once the missing nodes' workers have
+had as long as they could take to come, saying it may be the one cut off. A side counts a
+worker when it speaks to the coordinator: a taken-over generation's member not heard from yet
+is only presumed alive.
+
+The cost: a job whose live workers are on half of its nodes or fewer (not counting node 0's
+half) stops, however they were lost: more than half of the nodes lost, at once or one after
+another (the majority is of the nodes the job started with), or in a 2-node job every worker
+of node 0 lost and not restarted. ``--quorum none`` lets every side go on.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 __all__ = ["NodeQuorum"]
 
 
 class NodeQuorum:
     """``Membership.quorum`` for the coordinator that ``host_node`` hosts (0, or 1 after a
-    takeover). ``heard_since(node, since)``: that node's launcher beat after ``since`` (node 0,
-    which hosts the launchers' store; None elsewhere)."""
+    takeover): given the workers that would be a generation's, why they may not form one."""
 
-    def __init__(self, nnodes: int, nproc_per_node: int, *, host_node: int,
-                 heard_since: Callable[[int, float], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, nnodes: int, nproc_per_node: int, *, host_node: int):
         self._nnodes, self._nproc, self._host = nnodes, nproc_per_node, host_node
-        self._heard_since = heard_since
-        self._clock = clock
-        self._missing_since: dict[int, float] = {}
-        """Since when each node without a worker here has been so (its launcher must be
-        heard after that to count)."""
 
-    def __call__(self, present: Iterable[int]) -> str | None:
-        nodes = {worker // self._nproc for worker in present} | {self._host}
-        now = self._clock()
-        for node in range(self._nnodes):
-            if node in nodes:
-                self._missing_since.pop(node, None)
-            else:
-                self._missing_since.setdefault(node, now)
-        if self._heard_since is not None:
-            nodes |= {node for node, since in self._missing_since.items() if self._heard_since(node, since)}
-        if 2 * len(nodes) > self._nnodes or (self._host == 0 and 2 * len(nodes) == self._nnodes):
+    def __call__(self, members: Iterable[int]) -> str | None:
+        nodes = sorted({worker // self._nproc for worker in members})
+        if 2 * len(nodes) > self._nnodes or (2 * len(nodes) == self._nnodes and 0 in nodes):
             return None
-        return (f"node {self._host}'s coordinator reaches node(s) {', '.join(map(str, sorted(nodes)))} "
-                f"of {self._nnodes}, not a majority of them (--quorum majority): node {self._host} "
-                "may be the one cut off")
+        return (f"node {self._host}'s coordinator has live workers on node(s) "
+                f"{', '.join(map(str, nodes)) or 'none'} of {self._nnodes}, not a majority of the "
+                f"nodes (--quorum majority): node {self._host} may be cut off from the others")

@@ -120,9 +120,8 @@ class NodeRendezvous:
         self._unanswered = False
         self._hosting = False
         """Node 0: the store is ours, and anything wrong with it is a bug to see."""
-        self._beats: dict[int, tuple[int, float, float]] = {}
-        """Node 0: each node's beat counter, when it was last seen to move, and the time
-        before that."""
+        self._beats: dict[int, tuple[int, float]] = {}
+        """Node 0: each node's beat counter, and when it last moved."""
         self._beating: threading.Event | None = None
         self._beater: threading.Thread | None = None
         self.attempt = 0
@@ -274,18 +273,11 @@ class NodeRendezvous:
             if not self._claimed(node) or self._store.check([_FINISHED.format(node)]):
                 continue  # not in, or done and gone on purpose
             count = self._store.add(_BEAT.format(node), 0)
-            seen, moved_at, _ = self._beats.get(node, (None, 0.0, 0.0))
-            if seen != count:
-                self._beats[node] = (count, now, moved_at)
-            elif now - moved_at > timeout:
+            if self._beats.get(node, (None, 0.0))[0] != count:
+                self._beats[node] = (count, now)
+            elif now - self._beats[node][1] > timeout:
                 silent.append(node)
         return silent
-
-    def heard_since(self, node: int, since: float) -> bool:
-        """Node 0: has ``node``'s launcher beaten since ``since`` (``time.monotonic``), as
-        :meth:`silent_nodes` last looked? Its counter must have moved at two looks after it:
-        the first may show a beat sent before (the node cut off just after it)."""
-        return self._beats.get(node, (None, 0.0, 0.0))[2] > since
 
     def report_failure(self, when: float, failure: str, *, restartable: bool = False) -> bool:
         """Tell every node that this attempt failed: ``failure`` (a worker's exit at unix time

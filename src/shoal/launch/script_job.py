@@ -80,9 +80,6 @@ _DEAD_NODE_SECONDS = 5.0
 _SUCCESSOR_GRACE_SECONDS = 3 * _STATUS_SECONDS
 """How long node 1, having taken the job over, keeps its coordinator up after the job ended:
 the other nodes' launchers ask how it went every second."""
-_HEARD_SECONDS = 3 * _STATUS_SECONDS
-"""By when node 0 has heard a launcher beat twice since its workers were lost (it looks at
-the beats with each status): a hold for a quorum lasting longer is said."""
 _RESTART_GRACE_SECONDS = 5.0
 """Before a restart, how long a node's workers of the failed attempt get to leave after
 SIGTERM (then SIGKILL): those still there are stuck in a collective with the failed one."""
@@ -256,8 +253,7 @@ def run_script(config: RunConfig) -> int:
                                          url=coordinator.url, token=coordinator.token,
                                          run_id=config.run_id or uuid.uuid4().hex[:12])
         if config.quorum == "majority" and config.nnodes > 1:
-            membership.quorum = NodeQuorum(config.nnodes, config.nproc_per_node, host_node=0,
-                                           heard_since=rendezvous.heard_since)
+            membership.quorum = NodeQuorum(config.nnodes, config.nproc_per_node, host_node=0)
         return _run_node(dataclasses.replace(config, node_rank=0), rendezvous, _LocalJob(membership))
     finally:
         coordinator.stop()
@@ -376,6 +372,8 @@ def _run_node(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _R
             others.append(job.lost)  # a loss the job went on through
         if job.fenced:
             others.insert(0, job.fenced)
+        elif job.lost and status.get("status") == "failed" and status.get("reason"):
+            others.insert(0, status["reason"])  # why node 1's side failed (its quorum, say)
         failures = _failures(rendezvous, others) + [f for f in survived if f not in others]
         if config.node_rank > 0:
             try:
@@ -546,9 +544,13 @@ def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, w
         if not status.get("generation"):  # none formed (or joined) yet: node 0's are not waited for
             for rank in _node_ranks(0, config.nproc_per_node):
                 hosted.report_exit_by_id(rank, "lost with node 0")
-        if config.quorum == "majority" and rendezvous.host_unanswering:
-            # (node 0 refusing is gone for sure: its launcher, which hosts it, is dead)
+        if config.quorum == "majority" and (config.nnodes > 2 or rendezvous.host_unanswering):
+            # Of two nodes, node 1 alone goes on after a node 0 that refused: it is gone for sure
+            # (its machine answered for a dead launcher). With more, a majority is there anyway,
+            # and a reset may come from a firewall on the way.
             hosted.quorum = NodeQuorum(config.nnodes, config.nproc_per_node, host_node=1)
+        if rendezvous.host_unanswering:  # the workers' tries at node 0 take that long to give up
+            hosted.presumed_grace = UNANSWERED_TRY_SECONDS
         try:
             rendezvous.standby.take_over(rendezvous.token, hosted)
         except (OSError, RuntimeError) as error:  # a reserved port taken after all
@@ -563,18 +565,16 @@ def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, w
 def _mind_the_quorum(job: _LocalJob | _RemoteJob, status: dict, config: RunConfig, told: bool) -> bool:
     """The coordinator this node hosts holds the job for a quorum (``launch/quorum.py``): say
     so, once; once the nodes it lacks have had as long as they could take to come, they are on
-    the other side of a partition, and this side fails the job. Returns whether the hold it
-    is in was said."""
+    the other side of a partition, and this side fails the job. Returns whether it holds
+    (and said so)."""
     held, patience = status.get("held"), job.quorum_patience(config)
     if not held or patience is None or status.get("status") in ("completed", "failed"):
         return False
     if held["seconds"] > patience:
-        job.fence(f"{held['reason']} (held {patience:g} s)")
-    elif held["seconds"] < _HEARD_SECONDS:
-        return told  # (nodes whose workers hung are heard by then: not worth a line)
+        job.fence(f"{held['reason']} (held {held['seconds']:.0f} s)")
     elif not told:
-        print(f"shoal run: holding the job: {held['reason']}; it fails unless workers of more nodes "
-              f"come within {patience:g} s", file=sys.stderr, flush=True)
+        print(f"shoal run: holding the job: {held['reason']}; it fails unless workers on more nodes "
+              f"come within {patience - held['seconds']:.0f} s", file=sys.stderr, flush=True)
     return True
 
 

@@ -15,9 +15,10 @@ once and goes back to node 0. (``launch/script_job.py`` decides when, and says s
 
 One successor, fixed when the workers start: losing node 0 after node 1 (or node 1's
 launcher started again) still ends the job. A plain script gains nothing (torchrun's scripts
-cannot lose a rank); and node 0 cut off from node 1, not gone, leaves two coordinators, each
-going on with the workers that reach it: silence cannot tell a dead node from a cut-off one
-(see ARCHITECTURE's "What is not there yet").
+cannot lose a rank). Node 0 cut off from node 1, not gone, leaves two coordinators (silence
+cannot tell a dead node from a cut-off one); under ``--quorum majority`` only the one whose
+workers are on a majority of the nodes forms generations, and the other fails
+(``launch/quorum.py``).
 """
 
 from __future__ import annotations
