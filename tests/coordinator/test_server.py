@@ -216,6 +216,29 @@ def test_a_client_given_a_successor_goes_to_it_when_the_first_cannot_be_reached(
         standby.close()
 
 
+def test_a_process_served_by_the_successor_never_goes_back_to_the_first(coordinator):
+    """Node 1 took over and answered: a try there that fails (a slow answer, say) is tried
+    there again, not at node 0, which, cut off and back, would answer for a job it no longer
+    holds (evicted, or failed) and stop a worker of the one that went on."""
+    from shoal.launch.succession import Standby
+
+    node_0 = Standby("127.0.0.1", socket.AF_INET)  # refuses: as if gone
+    client = CoordinatorClient(f"{node_0.url},{coordinator.url}", "secret", retry_seconds=0.0)
+    try:
+        with pytest.raises(CoordinatorUnreachable):
+            client.get("/status")
+        assert client.get("/status")["workers"] == {}  # the successor answers
+        node_0.take_over("secret", Membership(expected_workers=1, min_workers=1))  # node 0 is back
+        coordinator.stop()  # and a try at the successor fails
+        for _ in range(2):
+            with pytest.raises(CoordinatorUnreachable):
+                client.get("/status")
+            assert client.url == coordinator.url
+    finally:
+        client.close()
+        node_0.close()
+
+
 def test_a_request_left_unanswered_goes_on_to_the_successor(coordinator, monkeypatch):
     """Node 0 cut off (or frozen) refuses nothing: a request on it waits for an answer that
     never comes. With a successor listed each try is bounded, and the next one is asked."""

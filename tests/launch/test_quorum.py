@@ -10,11 +10,13 @@ import subprocess
 import sys
 from collections.abc import Iterable
 
+import pytest
+
 from shoal.config import RunConfig
 from shoal.coordinator import Membership
 from shoal.launch.quorum import NodeQuorum
 from shoal.launch.rendezvous import _refused
-from shoal.launch.script_job import _mind_the_quorum, _RemoteJob
+from shoal.launch.script_job import _mind_silent_nodes, _mind_the_quorum, _RemoteJob
 from tests.coordinator.test_membership import Clock, advance
 
 
@@ -51,11 +53,11 @@ def test_only_the_members_count_not_the_coordinators_own_node():
     trains on by itself on node 1's side of a later cut while node 0 forms another of its own
     (restarted) workers: a tie goes to node 0 only with a worker of node 0 in it."""
     assert NodeQuorum(2, 1, host_node=0)([1]) == (
-        "node 0's coordinator has live workers on node(s) 1 of 2, not a majority of the nodes "
-        "(--quorum majority): node 0 may be cut off from the others")
+        "node 0's coordinator hears from live workers on node(s) 1 only, of 2 nodes: not a majority "
+        "(--quorum majority); node 0 may be cut off from the others")
     assert NodeQuorum(2, 1, host_node=0)([0]) is None
     assert NodeQuorum(3, 1, host_node=1)([2, 0]) is None
-    assert "live workers on node(s) 0, 1 of 5," in NodeQuorum(5, 2, host_node=0)([0, 1, 3])
+    assert "live workers on node(s) 0, 1 only, of 5 nodes:" in NodeQuorum(5, 2, host_node=0)([0, 1, 3])
 
 
 def test_a_generation_without_a_quorum_is_held_until_one_comes():
@@ -72,20 +74,20 @@ def test_a_generation_without_a_quorum_is_held_until_one_comes():
         membership.heartbeat(0, {})
     assert membership.current.number == 1  # (workers 1 and 2 are dead, none formed since)
     held = membership.snapshot()["held"]
-    assert held["reason"].startswith("node 0's coordinator has live workers on node(s) 0 of 3,")
+    assert held["reason"].startswith("node 0's coordinator hears from live workers on node(s) 0 only, of 3 nodes:")
     assert 0 < held["seconds"] < 1.5
     membership.join(2, "host", 202)  # started again, say
     assert membership.current.members == [0, 2] and membership.snapshot()["held"] is None
     [change] = membership.membership_changes()
-    assert "; held 0.4 s for a quorum (node 0's coordinator has live workers on node(s) 0 of 3," in change["cause"]
+    assert "; held 0.4 s for a quorum (node 0's coordinator hears from live workers on node(s) 0 only," in change["cause"]
 
 
 def test_after_a_crash_on_node_0_of_two_node_1s_workers_alone_are_held():
     """The split brain of counting the coordinator's own node: of two nodes, node 0's only
     worker crashes and is started again. A generation of node 1's worker alone would train on by
     itself if the link were cut then, while node 0 formed another of its restarted worker. It is
-    held instead, until the restarted worker is back (however long its restart takes: the hold's
-    clock starts when no restart is coming)."""
+    held instead, until the restarted worker is back (for up to two minutes of restart: the hold's
+    clock starts anew while a restart that would make the quorum is coming)."""
     clock = Clock()
     membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=1.0, restarts=True,
                             clock=clock, quorum=NodeQuorum(2, 1, host_node=0))
@@ -116,7 +118,7 @@ def test_a_taken_over_generations_members_count_for_the_quorum_once_they_speak()
         advance(membership, clock, 1.1)
         membership.heartbeat(1, generation)
     assert membership.current.number == 4
-    assert membership.snapshot()["held"]["reason"].startswith("node 1's coordinator has live workers on node(s) 1 of 3,")
+    assert membership.snapshot()["held"]["reason"].startswith("node 1's coordinator hears from live workers on node(s) 1 only,")
     membership.heartbeat(2, {**generation, "pid": 102})
     assert membership.current.number == 5 and membership.current.members == [1, 2]
 
@@ -159,3 +161,61 @@ def test_only_a_closed_reset_or_refused_connection_makes_node_0_gone_for_sure():
                           ("Network is unreachable", False)):
         assert _refused(RuntimeError(said)) is refused, said
     assert not _refused(TimeoutError("no answer within 6 s"))
+
+
+def test_after_a_silent_node_0_node_1_forms_without_members_still_in_coming():
+    """Five nodes, node 0 silent: node 1's coordinator gives the taken-over generation's
+    members the 23 s a try at node 0 may take to come, but forms meanwhile of those that have
+    (three nodes of five) rather than wait that long for worker 4 to connect. Worker 4 started
+    again by its launcher may join at once: its placeholder is no live member."""
+    clock = Clock()
+    membership = Membership(expected_workers=5, min_workers=1, heartbeat_timeout=2.0, clock=clock,
+                            quorum=NodeQuorum(5, 1, host_node=1))
+    membership.presumed_grace = 23.0
+    generation = {"generation": 7, "members": [0, 1, 2, 3, 4]}
+    for worker in (1, 2, 3):
+        membership.heartbeat(worker, {**generation, "pid": 100 + worker})
+    membership.report_exit_by_id(0, "lost with node 0")
+    assert membership.current.number == 8 and membership.current.members == [1, 2, 3]
+    membership.join(4, "host-4", 204)
+    assert membership.current.number == 9 and membership.current.members == [1, 2, 3, 4]
+
+
+def test_a_hold_starts_anew_only_for_restarts_that_would_make_the_quorum():
+    """Five nodes; node 0's coordinator has only its own worker left. A restart of worker 1
+    coming would not make a majority (two nodes of five): the hold's clock runs on."""
+    clock = Clock()
+    membership = Membership(expected_workers=5, min_workers=1, heartbeat_timeout=1.0, restarts=True,
+                            clock=clock, quorum=NodeQuorum(5, 1, host_node=0))
+    for worker in range(5):
+        membership.join(worker, "host", 100 + worker)
+    membership.expect_rejoin(1)
+    for worker in range(1, 5):
+        membership.report_exit(worker, "killed by SIGKILL")
+    for _ in range(6):
+        advance(membership, clock, 0.5)
+        membership.heartbeat(0, {})
+    assert membership.snapshot()["held"]["seconds"] == pytest.approx(3.0)
+
+
+def test_node_0_frees_no_silent_nodes_rank_while_it_holds():
+    """Held, node 0 may be the one cut off: a launcher that took a silent node's rank here
+    would count for a node that goes on, with the others, on the other side."""
+    class Rendezvous:
+        def __init__(self):
+            self.released: list[int] = []
+
+        def silent_nodes(self, silence):
+            return [1]
+
+        def release(self, node):
+            self.released.append(node)
+
+    config = RunConfig(script="train.py", nnodes=3, nproc_per_node=1, master_addr="127.0.0.1",
+                       heartbeat_timeout=2.0)
+    workers = {str(rank): {"alive": rank == 0, "finished": False} for rank in range(3)}
+    rendezvous = Rendezvous()
+    _mind_silent_nodes(rendezvous, None, {"workers": workers, "held": {"reason": "r", "seconds": 3.0}}, config)
+    assert rendezvous.released == []
+    _mind_silent_nodes(rendezvous, None, {"workers": workers, "held": None}, config)
+    assert rendezvous.released == [1]

@@ -275,8 +275,8 @@ def _cut_at_step_10(tmp_path, nnodes: int, node: int, *flags: str) -> tuple[list
 def _failed_for_its_quorum(stderr: str, node: int, nnodes: int, patience: float) -> None:
     """``node``'s launcher failed the job holding its own workers alone, a little after
     ``patience`` seconds (checked once a second)."""
-    said = re.search(rf"^shoal run: failed: node {node}'s coordinator has live workers on node\(s\) {node} of "
-                     rf"{nnodes}, not a majority of the nodes \(--quorum majority\): node {node} may be cut off "
+    said = re.search(rf"^shoal run: failed: node {node}'s coordinator hears from live workers on node\(s\) {node} "
+                     rf"only, of {nnodes} nodes: not a majority \(--quorum majority\); node {node} may be cut off "
                      r"from the others \(held (\d+) s\)", stderr, re.MULTILINE)
     assert said and patience <= int(said.group(1)) <= patience + 3, stderr
 
@@ -322,8 +322,7 @@ def test_node_1_cut_off_alone_takes_nothing_over_for_itself(tmp_path):
                     reason="the node 0 cut-off test covers the quorum (SHOAL_LONG_TESTS=1 runs it, as root)")
 def test_of_two_nodes_cut_apart_node_0_goes_on(tmp_path):
     """Two nodes cut apart: a tie, which node 0's side wins. Node 0 finishes alone; node 1,
-    which took over for itself, fails. (A node 0 whose launcher is killed is still taken
-    over: its machine refuses the connection, so it is gone for sure.)"""
+    which took over for itself, fails."""
     ((code0, out0, err0), (code1, _, err1)), _ = _cut_at_step_10(tmp_path, 2, 0)
     assert (code0, code1) == (0, 1), err0 + err1
     _failed_for_its_quorum(err1, 1, 2, 27)
@@ -397,17 +396,19 @@ def test_an_elastic_job_goes_on_when_node_0_is_lost_before_its_first_generation(
 def test_an_elastic_job_goes_on_when_node_0_is_preempted(tmp_path):
     """SIGTERM to node 0's launcher at step 10 (its machine preempted): before, it failed every
     node, since its workers had not joined when it last looked. Now its worker leaves, it
-    gives the others 5 s, and node 1 takes over; the three nodes' undisturbed run ends alike."""
+    gives the others 5 s, and node 1 takes over; the job ends as one process ends it. (Steps
+    are slowed to outlive those 5 s within one epoch: past a hundred steps, this task's
+    training grows the float differences of another reduction order into the third decimal
+    of its accuracy, so a longer run could not be compared.)"""
     script = elastic_with_step_hook(tmp_path / "preempt_node_0.py", (
+        "time.sleep(0.5)\n"
         "if os.environ['RANK'] == '0' and self.position == 10:\n"
         "    os.kill(int(os.environ['SHOAL_LAUNCHER_PID']), signal.SIGTERM)"))
-    env = {**os.environ, "EPOCHS": "4"}  # long enough to outlive node 0's 5 s
-    (code0, _, err0), (code1, out1, err1), (code2, _, err2) = _nodes(str(script), 3, 1, env=env)
+    (code0, _, err0), (code1, out1, err1), (code2, _, err2) = _nodes(
+        str(script), 3, 1, env={**os.environ, "EPOCHS": "1"})
     assert (code0, code1, code2) == (143, 0, 0), err0 + err1 + err2
     assert "; node 1 took over the job's coordinator at " in err1
-    (_, undisturbed, _), _, _ = _nodes(str(REPO / "examples" / "elastic.py"), 3, 1, env=env)
-    accuracy = undisturbed.strip().rsplit(" ", 1)[-1]
-    assert f"[worker 1] 116 steps on 2 worker(s): accuracy {accuracy}" in out1
+    assert f"[worker 1] 29 steps on 2 worker(s): accuracy {undisturbed_accuracy()}" in out1
 
 
 @pytest.mark.skipif(not LONG, reason="CI checks the report by id as a unit (SHOAL_LONG_TESTS=1 runs it)")

@@ -42,6 +42,13 @@ it next rather than wait again on a coordinator that is gone (a machine gone tak
 connect timeout)."""
 
 
+_left_behind: dict[str, int] = {}
+"""For each list of addresses, how many of its first coordinators this process has left for
+good: once a later one answered (a successor answers only once it took the job over), an
+earlier one is never asked again. Node 0 cut off and back would answer for a job it no longer
+holds (evicted, or failed), and a worker of the job that went on would stop for it."""
+
+
 class CoordinatorClient:
     """One per thread: the training loop and the heartbeat thread each hold their own.
 
@@ -111,6 +118,7 @@ class CoordinatorClient:
                 delay = min(delay * 2, _RETRY_DELAY_MAX)
                 continue
             _answering[self._listed] = self._at
+            _left_behind[self._listed] = max(self._at, _left_behind.get(self._listed, 0))
             if response.status_code == 401:
                 raise PermissionError(f"coordinator {self.url} refused the job token")
             response.raise_for_status()
@@ -120,7 +128,8 @@ class CoordinatorClient:
         """This process asks the next coordinator of the list from now on (unless another
         client already moved on from the one that failed here)."""
         if _answering.get(self._listed, self._at) == self._at:
-            _answering[self._listed] = (self._at + 1) % len(self._urls)
+            following = self._at + 1
+            _answering[self._listed] = following if following < len(self._urls) else _left_behind.get(self._listed, 0)
         self._ask(_answering[self._listed])
 
     def _ask(self, at: int) -> None:

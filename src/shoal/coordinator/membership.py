@@ -206,7 +206,8 @@ class Membership:
         self.presumed_grace = 0.0
         """Seconds more than the heartbeat timeout that a ``presumed`` member has to speak
         before it is declared dead (node 1's takeover after a silent node 0: a worker's try
-        at node 0 may take that long before it turns here)."""
+        at node 0 may take that long before it turns here, and it may never come: generations
+        form without it meanwhile, rather than wait that long for it to connect)."""
         self._held: tuple[str, float] | None = None
         """Why the next generation is held for a quorum, and since when."""
         self._below_minimum_since: float | None = None
@@ -281,7 +282,7 @@ class Membership:
             if worker_id is None:
                 worker_id = max(self._workers, default=-1) + 1
             existing = self._workers.get(worker_id)
-            if existing is not None and existing.alive:
+            if existing is not None and existing.alive and not existing.presumed:
                 if (existing.host, existing.pid, existing.launcher) == (host, pid, launcher):
                     return worker_id  # the same process again: our answer came too late for it
                 raise ValueError(f"worker {worker_id} is already a live member")
@@ -302,7 +303,7 @@ class Membership:
                     and self.status == "running":
                 # Back before a generation without it was formed (the job was paused for it):
                 # its old process's place in the current group is gone, so re-form.
-                self._form(cause=f"worker {worker_id}: {existing.death_cause}; rejoined",
+                self._form(cause=f"worker {worker_id}: {existing.death_cause or 'started again'}; rejoined",
                            failed_at=existing.died_at or self._clock())
             self._evaluate()
             return worker_id
@@ -826,7 +827,7 @@ class Membership:
             self._set_status("completed", "")
             return
         waiting = [w for w in self._workers.values()
-                   if w.alive and not w.finished and w.worker_id not in current.members]
+                   if w.alive and not w.finished and not w.presumed and w.worker_id not in current.members]
         if dead and self._awaiting_correlated_silence(members, dead, now):
             return
         if dead:
@@ -879,7 +880,8 @@ class Membership:
         """The next generation, of the live workers (unless too few: then a pause, or the
         job fails); ``lengthen``: with longer timeouts for collectives in these phases."""
         previous = self.current
-        live = sorted(w.worker_id for w in self._workers.values() if w.alive and not w.finished)
+        live = sorted(w.worker_id for w in self._workers.values() if w.alive and not w.finished
+                      and not (w.presumed and self.presumed_grace))  # (it may be long in coming)
         if self.max_workers is not None:
             keep = [m for m in (previous.members if previous else []) if m in live]
             live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
@@ -922,13 +924,19 @@ class Membership:
 
     def _held_for_quorum(self, live: list[int], held: tuple[str, float] | None) -> bool:
         """Does the quorum rule hold the generation of ``live`` (``held``: the hold so far)?
-        While a member is being restarted the hold starts anew: it is expected back."""
+        Only members heard from count. While workers are being restarted that would make the
+        quorum, the hold starts anew: they are expected back (one of a node on the other side
+        of a cut is no reason)."""
         if self.quorum is None:
             return False
-        reason = self.quorum([w for w in live if not self._workers[w].presumed])
+        heard = [w for w in live if not self._workers[w].presumed]
+        reason = self.quorum(heard)
         if reason is None:
             return False
-        since = held[1] if held is not None and not self._restarts_coming() else self._clock()
+        now = self._clock()
+        coming = [w for w, since in self._rejoin_expected.items() if now - since < _REJOIN_PATIENCE_SECONDS]
+        restarts_help = bool(coming) and self.quorum(heard + coming) is None
+        since = held[1] if held is not None and not restarts_help else now
         self._held = (reason, since)
         if held is None or held[0] != reason:
             self._announce()

@@ -26,6 +26,11 @@ The cost: a job whose live workers are on half of its nodes or fewer (not counti
 half) stops, however they were lost: more than half of the nodes lost, at once or one after
 another (the majority is of the nodes the job started with), or in a 2-node job every worker
 of node 0 lost and not restarted. ``--quorum none`` lets every side go on.
+
+Not fenced: async's parameter server, which goes on with whichever workers reach it (its
+steps do not need every member); and, of two nodes, node 1 taking over from a node 0 whose
+machine reset the connection (its launcher dead for sure, unless a firewall on the way sent
+the reset), since node 1 alone is never a majority.
 """
 
 from __future__ import annotations
@@ -46,6 +51,6 @@ class NodeQuorum:
         nodes = sorted({worker // self._nproc for worker in members})
         if 2 * len(nodes) > self._nnodes or (2 * len(nodes) == self._nnodes and 0 in nodes):
             return None
-        return (f"node {self._host}'s coordinator has live workers on node(s) "
-                f"{', '.join(map(str, nodes)) or 'none'} of {self._nnodes}, not a majority of the "
-                f"nodes (--quorum majority): node {self._host} may be cut off from the others")
+        return (f"node {self._host}'s coordinator hears from live workers on node(s) "
+                f"{', '.join(map(str, nodes)) or 'none'} only, of {self._nnodes} nodes: not a majority "
+                f"(--quorum majority); node {self._host} may be cut off from the others")

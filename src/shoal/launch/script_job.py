@@ -638,6 +638,8 @@ def _mind_silent_nodes(rendezvous: NodeRendezvous, job: _LocalJob, status: dict,
     command, and its workers that never joined are no longer waited for."""
     silence = _silence(config)
     for node in rendezvous.silent_nodes(silence):
+        if status.get("held"):  # this side may be the one cut off: a launcher that took the
+            continue            # rank here would count for a node that goes on elsewhere
         rendezvous.release(node)
         cause = f"node {node}'s launcher went silent for {silence:g} s"
         workers = status.get("workers", {})
