@@ -60,14 +60,20 @@ def test_only_the_members_count_not_the_coordinators_own_node():
     assert "live workers on node(s) 0, 1 only, of 5 nodes:" in NodeQuorum(5, 2, host_node=0)([0, 1, 3])
 
 
+def _node_0s_job(nnodes: int, *, restarts: bool = False) -> tuple[Membership, Clock]:
+    """Node 0's coordinator under ``--quorum majority``, one worker per node, all joined."""
+    clock = Clock()
+    membership = Membership(expected_workers=nnodes, min_workers=1, heartbeat_timeout=1.0, restarts=restarts,
+                            clock=clock, quorum=NodeQuorum(nnodes, 1, host_node=0))
+    for worker in range(nnodes):
+        membership.join(worker, "host", 100 + worker)
+    return membership, clock
+
+
 def test_a_generation_without_a_quorum_is_held_until_one_comes():
     """Node 0 loses the workers of nodes 1 and 2 to silence: no generation forms of its own
     worker alone (it says why, and since when), until node 2's worker is back."""
-    clock = Clock()
-    membership = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=1.0, clock=clock,
-                            quorum=NodeQuorum(3, 1, host_node=0))
-    for worker in range(3):
-        membership.join(worker, "host", 100 + worker)
+    membership, clock = _node_0s_job(3)
     assert membership.current.members == [0, 1, 2]
     for _ in range(3):
         advance(membership, clock, 0.5)
@@ -88,11 +94,7 @@ def test_after_a_crash_on_node_0_of_two_node_1s_workers_alone_are_held():
     itself if the link were cut then, while node 0 formed another of its restarted worker. It is
     held instead, until the restarted worker is back (for up to two minutes of restart: the hold's
     clock starts anew while a restart that would make the quorum is coming)."""
-    clock = Clock()
-    membership = Membership(expected_workers=2, min_workers=1, heartbeat_timeout=1.0, restarts=True,
-                            clock=clock, quorum=NodeQuorum(2, 1, host_node=0))
-    for worker in range(2):
-        membership.join(worker, "host", 100 + worker)
+    membership, clock = _node_0s_job(2, restarts=True)
     membership.expect_rejoin(0)
     membership.report_exit(0, "exited with code 1")
     for _ in range(10):
@@ -184,11 +186,7 @@ def test_after_a_silent_node_0_node_1_forms_without_members_still_in_coming():
 def test_a_hold_starts_anew_only_for_restarts_that_would_make_the_quorum():
     """Five nodes; node 0's coordinator has only its own worker left. A restart of worker 1
     coming would not make a majority (two nodes of five): the hold's clock runs on."""
-    clock = Clock()
-    membership = Membership(expected_workers=5, min_workers=1, heartbeat_timeout=1.0, restarts=True,
-                            clock=clock, quorum=NodeQuorum(5, 1, host_node=0))
-    for worker in range(5):
-        membership.join(worker, "host", 100 + worker)
+    membership, clock = _node_0s_job(5, restarts=True)
     membership.expect_rejoin(1)
     for worker in range(1, 5):
         membership.report_exit(worker, "killed by SIGKILL")
