@@ -217,3 +217,36 @@ def test_node_0_frees_no_silent_nodes_rank_while_it_holds():
     assert rendezvous.released == []
     _mind_silent_nodes(rendezvous, None, {"workers": workers, "held": None}, config)
     assert rendezvous.released == [1]
+
+
+def test_node_1_counts_node_0s_workers_out_once_even_never_heard_of():
+    """Node 1's coordinator hears only workers of no generation (started again after node 0
+    formed one, say): it must not wait for node 0's, which it never heard of, to form the
+    first, and counts each of them out once (twice would wait for one worker too few)."""
+    config = RunConfig(script="train.py", nnodes=3, nproc_per_node=1, master_addr="127.0.0.1")
+    hosted = Membership(expected_workers=3, min_workers=1)
+    job = _RemoteJob("http://127.0.0.1:9", "t", 1.0)
+    job.follow("http://127.0.0.1:9", "node 0 stopped answering", hosted, patience=27.0)
+    hosted.heartbeat(1, {"generation": 0, "pid": 101})
+    for _ in range(3):
+        job.check_successor(hosted.snapshot(), config)
+    assert hosted.current is None and hosted.expected_workers == 2
+    hosted.heartbeat(2, {"generation": 0, "pid": 102})
+    assert hosted.current.members == [1, 2]
+
+
+def test_node_1_waits_for_members_in_coming_when_node_0s_worker_came_first():
+    """Node 0's launcher frozen: its worker, alive, may reach node 1 first and is counted out
+    at once. The members still in coming are waited for, not taken for none (the job failed
+    below --min-workers, under load, before)."""
+    clock = Clock()
+    membership = Membership(expected_workers=3, min_workers=1, heartbeat_timeout=2.0, clock=clock,
+                            quorum=NodeQuorum(3, 1, host_node=1))
+    membership.presumed_grace = 23.0
+    generation = {"generation": 4, "members": [0, 1, 2]}
+    membership.heartbeat(0, {**generation, "pid": 100})
+    membership.report_exit_by_id(0, "lost with node 0")
+    assert membership.status == "running" and membership.current.number == 4
+    for worker in (1, 2):
+        membership.heartbeat(worker, {**generation, "pid": 100 + worker})
+    assert membership.current.number == 5 and membership.current.members == [1, 2]

@@ -880,15 +880,17 @@ class Membership:
         """The next generation, of the live workers (unless too few: then a pause, or the
         job fails); ``lengthen``: with longer timeouts for collectives in these phases."""
         previous = self.current
-        live = sorted(w.worker_id for w in self._workers.values() if w.alive and not w.finished
-                      and not (w.presumed and self.presumed_grace))  # (it may be long in coming)
+        in_coming = [w.worker_id for w in self._workers.values()  # (they may be long in coming)
+                     if w.alive and not w.finished and w.presumed and self.presumed_grace]
+        live = sorted(w.worker_id for w in self._workers.values()
+                      if w.alive and not w.finished and w.worker_id not in in_coming)
         if self.max_workers is not None:
             keep = [m for m in (previous.members if previous else []) if m in live]
             live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
         self._failure_reported_at, self._timed_out_in = None, set()
         held, self._held = self._held, None  # (a hold lasts only while it is what stops the form)
-        if len(live) < self.min_workers and len(live) + self._restarts_coming() >= self.min_workers:
-            return  # pause: survivors wait in their long-poll until the restarted workers join
+        if len(live) < self.min_workers and len(live) + self._restarts_coming() + len(in_coming) >= self.min_workers:
+            return  # pause: survivors wait in their long-poll until the restarted (or awaited) workers join
         if len(live) < self.min_workers and self._may_still_announce_a_restart():
             return
         if len(live) < self.min_workers:

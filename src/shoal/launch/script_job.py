@@ -150,6 +150,8 @@ class _RemoteJob:
         self._patience = 0.0
         self.fenced: str | None = None
         """Why node 1's side of a partition failed the job (``launch/quorum.py``)."""
+        self._counted_out: set[int] = set()
+        """Node 0's workers this node 1 told its coordinator were lost with node 0."""
 
     def follow(self, url: str, lost: str, hosted: Membership | None, *, patience: float) -> None:
         """Ask the successor from now on (``hosted``: its membership, on node 1); a worker must
@@ -185,7 +187,10 @@ class _RemoteJob:
             raise NodeGone(self.lost)
         if self._hosted is not None:
             for rank in _node_ranks(0, config.nproc_per_node):
-                if workers.get(str(rank), {}).get("alive"):
+                known = workers.get(str(rank))
+                if (known or {}).get("alive") or (known is None and rank not in self._counted_out):
+                    # (one never heard of here: no first generation waits for it, once)
+                    self._counted_out.add(rank)
                     self._hosted.report_exit_by_id(rank, "lost with node 0")
 
     def quorum_patience(self, config: RunConfig) -> float | None:
@@ -501,7 +506,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
             except NodeGone as error:
                 if (rendezvous.successor_url and status.get("status") not in ("completed", "failed")
                         and not (node0_done and not status.get("workers"))):  # (a plain job's end)
-                    _fail_over(config, rendezvous, job, str(error), status)  # an elastic job goes on
+                    _fail_over(config, rendezvous, job, str(error))  # an elastic job goes on
                     status = {}  # node 0's last word: from now on, only the successor's counts
                 elif not node0_done:
                     raise
@@ -531,8 +536,7 @@ def _watch(config: RunConfig, rendezvous: NodeRendezvous, job: _LocalJob | _Remo
     return status
 
 
-def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, why: str,
-               status: dict) -> None:
+def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, why: str) -> None:
     """Node 0 is lost while the job may go on (an elastic one does): node 1 starts the job's
     coordinator on the ports it reserved, the other nodes follow it. The workers know it
     already (``SHOAL_COORDINATOR_SUCCESSOR``), and it takes their generation over from their
@@ -540,10 +544,7 @@ def _fail_over(config: RunConfig, rendezvous: NodeRendezvous, job: _RemoteJob, w
     node's last word from node 0 may be from before they joined)."""
     hosted = None
     if rendezvous.standby is not None:
-        hosted = _membership(config)
-        if not status.get("generation"):  # none formed (or joined) yet: node 0's are not waited for
-            for rank in _node_ranks(0, config.nproc_per_node):
-                hosted.report_exit_by_id(rank, "lost with node 0")
+        hosted = _membership(config)  # (node 0's workers are counted out as the first worker comes)
         if config.quorum == "majority" and (config.nnodes > 2 or rendezvous.host_unanswering):
             # Of two nodes, node 1 alone goes on after a node 0 that refused: it is gone for sure
             # (its machine answered for a dead launcher). With more, a majority is there anyway,
