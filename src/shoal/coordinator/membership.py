@@ -889,7 +889,7 @@ class Membership:
             live = sorted(keep + [w for w in live if w not in keep][: self.max_workers - len(keep)])
         self._failure_reported_at, self._timed_out_in = None, set()
         held, self._held = self._held, None  # (a hold lasts only while it is what stops the form)
-        if len(live) < self.min_workers and len(live) + self._restarts_coming() + len(in_coming) >= self.min_workers:
+        if len(live) < self.min_workers and len(live) + len(self._restarts_coming()) + len(in_coming) >= self.min_workers:
             return  # pause: survivors wait in their long-poll until the restarted (or awaited) workers join
         if len(live) < self.min_workers and self._may_still_announce_a_restart():
             return
@@ -935,10 +935,9 @@ class Membership:
         reason = self.quorum(heard)
         if reason is None:
             return False
-        now = self._clock()
-        coming = [w for w, since in self._rejoin_expected.items() if now - since < _REJOIN_PATIENCE_SECONDS]
+        coming = self._restarts_coming()
         restarts_help = bool(coming) and self.quorum(heard + coming) is None
-        since = held[1] if held is not None and not restarts_help else now
+        since = held[1] if held is not None and not restarts_help else self._clock()
         self._held = (reason, since)
         if held is None or held[0] != reason:
             self._announce()
@@ -957,12 +956,12 @@ class Membership:
         said = [self._workers[m].start_rounds if m in self._workers else 0.0 for m in self.current.members]
         return max(said) if said and min(said) > 0 else None
 
-    def _restarts_coming(self) -> int:
-        """Restarts announced within ``_REJOIN_PATIENCE_SECONDS``: one not joined by then is
-        not coming (its launcher, or its machine, was lost since), and a job paused for it
-        must fail rather than wait forever."""
+    def _restarts_coming(self) -> list[int]:
+        """The workers whose restart was announced within ``_REJOIN_PATIENCE_SECONDS``: one not
+        joined by then is not coming (its launcher, or its machine, was lost since), and a job
+        paused for it must fail rather than wait forever."""
         now = self._clock()
-        return sum(now - since < _REJOIN_PATIENCE_SECONDS for since in self._rejoin_expected.values())
+        return [w for w, since in self._rejoin_expected.items() if now - since < _REJOIN_PATIENCE_SECONDS]
 
     def _may_still_announce_a_restart(self) -> bool:
         """With restarts, or a member declared dead for silence, give the launcher one
